@@ -1,0 +1,895 @@
+"""A sans-IO HBONE connection: HTTP/2 CONNECT tunnels, hardened against hostile peers, on python-h2.
+
+Why this module exists: both ends of the tunnel speak HBONE (REFERENCE.md, "HBONE") — one CONNECT stream
+per proxied TCP connection, multiplexed over one mTLS HTTP/2 connection. The protocol work (framing, flow
+control, CONNECT validation, keepalive, abuse limits) is done here on plain bytes, so every hostile input of
+REFERENCE.md ("Hostile HTTP/2 inputs") is tested by feeding raw frames, and the asyncio adapter only moves
+bytes: `receive_data(bytes) -> events`, `data_to_send() -> bytes`, `tick(now) -> events`.
+
+What it deliberately does not do: no sockets, TLS, clocks or logging (the caller passes `now`); no policy
+or upstream connects — the server role reports a validated `StreamOpened` and the caller answers it with
+`accept()` (200) or `reject(401 | 503)`; only the 400 cases are answered here. It does not pool
+connections (pool.py). A GOAWAY in either direction ends the connection for h2, so graceful drain is
+"stop opening streams, then close", decided by the caller.
+
+How it uses h2 (4.4), and why in these places:
+- h2's receive path calls `repr(frame)` for every frame and hyperframe's repr hex-encodes the whole payload
+  (REFERENCE.md, "Measured on these machines"): 1 MiB of DATA costs 2 MiB of hex. `_FrameReader` replaces
+  h2's `incoming_buffer` and yields frame subclasses whose repr is a constant-time string; they are
+  registered in h2's frame dispatch table next to their base classes. `tests/unit/test_hbone.py` fails if
+  a hex repr is ever produced on the DATA path again, and `bench/hbone_core.py` measures the difference.
+  The reader also copies a DATA payload twice (into its buffer, out as bytes) where h2's copies it three
+  times. Measured with 1 MiB frames: h2 0.2-0.3 GB/s, this core about 7.5 GB/s.
+- The same reader enforces what must be checked before h2 sees a frame: the raw header block size
+  (HEADERS + CONTINUATION, before HPACK decoding), CONTINUATION counts, PING/SETTINGS replies queued
+  since the last `data_to_send()`, runs of empty DATA frames and WINDOW_UPDATE floods. Violations become
+  h2 ProtocolErrors, so h2 queues the GOAWAY with our error code. It also hands h2 at most
+  `_FRAMES_PER_STEP` frames at a time, so stream abuse (rapid reset, floods of malformed CONNECTs) is
+  stopped within a large read rather than after it.
+- h2's own header validation is off: a malformed CONNECT must be a 400 on its stream, not a connection
+  error, so `parse_connect_request` validates pseudo-headers itself.
+- Received data is acknowledged to the peer (WINDOW_UPDATE) only when the caller reports it consumed
+  (`consumed()`), so a slow upstream pushes back on the sender instead of growing buffers here. Data that
+  arrives before the server accepts a stream is held, unacknowledged, and handed out by `accept()`.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.errors import ErrorCodes
+from h2.frame_buffer import FrameBuffer
+from hyperframe.exceptions import HyperframeError
+from hyperframe.frame import FRAMES, ContinuationFrame, DataFrame, ExtensionFrame, Frame, HeadersFrame
+
+from nodeagent.model import IPAddress, SocketAddress
+from nodeagent.ztunnel.routing import TUNNEL_PORTS
+
+MiB = 1 << 20
+KiB = 1 << 10
+
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_FRAME_HEADER = struct.Struct(">HBBBL")  # 24-bit length split as 16+8, type, flags, stream id
+_DATA, _HEADERS, _PRIORITY, _RST_STREAM, _SETTINGS, _PUSH_PROMISE, _PING, _GOAWAY, _WINDOW_UPDATE, _CONTINUATION = (
+    range(10)
+)
+_FLAG_END_STREAM, _FLAG_ACK, _FLAG_END_HEADERS, _FLAG_PADDED = 0x1, 0x1, 0x4, 0x8
+_FRAMES_PER_STEP = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """HTTP/2 settings and abuse limits; the defaults are REFERENCE.md's (ztunnel's) values."""
+
+    stream_window: int = 4 * MiB
+    connection_window: int = 16 * MiB
+    max_frame_size: int = 1 * MiB
+    max_concurrent_streams: int = 200
+    max_header_list_size: int = 64 * KiB  # decoded, with RFC 7541's 32 bytes per entry
+    max_header_block_bytes: int = 64 * KiB  # raw HEADERS + CONTINUATION payload, checked before decoding
+    max_header_block_frames: int = 16
+    keepalive_interval: float = 10.0
+    keepalive_timeout: float = 20.0
+    max_queued_control_replies: int = 1000  # PING and SETTINGS ACKs owed since the last data_to_send()
+    max_empty_data_run: int = 100  # consecutive empty DATA frames without END_STREAM
+    window_update_allowance: int = 1000  # WINDOW_UPDATEs accepted beyond 4 per DATA frame we sent
+    abusive_streams: int = 100  # streams reset before an answer or rejected with 400 before GOAWAY ...
+    abusive_stream_ratio: float = 0.5  # ... once they exceed this share of all streams the peer opened
+
+
+class HboneError(Exception):
+    """Base of this module's errors; `error_code` is the HTTP/2 error code the condition maps to."""
+
+    def __init__(self, message: str, error_code: int = ErrorCodes.INTERNAL_ERROR) -> None:
+        super().__init__(message)
+        self.error_code = int(error_code)
+
+
+class BadConnectRequest(HboneError):
+    """A request the tunnel answers with 400 (REFERENCE.md): not CONNECT, bad or foreign authority, ..."""
+
+    status = 400
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, ErrorCodes.PROTOCOL_ERROR)
+
+
+class StreamStateError(HboneError):
+    """The caller used a stream id that is unknown, already answered or closed; check the events first."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, ErrorCodes.STREAM_CLOSED)
+
+
+class ConnectionClosedError(HboneError):
+    """The connection has terminated (see the ConnectionTerminated event); open a new one."""
+
+
+class _Abuse(h2.exceptions.ProtocolError):
+    """Raised inside h2's receive loop so h2 sends GOAWAY with `error_code` (usually ENHANCE_YOUR_CALM)."""
+
+    def __init__(self, message: str, error_code: ErrorCodes = ErrorCodes.ENHANCE_YOUR_CALM) -> None:
+        super().__init__(message)
+        self.error_code = error_code
+
+
+# --- CONNECT requests ------------------------------------------------------------------------------------
+
+_REQUEST_PSEUDO = frozenset({b":method", b":authority", b":scheme", b":path", b":protocol"})
+_CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectRequest:
+    """A validated HBONE CONNECT: where to connect upstream, plus the optional metadata headers."""
+
+    target: SocketAddress
+    baggage: str | None = None
+    forwarded: str | None = None
+    traceparent: str | None = None
+
+
+def parse_connect_request(
+    headers: list[tuple[bytes, bytes]], local_addresses: frozenset[IPAddress] | None = None
+) -> ConnectRequest:
+    """Validate a decoded request header list; raise BadConnectRequest (status 400) with the reason.
+
+    `local_addresses` are the IPs of the pod the connection arrived for; a target outside them is a 400.
+    """
+    pseudo: dict[bytes, bytes] = {}
+    extra: dict[bytes, bytes] = {}
+    regular_seen = False
+    for name, value in headers:
+        if name != name.lower():
+            raise BadConnectRequest(f"header name {name!r} is not lowercase")
+        if b"\r" in value or b"\n" in value or b"\x00" in value:
+            raise BadConnectRequest(f"header {name!r} has a CR, LF or NUL in its value")
+        if name.startswith(b":"):
+            if regular_seen:
+                raise BadConnectRequest(f"pseudo-header {name!r} after a regular header")
+            if name not in _REQUEST_PSEUDO:
+                raise BadConnectRequest(f"unknown pseudo-header {name!r}")
+            if name in pseudo:
+                raise BadConnectRequest(f"pseudo-header {name!r} repeated")
+            pseudo[name] = value
+            continue
+        regular_seen = True
+        if name in _CONNECTION_SPECIFIC or (name == b"te" and value != b"trailers"):
+            raise BadConnectRequest(f"connection-specific header {name!r} is not allowed in HTTP/2")
+        if name in (b"baggage", b"forwarded", b"traceparent"):
+            extra[name] = value if name not in extra else extra[name] + b", " + value
+    method = pseudo.get(b":method")
+    if method != b"CONNECT":
+        raise BadConnectRequest(f"method {method!r} is not CONNECT; HBONE carries only CONNECT tunnels")
+    for forbidden in (b":path", b":scheme", b":protocol"):
+        if forbidden in pseudo:
+            raise BadConnectRequest(f"a plain CONNECT must not carry {forbidden.decode()}")
+    authority = pseudo.get(b":authority")
+    if not authority:
+        raise BadConnectRequest("CONNECT without :authority; expected ip:port of the destination pod")
+    try:
+        target = SocketAddress.parse(authority.decode("ascii"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise BadConnectRequest(f"bad :authority {authority[:100]!r}: {e}") from None
+    if target.port in TUNNEL_PORTS:
+        raise BadConnectRequest(f"target port {target.port} is a tunnel port; refusing a loop")
+    if local_addresses is not None and target.ip not in local_addresses:
+        raise BadConnectRequest(f"target {target} is not an address of the pod this connection arrived for")
+    return ConnectRequest(
+        target,
+        *(extra[h].decode("latin-1") if h in extra else None for h in (b"baggage", b"forwarded", b"traceparent")),
+    )
+
+
+def connect_headers(request: ConnectRequest) -> list[tuple[bytes, bytes]]:
+    """The header list a client sends for `request`."""
+    headers = [(b":method", b"CONNECT"), (b":authority", str(request.target).encode("ascii"))]
+    for name, value in (
+        (b"baggage", request.baggage),
+        (b"forwarded", request.forwarded),
+        (b"traceparent", request.traceparent),
+    ):
+        if value is not None:
+            headers.append((name, value.encode("latin-1")))
+    return headers
+
+
+# --- events ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOpened:
+    """Server: a valid CONNECT arrived. Authorize and connect upstream, then accept() or reject()."""
+
+    stream_id: int
+    request: ConnectRequest
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRejected:
+    """Server: a CONNECT this core answered itself with `status` (400); for logs and metrics only."""
+
+    stream_id: int
+    status: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEstablished:
+    """Client: the server answered 200; the tunnel is up."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectFailed:
+    """Client: the server answered `status` (400 bad request, 401 denied by policy, 503 no upstream)."""
+
+    stream_id: int
+    status: int
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived:
+    """Tunnel bytes. Report them with consumed(stream_id, len(data)) once written upstream."""
+
+    stream_id: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnded:
+    """The peer half-closed its direction (END_STREAM): shut down the write side upstream."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReset:
+    """The stream is gone: reset by the peer (`remote`), or by this core for a protocol violation."""
+
+    stream_id: int
+    error_code: int
+    remote: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SendDrained:
+    """Everything queued with send_data() on this stream has been framed; resume reading upstream."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionTerminated:
+    """The connection is over: flush data_to_send() (it may hold our GOAWAY) and close the transport."""
+
+    error_code: int
+    reason: str
+    remote: bool
+
+
+Event = (
+    StreamOpened
+    | StreamRejected
+    | StreamEstablished
+    | ConnectFailed
+    | DataReceived
+    | StreamEnded
+    | StreamReset
+    | SendDrained
+    | ConnectionTerminated
+)
+
+
+# --- the frame reader ------------------------------------------------------------------------------------
+
+
+def _constant_repr(self: Frame) -> str:
+    # h2 formats every received frame for a trace log it usually discards; keep that O(1).
+    return f"{type(self).__bases__[0].__name__}(stream_id={self.stream_id})"
+
+
+F = TypeVar("F", bound=Frame)
+
+
+def _quiet(cls: type[F]) -> type[F]:
+    return type(cls.__name__, (cls,), {"__repr__": _constant_repr, "__module__": __name__})
+
+
+_QuietDataFrame = _quiet(DataFrame)
+_QuietExtensionFrame = _quiet(ExtensionFrame)
+_QUIET_FRAMES: dict[int, type[Frame]] = {
+    kind: _QuietDataFrame if kind == _DATA else _quiet(cls) for kind, cls in FRAMES.items() if kind is not None
+}
+
+
+class _FrameReader(FrameBuffer):
+    """Frames from bytes for h2, with the pre-decode limits of REFERENCE.md (see the module docstring)."""
+
+    def __init__(self, server: bool, limits: Limits) -> None:
+        super().__init__(server=server)
+        self._buf = bytearray()
+        self._preface = _PREFACE if server else b""
+        self._limits = limits
+        self._block: list[Frame] = []
+        self._block_bytes = 0
+        self.control_replies = 0  # reset by HboneConnection.data_to_send()
+        self.data_frames_sent = 0  # maintained by HboneConnection
+        self._empty_data_run = 0
+        self._window_updates = 0
+        self.budget = 0  # frames h2 may take in this step; set by HboneConnection.receive_data()
+
+    def clear(self) -> None:
+        """Drop buffered input (the connection has terminated)."""
+        self._buf = bytearray()
+        self._block = []
+
+    def add_data(self, data: Any) -> None:
+        if self._preface:
+            view = memoryview(data)
+            n = min(len(self._preface), len(view))
+            if view[:n] != self._preface[:n]:
+                raise _Abuse(
+                    "the client did not start with the HTTP/2 preface (cleartext or not HTTP/2?)",
+                    ErrorCodes.PROTOCOL_ERROR,
+                )
+            self._preface = self._preface[n:]
+            self._buf += view[n:]
+        else:
+            self._buf += data
+
+    def __next__(self) -> Frame:
+        if self.budget <= 0:
+            raise StopIteration
+        while True:
+            frame = self._next_frame()
+            if frame is not None:
+                self.budget -= 1
+                return frame
+
+    def _next_frame(self) -> Frame | None:
+        buf = self._buf
+        if len(buf) < 9:
+            raise StopIteration
+        high, low, kind, flags, stream_id = _FRAME_HEADER.unpack_from(buf)
+        length = (high << 8) | low
+        stream_id &= 0x7FFFFFFF
+        if length > self.max_frame_size:
+            raise h2.exceptions.FrameTooLargeError(f"frame of {length} bytes exceeds {self.max_frame_size}")
+        end = 9 + length
+        if len(buf) < end:
+            raise StopIteration
+        try:
+            if kind == _DATA:
+                frame = self._data_frame(buf, flags, stream_id, length)
+            else:
+                self._check_control(kind, flags, stream_id, length)
+                cls = _QUIET_FRAMES.get(kind)
+                frame = cls(stream_id) if cls is not None else _QuietExtensionFrame(kind, stream_id)
+                frame.parse_flags(flags)
+                frame.parse_body(memoryview(bytes(buf[9:end])))
+        except HyperframeError as e:
+            raise _Abuse(f"malformed frame of type {kind}: {e}", ErrorCodes.PROTOCOL_ERROR) from None
+        del buf[:end]
+        return self._assemble(frame, kind, flags, stream_id, length)
+
+    def _data_frame(self, buf: bytearray, flags: int, stream_id: int, length: int) -> Frame:
+        frame = _QuietDataFrame(stream_id)
+        frame.parse_flags(flags)
+        start, stop = 9, 9 + length
+        if flags & _FLAG_PADDED:
+            pad = buf[9] if length else 0
+            if not length or pad >= length:
+                raise _Abuse("DATA padding longer than the frame", ErrorCodes.PROTOCOL_ERROR)
+            frame.pad_length = pad
+            start, stop = 10, stop - pad
+        with memoryview(buf) as view, view[start:stop] as payload:
+            frame.data = payload.tobytes()
+        frame.body_len = length
+        if length == 0 and not flags & _FLAG_END_STREAM:
+            self._empty_data_run += 1
+            if self._empty_data_run > self._limits.max_empty_data_run:
+                raise _Abuse(f"more than {self._limits.max_empty_data_run} empty DATA frames in a row")
+        else:
+            self._empty_data_run = 0
+        return frame
+
+    def _check_control(self, kind: int, flags: int, stream_id: int, length: int) -> None:
+        if kind in (_PING, _SETTINGS) and not flags & _FLAG_ACK:
+            self.control_replies += 1
+            if self.control_replies > self._limits.max_queued_control_replies:
+                raise _Abuse(
+                    f"more than {self._limits.max_queued_control_replies} PING/SETTINGS frames awaiting a reply"
+                )
+        elif kind == _WINDOW_UPDATE:
+            self._window_updates += 1
+            if self._window_updates > self._limits.window_update_allowance + 4 * self.data_frames_sent:
+                raise _Abuse("WINDOW_UPDATE flood: far more updates than DATA frames sent")
+        elif kind == _PUSH_PROMISE:
+            raise _Abuse("PUSH_PROMISE received although push is disabled", ErrorCodes.PROTOCOL_ERROR)
+
+    def _assemble(self, frame: Frame, kind: int, flags: int, stream_id: int, length: int) -> Frame | None:
+        """Join HEADERS + CONTINUATION into one HEADERS frame, within the raw size and frame-count caps."""
+        limits = self._limits
+        if self._block:
+            if kind != _CONTINUATION or stream_id != self._block[0].stream_id:
+                raise _Abuse("a header block was interrupted by another frame", ErrorCodes.PROTOCOL_ERROR)
+            self._block.append(frame)
+            self._block_bytes += length
+        elif kind == _HEADERS:
+            self._block = [frame]
+            self._block_bytes = length
+        else:
+            return frame
+        if self._block_bytes > limits.max_header_block_bytes:
+            raise _Abuse(f"header block larger than {limits.max_header_block_bytes} bytes before decoding")
+        if len(self._block) > limits.max_header_block_frames:
+            raise _Abuse(f"header block split over more than {limits.max_header_block_frames} frames")
+        if not flags & _FLAG_END_HEADERS:
+            return None
+        first, rest = self._block[0], self._block[1:]
+        self._block = []
+        if rest and isinstance(first, HeadersFrame):
+            first.data = first.data + b"".join(f.data for f in rest if isinstance(f, ContinuationFrame))
+            first.flags.add("END_HEADERS")
+        return first
+
+
+# --- the connection --------------------------------------------------------------------------------------
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+@dataclass(slots=True)
+class _Stream:
+    stream_id: int
+    answered: bool = False  # server: 200 sent; client: 200 received
+    held: list[bytes] = field(default_factory=list)  # server: data received before accept()
+    held_end: bool = False
+    queue: deque[memoryview] = field(default_factory=deque)  # data waiting for flow-control window
+    queued: int = 0
+    end_queued: bool = False  # END_STREAM to send once the queue is empty
+    local_closed: bool = False
+    remote_closed: bool = False
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Bookkeeping for one receive_data() call."""
+
+    opened: set[int] = field(default_factory=set)  # StreamOpened emitted in this read
+    hidden: set[int] = field(default_factory=set)  # ... and reset in it too: withdrawn
+    drained: set[int] = field(default_factory=set)
+
+
+class HboneConnection:
+    """One HTTP/2 connection carrying HBONE CONNECT streams, as client or server. Not thread-safe.
+
+    Use: feed every received byte to receive_data(), handle the events, and after every call write
+    data_to_send() to the transport. Call tick(now) at next_deadline for keepalive.
+    """
+
+    def __init__(
+        self,
+        role: Role,
+        now: float,
+        *,
+        limits: Limits | None = None,
+        local_addresses: frozenset[IPAddress] | None = None,
+    ) -> None:
+        self.role = role
+        self.limits = limits = limits or Limits()
+        self._local_addresses = local_addresses
+        client = role is Role.CLIENT
+        config = h2.config.H2Configuration(
+            client_side=client,
+            header_encoding=None,
+            validate_inbound_headers=False,
+            normalize_inbound_headers=False,
+        )
+        conn = h2.connection.H2Connection(config)
+        # Our limits as *current* values, so they hold before the peer acknowledges our SETTINGS.
+        conn.local_settings = h2.settings.Settings(
+            client=client,
+            initial_values={
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: limits.stream_window,
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: limits.max_frame_size,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_size,
+            },
+        )
+        conn.max_inbound_frame_size = limits.max_frame_size
+        conn.decoder.max_header_list_size = limits.max_header_list_size
+        self._reader = _FrameReader(server=not client, limits=limits)
+        conn.incoming_buffer = self._reader
+        table = conn._frame_dispatch_table
+        for kind, quiet in _QUIET_FRAMES.items():
+            table[quiet] = table[FRAMES[kind]]
+        table[_QuietExtensionFrame] = table[ExtensionFrame]
+        conn.initiate_connection()
+        if limits.connection_window > 65535:
+            conn.increment_flow_control_window(limits.connection_window - 65535)
+        self._h2 = conn
+        self._streams: dict[int, _Stream] = {}
+        self._closed = False
+        self._ping_due = now + limits.keepalive_interval
+        self._ping_sent_at: float | None = None
+        self._ping_payload = b""
+        self._pings = 0
+        self._peer_streams = 0
+        self._abusive_streams = 0
+
+    # -- I/O surface -------------------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def data_to_send(self) -> bytes:
+        """Bytes to write to the transport now (possibly empty)."""
+        self._reader.control_replies = 0
+        return self._h2.data_to_send()
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Process bytes from the transport. Never raises on peer input: fatal problems end the list with
+        ConnectionTerminated, after which the connection ignores input.
+
+        h2 is fed at most `_FRAMES_PER_STEP` frames at a time so abuse is caught early in a large read;
+        a stream opened and reset within the same read is never surfaced (CVE-2023-44487)."""
+        if self._closed:
+            return []
+        out: list[Event] = []
+        batch = _Batch()
+        chunk: bytes | bytearray | memoryview = data
+        while not self._closed:
+            self._reader.budget = _FRAMES_PER_STEP
+            try:
+                h2_events = self._h2.receive_data(chunk)
+                chunk = b""
+                for event in h2_events:
+                    if self._closed:
+                        break
+                    self._translate(event, batch, out)
+            except h2.exceptions.ProtocolError as e:  # h2 has usually queued GOAWAY with e.error_code already
+                out.extend(self._terminated(int(e.error_code), str(e), remote=False))
+                break
+            self._check_abuse(out)
+            if self._reader.budget:  # the reader ran out of complete frames
+                break
+        if batch.hidden:
+            out = [e for e in out if not (isinstance(e, StreamOpened) and e.stream_id in batch.hidden)]
+        if not self._closed:
+            streams = self._streams
+            out.extend(SendDrained(sid) for sid in batch.drained if sid in streams and not streams[sid].queued)
+        return out
+
+    def _check_abuse(self, out: list[Event]) -> None:
+        limits = self.limits
+        if (
+            not self._closed
+            and self._abusive_streams >= limits.abusive_streams
+            and self._abusive_streams > limits.abusive_stream_ratio * self._peer_streams
+        ):
+            out.extend(
+                self._terminate(
+                    ErrorCodes.ENHANCE_YOUR_CALM,
+                    f"{self._abusive_streams} of {self._peer_streams} streams were reset before an answer "
+                    "or malformed (rapid reset?)",
+                )
+            )
+
+    def tick(self, now: float) -> list[Event]:
+        """Keepalive: send a PING every interval; terminate when one stays unanswered for the timeout."""
+        if self._closed:
+            return []
+        if self._ping_sent_at is not None:
+            if now - self._ping_sent_at >= self.limits.keepalive_timeout:
+                return self._terminate(
+                    ErrorCodes.NO_ERROR,
+                    f"no PING reply for {self.limits.keepalive_timeout:g} s; the peer or the path is dead",
+                )
+        elif now >= self._ping_due:
+            self._pings += 1
+            self._ping_payload = self._pings.to_bytes(8, "big")
+            self._ping_sent_at = now
+            self._h2.ping(self._ping_payload)
+        return []
+
+    @property
+    def next_deadline(self) -> float:
+        """When tick() next has something to do."""
+        if self._ping_sent_at is not None:
+            return self._ping_sent_at + self.limits.keepalive_timeout
+        return self._ping_due
+
+    def close(self, error_code: int = ErrorCodes.NO_ERROR, reason: str = "") -> None:
+        """Send GOAWAY and stop; every open stream is gone. Flush data_to_send() afterwards."""
+        if not self._closed:
+            self._terminate(error_code, reason or "closed locally")
+
+    # -- streams -------------------------------------------------------------------------------------------
+
+    def open_stream(self, request: ConnectRequest) -> int:
+        """Client: send a CONNECT; wait for StreamEstablished or ConnectFailed. Data may be queued meanwhile."""
+        self._require(Role.CLIENT)
+        if self.available_streams <= 0:
+            raise HboneError(
+                "the peer's concurrent stream limit is reached; open another connection",
+                ErrorCodes.REFUSED_STREAM,
+            )
+        try:
+            stream_id = self._h2.get_next_available_stream_id()
+        except h2.exceptions.NoAvailableStreamIDError:
+            raise HboneError(
+                "this connection has used up its stream ids; open another connection", ErrorCodes.REFUSED_STREAM
+            ) from None
+        self._h2.send_headers(stream_id, connect_headers(request))
+        self._streams[stream_id] = _Stream(stream_id)
+        return stream_id
+
+    @property
+    def available_streams(self) -> int:
+        """Client: how many more streams the peer allows now (0 once closed)."""
+        if self._closed:
+            return 0
+        return self._h2.remote_settings.max_concurrent_streams - self._h2.open_outbound_streams
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    def accept(self, stream_id: int) -> list[Event]:
+        """Server: answer 200 and return the data (and END_STREAM) that arrived before, now to forward."""
+        self._require(Role.SERVER)
+        stream = self._pending(stream_id)
+        self._h2.send_headers(stream_id, [(b":status", b"200")])
+        stream.answered = True
+        out: list[Event] = [DataReceived(stream_id, chunk) for chunk in stream.held]
+        stream.held = []
+        if stream.held_end:
+            stream.remote_closed = True
+            out.append(StreamEnded(stream_id))
+        return out
+
+    def reject(self, stream_id: int, status: int) -> None:
+        """Server: answer `status` (401 denied, 503 no upstream, ...) and forget the stream."""
+        self._require(Role.SERVER)
+        if not 400 <= status <= 599:
+            raise ValueError(f"reject() needs a 4xx or 5xx status, not {status}; use accept() for 200")
+        self._pending(stream_id)
+        self._answer_error(stream_id, status)
+
+    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview, end_stream: bool = False) -> None:
+        """Queue bytes for the peer; they go out as the flow-control window allows. The buffer must not be
+        modified afterwards. Check outbound_buffered() for backpressure; SendDrained says when it is empty."""
+        stream = self._open(stream_id)
+        if self.role is Role.SERVER and not stream.answered:
+            raise StreamStateError(f"stream {stream_id} has not been accepted; accept() before sending data")
+        if stream.end_queued:
+            raise StreamStateError(f"stream {stream_id} is already half-closed by us")
+        if data:
+            view = memoryview(data).cast("B")
+            stream.queue.append(view)
+            stream.queued += len(view)
+        stream.end_queued = end_stream
+        self._flush(stream)
+
+    def end_stream(self, stream_id: int) -> None:
+        """Half-close our direction (END_STREAM) after the queued data."""
+        self.send_data(stream_id, b"", end_stream=True)
+
+    def reset_stream(self, stream_id: int, error_code: int = ErrorCodes.CANCEL) -> None:
+        """Abort a stream (upstream failed or went away). Unknown or finished streams are ignored."""
+        self._check_open()
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None:
+            self._forget(stream)
+            self._reset(stream_id, error_code)
+
+    def consumed(self, stream_id: int, nbytes: int) -> None:
+        """The caller has written `nbytes` of this stream's DataReceived upstream: reopen the window."""
+        if nbytes and not self._closed:
+            self._h2.acknowledge_received_data(nbytes, stream_id)
+
+    def outbound_buffered(self, stream_id: int) -> int:
+        """Bytes queued on the stream that the peer's window has not admitted yet."""
+        stream = self._streams.get(stream_id)
+        return stream.queued if stream is not None else 0
+
+    # -- internals -----------------------------------------------------------------------------------------
+
+    def _require(self, role: Role) -> None:
+        self._check_open()
+        if self.role is not role:
+            raise HboneError(f"only a {role.value} connection can do that; this one is a {self.role.value}")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConnectionClosedError("the HBONE connection has terminated; open a new one")
+
+    def _pending(self, stream_id: int) -> _Stream:
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.answered:
+            raise StreamStateError(f"stream {stream_id} is not a CONNECT awaiting an answer (reset or answered?)")
+        return stream
+
+    def _open(self, stream_id: int) -> _Stream:
+        self._check_open()
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            raise StreamStateError(f"stream {stream_id} is not open (reset, finished or never opened)")
+        return stream
+
+    def _answer_error(self, stream_id: int, status: int) -> None:
+        stream = self._streams.pop(stream_id, None)
+        self._h2.send_headers(stream_id, [(b":status", str(status).encode())], end_stream=True)
+        # RFC 9113 8.1: a complete response may be followed by RST_STREAM(NO_ERROR) to stop the upload.
+        self._reset(stream_id, ErrorCodes.NO_ERROR)
+        if stream is not None:
+            self._forget(stream)
+
+    def _reset(self, stream_id: int, error_code: int) -> None:
+        """RST_STREAM unless h2 already considers the stream closed (the peer may have finished it)."""
+        h2_stream = self._h2.streams.get(stream_id)
+        if h2_stream is not None and not h2_stream.closed:
+            self._h2.reset_stream(stream_id, error_code)
+
+    def _forget(self, stream: _Stream) -> None:
+        """Return held, never-delivered bytes to the connection window."""
+        held = sum(len(chunk) for chunk in stream.held)
+        stream.held = []
+        if held:
+            self._h2.acknowledge_received_data(held, stream.stream_id)
+
+    def _flush(self, stream: _Stream) -> None:
+        conn = self._h2
+        queue = stream.queue
+        while queue:
+            window = min(conn.local_flow_control_window(stream.stream_id), conn.max_outbound_frame_size)
+            if window <= 0:
+                return
+            chunk = queue[0]
+            if len(chunk) <= window:
+                queue.popleft()
+                conn.send_data(stream.stream_id, chunk, end_stream=stream.end_queued and not queue)
+                if stream.end_queued and not queue:
+                    stream.local_closed = True
+            else:
+                queue[0] = chunk[window:]
+                chunk = chunk[:window]
+                conn.send_data(stream.stream_id, chunk)
+            stream.queued -= len(chunk)
+            self._reader.data_frames_sent += 1
+        if stream.end_queued and not stream.local_closed:
+            conn.end_stream(stream.stream_id)
+            stream.local_closed = True
+        if stream.local_closed and stream.remote_closed:
+            del self._streams[stream.stream_id]
+
+    def _translate(self, event: h2.events.Event, batch: _Batch, out: list[Event]) -> None:
+        if isinstance(event, h2.events.DataReceived):
+            self._on_data(event, out)
+        elif isinstance(event, h2.events.RequestReceived):
+            self._on_request(event, batch, out)
+        elif isinstance(event, h2.events.ResponseReceived):
+            self._on_response(event, out)
+        elif isinstance(event, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+            for stream in list(self._streams.values()):
+                if stream.queue or (stream.end_queued and not stream.local_closed):
+                    was = stream.queued
+                    self._flush(stream)
+                    if was and not stream.queued:
+                        batch.drained.add(stream.stream_id)
+        elif isinstance(event, h2.events.StreamEnded):
+            assert event.stream_id is not None
+            self._on_end(event.stream_id, out)
+        elif isinstance(event, h2.events.StreamReset):
+            assert event.stream_id is not None
+            gone = self._streams.pop(event.stream_id, None)
+            if gone is not None:
+                self._forget(gone)
+                if not gone.answered and self.role is Role.SERVER:
+                    self._abusive_streams += 1
+                if event.stream_id in batch.opened:
+                    batch.hidden.add(event.stream_id)  # its StreamOpened is withdrawn; say nothing
+                else:
+                    out.append(StreamReset(event.stream_id, int(event.error_code or 0), remote=event.remote_reset))
+        elif isinstance(event, h2.events.TrailersReceived):
+            assert event.stream_id is not None
+            if self._streams.pop(event.stream_id, None) is not None:
+                self._reset(event.stream_id, ErrorCodes.PROTOCOL_ERROR)
+                out.append(StreamReset(event.stream_id, ErrorCodes.PROTOCOL_ERROR, remote=False))
+        elif isinstance(event, h2.events.PingAckReceived):
+            if self._ping_sent_at is not None and event.ping_data == self._ping_payload:
+                self._ping_due = self._ping_sent_at + self.limits.keepalive_interval
+                self._ping_sent_at = None
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            code = int(event.error_code or 0)
+            debug = (event.additional_data or b"")[:200].decode("latin-1")
+            out.extend(self._terminated(code, f"peer sent GOAWAY ({debug})" if debug else "peer sent GOAWAY", True))
+        # Everything else (PING and SETTINGS bookkeeping, priorities, unknown frames, 1xx) needs nothing here.
+
+    def _on_request(self, event: h2.events.RequestReceived, batch: _Batch, out: list[Event]) -> None:
+        stream_id = event.stream_id
+        assert stream_id is not None
+        self._peer_streams += 1
+        try:
+            request = parse_connect_request(list(event.headers or ()), self._local_addresses)
+        except BadConnectRequest as e:
+            self._abusive_streams += 1
+            self._answer_error(stream_id, e.status)
+            out.append(StreamRejected(stream_id, e.status, str(e)))
+            return
+        self._streams[stream_id] = _Stream(stream_id)
+        batch.opened.add(stream_id)
+        out.append(StreamOpened(stream_id, request))
+
+    def _on_response(self, event: h2.events.ResponseReceived, out: list[Event]) -> None:
+        stream_id = event.stream_id
+        assert stream_id is not None
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return
+        status = dict(event.headers or ()).get(b":status", b"")
+        if status == b"200":
+            stream.answered = True
+            out.append(StreamEstablished(stream_id))
+            return
+        del self._streams[stream_id]
+        self._reset(stream_id, ErrorCodes.CANCEL)
+        code = int(status) if status.isdigit() and len(status) == 3 else 502
+        out.append(ConnectFailed(stream_id, code))
+
+    def _on_data(self, event: h2.events.DataReceived, out: list[Event]) -> None:
+        stream_id = event.stream_id
+        assert stream_id is not None and event.data is not None
+        data = event.data
+        padding = (event.flow_controlled_length or 0) - len(data)
+        if padding:
+            self._h2.acknowledge_received_data(padding, stream_id)
+        stream = self._streams.get(stream_id)
+        if stream is None:  # rejected or reset meanwhile: give the window back, drop the bytes
+            self.consumed(stream_id, len(data))
+        elif stream.answered:
+            if data:
+                out.append(DataReceived(stream_id, data))
+        elif data:  # server before accept() (h2 refuses DATA before the response on a client)
+            stream.held.append(data)  # bounded by the unacknowledged stream window
+
+    def _on_end(self, stream_id: int, out: list[Event]) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return
+        if not stream.answered:
+            stream.held_end = True  # server: delivered by accept(); client: a failed CONNECT follows
+            return
+        stream.remote_closed = True
+        out.append(StreamEnded(stream_id))
+        if stream.local_closed:
+            del self._streams[stream_id]
+
+    def _terminate(self, error_code: int, reason: str) -> list[Event]:
+        self._h2.close_connection(error_code, additional_data=reason.encode("ascii", "replace")[:256])
+        return self._terminated(int(error_code), reason, remote=False)
+
+    def _terminated(self, code: int, reason: str, remote: bool) -> list[Event]:
+        if not remote and self._h2.state_machine.state is not h2.connection.ConnectionState.CLOSED:
+            self._h2.close_connection(code)
+        self._closed = True
+        self._streams.clear()
+        self._reader.clear()
+        return [ConnectionTerminated(code, reason, remote)]

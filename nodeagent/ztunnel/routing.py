@@ -1,0 +1,171 @@
+"""Outbound decision: where a connection captured on an enrolled pod's :15001 goes, and how.
+
+Why this module exists: "decide, then act". The outbound listener learns the original destination of a
+captured connection; this pure function turns it, together with a frozen view of the cluster, into a plan
+(HBONE to the destination pod's :15008 with the identities and pool key to use; or plain TCP passthrough)
+or a denial. The executor in outbound.py only carries the plan out, and the rules are tested with a table.
+
+Rules (ztunnel src/proxy/outbound.rs, simplified to L4 without waypoints):
+- the destination is a pod IP: HBONE to `pod:15008` with `:authority pod:port` when the pod is enrolled,
+  passthrough to it when it is not;
+- the destination is a service VIP on one of its ports: pick a ready endpoint pod (the caller supplies the
+  `balance` counter, so the function stays pure) and treat `endpoint:target_port` as above; a service with
+  no ready endpoint is a denial; an unknown port on a VIP is passed through unchanged;
+- anything else (outside the cluster, unknown IPs): passthrough to the original destination;
+- the tunnel's own ports (15001/15006/15008) on a pod are loop targets: denial.
+
+What it deliberately does not do: no sockets, no certificates, no pooling, no authorization (the inbound
+side decides that), no DNS, no waypoints, no multi-network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from nodeagent.model import (
+    DEFAULT_EXCLUDED_NAMESPACES,
+    Identity,
+    Inventory,
+    IPAddress,
+    Pod,
+    PodPhase,
+    Service,
+    SocketAddress,
+    enrolled,
+)
+
+HBONE_PORT = 15008
+TUNNEL_PORTS = frozenset({15001, 15006, HBONE_PORT})
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """A pod as routing sees it: its identity and whether it is in the mesh."""
+
+    pod: Pod
+    identity: Identity
+    enrolled: bool
+
+    @property
+    def key(self) -> str:
+        return self.pod.key
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRoute:
+    service: Service
+    endpoints: tuple[Workload, ...]  # ready (Running, with an IP) pods the service selects, in inventory order
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingSnapshot:
+    """A frozen view of the cluster for routing: workloads by pod IP and services by VIP.
+
+    Build it with `from_inventory` whenever the inventory changes and swap it whole; it is never mutated.
+    Pods that are finished (Succeeded/Failed), have no IP or share the host's network are left out, so a
+    recycled IP always resolves to the live pod.
+    """
+
+    trust_domain: str
+    workloads: Mapping[IPAddress, Workload]
+    services: Mapping[IPAddress, ServiceRoute]
+
+    @classmethod
+    def from_inventory(
+        cls, inventory: Inventory, excluded: frozenset[str] = DEFAULT_EXCLUDED_NAMESPACES
+    ) -> RoutingSnapshot:
+        workloads: dict[IPAddress, Workload] = {}
+        for pod in inventory.pods:
+            if pod.ip is None or pod.host_network or pod.phase in (PodPhase.SUCCEEDED, PodPhase.FAILED):
+                continue
+            in_mesh = enrolled(pod, inventory.namespace(pod.namespace), excluded)
+            workloads[pod.ip] = Workload(pod, pod.identity(inventory.trust_domain), in_mesh)
+        services: dict[IPAddress, ServiceRoute] = {}
+        for svc in inventory.services:
+            if svc.vip is None:
+                continue
+            ready = tuple(w for w in workloads.values() if w.pod.phase is PodPhase.RUNNING and svc.selects(w.pod))
+            services[svc.vip] = ServiceRoute(svc, ready)
+        return cls(inventory.trust_domain, MappingProxyType(workloads), MappingProxyType(services))
+
+
+@dataclass(frozen=True, slots=True)
+class PoolKey:
+    """HBONE connections are shared only between connections with all four equal (REFERENCE.md, Pooling)."""
+
+    source_identity: Identity
+    destination_identity: Identity
+    source_ip: IPAddress
+    destination: SocketAddress  # the HBONE endpoint, pod IP:15008
+
+
+@dataclass(frozen=True, slots=True)
+class Hbone:
+    """Open (or reuse) mTLS+HTTP/2 to `pool_key.destination`, CONNECT to `target`, expect that peer identity."""
+
+    target: SocketAddress  # the :authority: destination pod IP and the port its application listens on
+    pool_key: PoolKey
+    destination_workload: str  # "namespace/name", for logs and metrics
+    service: str | None = None  # "namespace/name" when reached through a service VIP
+
+    @property
+    def expected_identity(self) -> Identity:
+        return self.pool_key.destination_identity
+
+    @property
+    def source_identity(self) -> Identity:
+        return self.pool_key.source_identity
+
+
+@dataclass(frozen=True, slots=True)
+class Passthrough:
+    """Plain TCP to `target` from the source pod's netns (the destination is outside the mesh)."""
+
+    target: SocketAddress
+    reason: str
+    destination_workload: str | None = None
+    service: str | None = None
+
+
+OutboundPlan = Hbone | Passthrough
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    """Refuse the captured connection (reset it); `reason` says why and goes to the access log."""
+
+    reason: str
+
+
+def plan_outbound(
+    snapshot: RoutingSnapshot, source: Pod, original_dst: SocketAddress, *, balance: int = 0
+) -> OutboundPlan | Denial:
+    """Decide the route of one captured outbound connection; `balance` picks among service endpoints."""
+    if source.ip is None:
+        return Denial(f"source pod {source.key} has no IP yet; it cannot originate mesh traffic")
+    service: str | None = None
+    dst = original_dst
+    route = snapshot.services.get(dst.ip)
+    if route is not None:
+        svc = route.service
+        service = f"{svc.namespace}/{svc.name}"
+        port = next((p for p in svc.ports if p.port == dst.port), None)
+        if port is None:
+            return Passthrough(dst, f"port {dst.port} is not a port of service {service}", service=service)
+        if not route.endpoints:
+            return Denial(f"service {service} has no ready endpoints; check its selector and its pods")
+        endpoint = route.endpoints[balance % len(route.endpoints)]
+        assert endpoint.pod.ip is not None  # the snapshot only holds pods with an IP
+        dst = SocketAddress(endpoint.pod.ip, port.target_port)
+    workload = snapshot.workloads.get(dst.ip)
+    if workload is None:
+        return Passthrough(dst, "destination is not a known workload", service=service)
+    if dst.port in TUNNEL_PORTS:
+        return Denial(f"{dst} is a tunnel port of pod {workload.key}; refusing to loop through the tunnel")
+    if not workload.enrolled:
+        return Passthrough(dst, f"pod {workload.key} is not in the mesh", workload.key, service)
+    source_identity = source.identity(snapshot.trust_domain)
+    key = PoolKey(source_identity, workload.identity, source.ip, SocketAddress(dst.ip, HBONE_PORT))
+    return Hbone(dst, key, workload.key, service)

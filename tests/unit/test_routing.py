@@ -1,0 +1,180 @@
+"""Table for nodeagent.ztunnel.routing.plan_outbound."""
+
+from __future__ import annotations
+
+import ipaddress
+from types import MappingProxyType
+
+import pytest
+
+from nodeagent.model import (
+    DATAPLANE_MODE_LABEL,
+    Identity,
+    Inventory,
+    Namespace,
+    Node,
+    Pod,
+    PodPhase,
+    Service,
+    ServicePort,
+    SocketAddress,
+)
+from nodeagent.ztunnel.routing import Denial, Hbone, Passthrough, PoolKey, RoutingSnapshot, plan_outbound
+
+TD = "cluster.local"
+ip = ipaddress.IPv4Address
+
+
+def pod(name: str, ns: str, addr: str | None, sa: str = "default", **kw: object) -> Pod:
+    return Pod(name, ns, f"uid-{name}", "node1", sa, ip(addr) if addr else None, **kw)  # type: ignore[arg-type]
+
+
+MESH_NS = Namespace("mesh", MappingProxyType({DATAPLANE_MODE_LABEL: "ambient"}))
+PLAIN_NS = Namespace("plain")
+CLIENT = pod("client", "mesh", "10.1.0.5", sa="client-sa")
+SERVER = pod("server", "mesh", "10.2.0.7", sa="server-sa", labels=MappingProxyType({"app": "web"}))
+SERVER2 = pod("server2", "mesh", "10.2.0.8", sa="server-sa", labels=MappingProxyType({"app": "web"}))
+LEGACY = pod("legacy", "plain", "10.2.0.9", labels=MappingProxyType({"app": "legacy"}))
+OPTED_OUT = pod("optout", "mesh", "10.2.0.10", labels=MappingProxyType({DATAPLANE_MODE_LABEL: "none"}))
+OPTED_IN = pod("optin", "plain", "10.2.0.11", labels=MappingProxyType({DATAPLANE_MODE_LABEL: "ambient"}))
+FINISHED = pod("done", "mesh", "10.2.0.12", phase=PodPhase.SUCCEEDED)
+PENDING_WEB = pod("starting", "mesh", "10.2.0.13", labels=MappingProxyType({"app": "web"}), phase=PodPhase.PENDING)
+NO_IP = pod("noip", "mesh", None)
+
+WEB = Service("web", "mesh", MappingProxyType({"app": "web"}), (ServicePort(80, 8080, "http"),), ip("10.96.0.10"))
+LEGACY_SVC = Service("legacy", "plain", MappingProxyType({"app": "legacy"}), (ServicePort(80, 8080),), ip("10.96.0.11"))
+EMPTY_SVC = Service("empty", "mesh", MappingProxyType({"app": "nothing"}), (ServicePort(80, 8080),), ip("10.96.0.12"))
+LOOP_SVC = Service("loop", "mesh", MappingProxyType({"app": "web"}), (ServicePort(80, 15008),), ip("10.96.0.13"))
+
+INVENTORY = Inventory(
+    cluster_name="test",
+    trust_domain=TD,
+    fabric_cidr=ipaddress.IPv4Network("192.168.0.0/24"),
+    nodes=(Node("node1", ipaddress.IPv4Network("10.1.0.0/16"), ip("192.168.0.1")),),
+    namespaces=(MESH_NS, PLAIN_NS),
+    pods=(CLIENT, SERVER, SERVER2, LEGACY, OPTED_OUT, OPTED_IN, FINISHED, PENDING_WEB, NO_IP),
+    services=(WEB, LEGACY_SVC, EMPTY_SVC, LOOP_SVC),
+)
+SNAP = RoutingSnapshot.from_inventory(INVENTORY)
+CLIENT_ID = Identity(TD, "mesh", "client-sa")
+SERVER_ID = Identity(TD, "mesh", "server-sa")
+
+
+def addr(text: str) -> SocketAddress:
+    return SocketAddress.parse(text)
+
+
+def hbone(target: str, dst_id: Identity, workload: str, service: str | None = None) -> Hbone:
+    t = addr(target)
+    return Hbone(t, PoolKey(CLIENT_ID, dst_id, ip("10.1.0.5"), SocketAddress(t.ip, 15008)), workload, service)
+
+
+CASES: list[tuple[str, str, int, Hbone | Passthrough | Denial]] = [
+    ("enrolled pod ip", "10.2.0.7:8080", 0, hbone("10.2.0.7:8080", SERVER_ID, "mesh/server")),
+    (
+        "pod enrolled by its own label",
+        "10.2.0.11:80",
+        0,
+        hbone("10.2.0.11:80", Identity(TD, "plain", "default"), "plain/optin"),
+    ),
+    (
+        "pod in plain namespace",
+        "10.2.0.9:8080",
+        0,
+        Passthrough(addr("10.2.0.9:8080"), "pod plain/legacy is not in the mesh", "plain/legacy"),
+    ),
+    (
+        "pod opted out",
+        "10.2.0.10:80",
+        0,
+        Passthrough(addr("10.2.0.10:80"), "pod mesh/optout is not in the mesh", "mesh/optout"),
+    ),
+    (
+        "finished pod's ip is unknown",
+        "10.2.0.12:80",
+        0,
+        Passthrough(addr("10.2.0.12:80"), "destination is not a known workload"),
+    ),
+    ("outside the cluster", "1.1.1.1:443", 0, Passthrough(addr("1.1.1.1:443"), "destination is not a known workload")),
+    (
+        "unknown port 15008 outside is not a loop",
+        "1.1.1.1:15008",
+        0,
+        Passthrough(addr("1.1.1.1:15008"), "destination is not a known workload"),
+    ),
+    ("service vip -> first endpoint", "10.96.0.10:80", 0, hbone("10.2.0.7:8080", SERVER_ID, "mesh/server", "mesh/web")),
+    (
+        "service vip -> second endpoint",
+        "10.96.0.10:80",
+        1,
+        hbone("10.2.0.8:8080", SERVER_ID, "mesh/server2", "mesh/web"),
+    ),
+    ("balance wraps", "10.96.0.10:80", 2, hbone("10.2.0.7:8080", SERVER_ID, "mesh/server", "mesh/web")),
+    (
+        "service of unenrolled pods",
+        "10.96.0.11:80",
+        0,
+        Passthrough(addr("10.2.0.9:8080"), "pod plain/legacy is not in the mesh", "plain/legacy", "plain/legacy"),
+    ),
+    (
+        "service port not declared",
+        "10.96.0.10:81",
+        0,
+        Passthrough(addr("10.96.0.10:81"), "port 81 is not a port of service mesh/web", service="mesh/web"),
+    ),
+    (
+        "service without endpoints",
+        "10.96.0.12:80",
+        0,
+        Denial("service mesh/empty has no ready endpoints; check its selector and its pods"),
+    ),
+    (
+        "loop 15001 on pod",
+        "10.2.0.7:15001",
+        0,
+        Denial("10.2.0.7:15001 is a tunnel port of pod mesh/server; refusing to loop through the tunnel"),
+    ),
+    (
+        "loop 15006 on pod",
+        "10.2.0.7:15006",
+        0,
+        Denial("10.2.0.7:15006 is a tunnel port of pod mesh/server; refusing to loop through the tunnel"),
+    ),
+    (
+        "loop 15008 on unenrolled pod",
+        "10.2.0.9:15008",
+        0,
+        Denial("10.2.0.9:15008 is a tunnel port of pod plain/legacy; refusing to loop through the tunnel"),
+    ),
+    (
+        "loop via service target port",
+        "10.96.0.13:80",
+        0,
+        Denial("10.2.0.7:15008 is a tunnel port of pod mesh/server; refusing to loop through the tunnel"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("dst", "balance", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_plan_outbound(dst: str, balance: int, expected: Hbone | Passthrough | Denial) -> None:
+    assert plan_outbound(SNAP, CLIENT, addr(dst), balance=balance) == expected
+
+
+def test_hbone_plan_carries_identities_and_pool_key() -> None:
+    plan = plan_outbound(SNAP, CLIENT, addr("10.2.0.7:8080"))
+    assert isinstance(plan, Hbone)
+    assert plan.expected_identity == SERVER_ID and plan.source_identity == CLIENT_ID
+    assert plan.pool_key.destination == addr("10.2.0.7:15008")
+    # two connections to different ports of the same pod share the HBONE connection
+    other = plan_outbound(SNAP, CLIENT, addr("10.2.0.7:9090"))
+    assert isinstance(other, Hbone) and other.pool_key == plan.pool_key
+
+
+def test_source_without_ip_is_denied() -> None:
+    assert isinstance(plan_outbound(SNAP, NO_IP, addr("10.2.0.7:8080")), Denial)
+
+
+def test_snapshot_leaves_out_pending_endpoints_and_ipless_pods() -> None:
+    assert [w.key for w in SNAP.services[ip("10.96.0.10")].endpoints] == ["mesh/server", "mesh/server2"]
+    assert ip("10.2.0.13") in SNAP.workloads  # a pending pod is still a known workload
+    assert all(w.pod.ip is not None for w in SNAP.workloads.values())
