@@ -1,0 +1,116 @@
+"""The node-local admin HTTP endpoint: /config_dump, /metrics and /healthz/ready.
+
+Why this module exists: operators and `nodeagent inspect` read what a node's processes hold (ztunnel's
+admin port 15000 shape) without attaching a debugger. Subsystems register *providers* — a name and a
+callable returning JSON-able data, e.g. the certificate manager's `certificates` section — and
+readiness checks (a callable returning None when ready or what is pending). The admin server only
+assembles and serves them.
+
+What it deliberately does not do: no writes (no /logging POST yet), no TLS or authentication (bind it to
+localhost), no keep-alive or HTTP/1.1 pipelining: one bounded request per connection, then close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_HEAD = 8 * 1024
+REQUEST_TIMEOUT = 5.0
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error"}
+
+
+class AdminServer:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+        self._providers: dict[str, Callable[[], Any]] = {}
+        self._checks: dict[str, Callable[[], str | None]] = {}
+        self._server: asyncio.Server | None = None
+
+    def add_config_provider(self, name: str, provider: Callable[[], Any]) -> None:
+        """`provider()` becomes the `name` section of /config_dump."""
+        if name in self._providers:
+            raise ValueError(f"config_dump section {name!r} is already provided")
+        self._providers[name] = provider
+
+    def add_readiness_check(self, name: str, check: Callable[[], str | None]) -> None:
+        """`check()` returns None when ready, else a short description of what is pending."""
+        self._checks[name] = check
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        """Listen on host:port (0 picks a port); returns the bound address."""
+        self._server = await asyncio.start_server(self._handle, host, port, limit=MAX_REQUEST_HEAD)
+        bound = self._server.sockets[0].getsockname()
+        log.info("admin endpoint on http://%s:%d", bound[0], bound[1])
+        return bound[0], bound[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    def config_dump(self) -> dict[str, Any]:
+        dump: dict[str, Any] = {}
+        for name, provider in self._providers.items():
+            try:
+                dump[name] = provider()
+            except Exception as exc:
+                log.exception("config_dump provider %s failed", name)
+                dump[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        return dump
+
+    def readiness(self) -> list[str]:
+        """What is pending (empty when ready)."""
+        pending = []
+        for name, check in self._checks.items():
+            try:
+                problem = check()
+            except Exception as exc:
+                problem = f"check failed: {exc!r}"
+            if problem:
+                pending.append(f"{name}: {problem}")
+        return pending
+
+    def route(self, method: str, path: str) -> tuple[int, str, bytes]:
+        """Status, content type and body for one request (pure apart from the providers it calls)."""
+        if method != "GET":
+            return 405, "text/plain", b"only GET is supported\n"
+        path = path.split("?", 1)[0]
+        if path == "/config_dump":
+            return 200, "application/json", json.dumps(self.config_dump(), indent=2, sort_keys=True).encode()
+        if path == "/metrics":
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self._registry)
+        if path == "/healthz/ready":
+            pending = self.readiness()
+            if pending:
+                return 500, "text/plain", ("not ready\n" + "\n".join(pending) + "\n").encode()
+            return 200, "text/plain", b"ready\n"
+        return 404, "text/plain", b"unknown path; try /config_dump, /metrics or /healthz/ready\n"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+            parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
+            if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+                status, ctype, body = 400, "text/plain", b"malformed request line\n"
+            else:
+                status, ctype, body = self.route(parts[0], parts[1])
+            writer.write(
+                f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass
+        finally:
+            writer.close()

@@ -1,0 +1,106 @@
+"""A client for Istio's CA API (ours or istiod's), used as the certificate manager's `fetch` edge.
+
+Why this module exists: the tunnel's certificate manager (nodeagent.ztunnel.certs) must not import the
+CA package, yet someone has to speak the CA's wire protocol. This client lives next to the generated
+protobuf code; whoever assembles the tunnel passes `CAClient(...).fetch` to the manager. It calls
+`CreateCertificate` over grpc.aio with TLS verified against the trust bundle, the node agent's token
+as `authorization: Bearer`, and the workload as `ImpersonatedIdentity` in the request metadata, like
+ztunnel does.
+
+What it deliberately does not do: no retries or backoff (the manager owns the schedule), no key or CSR
+generation, no token minting (the token source is injected and re-read per call, so a projected token
+that the kubelet rotates is picked up).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import grpc
+import grpc.aio
+
+from nodeagent.ca.authority import IMPERSONATED_IDENTITY_KEY
+from nodeagent.ca.proto import ca_pb2, ca_pb2_grpc
+from nodeagent.ca.server import DEFAULT_CA_NAME
+from nodeagent.model import Identity
+
+log = logging.getLogger(__name__)
+
+_HINTS = {
+    grpc.StatusCode.UNAVAILABLE: "is the CA running and reachable, and does its certificate chain to the bundle?",
+    grpc.StatusCode.UNAUTHENTICATED: "is the node token valid, and does a pod with this service account run on "
+    "this node? The CA log has the exact reason",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "the CA is slow or unreachable",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "the CA is at its concurrency limit; the request will be retried",
+}
+
+
+class CARequestError(Exception):
+    """The CA refused or did not answer; carries the gRPC status code."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class CAClient:
+    def __init__(
+        self,
+        target: str,
+        token: Callable[[], str],
+        bundle_pem: Callable[[], str],
+        *,
+        server_name: str = DEFAULT_CA_NAME,
+        ttl_seconds: int = 0,
+        timeout: float = 10.0,
+        cluster_id: str = "Kubernetes",
+    ) -> None:
+        self._target = target
+        self._token = token
+        self._bundle_pem = bundle_pem
+        self._server_name = server_name
+        self._ttl = ttl_seconds
+        self._timeout = timeout
+        self._cluster_id = cluster_id
+        self._channel: grpc.aio.Channel | None = None
+        self._channel_bundle = ""
+        self._retired: list[grpc.aio.Channel] = []
+
+    def _stub(self) -> ca_pb2_grpc.IstioCertificateServiceStub:
+        bundle = self._bundle_pem()
+        if self._channel is None or bundle != self._channel_bundle:
+            if self._channel is not None:
+                # Calls in flight on the old channel finish; it is closed with the client.
+                self._retired.append(self._channel)
+            credentials = grpc.ssl_channel_credentials(root_certificates=bundle.encode())
+            options = [
+                ("grpc.ssl_target_name_override", self._server_name),
+                # Reconnect soon after a CA outage; the certificate manager's own backoff paces the requests.
+                ("grpc.initial_reconnect_backoff_ms", 500),
+                ("grpc.max_reconnect_backoff_ms", 5000),
+            ]
+            self._channel = grpc.aio.secure_channel(self._target, credentials, options=options)
+            self._channel_bundle = bundle
+        return ca_pb2_grpc.IstioCertificateServiceStub(self._channel)
+
+    async def fetch(self, identity: Identity, csr_pem: bytes) -> list[str]:
+        request = ca_pb2.IstioCertificateRequest(csr=csr_pem.decode("ascii"), validity_duration=self._ttl)
+        request.metadata.update({IMPERSONATED_IDENTITY_KEY: identity.uri})
+        metadata = (("authorization", f"Bearer {self._token()}"), ("clusterid", self._cluster_id))
+        try:
+            response = await self._stub().CreateCertificate(request, metadata=metadata, timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            hint = _HINTS.get(code, "")
+            raise CARequestError(
+                code, f"CA {self._target} answered {code.name}: {exc.details()}" + (f" — {hint}" if hint else "")
+            ) from None
+        return list(response.cert_chain)
+
+    async def close(self) -> None:
+        for channel in (*self._retired, self._channel):
+            if channel is not None:
+                await channel.close()
+        self._channel = None
+        self._retired.clear()

@@ -1,0 +1,288 @@
+"""`nodeagent ca ...` and `nodeagent inspect certificates`: the identity commands.
+
+Why this module exists: operators create and inspect the CA's state (`ca init`, `ca show`), rotate its
+root (`ca rotate prepare|activate|finish`, see nodeagent.ca.store for the procedure), run it
+(`ca serve`), and look at the certificates a node holds (`inspect certificates`, istioctl's columns).
+Each function here parses arguments, calls the module that does the work and prints the result.
+
+What it deliberately does not do: no signing or policy (ca.authority), no file layout (ca.store). The
+table of `inspect certificates` is rendered by a pure function (`certificates_table`) so it is tested
+without a server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import signal
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prometheus_client import CollectorRegistry
+
+from nodeagent.ca import authority
+from nodeagent.ca.authn import DEFAULT_NODE_ACCOUNT, LabTokenAuthenticator
+from nodeagent.ca.server import DEFAULT_DNS_NAMES, CAServer, ServerInputs, watch_file
+from nodeagent.ca.store import CAStore, StoreError
+from nodeagent.inventory.local import load_inventory
+from nodeagent.metrics import CAMetrics
+from nodeagent.model import DEFAULT_TRUST_DOMAIN, Identity
+
+DEFAULT_STATE_DIR = "/var/lib/nodeagent/ca"
+DEFAULT_ADMIN = "http://127.0.0.1:15000"
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ca = subparsers.add_parser("ca", help="the certificate authority: init, show, rotate, serve")
+    ca_sub = ca.add_subparsers(dest="ca_command", required=True, metavar="SUBCOMMAND")
+
+    def state_args(p: argparse.ArgumentParser, trust_domain: bool = True) -> None:
+        p.add_argument("--state-dir", type=Path, default=Path(DEFAULT_STATE_DIR), help="CA state directory")
+        if trust_domain:
+            p.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN, help="SPIFFE trust domain")
+
+    init = ca_sub.add_parser("init", help="create a self-signed root if none exists (or import cacerts)")
+    state_args(init)
+    init.add_argument("--cacerts", type=Path, help="import an Istio-style cacerts directory instead")
+    init.add_argument("--force", action="store_true", help="with --cacerts: replace the current signer")
+    init.set_defaults(func=cmd_init)
+
+    show = ca_sub.add_parser("show", help="print the signer, the trusted roots and the rotation step")
+    state_args(show)
+    show.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    show.set_defaults(func=cmd_show)
+
+    rotate = ca_sub.add_parser("rotate", help="rotate the root: prepare, then activate, then finish")
+    state_args(rotate)
+    rotate.add_argument("step", choices=("prepare", "activate", "finish"))
+    rotate.set_defaults(func=cmd_rotate)
+
+    serve = ca_sub.add_parser("serve", help="serve CreateCertificate over TLS (lab: tokens from the inventory)")
+    state_args(serve, trust_domain=False)
+    serve.add_argument(
+        "--inventory", type=Path, required=True, help="inventory YAML: pods, node tokens and the trust domain"
+    )
+    serve.add_argument("--listen", default="127.0.0.1:15012", help="host:port to listen on")
+    serve.add_argument(
+        "--node-account",
+        action="append",
+        metavar="NS/SA",
+        help=f"trusted node-agent account (repeatable; default {'/'.join(DEFAULT_NODE_ACCOUNT)})",
+    )
+    serve.add_argument("--dns-name", action="append", help="extra DNS name in the CA's serving certificate")
+    serve.set_defaults(func=cmd_serve)
+
+
+def register_inspect(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    inspect = subparsers.add_parser("inspect", help="look at what a node holds")
+    inspect_sub = inspect.add_subparsers(dest="inspect_command", required=True, metavar="WHAT")
+    certs = inspect_sub.add_parser("certificates", help="workload certificates held by a node's tunnel")
+    certs.add_argument("--admin", default=DEFAULT_ADMIN, help="admin endpoint of the node's tunnel")
+    certs.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    certs.set_defaults(func=cmd_inspect_certificates)
+
+
+# --- ca ------------------------------------------------------------------------------------------------
+
+
+def _store(args: argparse.Namespace) -> CAStore:
+    return CAStore(args.state_dir, args.trust_domain)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    store = _store(args)
+    try:
+        if args.cacerts:
+            store.import_cacerts(args.cacerts, force=args.force)
+            print(f"imported the signer from {args.cacerts} into {store.state_dir}")
+        elif store.init():
+            print(f"created a new root in {store.state_dir}")
+        else:
+            print(f"{store.state_dir} already holds a signer; nothing changed")
+    except (StoreError, authority.AuthorityError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"trust bundle: {store.bundle_path}")
+    return 0
+
+
+def _cert_info(cert: Any) -> dict[str, str]:
+    return {
+        "subject": cert.subject.rfc4514_string(),
+        "sha256": authority.fingerprint(cert),
+        "not_before": cert.not_valid_before_utc.isoformat(),
+        "not_after": cert.not_valid_after_utc.isoformat(),
+    }
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    store = _store(args)
+    try:
+        state = store.load()
+    except (StoreError, authority.AuthorityError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    info: dict[str, Any] = {
+        "state_dir": str(store.state_dir),
+        "signer": _cert_info(state.signer.cert),
+        "signer_root": authority.fingerprint(state.signer.root),
+        "trusted_roots": [_cert_info(r) for r in state.bundle.roots],
+        "bundle_file": str(store.bundle_path),
+        "rotation": state.rotation,
+    }
+    if args.output == "json":
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"state directory: {info['state_dir']}")
+    signer = info["signer"]
+    print(f"signer:          {signer['subject']}  (expires {signer['not_after']})")
+    print(f"signer root:     sha256 {info['signer_root']}")
+    print(f"rotation:        {info['rotation']}")
+    print(f"trust bundle:    {info['bundle_file']}")
+    for root in info["trusted_roots"]:
+        print(f"  root {root['subject']}  sha256 {root['sha256']}  expires {root['not_after']}")
+    return 0
+
+
+def cmd_rotate(args: argparse.Namespace) -> int:
+    store = _store(args)
+    step = {"prepare": store.rotate_prepare, "activate": store.rotate_activate, "finish": store.rotate_finish}
+    try:
+        bundle = step[args.step]()
+    except (StoreError, authority.AuthorityError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"rotation step {args.step!r} done; the bundle now trusts {len(bundle.roots)} root(s):")
+    for fp in bundle.fingerprints():
+        print(f"  sha256 {fp}")
+    follow = {
+        "prepare": "wait until every node reloaded the bundle, then run `nodeagent ca rotate activate`",
+        "activate": "wait half the longest certificate TTL (or until inspect shows the new root everywhere), "
+        "then run `nodeagent ca rotate finish`",
+        "finish": "rotation complete",
+    }
+    print(follow[args.step])
+    return 0
+
+
+def _accounts(values: Sequence[str] | None) -> list[tuple[str, str]]:
+    out = []
+    for value in values or ["/".join(DEFAULT_NODE_ACCOUNT)]:
+        namespace, _, account = value.partition("/")
+        if not namespace or not account:
+            raise ValueError(f"--node-account {value!r} must be NAMESPACE/SERVICEACCOUNT")
+        out.append((namespace, account))
+    return out
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        accounts = _accounts(args.node_account)
+        inventory = watch_file(args.inventory, load_inventory)
+        trust_domain = inventory.current().trust_domain
+        store = CAStore(args.state_dir, trust_domain)
+        if store.init():
+            print(f"created a new root in {store.state_dir}")
+        inputs = ServerInputs(
+            store=store,
+            authenticator=LabTokenAuthenticator(inventory.current, node_account=accounts[0]),
+            pods_on_node=lambda node: inventory.current().pods_on(node),
+            metrics=CAMetrics(CollectorRegistry()),
+            trusted_node_accounts=frozenset(Identity(trust_domain, ns, sa) for ns, sa in accounts),
+            dns_names=(*DEFAULT_DNS_NAMES, *(args.dns_name or ())),
+        )
+        server = CAServer(inputs)
+        port = server.start(args.listen)
+    except (ValueError, StoreError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"CA serving on {args.listen} (port {port}); trust bundle {store.bundle_path}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop()
+    return 0
+
+
+# --- inspect certificates ------------------------------------------------------------------------------
+
+COLUMNS = ("CERTIFICATE NAME", "TYPE", "STATUS", "VALID CERT", "SERIAL NUMBER", "NOT AFTER", "NOT BEFORE")
+
+
+def _parse_time(text: str) -> dt.datetime | None:
+    try:
+        return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    except (TypeError, ValueError):
+        return None
+
+
+def certificate_rows(dump: Iterable[Mapping[str, Any]], now: dt.datetime) -> list[tuple[str, ...]]:
+    """One row per certificate (leaf, intermediates, roots) of each identity; one row if it has none."""
+    rows: list[tuple[str, ...]] = []
+    for entry in dump:
+        name = str(entry.get("identity", "?"))
+        state = str(entry.get("state", "?")).split(":", 1)[0]
+        chain = list(entry.get("certChain") or [])
+        roots = list(entry.get("rootCerts") or [])
+        if not chain and not roots:
+            rows.append((name, "NA", state, "false", "NA", "NA", "NA"))
+            continue
+        typed = [("Leaf" if i == 0 else "Intermediate", c) for i, c in enumerate(chain)]
+        typed += [("Root", c) for c in roots]
+        for kind, cert in typed:
+            not_before = _parse_time(cert.get("validFrom", ""))
+            not_after = _parse_time(cert.get("expirationTime", ""))
+            valid = not_before is not None and not_after is not None and not_before <= now < not_after
+            try:
+                serial = format(int(cert.get("serialNumber", "")), "x")
+            except ValueError:
+                serial = "NA"
+            rows.append(
+                (
+                    name,
+                    kind,
+                    state,
+                    "true" if valid else "false",
+                    serial,
+                    cert.get("expirationTime") or "NA",
+                    cert.get("validFrom") or "NA",
+                )
+            )
+    return rows
+
+
+def certificates_table(dump: Iterable[Mapping[str, Any]], now: dt.datetime) -> str:
+    """istioctl-style aligned table of the `certificates` section of a config dump."""
+    rows = [COLUMNS, *certificate_rows(dump, now)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    lines = ["   ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def cmd_inspect_certificates(args: argparse.Namespace) -> int:
+    url = args.admin.rstrip("/") + "/config_dump"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            dump = json.load(response)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"error: cannot read {url}: {exc}; is the tunnel running and --admin right?", file=sys.stderr)
+        return 1
+    certificates = dump.get("certificates")
+    if certificates is None:
+        print(f"error: {url} has no `certificates` section; is this a nodeagent tunnel?", file=sys.stderr)
+        return 1
+    if args.output == "json":
+        print(json.dumps(certificates, indent=2))
+    elif args.output == "yaml":
+        print(yaml.safe_dump(certificates, sort_keys=False), end="")
+    else:
+        print(certificates_table(certificates, dt.datetime.now(dt.UTC)), end="")
+    return 0

@@ -1,0 +1,306 @@
+"""The CA's gRPC service: Istio's `IstioCertificateService/CreateCertificate` over TLS on :15012.
+
+Why this module exists: it is the only part of the CA that touches the network. It takes a request
+apart (bearer token, CSR, ImpersonatedIdentity from the metadata Struct), asks ca.authn who is calling,
+asks ca.authority what that caller may have and to sign it, and turns every refusal into a gRPC status:
+authentication and authorization failures are an opaque UNAUTHENTICATED (the real reason goes to the
+log and to the `nodeagent_ca_requests{result,reason}` counter), a bad CSR is INVALID_ARGUMENT with a
+message that says what to fix.
+
+It is bounded: requests larger than `max_message_bytes` are refused by gRPC (RESOURCE_EXHAUSTED), CSRs
+over 64 KiB by the authority, at most `max_concurrent_rpcs` are admitted (more get RESOURCE_EXHAUSTED)
+and a fixed thread pool does the work. The server's own certificate is issued by the CA for its own
+identity and DNS names, and reissued when the signer changes or at half its lifetime; the signer and
+the inventory are reloaded when their files change (mtime polling).
+
+What it deliberately does not do: no signing or policy decisions of its own, no token parsing, no
+Kubernetes watches (the node-scoped pod view is an injected callable).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import time
+from collections.abc import Callable, Hashable, Sequence
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Generic, TypeVar
+
+import grpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from nodeagent.ca import authority
+from nodeagent.ca.authn import AuthenticationError, Authenticator
+from nodeagent.ca.authority import AuthorityError, CSRError, Reason
+from nodeagent.ca.proto import ca_pb2, ca_pb2_grpc
+from nodeagent.ca.store import CAState, CAStore, utcnow
+from nodeagent.metrics import CAMetrics
+from nodeagent.model import Identity, Pod
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 15012
+DEFAULT_CA_NAME = "nodeagent-ca.nodeagent-system.svc"
+DEFAULT_DNS_NAMES = (DEFAULT_CA_NAME, f"{DEFAULT_CA_NAME}.cluster.local", "localhost")
+SERVING_TTL = dt.timedelta(hours=24)
+OPAQUE_DENIAL = "request authentication failed"
+
+T = TypeVar("T")
+
+
+def file_stamp(path: Path) -> tuple[int, int, int]:
+    """What changes when a file is rewritten (mtime, size, inode); zeros when it is absent."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return (0, 0, 0)
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+class Reloading(Generic[T]):
+    """A value loaded by `load()` and loaded again when `stamp()` changes (mtime polling).
+
+    Checks at most every `interval` seconds; a failed reload keeps the last good value and is logged,
+    so a half-edited inventory or an interrupted rotation step never takes the CA down.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        load: Callable[[], T],
+        stamp: Callable[[], Hashable],
+        interval: float = 1.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self._load = load
+        self._stamp_of = stamp
+        self._interval = interval
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._stamp = stamp()
+        self._value = load()
+        self._checked = monotonic()
+
+    def current(self) -> T:
+        with self._lock:
+            now = self._monotonic()
+            if now - self._checked < self._interval:
+                return self._value
+            self._checked = now
+            stamp = self._stamp_of()
+            if stamp != self._stamp:
+                self._stamp = stamp
+                try:
+                    self._value = self._load()
+                    log.info("reloaded %s", self.name)
+                except Exception as exc:
+                    log.error("cannot reload %s, keeping the previous version: %s", self.name, exc)
+            return self._value
+
+
+def watch_file(path: Path, load: Callable[[Path], T], interval: float = 1.0) -> Reloading[T]:
+    """A file's parsed content, reloaded when the file changes (e.g. the lab inventory)."""
+    return Reloading(str(path), lambda: load(path), lambda: file_stamp(path), interval)
+
+
+@dataclass(frozen=True)
+class ServerInputs:
+    """Everything the CA server needs, injected (tests build their own)."""
+
+    store: CAStore
+    authenticator: Authenticator
+    pods_on_node: Callable[[str], Sequence[Pod]]
+    metrics: CAMetrics
+    trusted_node_accounts: frozenset[Identity]
+    clock: Callable[[], dt.datetime] = utcnow
+    server_identity: Identity | None = None  # default spiffe://<td>/ns/nodeagent-system/sa/nodeagent-ca
+    dns_names: tuple[str, ...] = DEFAULT_DNS_NAMES
+    max_workers: int = 8
+    max_concurrent_rpcs: int = 256
+    max_message_bytes: int = 256 * 1024
+    reload_interval: float = 1.0
+    monotonic: Callable[[], float] = field(default=time.monotonic)
+
+
+class _Denied(Exception):
+    def __init__(self, code: grpc.StatusCode, result: str, error: AuthorityError, public: str) -> None:
+        super().__init__(error.message)
+        self.code = code
+        self.result = result
+        self.error = error
+        self.public = public
+
+
+class CertificateService(ca_pb2_grpc.IstioCertificateServiceServicer):  # type: ignore[misc]
+    def __init__(self, inputs: ServerInputs, state: Reloading[CAState]) -> None:
+        self._in = inputs
+        self._state = state
+
+    def CreateCertificate(
+        self, request: ca_pb2.IstioCertificateRequest, context: grpc.ServicerContext
+    ) -> ca_pb2.IstioCertificateResponse:
+        started = time.perf_counter()
+        try:
+            identity, chain = self._create(request, context)
+        except _Denied as denied:
+            reason = denied.error.reason.value
+            log.warning(
+                "CreateCertificate from %s %s: %s [reason=%s]", context.peer(), denied.result, denied.error, reason
+            )
+            self._in.metrics.record(denied.result, reason, time.perf_counter() - started)
+            context.abort(denied.code, denied.public)
+        except Exception:
+            log.exception("CreateCertificate from %s failed", context.peer())
+            self._in.metrics.record("error", "internal", time.perf_counter() - started)
+            context.abort(grpc.StatusCode.INTERNAL, "internal error in the CA; see its log")
+        log.info("issued %s to %s", identity, context.peer())
+        self._in.metrics.record("issued", Reason.OK.value, time.perf_counter() - started)
+        return ca_pb2.IstioCertificateResponse(cert_chain=list(chain))
+
+    def _create(
+        self, request: ca_pb2.IstioCertificateRequest, context: grpc.ServicerContext
+    ) -> tuple[Identity, tuple[str, ...]]:
+        csr = request.csr.encode()
+        if len(csr) > authority.MAX_CSR_BYTES:
+            error = CSRError(
+                Reason.CSR_TOO_LARGE,
+                f"CSR is {len(csr)} bytes, the limit is {authority.MAX_CSR_BYTES}: send one PEM CSR for one key",
+            )
+            raise _Denied(grpc.StatusCode.INVALID_ARGUMENT, "invalid", error, error.message)
+        try:
+            caller = self._in.authenticator.authenticate(_bearer(context))
+            requested = _impersonated(request)
+            pods = self._in.pods_on_node(caller.node) if caller.node else ()
+            identity = authority.authorize(
+                caller,
+                requested,
+                trust_domain=self._in.store.trust_domain,
+                trusted_node_accounts=self._in.trusted_node_accounts,
+                pods_on_caller_node=pods,
+            )
+        except AuthorityError as exc:
+            raise _Denied(grpc.StatusCode.UNAUTHENTICATED, "denied", exc, OPAQUE_DENIAL) from exc
+        try:
+            issued = authority.sign_csr(
+                self._state.current().signer, csr, identity, self._in.clock(), request.validity_duration
+            )
+        except CSRError as exc:
+            raise _Denied(grpc.StatusCode.INVALID_ARGUMENT, "invalid", exc, exc.message) from exc
+        return identity, issued.chain_pem
+
+
+def _bearer(context: grpc.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+            raise AuthenticationError(Reason.MISSING_TOKEN, "authorization header is not `Bearer <token>`")
+    raise AuthenticationError(Reason.MISSING_TOKEN, "no `authorization: Bearer <token>` metadata")
+
+
+def _impersonated(request: ca_pb2.IstioCertificateRequest) -> Identity | None:
+    if not request.HasField("metadata"):
+        return None
+    value = request.metadata.fields.get(authority.IMPERSONATED_IDENTITY_KEY)
+    if value is None:
+        return None
+    if value.WhichOneof("kind") != "string_value":
+        raise authority.AuthorizationError(
+            Reason.BAD_IMPERSONATED_IDENTITY, f"{authority.IMPERSONATED_IDENTITY_KEY} must be a string"
+        )
+    return authority.parse_impersonated(value.string_value)
+
+
+class _ServingCert:
+    """The server's own TLS certificate, issued by the current signer; reissued on signer change."""
+
+    def __init__(self, inputs: ServerInputs, state: Reloading[CAState]) -> None:
+        self._in = inputs
+        self._state = state
+        self._lock = threading.Lock()
+        self._signer: authority.Signer | None = None
+        self._renew_at = dt.datetime.min.replace(tzinfo=dt.UTC)
+        self.identity = inputs.server_identity or Identity(
+            inputs.store.trust_domain, "nodeagent-system", "nodeagent-ca"
+        )
+
+    def configuration(self) -> grpc.ServerCertificateConfiguration | None:
+        """New material when due, else None (gRPC calls this before each handshake)."""
+        with self._lock:
+            signer = self._state.current().signer
+            now = self._in.clock()
+            if signer is self._signer and now < self._renew_at:
+                return None
+            key = ec.generate_private_key(ec.SECP256R1())
+            issued = authority.issue(
+                signer, key.public_key(), self.identity, now=now, ttl=SERVING_TTL, dns_names=self._in.dns_names
+            )
+            self._signer = signer
+            self._renew_at = now + (issued.leaf.not_valid_after_utc - now) / 2
+            key_pem = key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+            log.info("serving certificate for %s issued by %s", self.identity, signer.cert.subject.rfc4514_string())
+            return grpc.ssl_server_certificate_configuration([(key_pem, "".join(issued.chain_pem).encode())])
+
+
+class CAServer:
+    """A running CA: `start(listen)` binds and serves, `stop()` drains."""
+
+    def __init__(self, inputs: ServerInputs) -> None:
+        self._in = inputs
+        self.state = Reloading(
+            f"CA state in {inputs.store.state_dir}",
+            inputs.store.load,
+            inputs.store.version,
+            inputs.reload_interval,
+            inputs.monotonic,
+        )
+        self._serving = _ServingCert(inputs, self.state)
+        self._server: grpc.Server | None = None
+        self.port = 0
+
+    @property
+    def serving_identity(self) -> Identity:
+        return self._serving.identity
+
+    def start(self, listen: str) -> int:
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self._in.max_workers, thread_name_prefix="ca-rpc"),
+            maximum_concurrent_rpcs=self._in.max_concurrent_rpcs,
+            options=[
+                ("grpc.max_receive_message_length", self._in.max_message_bytes),
+                ("grpc.max_send_message_length", self._in.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+                # No grpc.max_concurrent_streams: with grpcio 1.85 the per-connection stream quota leaks under
+                # RESOURCE_EXHAUSTED overload and the connection then refuses every stream. maximum_concurrent_rpcs
+                # bounds the work instead.
+            ],
+        )
+        ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(CertificateService(self._in, self.state), server)
+        initial = self._serving.configuration()
+        assert initial is not None
+        credentials = grpc.dynamic_ssl_server_credentials(initial, self._serving.configuration)
+        port = int(server.add_secure_port(listen, credentials))
+        if port == 0:
+            raise OSError(f"cannot listen on {listen}: address in use or not local")
+        server.start()
+        self._server = server
+        self.port = port
+        log.info("CA serving on %s (port %d) as %s", listen, port, self._serving.identity)
+        return port
+
+    def stop(self, grace: float = 2.0) -> None:
+        if self._server is not None:
+            self._server.stop(grace).wait()
+            self._server = None
+
+    def wait(self) -> None:
+        if self._server is not None:
+            self._server.wait_for_termination()

@@ -1,0 +1,46 @@
+"""The `nodeagent` command: the argparse front door.
+
+Each subsystem contributes its own subcommands through a `register(subparsers)` function in its
+`commands` module, so this file only wires them together. Nothing imports this module; only
+subcommands that work are registered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from nodeagent import __version__
+from nodeagent.ca import commands as ca_commands
+from nodeagent.lab import commands as lab_commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nodeagent",
+        description="A sidecar-free service mesh node agent (Istio ambient style).",
+    )
+    parser.add_argument("--version", action="version", version=f"nodeagent {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    lab_commands.register(sub)
+    ca_commands.register(sub)
+    ca_commands.register_inspect(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        rc = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,534 @@
+"""Workload certificates for the tunnel: one key and X.509-SVID per local identity, kept fresh.
+
+Why this module exists: the tunnel presents the *workload's* identity on every HBONE connection, so it
+needs a valid certificate for every service account that has a pod on this node, before the first
+connection and without a gap at rotation. The `CertificateManager` keeps, per identity, a state
+(Initializing / Available / Unavailable with a reason), a fresh P-256 key and CSR per request, and the
+newest chain; it refreshes at half the remaining life (with jitter), and on failure retries from 500 ms
+doubling to 150 s (with jitter) while keeping the still-valid certificate. It prefetches for the
+identities the node agent reports (`set_local_workloads`), forgets an identity when its last workload
+leaves, and keeps at most 8 CA requests in flight. The trust bundle file (every root the CA publishes,
+two during a rotation) is reloaded when it changes, and certificates whose root left the bundle are
+renewed at once.
+
+What it deliberately does not do: it does not talk gRPC itself — the CA request is the injected
+`fetch(identity, csr_pem) -> chain` edge (nodeagent.ca.client.CAClient in production, a function in
+tests), so ca and ztunnel stay independent. It does not check peer identities on connections (the
+tunnel's TLS layer does); it only hands out `ssl.SSLContext`s that present the workload's chain and
+trust every root in the bundle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import enum
+import logging
+import os
+import random
+import shutil
+import ssl
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from nodeagent.metrics import CertManagerMetrics
+from nodeagent.model import Identity, IdentityError
+
+log = logging.getLogger(__name__)
+
+MAX_IN_FLIGHT = 8
+BACKOFF_INITIAL = 0.5
+BACKOFF_MAX = 150.0
+
+
+class Fetch(Protocol):
+    def __call__(self, identity: Identity, csr_pem: bytes) -> Awaitable[Sequence[str]]:
+        """Ask the CA to sign `csr_pem` for `identity`; return the PEM chain, leaf first, root last."""
+        ...
+
+
+class CertState(enum.Enum):
+    INITIALIZING = "Initializing"
+    AVAILABLE = "Available"
+    UNAVAILABLE = "Unavailable"
+
+
+@dataclass(frozen=True)
+class CertStatus:
+    state: CertState
+    reason: str = ""
+
+    def __str__(self) -> str:
+        # ztunnel's config_dump spelling: "Unavailable: <reason>".
+        return f"{self.state.value}: {self.reason}" if self.reason else self.state.value
+
+
+class CertUnavailable(Exception):
+    """No valid certificate for an identity right now; the message says why and what to check."""
+
+    def __init__(self, identity: Identity, status: CertStatus) -> None:
+        super().__init__(f"no valid certificate for {identity} ({status}); check `nodeagent inspect certificates`")
+        self.identity = identity
+        self.status = status
+
+
+# --- pure schedule ----------------------------------------------------------------------------------
+
+
+def refresh_delay(now: float, not_after: float, rng: random.Random, jitter: float = 0.1) -> float:
+    """Seconds until the next refresh: half the remaining lifetime, minus up to `jitter` of it.
+
+    Measured from receipt (not notBefore, which the CA backdates), so even a 10 s certificate is
+    renewed about 5 s before it expires.
+    """
+    half = max(0.0, not_after - now) / 2
+    return half * (1 - jitter * rng.random())
+
+
+def backoff_delay(
+    failures: int, rng: random.Random, initial: float = BACKOFF_INITIAL, maximum: float = BACKOFF_MAX
+) -> float:
+    """Retry delay after `failures` consecutive failures: initial * 2^(n-1), +-10 % jitter, capped."""
+    base = initial * 2.0 ** min(failures - 1, 30)
+    return min(maximum, base * rng.uniform(0.9, 1.1))
+
+
+# --- certificate material ---------------------------------------------------------------------------
+
+
+def _rfc3339(when: dt.datetime) -> str:
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _leaf_identity(cert: x509.Certificate) -> Identity:
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound as exc:
+        raise ValueError("leaf certificate has no subjectAltName") from exc
+    uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1:
+        raise ValueError(f"leaf certificate has {len(uris)} URI SANs; an X.509-SVID has exactly one")
+    try:
+        return Identity.parse(uris[0])
+    except IdentityError as exc:
+        raise ValueError(f"leaf URI SAN is not a workload identity: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class CertMaterial:
+    """A key and the chain the CA issued for it: what an SSLContext needs to present an identity."""
+
+    identity: Identity
+    chain: tuple[x509.Certificate, ...]  # leaf first, root last
+    chain_pem: tuple[str, ...]
+    key_pem: bytes  # PKCS#8, unencrypted
+
+    @classmethod
+    def from_response(
+        cls, identity: Identity, chain_pem: Sequence[str], key: ec.EllipticCurvePrivateKey
+    ) -> CertMaterial:
+        """Check the CA's answer really is a chain for `identity` and `key`; ValueError otherwise."""
+        if not chain_pem:
+            raise ValueError("CA returned an empty certificate chain")
+        chain = tuple(x509.load_pem_x509_certificate(p.encode()) for p in chain_pem)
+        leaf = chain[0]
+        got = _leaf_identity(leaf)
+        if got != identity:
+            raise ValueError(f"CA issued a certificate for {got}, not the requested {identity}")
+        if leaf.public_key() != key.public_key():
+            raise ValueError("CA issued a certificate for a different key than the CSR's")
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        return cls(identity, chain, tuple(chain_pem), key_pem)
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return self.chain[0]
+
+    @property
+    def root(self) -> x509.Certificate:
+        return self.chain[-1]
+
+    @property
+    def not_before(self) -> float:
+        return self.leaf.not_valid_before_utc.timestamp()
+
+    @property
+    def not_after(self) -> float:
+        return self.leaf.not_valid_after_utc.timestamp()
+
+    def valid_at(self, now: float) -> bool:
+        return self.not_before <= now < self.not_after
+
+    def presented_chain_pem(self) -> str:
+        """Leaf and intermediates (the root is not sent: peers have it in their bundle)."""
+        return "".join(self.chain_pem[:-1] if len(self.chain_pem) > 1 else self.chain_pem)
+
+
+def make_csr(identity: Identity) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+    """A fresh P-256 key and a CSR with an empty subject and the identity as its only URI SAN."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return key, csr.public_bytes(serialization.Encoding.PEM)
+
+
+def build_ssl_context(material: CertMaterial, bundle_pem: str, server_side: bool, scratch: Path) -> ssl.SSLContext:
+    """TLS 1.3, peer certificate required and verified against every root in `bundle_pem`.
+
+    No hostname check: SPIFFE peers are identified by URI SAN, which the caller checks. The key is
+    written to a private file in `scratch` only long enough for OpenSSL to read it.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=bundle_pem)
+    fd, name = tempfile.mkstemp(dir=scratch, suffix=".pem")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(material.key_pem)
+            f.write(material.presented_chain_pem().encode())
+        ctx.load_cert_chain(name)
+    finally:
+        os.unlink(name)
+    return ctx
+
+
+# --- the manager --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Entry:
+    identity: Identity
+    material: CertMaterial | None = None
+    failures: int = 0
+    last_error: str = ""
+    task: asyncio.Task[None] | None = None
+    available: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(frozen=True)
+class CertManagerInputs:
+    fetch: Fetch
+    bundle_path: Path
+    metrics: CertManagerMetrics
+    clock: Callable[[], float] = time.time  # wall clock (certificate validity is wall time)
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    rng: random.Random = field(default_factory=random.Random)
+    max_in_flight: int = MAX_IN_FLIGHT
+    # How often to look at the bundle file; None: only when reload_bundle() is called.
+    bundle_poll_interval: float | None = 1.0
+    backoff_initial: float = BACKOFF_INITIAL
+    backoff_max: float = BACKOFF_MAX
+    refresh_jitter: float = 0.1
+    scratch_dir: Path | None = None  # private directory for transient key files; default a new temp dir
+
+
+class CertificateManager:
+    """Per-identity certificates for the local workloads. Start with `start()`, end with `stop()`."""
+
+    def __init__(self, inputs: CertManagerInputs) -> None:
+        self._in = inputs
+        self._entries: dict[Identity, _Entry] = {}
+        self._sem = asyncio.Semaphore(inputs.max_in_flight)
+        self._bundle_pem = ""
+        self._bundle_roots: frozenset[bytes] = frozenset()
+        self._bundle_stamp: tuple[int, int, int] | None = None
+        self._bundle_version = 0
+        self._watch: asyncio.Task[None] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()  # cancelled refresh tasks not finished yet
+        self._running = False
+        self._contexts: dict[tuple[Identity, bool], tuple[int, int, ssl.SSLContext]] = {}
+        self._scratch = inputs.scratch_dir
+        self._own_scratch = False
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.reload_bundle()
+        if not self._bundle_pem:
+            raise FileNotFoundError(
+                f"trust bundle {self._in.bundle_path} is missing or empty; is the CA initialised "
+                "(`nodeagent ca init`) and its bundle shared with this node?"
+            )
+        self._running = True
+        if self._in.bundle_poll_interval is not None:
+            self._start_watch(self._in.bundle_poll_interval)
+        for entry in self._entries.values():
+            self._spawn(entry)
+
+    async def stop(self) -> None:
+        self._running = False
+        tasks = [t for t in (self._watch, *(e.task for e in self._entries.values())) if t is not None]
+        tasks += self._retiring
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._watch = None
+        for entry in self._entries.values():
+            entry.task = None
+        if self._own_scratch and self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+
+    # --- workloads --------------------------------------------------------------------------------
+
+    def set_local_workloads(self, identities: Iterable[Identity]) -> None:
+        """The identities of the pods on this node now: fetch new ones, forget those no longer present."""
+        wanted = set(identities)
+        for identity in list(self._entries):
+            if identity not in wanted:
+                self._forget(identity)
+        for identity in wanted - self._entries.keys():
+            entry = _Entry(identity)
+            self._entries[identity] = entry
+            if self._running:
+                self._spawn(entry)
+        self._in.metrics.identities.set(len(self._entries))
+
+    def _forget(self, identity: Identity) -> None:
+        entry = self._entries.pop(identity)
+        self._retire(entry.task)
+        for side in (True, False):
+            self._contexts.pop((identity, side), None)
+        self._in.metrics.forget(str(identity))
+        log.info("forgot the certificate of %s: no local workload uses it any more", identity)
+
+    def identities(self) -> list[Identity]:
+        return sorted(self._entries)
+
+    # --- reading ----------------------------------------------------------------------------------
+
+    def status(self, identity: Identity) -> CertStatus:
+        entry = self._entries.get(identity)
+        if entry is None:
+            return CertStatus(CertState.UNAVAILABLE, "not a local workload identity")
+        if entry.material is not None and entry.material.valid_at(self._in.clock()):
+            return CertStatus(CertState.AVAILABLE)
+        if entry.last_error:
+            return CertStatus(CertState.UNAVAILABLE, entry.last_error)
+        if entry.material is not None:
+            return CertStatus(CertState.UNAVAILABLE, "certificate expired; renewal pending")
+        return CertStatus(CertState.INITIALIZING)
+
+    def material(self, identity: Identity) -> CertMaterial:
+        """The current valid material for `identity`, or CertUnavailable."""
+        entry = self._entries.get(identity)
+        if entry is None or entry.material is None or not entry.material.valid_at(self._in.clock()):
+            raise CertUnavailable(identity, self.status(identity))
+        return entry.material
+
+    async def wait_available(self, identity: Identity) -> CertMaterial:
+        """Wait until `identity`, which must be local, has a valid certificate (bound it with asyncio.timeout)."""
+        entry = self._entries.get(identity)
+        if entry is None:
+            raise CertUnavailable(identity, self.status(identity))
+        while True:
+            await entry.available.wait()
+            if entry.material is not None and entry.material.valid_at(self._in.clock()):
+                return entry.material
+            entry.available.clear()
+
+    @property
+    def bundle_pem(self) -> str:
+        return self._bundle_pem
+
+    def ready(self) -> str | None:
+        """None when every local identity has a valid certificate, else what is pending."""
+        pending = [f"{i} ({self.status(i)})" for i in self.identities() if self.status(i).state != CertState.AVAILABLE]
+        return f"certificates pending: {', '.join(pending)}" if pending else None
+
+    def ssl_context(self, identity: Identity, server_side: bool) -> ssl.SSLContext:
+        """A TLS 1.3 context presenting `identity` and trusting every root of the current bundle.
+
+        Cached until the certificate or the bundle changes; callers should ask again per connection.
+        """
+        material = self.material(identity)
+        key = (identity, server_side)
+        cached = self._contexts.get(key)
+        serial = material.leaf.serial_number
+        if cached is not None and cached[0] == serial and cached[1] == self._bundle_version:
+            return cached[2]
+        ctx = build_ssl_context(material, self._bundle_pem, server_side, self._scratch_dir())
+        self._contexts[key] = (serial, self._bundle_version, ctx)
+        return ctx
+
+    def _scratch_dir(self) -> Path:
+        if self._scratch is None:
+            self._scratch = Path(tempfile.mkdtemp(prefix="nodeagent-certs-"))
+            self._own_scratch = True
+        return self._scratch
+
+    def config_dump(self) -> list[dict[str, Any]]:
+        """The `certificates` section of /config_dump, shaped like ztunnel's."""
+        out = []
+        for identity in self.identities():
+            entry = self._entries[identity]
+            chain: list[dict[str, str]] = []
+            roots: list[dict[str, str]] = []
+            if entry.material is not None:
+                certs = list(zip(entry.material.chain, entry.material.chain_pem, strict=True))
+                described = [_describe(c, p) for c, p in certs]
+                chain, roots = (described[:-1], described[-1:]) if len(described) > 1 else (described, [])
+            out.append(
+                {"identity": str(identity), "state": str(self.status(identity)), "certChain": chain, "rootCerts": roots}
+            )
+        return out
+
+    # --- trust bundle -----------------------------------------------------------------------------
+
+    def reload_bundle(self) -> bool:
+        """Re-read the bundle file if it changed; True when the set of roots changed."""
+        path = self._in.bundle_path
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            log.error("trust bundle %s disappeared; keeping the %d roots loaded", path, len(self._bundle_roots))
+            return False
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if stamp == self._bundle_stamp:
+            return False
+        self._bundle_stamp = stamp
+        try:
+            roots = x509.load_pem_x509_certificates(path.read_bytes())
+        except ValueError as exc:
+            log.error("trust bundle %s is not valid PEM (%s); keeping the previous roots", path, exc)
+            return False
+        der = frozenset(r.public_bytes(serialization.Encoding.DER) for r in roots)
+        if der == self._bundle_roots:
+            return False
+        self._bundle_pem = "".join(r.public_bytes(serialization.Encoding.PEM).decode() for r in roots)
+        self._bundle_roots = der
+        self._bundle_version += 1
+        log.info("trust bundle %s now holds %d root(s)", path, len(roots))
+        if self._running:
+            for entry in self._entries.values():
+                if entry.material is not None and self._root_der(entry.material) not in der:
+                    log.info("root of %s's certificate left the bundle; renewing now", entry.identity)
+                    self._spawn(entry)
+        return True
+
+    @staticmethod
+    def _root_der(material: CertMaterial) -> bytes:
+        return material.root.public_bytes(serialization.Encoding.DER)
+
+    async def _watch_bundle(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.reload_bundle()
+
+    def _supervise_watch(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or not self._running:
+            return
+        log.error("trust bundle watcher died (%r); restarting it", task.exception())
+        self._start_watch(self._in.bundle_poll_interval or 1.0)
+
+    def _start_watch(self, interval: float) -> None:
+        self._watch = asyncio.create_task(self._watch_bundle(interval), name="cert-bundle-watch")
+        self._watch.add_done_callback(self._supervise_watch)
+
+    # --- refresh loop -----------------------------------------------------------------------------
+
+    def _spawn(self, entry: _Entry, delay: float = 0.0) -> None:
+        """(Re)start the refresh task of `entry`, replacing a running one."""
+        self._retire(entry.task)
+        entry.task = asyncio.create_task(self._maintain(entry, delay), name=f"cert-refresh:{entry.identity}")
+        entry.task.add_done_callback(lambda task: self._supervise(entry, task))
+
+    def _retire(self, task: asyncio.Task[None] | None) -> None:
+        if task is not None and not task.done():
+            task.cancel()
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+
+    def _supervise(self, entry: _Entry, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or not self._running or self._entries.get(entry.identity) is not entry:
+            return
+        if entry.task is not task:
+            return
+        exc = task.exception()
+        log.error("certificate task for %s crashed (%r); restarting it after a backoff", entry.identity, exc)
+        entry.failures += 1
+        entry.last_error = f"internal error: {exc!r}"
+        self._spawn(entry, backoff_delay(entry.failures, self._in.rng, self._in.backoff_initial, self._in.backoff_max))
+
+    async def _maintain(self, entry: _Entry, delay: float) -> None:
+        while True:
+            if delay > 0:
+                await self._in.sleep(delay)
+            delay = await self._attempt(entry)
+
+    async def _attempt(self, entry: _Entry) -> float:
+        """One CA request for `entry`; returns the seconds until the next one."""
+        identity = entry.identity
+        key, csr = make_csr(identity)
+        try:
+            async with self._sem:
+                self._in.metrics.in_flight.inc()
+                try:
+                    chain = await self._in.fetch(identity, csr)
+                finally:
+                    self._in.metrics.in_flight.dec()
+            material = CertMaterial.from_response(identity, chain, key)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            entry.failures += 1
+            entry.last_error = f"{type(exc).__name__}: {exc}"
+            delay = backoff_delay(entry.failures, self._in.rng, self._in.backoff_initial, self._in.backoff_max)
+            self._in.metrics.failed(str(identity), delay)
+            now = self._in.clock()
+            kept = (
+                f"keeping the current certificate (valid for {entry.material.not_after - now:.0f} s more)"
+                if entry.material is not None and entry.material.valid_at(now)
+                else "no valid certificate held"
+            )
+            log.warning(
+                "certificate fetch for %s failed (attempt %d): %s; retrying in %.1f s, %s",
+                identity,
+                entry.failures,
+                entry.last_error,
+                delay,
+                kept,
+            )
+            return delay
+        if self._root_der(material) not in self._bundle_roots:
+            log.warning("certificate for %s chains to a root not in the trust bundle yet", identity)
+        entry.material = material
+        entry.failures = 0
+        entry.last_error = ""
+        entry.available.set()
+        now = self._in.clock()
+        self._in.metrics.fetched(str(identity), material.not_after)
+        delay = refresh_delay(now, material.not_after, self._in.rng, self._in.refresh_jitter)
+        log.info(
+            "certificate for %s issued (serial %x, valid until %s); refreshing in %.1f s",
+            identity,
+            material.leaf.serial_number,
+            _rfc3339(material.leaf.not_valid_after_utc),
+            delay,
+        )
+        return delay
+
+
+def _describe(cert: x509.Certificate, pem: str) -> dict[str, str]:
+    return {
+        "pem": pem,
+        "serialNumber": str(cert.serial_number),
+        "validFrom": _rfc3339(cert.not_valid_before_utc),
+        "expirationTime": _rfc3339(cert.not_valid_after_utc),
+    }

@@ -1,0 +1,325 @@
+"""The CA over real gRPC + TLS on loopback: node authorization, interop at the wire level, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+from cryptography import x509
+from identity_support import (
+    CART,
+    CHECKOUT,
+    CRASHED,
+    FRONTEND,
+    NODE1_TOKEN,
+    NODE2_TOKEN,
+    NODE_AGENT,
+    RunningCA,
+    make_csr,
+    start_ca,
+    uri_sans,
+)
+
+from nodeagent.ca.client import CAClient, CARequestError
+from nodeagent.ca.proto import ca_pb2, ca_pb2_grpc
+from nodeagent.ca.server import DEFAULT_CA_NAME, watch_file
+from nodeagent.inventory.local import load_inventory
+
+METHOD = "/istio.v1.auth.IstioCertificateService/CreateCertificate"
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> Iterator[RunningCA]:
+    running = start_ca(tmp_path / "ca", reload_interval=0.05)
+    yield running
+    running.stop()
+
+
+def _channel(ca: RunningCA) -> grpc.aio.Channel:
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca.bundle().encode())
+    return grpc.aio.secure_channel(ca.target, credentials, options=[("grpc.ssl_target_name_override", DEFAULT_CA_NAME)])
+
+
+def _client(ca: RunningCA, token: str = NODE1_TOKEN, ttl: int = 0) -> CAClient:
+    return CAClient(ca.target, token=lambda: token, bundle_pem=ca.bundle, ttl_seconds=ttl)
+
+
+def _chain(pems: list[str]) -> list[x509.Certificate]:
+    return [x509.load_pem_x509_certificate(p.encode()) for p in pems]
+
+
+async def test_node1_gets_a_cert_for_a_workload_on_node1(ca: RunningCA) -> None:
+    client = _client(ca, ttl=3600)
+    try:
+        chain = _chain(await client.fetch(FRONTEND, make_csr([FRONTEND.uri])))
+    finally:
+        await client.close()
+    assert uri_sans(chain[0]) == [FRONTEND.uri]
+    assert chain[-1] in x509.load_pem_x509_certificates(ca.bundle().encode())
+    chain[0].verify_directly_issued_by(chain[-1])
+    lifetime = chain[0].not_valid_after_utc - chain[0].not_valid_before_utc
+    assert lifetime.total_seconds() == 3600 + 60  # requested TTL plus the backdate
+    assert ca.count("issued", "ok") == 1
+
+
+async def test_the_ca_serves_its_own_identity_over_tls(ca: RunningCA) -> None:
+    # An independent TLS client (the ssl module) checks the serving certificate chains to the bundle.
+    ctx = ssl.create_default_context(cadata=ca.bundle())
+    ctx.set_alpn_protocols(["h2"])
+    _, writer = await asyncio.open_connection("127.0.0.1", ca.port, ssl=ctx, server_hostname="localhost")
+    peer = x509.load_der_x509_certificate(writer.get_extra_info("ssl_object").getpeercert(binary_form=True))
+    writer.close()
+    assert uri_sans(peer) == ["spiffe://cluster.local/ns/nodeagent-system/sa/nodeagent-ca"]
+    assert DEFAULT_CA_NAME in peer.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    ).value.get_values_for_type(x509.DNSName)
+
+
+@pytest.mark.parametrize(
+    ("identity", "token", "reason"),
+    [
+        (CHECKOUT, NODE1_TOKEN, "identity_not_on_node"),  # runs only on node2
+        (FRONTEND, NODE2_TOKEN, "identity_not_on_node"),  # node2 asks for node1's workload
+        (CRASHED, NODE1_TOKEN, "identity_not_on_node"),  # only a Failed pod on node1
+        (FRONTEND, "not-a-node-token-at-all", "bad_token"),
+    ],
+)
+async def test_denials_are_opaque_but_logged_and_counted(
+    ca: RunningCA, caplog: pytest.LogCaptureFixture, identity: object, token: str, reason: str
+) -> None:
+    caplog.set_level(logging.WARNING, logger="nodeagent.ca.server")
+    client = _client(ca, token=token)
+    try:
+        with pytest.raises(CARequestError) as info:
+            await client.fetch(identity, make_csr([identity.uri]))  # type: ignore[attr-defined]
+    finally:
+        await client.close()
+    assert info.value.code is grpc.StatusCode.UNAUTHENTICATED
+    assert "request authentication failed" in str(info.value)
+    assert reason not in str(info.value)  # the caller does not learn why
+    assert f"[reason={reason}]" in caplog.text
+    assert ca.count("denied", reason) == 1
+
+
+async def test_node2_gets_its_own_workload(ca: RunningCA) -> None:
+    client = _client(ca, token=NODE2_TOKEN)
+    try:
+        chain = _chain(await client.fetch(CHECKOUT, make_csr([CHECKOUT.uri])))
+    finally:
+        await client.close()
+    assert uri_sans(chain[0]) == [CHECKOUT.uri]
+
+
+@pytest.mark.parametrize("metadata", [(), (("authorization", "Basic abc"),), (("authorization", "Bearer "),)])
+async def test_no_token_is_unauthenticated(ca: RunningCA, caplog: pytest.LogCaptureFixture, metadata: tuple) -> None:
+    request = ca_pb2.IstioCertificateRequest(csr=make_csr([NODE_AGENT.uri]).decode())
+    async with _channel(ca) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await ca_pb2_grpc.IstioCertificateServiceStub(channel).CreateCertificate(request, metadata=metadata)
+    assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert "[reason=missing_token]" in caplog.text
+    assert ca.count("denied", "missing_token") == 1
+
+
+async def test_without_impersonation_the_node_agent_gets_its_own_identity(ca: RunningCA) -> None:
+    request = ca_pb2.IstioCertificateRequest(csr=make_csr([NODE_AGENT.uri]).decode())
+    async with _channel(ca) as channel:
+        response = await ca_pb2_grpc.IstioCertificateServiceStub(channel).CreateCertificate(
+            request, metadata=(("authorization", f"Bearer {NODE1_TOKEN}"),)
+        )
+    assert uri_sans(_chain(list(response.cert_chain))[0]) == [NODE_AGENT.uri]
+
+
+# --- interop: the request encoded by hand from the field numbers of REFERENCE.md --------------------
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _len_field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    shift = value = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def _decode_response(data: bytes) -> list[str]:
+    chain, pos = [], 0
+    while pos < len(data):
+        tag, pos = _read_varint(data, pos)
+        assert tag == (1 << 3 | 2), f"unexpected field/wire type {tag}"
+        length, pos = _read_varint(data, pos)
+        chain.append(data[pos : pos + length].decode())
+        pos += length
+    return chain
+
+
+def _encode_request(csr: bytes, seconds: int, impersonated: str) -> bytes:
+    value = _len_field(3, impersonated.encode())  # google.protobuf.Value.string_value = 3
+    entry = _len_field(1, b"ImpersonatedIdentity") + _len_field(2, value)  # map entry: key = 1, value = 2
+    struct = _len_field(1, entry)  # Struct.fields = 1
+    return _len_field(1, csr) + _varint(3 << 3 | 0) + _varint(seconds) + _len_field(4, struct)
+
+
+async def test_hand_encoded_request_interop(ca: RunningCA) -> None:
+    body = _encode_request(make_csr([CART.uri]), 7200, CART.uri)
+    async with _channel(ca) as channel:
+        call = channel.unary_unary(METHOD)  # no serializers: raw bytes in and out
+        raw = await call(body, metadata=(("authorization", f"Bearer {NODE1_TOKEN}"),))
+    chain = _chain(_decode_response(raw))
+    assert uri_sans(chain[0]) == [CART.uri]
+    assert (chain[0].not_valid_after_utc - chain[0].not_valid_before_utc).total_seconds() == 7200 + 60
+    assert chain[-1] in x509.load_pem_x509_certificates(ca.bundle().encode())
+
+
+# --- bad input -----------------------------------------------------------------------------------------
+
+
+async def _create(channel: grpc.aio.Channel, csr: str, identity: str = FRONTEND.uri) -> ca_pb2.IstioCertificateResponse:
+    request = ca_pb2.IstioCertificateRequest(csr=csr)
+    request.metadata.update({"ImpersonatedIdentity": identity})
+    stub = ca_pb2_grpc.IstioCertificateServiceStub(channel)
+    return await stub.CreateCertificate(request, metadata=(("authorization", f"Bearer {NODE1_TOKEN}"),), timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("csr", "code", "text"),
+    [
+        ("garbage", grpc.StatusCode.INVALID_ARGUMENT, "not a PEM"),
+        ("A" * (70 * 1024), grpc.StatusCode.INVALID_ARGUMENT, "the limit is 65536"),
+        ("A" * (300 * 1024), grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+        (
+            make_csr([CHECKOUT.uri]).decode(),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "asks for spiffe://cluster.local/ns/shop/sa/checkout",
+        ),
+    ],
+    ids=["garbage", "70KiB", "300KiB", "csr-for-another-identity"],
+)
+async def test_bad_csr_gets_a_clear_error_and_the_server_stays_up(
+    ca: RunningCA, csr: str, code: grpc.StatusCode, text: str
+) -> None:
+    async with _channel(ca) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await _create(channel, csr)
+        assert info.value.code() is code
+        assert text in (info.value.details() or "")
+        response = await _create(channel, make_csr([FRONTEND.uri]).decode())
+    assert uri_sans(_chain(list(response.cert_chain))[0]) == [FRONTEND.uri]
+
+
+@pytest.mark.parametrize("body", [b"\xff\xff\xff", b"\x0a\x80", b"\x22\x05\x0a\x03\x0a\x01", bytes(range(256))])
+async def test_malformed_protobuf_is_refused(ca: RunningCA, body: bytes) -> None:
+    async with _channel(ca) as channel:
+        call = channel.unary_unary(METHOD)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(body, metadata=(("authorization", f"Bearer {NODE1_TOKEN}"),), timeout=10)
+        assert info.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT)
+        response = await _create(channel, make_csr([FRONTEND.uri]).decode())
+    assert response.cert_chain
+
+
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_1000_concurrent_requests_are_bounded(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # pytest keeps every captured log record; 1000 refusals per batch would read as a leak of the test itself.
+    caplog.set_level(logging.ERROR, logger="nodeagent.ca.server")
+    ca = start_ca(tmp_path / "ca", max_concurrent_rpcs=8, max_workers=2)
+    channels = [_channel(ca) for _ in range(10)]
+    good = make_csr([FRONTEND.uri]).decode()
+
+    async def batch() -> list[object]:
+        calls = []
+        for i in range(1000):
+            csr = good if i % 2 else "garbage" * (i % 50)
+            calls.append(_create(channels[i % 10], csr))
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    try:
+        for _ in range(2):
+            await batch()  # warm up: threads, channels, allocator arenas
+        before = _rss_mib()
+        for _ in range(3):
+            results = await batch()
+        after = _rss_mib()
+        codes = {r.code() for r in results if isinstance(r, grpc.aio.AioRpcError)}
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes  # the concurrency bound was hit
+        issued = [r for r in results if isinstance(r, ca_pb2.IstioCertificateResponse)]
+        # Overload is refused cleanly with RESOURCE_EXHAUSTED past max_concurrent_rpcs; nothing else fails.
+        unexpected = [
+            (r.code(), r.details())
+            for r in results
+            if isinstance(r, grpc.aio.AioRpcError)
+            and r.code() not in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        ]
+        assert not unexpected, unexpected[:3]
+        assert grpc.StatusCode.INVALID_ARGUMENT in codes
+        assert issued, "no request got through"
+        assert not [r for r in results if not isinstance(r, grpc.aio.AioRpcError | ca_pb2.IstioCertificateResponse)]
+        # Client and server share this process; a leak of even 5 KiB per request would show as 15 MiB.
+        assert after - before < 15, f"RSS grew {after - before:.1f} MiB over 3000 more requests"
+        for channel in channels:  # every connection is still served
+            assert (await _create(channel, good)).cert_chain
+    finally:
+        for channel in channels:
+            await channel.close()
+        ca.stop()
+
+
+INVENTORY_YAML = """
+cluster: {{name: test, fabric_cidr: 10.99.0.0/24}}
+nodes:
+  - {{name: node1, pod_cidr: 10.10.1.0/24, address: 10.99.0.11, token: {token1}}}
+  - {{name: node2, pod_cidr: 10.10.2.0/24, address: 10.99.0.12, token: {token2}}}
+namespaces: [{{name: shop}}]
+pods:
+  - {{name: checkout-1, namespace: shop, node: node2, service_account: checkout}}
+{extra}"""
+
+
+async def test_inventory_file_changes_are_picked_up(tmp_path: Path) -> None:
+    path = tmp_path / "inventory.yaml"
+    path.write_text(INVENTORY_YAML.format(token1=NODE1_TOKEN, token2=NODE2_TOKEN, extra=""))
+    watched = watch_file(path, load_inventory, interval=0.05)
+    ca = start_ca(tmp_path / "ca", source=watched.current)
+    client = _client(ca)
+    try:
+        with pytest.raises(CARequestError):
+            await client.fetch(CHECKOUT, make_csr([CHECKOUT.uri]))
+        extra = "  - {name: checkout-2, namespace: shop, node: node1, service_account: checkout}\n"
+        path.write_text(INVENTORY_YAML.format(token1=NODE1_TOKEN, token2=NODE2_TOKEN, extra=extra))
+        await asyncio.sleep(0.1)
+        chain = _chain(await client.fetch(CHECKOUT, make_csr([CHECKOUT.uri])))
+        path.write_text("nodes: [broken")  # a broken edit keeps the last good inventory
+        await asyncio.sleep(0.1)
+        again = _chain(await client.fetch(CHECKOUT, make_csr([CHECKOUT.uri])))
+    finally:
+        await client.close()
+        ca.stop()
+    assert uri_sans(chain[0]) == [CHECKOUT.uri] == uri_sans(again[0])

@@ -1,0 +1,271 @@
+"""The certificate manager driven through its edges: a fake clock/sleep and an in-process `fetch`."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+from identity_support import CART, CHECKOUT, FRONTEND, NOW, TD, make_csr
+from prometheus_client import CollectorRegistry
+
+from nodeagent.ca import authority
+from nodeagent.ca.commands import certificate_rows, certificates_table
+from nodeagent.metrics import CertManagerMetrics
+from nodeagent.model import Identity
+from nodeagent.ztunnel.certs import (
+    CertificateManager,
+    CertManagerInputs,
+    CertState,
+    CertUnavailable,
+    backoff_delay,
+    refresh_delay,
+)
+
+
+class FakeTime:
+    """Wall clock and sleep under the test's control: each sleep waits until `release()`."""
+
+    def __init__(self, start: float) -> None:
+        self.now = start
+        self.sleeps: list[float] = []
+        self._waiting: list[tuple[float, asyncio.Future[None]]] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, delay: float) -> None:
+        self.sleeps.append(delay)
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.append((delay, future))
+        await future
+
+    async def next_sleep(self) -> float:
+        for _ in range(1000):
+            self._waiting = [w for w in self._waiting if not w[1].done()]  # drop sleeps of cancelled tasks
+            if self._waiting:
+                return self._waiting[0][0]
+            await asyncio.sleep(0)
+        raise AssertionError("the manager never went to sleep")
+
+    async def release(self) -> float:
+        """Let the first sleeper wake up (the clock moves by its delay) and run until it sleeps again."""
+        delay = await self.next_sleep()
+        _, future = self._waiting.pop(0)
+        self.now += delay
+        future.set_result(None)
+        for _ in range(1000):
+            await asyncio.sleep(0)
+            if self._waiting:
+                break
+        return delay
+
+
+class FakeCA:
+    def __init__(self, time: FakeTime, ttl: int = 100) -> None:
+        self.signer = authority.generate_root(NOW, TD)
+        self.time = time
+        self.ttl = ttl
+        self.fail: str | None = None
+        self.calls = 0
+
+    async def fetch(self, identity: Identity, csr: bytes) -> Sequence[str]:
+        self.calls += 1
+        await asyncio.sleep(0)
+        if self.fail:
+            raise ConnectionError(self.fail)
+        now = dt.datetime.fromtimestamp(self.time.now, dt.UTC)
+        return authority.sign_csr(self.signer, csr, identity, now, self.ttl).chain_pem
+
+
+def _manager(tmp_path: Path, fetch: Callable[..., object], time: FakeTime, signer: authority.Signer):
+    bundle = tmp_path / "trust-bundle.pem"
+    bundle.write_text(authority.cert_pem(signer.root))
+    registry = CollectorRegistry()
+    inputs = CertManagerInputs(
+        fetch=fetch,  # type: ignore[arg-type]
+        bundle_path=bundle,
+        metrics=CertManagerMetrics(registry),
+        clock=time.clock,
+        sleep=time.sleep,
+        rng=random.Random(7),
+        bundle_poll_interval=None,
+        scratch_dir=tmp_path,
+    )
+    return CertificateManager(inputs), registry
+
+
+@pytest.mark.parametrize(
+    ("now", "not_after", "jitter", "low", "high"),
+    [
+        (0.0, 10.0, 0.0, 5.0, 5.0),
+        (0.0, 10.0, 0.1, 4.5, 5.0),
+        (100.0, 86500.0, 0.1, 38880.0, 43200.0),
+        (50.0, 40.0, 0.1, 0.0, 0.0),  # already expired: refresh now
+    ],
+)
+def test_refresh_at_half_remaining_life(now: float, not_after: float, jitter: float, low: float, high: float) -> None:
+    for seed in range(20):
+        delay = refresh_delay(now, not_after, random.Random(seed), jitter)
+        assert low <= delay <= high
+
+
+@pytest.mark.parametrize(
+    ("failures", "base"),
+    [(1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (9, 128.0), (10, 150.0), (50, 150.0), (10_000, 150.0)],
+)
+def test_backoff_doubles_from_half_a_second_to_150s(failures: int, base: float) -> None:
+    delays = [backoff_delay(failures, random.Random(seed)) for seed in range(50)]
+    assert all(min(base * 0.9, 150) <= d <= min(base * 1.1, 150) for d in delays)
+    if base < 150:
+        assert len(set(delays)) > 1  # jittered
+
+
+async def test_fetch_refresh_then_backoff_keeps_the_valid_cert(tmp_path: Path) -> None:
+    time = FakeTime(NOW.timestamp())
+    ca = FakeCA(time, ttl=100)
+    manager, registry = _manager(tmp_path, ca.fetch, time, ca.signer)
+    manager.set_local_workloads([FRONTEND])
+    assert manager.status(FRONTEND).state is CertState.INITIALIZING
+    await manager.start()
+    refresh = await time.next_sleep()
+    assert manager.status(FRONTEND).state is CertState.AVAILABLE
+    first = manager.material(FRONTEND)
+    assert 45 <= refresh <= 50
+    assert registry.get_sample_value("nodeagent_cert_fetches_total", {"result": "ok"}) == 1
+    assert registry.get_sample_value(
+        "nodeagent_cert_expiry_timestamp_seconds", {"identity": FRONTEND.uri}
+    ) == pytest.approx(first.not_after)
+
+    ca.fail = "connection refused"
+    await time.release()  # the refresh attempt fails
+    delays = [await time.release() for _ in range(5)]
+    assert [round(d / b, 1) for d, b in zip(delays, [0.5, 1, 2, 4, 8], strict=True)] == pytest.approx(
+        [1.0] * 5, abs=0.11
+    )
+    assert manager.material(FRONTEND) is first  # still valid: kept
+    assert manager.status(FRONTEND).state is CertState.AVAILABLE
+    assert registry.get_sample_value("nodeagent_cert_fetches_total", {"result": "error"}) == 6
+    assert registry.get_sample_value("nodeagent_cert_backoff_seconds", {"identity": FRONTEND.uri}) > 8
+
+    time.now = first.not_after + 1  # the kept certificate expires while the CA is still down
+    status = manager.status(FRONTEND)
+    assert status.state is CertState.UNAVAILABLE and "connection refused" in status.reason
+    with pytest.raises(CertUnavailable, match="connection refused"):
+        manager.material(FRONTEND)
+
+    ca.fail = None
+    await time.release()
+    assert manager.status(FRONTEND).state is CertState.AVAILABLE
+    assert manager.material(FRONTEND).leaf.serial_number != first.leaf.serial_number
+    assert registry.get_sample_value("nodeagent_cert_backoff_seconds", {"identity": FRONTEND.uri}) == 0
+    await manager.stop()
+
+
+async def test_at_most_eight_requests_in_flight(tmp_path: Path) -> None:
+    time = FakeTime(NOW.timestamp())
+    ca = FakeCA(time)
+    gate = asyncio.Event()
+    active = 0
+    peak = 0
+
+    async def fetch(identity: Identity, csr: bytes) -> Sequence[str]:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        await gate.wait()
+        active -= 1
+        return await ca.fetch(identity, csr)
+
+    manager, registry = _manager(tmp_path, fetch, time, ca.signer)
+    identities = [Identity(TD, "shop", f"sa{i}") for i in range(20)]
+    manager.set_local_workloads(identities)
+    await manager.start()
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert peak == 8
+    assert registry.get_sample_value("nodeagent_cert_fetches_in_flight") == 8
+    gate.set()
+    for identity in identities:
+        await asyncio.wait_for(manager.wait_available(identity), 5)
+    assert peak == 8
+    assert registry.get_sample_value("nodeagent_cert_identities") == 20
+    await manager.stop()
+
+
+async def test_forget_identity_when_last_workload_leaves(tmp_path: Path) -> None:
+    time = FakeTime(NOW.timestamp())
+    ca = FakeCA(time)
+    manager, registry = _manager(tmp_path, ca.fetch, time, ca.signer)
+    await manager.start()
+    manager.set_local_workloads([FRONTEND, CART, CART])
+    await asyncio.wait_for(manager.wait_available(CART), 5)
+    await asyncio.wait_for(manager.wait_available(FRONTEND), 5)
+    manager.set_local_workloads([FRONTEND])
+    assert manager.identities() == [FRONTEND]
+    assert manager.status(CART).state is CertState.UNAVAILABLE
+    assert registry.get_sample_value("nodeagent_cert_expiry_timestamp_seconds", {"identity": CART.uri}) is None
+    assert registry.get_sample_value("nodeagent_cert_identities") == 1
+    calls = ca.calls
+    await time.release()  # only FRONTEND's refresh is left to run
+    assert ca.calls == calls + 1
+    await manager.stop()
+
+
+async def test_wrong_identity_from_ca_is_not_accepted(tmp_path: Path) -> None:
+    time = FakeTime(NOW.timestamp())
+    ca = FakeCA(time)
+
+    async def confused(identity: Identity, csr: bytes) -> Sequence[str]:
+        return await ca.fetch(CHECKOUT, make_csr([CHECKOUT.uri]))
+
+    manager, _ = _manager(tmp_path, confused, time, ca.signer)
+    manager.set_local_workloads([FRONTEND])
+    await manager.start()
+    await time.next_sleep()
+    status = manager.status(FRONTEND)
+    assert status.state is CertState.UNAVAILABLE and "not the requested" in status.reason
+    await manager.stop()
+
+
+async def test_config_dump_and_table(tmp_path: Path) -> None:
+    time = FakeTime(NOW.timestamp())
+    ca = FakeCA(time)
+    manager, _ = _manager(tmp_path, ca.fetch, time, ca.signer)
+    manager.set_local_workloads([FRONTEND, CART])
+    ca.fail = "no route to CA"
+    await manager.start()
+    await time.next_sleep()
+    ca.fail = None
+    await time.release()  # one identity retries and succeeds; the other is still backing off
+    await asyncio.sleep(0.01)
+    dump = manager.config_dump()
+    by_id = {d["identity"]: d for d in dump}
+    assert set(by_id) == {FRONTEND.uri, CART.uri}
+    available = [d for d in dump if d["state"] == "Available"]
+    unavailable = [d for d in dump if d["state"].startswith("Unavailable: ")]
+    assert len(available) == 1 and len(unavailable) == 1
+    entry = available[0]
+    assert len(entry["certChain"]) == 1 and len(entry["rootCerts"]) == 1
+    leaf = manager.material(Identity.parse(entry["identity"])).leaf
+    assert entry["certChain"][0]["serialNumber"] == str(leaf.serial_number)
+    assert entry["certChain"][0]["expirationTime"] == leaf.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    rows = certificate_rows(dump, NOW)
+    kinds = {(r[0], r[1]) for r in rows}
+    assert (entry["identity"], "Leaf") in kinds and (entry["identity"], "Root") in kinds
+    leaf_row = next(r for r in rows if r[1] == "Leaf")
+    assert leaf_row[2:5] == ("Available", "true", format(leaf.serial_number, "x"))
+    missing = next(r for r in rows if r[0] == unavailable[0]["identity"])
+    assert missing[1:] == ("NA", "Unavailable", "false", "NA", "NA", "NA")
+    later = certificate_rows(dump, NOW + dt.timedelta(days=2))
+    assert next(r for r in later if r[1] == "Leaf")[3] == "false"
+    table = certificates_table(dump, NOW)
+    header = table.splitlines()[0]
+    for column in ("CERTIFICATE NAME", "TYPE", "STATUS", "VALID CERT", "SERIAL NUMBER", "NOT AFTER", "NOT BEFORE"):
+        assert column in header
+    assert len(table.splitlines()) == 1 + len(rows)
+    await manager.stop()
