@@ -1,19 +1,42 @@
 """The privileged tier: real network namespaces, iptables and eBPF, as root.
 
 CI runs as root on an eBPF-capable kernel, so nothing here may skip: a skip would hide a broken feature.
-This conftest refuses to run without root and turns any skip into a failure.
+This conftest refuses to run without root and turns any skip into a failure. The lab is one per host
+(its namespaces have fixed names), so a privileged session holds an exclusive lock on LAB_LOCK for its
+whole run: concurrent sessions (and `make bench`, which takes the same lock) wait instead of tearing
+down each other's lab.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import sys
 
 import pytest
+
+LAB_LOCK = "/run/nodeagent-lab.lock"
 
 
 def pytest_configure(config: pytest.Config) -> None:
     if os.geteuid() != 0:
         raise pytest.UsageError("the privileged tier needs root: run `sudo make test`")
+    fd = os.open(LAB_LOCK, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"waiting for {LAB_LOCK}: another privileged test run or benchmark uses the lab", file=sys.stderr)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    config.stash[_LOCK_FD] = fd
+
+
+_LOCK_FD = pytest.StashKey[int]()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    fd = config.stash.get(_LOCK_FD, None)
+    if fd is not None:
+        os.close(fd)
 
 
 @pytest.hookimpl(hookwrapper=True)
