@@ -34,6 +34,9 @@ BACKDATE = dt.timedelta(seconds=60)
 MAX_CSR_BYTES = 64 * 1024
 MIN_RSA_BITS = 2048
 IMPERSONATED_IDENTITY_KEY = "ImpersonatedIdentity"
+# The CA's own serving certificate: the Service name clients verify (grpc target name override).
+DEFAULT_CA_NAME = "nodeagent-ca.nodeagent-system.svc"
+DEFAULT_DNS_NAMES = (DEFAULT_CA_NAME, f"{DEFAULT_CA_NAME}.cluster.local", "localhost")
 
 SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 _ACCEPTED_CSR_HASHES = (hashes.SHA256, hashes.SHA384, hashes.SHA512)

@@ -20,9 +20,8 @@ from collections.abc import Callable
 import grpc
 import grpc.aio
 
-from nodeagent.ca.authority import IMPERSONATED_IDENTITY_KEY
+from nodeagent.ca.authority import DEFAULT_CA_NAME, IMPERSONATED_IDENTITY_KEY
 from nodeagent.ca.proto import ca_pb2, ca_pb2_grpc
-from nodeagent.ca.server import DEFAULT_CA_NAME
 from nodeagent.model import Identity
 
 log = logging.getLogger(__name__)

@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, start_http_server
 
 from nodeagent.ca import authority
 from nodeagent.ca.authn import DEFAULT_NODE_ACCOUNT, LabTokenAuthenticator
-from nodeagent.ca.server import DEFAULT_DNS_NAMES, CAServer, ServerInputs, watch_file
+from nodeagent.ca.authority import DEFAULT_DNS_NAMES
+from nodeagent.ca.server import CAServer, ServerInputs, watch_file
 from nodeagent.ca.store import CAStore, StoreError
 from nodeagent.inventory.local import load_inventory
 from nodeagent.metrics import CAMetrics
@@ -77,6 +78,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help=f"trusted node-agent account (repeatable; default {'/'.join(DEFAULT_NODE_ACCOUNT)})",
     )
     serve.add_argument("--dns-name", action="append", help="extra DNS name in the CA's serving certificate")
+    serve.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics (request counts by result and reason) here, e.g. 127.0.0.1:15014",
+    )
     serve.set_defaults(func=cmd_serve)
 
 
@@ -190,11 +196,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         store = CAStore(args.state_dir, trust_domain)
         if store.init():
             print(f"created a new root in {store.state_dir}")
+        registry = CollectorRegistry()
+        if args.metrics:
+            host, _, port_text = args.metrics.rpartition(":")
+            start_http_server(int(port_text), addr=host or "0.0.0.0", registry=registry)
         inputs = ServerInputs(
             store=store,
             authenticator=LabTokenAuthenticator(inventory.current, node_account=accounts[0]),
             pods_on_node=lambda node: inventory.current().pods_on(node),
-            metrics=CAMetrics(CollectorRegistry()),
+            metrics=CAMetrics(registry),
             trusted_node_accounts=frozenset(Identity(trust_domain, ns, sa) for ns, sa in accounts),
             dns_names=(*DEFAULT_DNS_NAMES, *(args.dns_name or ())),
         )

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from nodeagent.ca import authority
 from nodeagent.ca.authn import AuthenticationError, Authenticator
-from nodeagent.ca.authority import AuthorityError, CSRError, Reason
+from nodeagent.ca.authority import DEFAULT_DNS_NAMES, AuthorityError, CSRError, Reason
 from nodeagent.ca.proto import ca_pb2, ca_pb2_grpc
 from nodeagent.ca.store import CAState, CAStore, utcnow
 from nodeagent.metrics import CAMetrics
@@ -44,8 +44,6 @@ from nodeagent.model import Identity, Pod
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 15012
-DEFAULT_CA_NAME = "nodeagent-ca.nodeagent-system.svc"
-DEFAULT_DNS_NAMES = (DEFAULT_CA_NAME, f"{DEFAULT_CA_NAME}.cluster.local", "localhost")
 SERVING_TTL = dt.timedelta(hours=24)
 OPAQUE_DENIAL = "request authentication failed"
 
