@@ -1,0 +1,105 @@
+"""Small load programs the benchmark runs inside lab pods (as scripts, with the project's venv).
+
+    load.py echo-server PORT               echo every byte back; many connections; until killed
+    load.py connrate HOST PORT SECONDS N   N workers: connect, 1-byte echo, close; JSON latencies on stdout
+    load.py hold HOST PORT COUNT           open COUNT connections (each echoed once), print "ready",
+                                           keep them until stdin closes
+
+Why a program of our own: neither iperf3 nor sockperf measures new connections per second through a
+proxy, or holds thousands of idle connections, and both are what a connection-pooling tunnel changes.
+The same client runs on every path, so ratios between paths are fair.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import sys
+import time
+
+
+def _raise_fd_limit() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def echo_server(port: int) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "0.0.0.0", port, backlog=4096)
+    print("listening", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+async def connrate(host: str, port: int, seconds: float, workers: int) -> dict[str, object]:
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    deadline = time.monotonic() + seconds
+
+    async def worker() -> None:
+        while time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+                writer.write(b"x")
+                await asyncio.wait_for(reader.readexactly(1), 10)
+                writer.close()
+                latencies.append(time.perf_counter() - t0)
+            except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+
+    start = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    elapsed = time.monotonic() - start
+    return {"seconds": elapsed, "latencies_s": latencies, "errors": errors}
+
+
+async def hold(host: str, port: int, count: int) -> None:
+    conns = []
+    sem = asyncio.Semaphore(200)
+
+    async def one() -> None:
+        async with sem:
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"x")
+            await reader.readexactly(1)
+            conns.append(writer)
+
+    await asyncio.gather(*(one() for _ in range(count)))
+    print(f"ready {len(conns)}", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    for w in conns:
+        w.close()
+
+
+def main(argv: list[str]) -> None:
+    _raise_fd_limit()
+    try:
+        import uvloop
+
+        run = uvloop.run
+    except ImportError:  # pragma: no cover - the venv has uvloop
+        run = asyncio.run
+    mode = argv[1]
+    if mode == "echo-server":
+        run(echo_server(int(argv[2])))
+    elif mode == "connrate":
+        print(json.dumps(run(connrate(argv[2], int(argv[3]), float(argv[4]), int(argv[5])))))
+    elif mode == "hold":
+        run(hold(argv[2], int(argv[3]), int(argv[4])))
+    else:
+        raise SystemExit(f"unknown mode {mode!r}; see the module docstring")
+
+
+if __name__ == "__main__":
+    main(sys.argv)

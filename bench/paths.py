@@ -1,0 +1,293 @@
+"""The paths the benchmark measures, each able to run iperf3, sockperf and the load client through it.
+
+A path is "how a client pod's bytes reach a server pod": directly over the lab's bridge and fabric, or
+through a pair of stunnel processes (one per node, like a per-node tunnel, with certificates issued by
+nodeagent's CA), and later through nodeagent's own tunnels. The lab is driven through the `nodeagent lab`
+CLI, exactly as a user would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from bench import tools
+from nodeagent.inventory.local import gateway_address
+from nodeagent.lab.cluster import DEFAULT_TOPOLOGY, Lab
+
+REPO = Path(__file__).resolve().parent.parent
+LAB_CLI = [sys.executable, "-m", "nodeagent.lab"]
+LOAD = str(REPO / "bench" / "load.py")
+
+CLIENT = "shop/frontend"  # node1
+SERVER = "shop/checkout"  # node2
+SAME_NODE_SERVER = "shop/payments"  # node1
+
+IPERF_PORT, SOCKPERF_PORT, ECHO_PORT = 5201, 11111, 7777
+STUNNEL_BASE_PORT = 25000
+
+ABSENT_PATHS = {
+    "nodeagent (iptables capture), cross-node": "the tunnel and the node agent have not landed (issues 4, 5)",
+    "nodeagent (iptables capture), same-node": "the tunnel and the node agent have not landed (issues 4, 5)",
+    "nodeagent (eBPF capture), cross-node": "eBPF capture has not landed (issue 6)",
+    "nodeagent (eBPF capture), same-node fast path": "eBPF capture has not landed (issue 6)",
+}
+
+
+def _run(argv: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
+    return proc
+
+
+class BenchLab:
+    """A lab brought up for the benchmark through the CLI (as a user would), with its up/down times."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.inventory = lab.inventory
+        self.up_seconds = 0.0
+        self.down_seconds = 0.0
+        self._procs: list[subprocess.Popen[str]] = []
+
+    @classmethod
+    @contextlib.contextmanager
+    def fresh(cls, topology: Path = DEFAULT_TOPOLOGY) -> Iterator[BenchLab]:
+        subprocess.run([*LAB_CLI, "down"], check=False, capture_output=True, cwd=REPO)
+        t0 = time.perf_counter()
+        _run([*LAB_CLI, "up", "--topology", str(topology)])
+        up_seconds = time.perf_counter() - t0
+        bench_lab = cls(Lab.load())
+        bench_lab.up_seconds = up_seconds
+        try:
+            yield bench_lab
+        finally:
+            bench_lab.stop_all()
+            t0 = time.perf_counter()
+            _run([*LAB_CLI, "down"])
+            bench_lab.down_seconds = time.perf_counter() - t0
+
+    def ip(self, pod: str) -> str:
+        return str(self.inventory.pod(pod).ip)
+
+    def node_of(self, pod: str) -> str:
+        return self.inventory.pod(pod).node
+
+    def gateway(self, node: str) -> str:
+        return str(gateway_address(self.inventory.node(node).pod_cidr))
+
+    def exec_argv(self, pod: str, argv: list[str]) -> list[str]:
+        return self.lab.exec_argv(pod, argv)
+
+    def node_exec_argv(self, node: str, argv: list[str]) -> list[str]:
+        return self.lab.node_exec_argv(node, argv)
+
+    def run_in(self, pod: str, argv: list[str], timeout: float = 120) -> str:
+        return _run(self.exec_argv(pod, argv), timeout).stdout
+
+    def start(self, argv: list[str], ready: str | None = None, stdin: bool = False) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            text=True,
+            cwd=REPO,
+        )
+        self._procs.append(proc)
+        if ready is not None:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            if ready not in line:
+                raise RuntimeError(f"{argv} did not become ready: {line!r} {proc.stderr.read() if proc.stderr else ''}")
+        else:
+            time.sleep(0.3)
+        if proc.poll() is not None:
+            raise RuntimeError(f"{argv} exited early: {proc.stderr.read() if proc.stderr else ''}")
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self._procs:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self._procs.clear()
+
+
+def start_servers(lab: BenchLab, pod: str) -> None:
+    """iperf3, sockperf and the echo server in `pod`; they run until the lab's processes are stopped."""
+    lab.start(lab.exec_argv(pod, ["iperf3", "-s", "-p", str(IPERF_PORT)]))
+    lab.start(lab.exec_argv(pod, ["sockperf", "server", "--tcp", "-p", str(SOCKPERF_PORT)]))
+    lab.start(lab.exec_argv(pod, [sys.executable, LOAD, "echo-server", str(ECHO_PORT)]), ready="listening")
+
+
+class MeasuredPath:
+    """A way from the client pod to a server pod; subclasses say where the client connects."""
+
+    name = ""
+    server = SERVER
+
+    @contextlib.contextmanager
+    def setup(self, lab: BenchLab) -> Iterator[None]:
+        """Start what the path needs besides the servers (a proxy, a tunnel); stop it on exit."""
+        yield
+
+    def target(self, lab: BenchLab, port: int) -> tuple[str, int]:
+        raise NotImplementedError
+
+    def proxy_pids(self) -> list[int]:
+        return []
+
+    def describe(self) -> dict[str, object]:
+        return {"client": CLIENT, "server": self.server}
+
+    def _cpu(self) -> float:
+        return sum(tools.cpu_seconds(pid) for pid in self.proxy_pids())
+
+    def iperf3(self, lab: BenchLab, streams: int, seconds: float) -> tuple[tools.Throughput, float | None]:
+        host, port = self.target(lab, IPERF_PORT)
+        cpu0 = self._cpu()
+        out = lab.run_in(
+            CLIENT,
+            ["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-P", str(streams), "-J"],
+            timeout=seconds + 60,
+        )
+        cpu = self._cpu() - cpu0 if self.proxy_pids() else None
+        return tools.parse_iperf3(out), cpu
+
+    def sockperf(self, lab: BenchLab, size: int, seconds: float) -> tools.Latency:
+        host, port = self.target(lab, SOCKPERF_PORT)
+        out = lab.run_in(
+            CLIENT,
+            ["sockperf", "ping-pong", "--tcp", "-i", host, "-p", str(port), "-m", str(size), "-t", str(seconds)],
+            timeout=seconds + 60,
+        )
+        return tools.parse_sockperf(out)
+
+    def connrate(self, lab: BenchLab, seconds: float) -> dict[str, object]:
+        host, port = self.target(lab, ECHO_PORT)
+        out = lab.run_in(
+            CLIENT, [sys.executable, LOAD, "connrate", host, str(port), str(seconds), "8"], timeout=seconds + 60
+        )
+        raw = json.loads(out)
+        lat = [float(x) for x in raw["latencies_s"]]
+        if not lat:
+            raise RuntimeError(f"{self.name}: no connection succeeded ({raw['errors']})")
+        return {
+            "per_second": len(lat) / float(raw["seconds"]),
+            "p99_ms": tools.percentile(lat, 99) * 1e3,
+            "errors": raw["errors"],
+        }
+
+    def idle_memory(self, lab: BenchLab, count: int) -> float | None:
+        """Bytes of proxy RSS per idle connection held open through the path (None: no proxy process)."""
+        pids = self.proxy_pids()
+        if not pids:
+            return None
+        host, port = self.target(lab, ECHO_PORT)
+        before = sum(tools.rss_bytes(p) for p in pids)
+        holder = lab.start(
+            lab.exec_argv(CLIENT, [sys.executable, LOAD, "hold", host, str(port), str(count)]),
+            ready="ready",
+            stdin=True,
+        )
+        time.sleep(0.5)
+        after = sum(tools.rss_bytes(p) for p in pids)
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(60)
+        return (after - before) / count
+
+
+class DirectPath(MeasuredPath):
+    """No mesh: the client connects straight to the server pod (the physical reference)."""
+
+    def __init__(self, same_node: bool) -> None:
+        self.server = SAME_NODE_SERVER if same_node else SERVER
+        self.name = "direct TCP, same-node" if same_node else "direct TCP, cross-node"
+
+    def target(self, lab: BenchLab, port: int) -> tuple[str, int]:
+        return lab.ip(self.server), port
+
+
+class StunnelPath(MeasuredPath):
+    """stunnel4 on each node, mutual TLS 1.3 between them with certificates issued by nodeagent's CA.
+
+    client pod -> stunnel client on node1 (node1's bridge address) -> TLS over the fabric ->
+    stunnel server on node2 -> server pod. That is the shape of a per-node tunnel, handshaking once per
+    connection (stunnel has no connection pooling).
+    """
+
+    name = "stunnel (mTLS), cross-node"
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self._pids: list[int] = []
+
+    def describe(self) -> dict[str, object]:
+        return {
+            **super().describe(),
+            "stunnel": subprocess.run(
+                ["stunnel4", "-version"], check=False, capture_output=True, text=True
+            ).stderr.splitlines()[0:1],
+        }
+
+    def proxy_pids(self) -> list[int]:
+        return self._pids
+
+    def _ports(self) -> dict[int, int]:
+        return {
+            IPERF_PORT: STUNNEL_BASE_PORT + 1,
+            SOCKPERF_PORT: STUNNEL_BASE_PORT + 2,
+            ECHO_PORT: STUNNEL_BASE_PORT + 3,
+        }
+
+    def target(self, lab: BenchLab, port: int) -> tuple[str, int]:
+        return lab.gateway(lab.node_of(CLIENT)), self._ports()[port]
+
+    @contextlib.contextmanager
+    def setup(self, lab: BenchLab) -> Iterator[None]:
+        from bench.ca_bench import issue_pair
+
+        issue_pair(self.workdir)
+        client_node, server_node = lab.node_of(CLIENT), lab.node_of(SERVER)
+        server_addr = str(lab.inventory.node(server_node).address)
+        common = textwrap.dedent(f"""\
+            foreground = yes
+            pid =
+            debug = 3
+            sslVersionMin = TLSv1.3
+            ciphersuites = TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384
+            CAfile = {self.workdir}/root.pem
+            verifyChain = yes
+            """)
+        client = common + f"cert = {self.workdir}/client.pem\nkey = {self.workdir}/client.key\n"
+        server = common + f"cert = {self.workdir}/server.pem\nkey = {self.workdir}/server.key\n"
+        for app_port, relay_port in self._ports().items():
+            client += (
+                f"[p{app_port}]\nclient = yes\naccept = {lab.gateway(client_node)}:{relay_port}\n"
+                f"connect = {server_addr}:{relay_port}\n"
+            )
+            server += f"[p{app_port}]\naccept = {server_addr}:{relay_port}\nconnect = {lab.ip(SERVER)}:{app_port}\n"
+        (self.workdir / "client.conf").write_text(client)
+        (self.workdir / "server.conf").write_text(server)
+        srv = lab.start(lab.node_exec_argv(server_node, ["stunnel4", str(self.workdir / "server.conf")]))
+        cli = lab.start(lab.node_exec_argv(client_node, ["stunnel4", str(self.workdir / "client.conf")]))
+        time.sleep(0.5)
+        self._pids = [srv.pid, cli.pid]
+        try:
+            yield
+        finally:
+            self._pids = []

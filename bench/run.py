@@ -1,0 +1,212 @@
+"""`make bench` / `make bench-quick`: one command, one run, every path that exists, ratios.
+
+Why this shape: the machine is shared and noisy, so absolute numbers drift between runs. Every path is
+measured in the same run, interleaved round by round, and each figure is reported as a median with its
+spread and as a ratio to direct TCP and to stunnel (a C mTLS tunnel a user could pick instead). Every
+number comes from the named tool's own output (iperf3 JSON, sockperf percentiles, /proc).
+
+Paths that do not exist yet (the nodeagent tunnel with iptables or eBPF capture, the same-node fast
+path) are listed in the report as absent, never estimated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import report, tools
+from bench.ca_bench import certificates_per_second, manager_memory
+from bench.paths import ABSENT_PATHS, BenchLab, DirectPath, MeasuredPath, StunnelPath, start_servers
+from nodeagent.lab.cluster import DEFAULT_TOPOLOGY
+
+SCALE_TOPOLOGY = DEFAULT_TOPOLOGY.parent / "scale-50.yaml"
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+SCHEMA_VERSION = 1
+LAB_LOCK = "/run/nodeagent-lab.lock"  # shared with tests/privileged/conftest.py
+
+
+@dataclass
+class Plan:
+    rounds: int
+    seconds: float  # per iperf3/sockperf run
+    connrate_seconds: float
+    idle_counts: tuple[int, ...]
+    lab_repeats: int
+    scale_lab: bool
+    ca_seconds: float
+    quick: bool
+
+
+QUICK = Plan(
+    rounds=1,
+    seconds=2,
+    connrate_seconds=2,
+    idle_counts=(1000,),
+    lab_repeats=1,
+    scale_lab=False,
+    ca_seconds=2,
+    quick=True,
+)
+FULL = Plan(
+    rounds=3,
+    seconds=5,
+    connrate_seconds=4,
+    idle_counts=(1000, 10000),
+    lab_repeats=3,
+    scale_lab=True,
+    ca_seconds=5,
+    quick=False,
+)
+
+
+@dataclass
+class Results:
+    figures: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # figure -> path -> samples
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, figure: str, path: str, value: float) -> None:
+        self.figures.setdefault(figure, {}).setdefault(path, []).append(value)
+
+
+def log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def machine() -> dict[str, object]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    openssl = subprocess.run(["openssl", "version"], check=False, capture_output=True, text=True).stdout.strip()
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "openssl": openssl,
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "hostname": platform.node(),
+    }
+
+
+def measure_lab(plan: Plan, res: Results) -> None:
+    topologies = [("default topology (2 nodes, 4 pods)", DEFAULT_TOPOLOGY)]
+    if plan.scale_lab:
+        topologies.append(("50 pods on 2 nodes", SCALE_TOPOLOGY))
+    for _ in range(plan.lab_repeats):
+        for label, topology in topologies:
+            with BenchLab.fresh(topology) as lab:
+                res.add("lab_up_seconds", label, lab.up_seconds)
+            res.add("lab_down_seconds", label, lab.down_seconds)
+
+
+def measure_paths(plan: Plan, res: Results, lab: BenchLab, paths: list[MeasuredPath]) -> None:
+    for rnd in range(plan.rounds):
+        for path in paths:
+            log(f"round {rnd + 1}/{plan.rounds}: {path.name}")
+            for streams in (1, 4):
+                tp, cpu = path.iperf3(lab, streams, plan.seconds)
+                res.add(f"throughput_gbps_{streams}_stream", path.name, tp.bits_per_second / 1e9)
+                if streams == 1 and cpu is not None:
+                    res.add("tunnel_cpu_seconds_per_gb", path.name, cpu / (tp.bytes / 1e9))
+            for size in (64, 1024):
+                lat = path.sockperf(lab, size, plan.seconds)
+                res.add(f"latency_p50_us_{size}b", path.name, lat.p50)
+                res.add(f"latency_p99_us_{size}b", path.name, lat.p99)
+                res.add(f"latency_p999_us_{size}b", path.name, lat.p999)
+            rate = path.connrate(lab, plan.connrate_seconds)
+            res.add("new_connections_per_second", path.name, float(rate["per_second"]))
+            res.add("connect_p99_ms", path.name, float(rate["p99_ms"]))
+            if rate["errors"]:
+                res.notes.append(f"{path.name}: connection errors during connrate: {rate['errors']}")
+    for path in paths:
+        for count in plan.idle_counts:
+            per_conn = path.idle_memory(lab, count)
+            if per_conn is not None:
+                res.add(f"memory_bytes_per_idle_connection_{count}", path.name, per_conn)
+
+
+def measure_ca(plan: Plan, res: Results) -> None:
+    res.add("ca_certificates_per_second", "nodeagent ca (gRPC, loopback)", certificates_per_second(plan.ca_seconds))
+    mem = manager_memory(1000)
+    res.add("cert_manager_rss_mb_1000_identities", "process total", mem["rss_bytes"] / 2**20)
+    res.add("cert_manager_rss_mb_1000_identities", "growth for 1000 identities", mem["growth_bytes"] / 2**20)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.run", description=__doc__.splitlines()[0])
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="a subset in under 2 minutes")
+    group.add_argument("--full", action="store_true", help="every figure, 3 interleaved rounds (default)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    if os.geteuid() != 0:
+        print("bench: needs root for the lab (network namespaces): sudo make bench", file=sys.stderr)
+        return 2
+    for tool in ("iperf3", "sockperf", "stunnel4"):
+        if shutil.which(tool) is None:
+            print(f"bench: {tool} is missing: run sudo make setup", file=sys.stderr)
+            return 2
+
+    lock = os.open(LAB_LOCK, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # one lab per host: wait for privileged tests using it
+    started = time.time()
+    res = Results()
+    log("lab up/down timings")
+    measure_lab(plan, res)
+    log("CA certificates per second")
+    measure_ca(plan, res)
+    with BenchLab.fresh() as lab, tempfile.TemporaryDirectory(prefix="nodeagent-bench-") as tmp:
+        paths: list[MeasuredPath] = [DirectPath(same_node=False), DirectPath(same_node=True)]
+        paths.append(StunnelPath(Path(tmp)))
+        for server in sorted({path.server for path in paths}):
+            start_servers(lab, server)
+        with contextlib.ExitStack() as stack:
+            for path in paths:
+                stack.enter_context(path.setup(lab))
+            measure_paths(plan, res, lab, paths)
+
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "started_utc": dt.datetime.fromtimestamp(started, dt.UTC).isoformat(),
+        "duration_seconds": round(time.time() - started, 1),
+        "mode": "quick" if plan.quick else "full",
+        "machine": machine(),
+        "plan": {k: v for k, v in plan.__dict__.items()},
+        "paths": {p.name: p.describe() for p in paths},
+        "absent_paths": ABSENT_PATHS,
+        "figures": {
+            fig: {path: {**tools.spread(v).__dict__, "values": v} for path, v in by_path.items()}
+            for fig, by_path in res.figures.items()
+        },
+        "notes": res.notes,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path = args.out / f"{stamp}.json"
+    json_path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    md_path = report.write(doc, args.out, stamp)
+    log(f"wrote {json_path} and {md_path}")
+    print(md_path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
