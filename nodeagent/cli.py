@@ -13,7 +13,9 @@ import sys
 
 from nodeagent import __version__
 from nodeagent.ca import commands as ca_commands
+from nodeagent.ca.client import CAClient
 from nodeagent.lab import commands as lab_commands
+from nodeagent.ztunnel import commands as ztunnel_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     lab_commands.register(sub)
     ca_commands.register(sub)
     ca_commands.register_inspect(sub)
+    # The tunnel fetches certificates with the CA's client; the CLI joins the two independent packages.
+    ztunnel_commands.register(sub, ca_client=CAClient)
     return parser
 
 

@@ -1,0 +1,276 @@
+"""Istio AuthorizationPolicy and PeerAuthentication YAML -> nodeagent.policy values (the L4 subset).
+
+Why this module exists: the lab and the tunnel's `--policies FILE` take policies in the shape users
+already write for Istio (security.istio.io/v1), and policy.py evaluates plain values. This pure
+translator sits between them, with the rules istiod applies when it sends ztunnel L4 policies
+(REFERENCE.md, "L4 authorization"):
+
+- scope: no selector in the root namespace -> global; a selector -> workload selector; else namespace;
+- `from.source`: principals, namespaces, ipBlocks, serviceAccounts and their `not*` forms; `to.operation`:
+  ports and notPorts; `when`: the L4 keys source.ip, source.namespace, source.principal,
+  source.serviceAccount, destination.ip, destination.port (values and notValues);
+- HTTP-only attributes (hosts, methods, paths, requestPrincipals, remoteIpBlocks, request.* keys): an
+  ALLOW rule using any is dropped whole (it can never match at L4, so it must not allow), a DENY rule
+  loses only those parts (so it still denies at least as much);
+- PeerAuthentication: mtls.mode and portLevelMtls.
+
+A document of another kind is an error rather than silently ignored, so a typo cannot disable a policy.
+
+What it deliberately does not do: no file watching (the caller reloads), no Kubernetes API, no
+CUSTOM/AUDIT actions (refused with an error), no evaluation (policy.py).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nodeagent.policy import (
+    DEFAULT_ROOT_NAMESPACE,
+    Action,
+    Clause,
+    IPNetwork,
+    Match,
+    MtlsMode,
+    PeerAuthentication,
+    Policy,
+    PolicySet,
+    Rule,
+    Scope,
+    ServiceAccountMatch,
+    StringMatch,
+)
+
+_HTTP_SOURCE = {"requestPrincipals", "notRequestPrincipals", "remoteIpBlocks", "notRemoteIpBlocks"}
+_HTTP_OPERATION = {"hosts", "notHosts", "methods", "notMethods", "paths", "notPaths"}
+_L4_SOURCE = {
+    "principals",
+    "notPrincipals",
+    "namespaces",
+    "notNamespaces",
+    "ipBlocks",
+    "notIpBlocks",
+    "serviceAccounts",
+    "notServiceAccounts",
+}
+_L4_WHEN = {
+    "source.ip",
+    "source.namespace",
+    "source.principal",
+    "source.serviceAccount",
+    "destination.ip",
+    "destination.port",
+}
+
+
+class PolicyError(ValueError):
+    """A policy document that cannot be translated; the message names the document and the field."""
+
+
+def load_policies(path: str | Path, root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> PolicySet:
+    """Read a YAML file of AuthorizationPolicy / PeerAuthentication documents (`---` separated)."""
+    try:
+        text = Path(path).read_text()
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except (OSError, yaml.YAMLError) as exc:
+        raise PolicyError(f"{path}: {exc}") from None
+    try:
+        return parse_policies(docs, root_namespace)
+    except PolicyError as exc:
+        raise PolicyError(f"{path}: {exc}") from None
+
+
+def parse_policies(docs: list[Any], root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> PolicySet:
+    """Translate parsed YAML documents (pure)."""
+    authz: list[Policy] = []
+    peer: list[PeerAuthentication] = []
+    for index, doc in enumerate(docs):
+        where = f"document {index + 1}"
+        if not isinstance(doc, Mapping):
+            raise PolicyError(f"{where}: expected a mapping, got {type(doc).__name__}")
+        kind = doc.get("kind")
+        meta = _mapping(doc.get("metadata"), f"{where}.metadata")
+        name, namespace = meta.get("name"), meta.get("namespace")
+        if not isinstance(name, str) or not isinstance(namespace, str) or not name or not namespace:
+            raise PolicyError(f"{where}: metadata.name and metadata.namespace are required strings")
+        where = f"{kind} {namespace}/{name}"
+        spec = _mapping(doc.get("spec", {}), f"{where}.spec")
+        if kind == "AuthorizationPolicy":
+            authz.append(_authorization(name, namespace, spec, root_namespace, where))
+        elif kind == "PeerAuthentication":
+            peer.append(_peer_authentication(name, namespace, spec, where))
+        else:
+            raise PolicyError(f"{where}: unsupported kind {kind!r}; expected AuthorizationPolicy or PeerAuthentication")
+    return PolicySet(tuple(authz), tuple(peer), root_namespace)
+
+
+def _mapping(value: Any, where: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise PolicyError(f"{where}: expected a mapping")
+    return value
+
+
+def _list(value: Any, where: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise PolicyError(f"{where}: expected a list")
+    return value
+
+
+def _strings(value: Any, where: str) -> list[str]:
+    items = _list(value, where)
+    if not all(isinstance(v, str | int) and not isinstance(v, bool) for v in items):
+        raise PolicyError(f"{where}: expected a list of strings")
+    return [str(v) for v in items]
+
+
+def _selector(spec: Mapping[str, Any], where: str) -> dict[str, str]:
+    labels = _mapping(_mapping(spec.get("selector"), f"{where}.selector").get("matchLabels"), f"{where}.selector")
+    return {str(k): str(v) for k, v in labels.items()}
+
+
+def _authorization(name: str, namespace: str, spec: Mapping[str, Any], root: str, where: str) -> Policy:
+    action_text = spec.get("action", "ALLOW")
+    if action_text not in ("ALLOW", "DENY"):
+        raise PolicyError(f"{where}: action {action_text!r} is not supported at L4; use ALLOW or DENY")
+    action = Action(action_text)
+    selector = _selector(spec, where)
+    scope = Scope.WORKLOAD_SELECTOR if selector else Scope.GLOBAL if namespace == root else Scope.NAMESPACE
+    rules: list[Rule] = []
+    for i, raw in enumerate(_list(spec.get("rules"), f"{where}.rules")):
+        rule = _rule(_mapping(raw, f"{where}.rules[{i}]"), namespace, action, f"{where}.rules[{i}]")
+        if rule is not None:
+            rules.append(rule)
+    return Policy(name, namespace, action, scope, tuple(rules), selector)
+
+
+def _rule(raw: Mapping[str, Any], namespace: str, action: Action, where: str) -> Rule | None:
+    """None when an ALLOW rule uses HTTP attributes (dropped whole)."""
+    http = False
+    clauses: list[Clause] = []
+    froms = _list(raw.get("from"), f"{where}.from")
+    if froms:
+        groups = []
+        for j, entry in enumerate(froms):
+            source = _mapping(_mapping(entry, f"{where}.from[{j}]").get("source"), f"{where}.from[{j}].source")
+            unknown = set(source) - _L4_SOURCE - _HTTP_SOURCE
+            if unknown:
+                raise PolicyError(f"{where}.from[{j}].source: unknown fields {sorted(unknown)}")
+            http |= bool(set(source) & _HTTP_SOURCE)
+            if set(source) & _HTTP_SOURCE and not set(source) & _L4_SOURCE:
+                continue  # only HTTP parts: dropped (for DENY; an ALLOW rule is dropped whole below)
+            groups.append(_source_match(source, namespace, f"{where}.from[{j}].source"))
+        if groups:
+            clauses.append(Clause(tuple(groups)))
+    tos = _list(raw.get("to"), f"{where}.to")
+    if tos:
+        groups = []
+        for j, entry in enumerate(tos):
+            op = _mapping(_mapping(entry, f"{where}.to[{j}]").get("operation"), f"{where}.to[{j}].operation")
+            unknown = set(op) - _HTTP_OPERATION - {"ports", "notPorts"}
+            if unknown:
+                raise PolicyError(f"{where}.to[{j}].operation: unknown fields {sorted(unknown)}")
+            http |= bool(set(op) & _HTTP_OPERATION)
+            if set(op) & _HTTP_OPERATION and not set(op) & {"ports", "notPorts"}:
+                continue
+            groups.append(
+                Match(
+                    destination_ports=_ports(op.get("ports"), f"{where}.to[{j}].operation.ports"),
+                    not_destination_ports=_ports(op.get("notPorts"), f"{where}.to[{j}].operation.notPorts"),
+                )
+            )
+        if groups:
+            clauses.append(Clause(tuple(groups)))
+    for j, raw_cond in enumerate(_list(raw.get("when"), f"{where}.when")):
+        cond = _mapping(raw_cond, f"{where}.when[{j}]")
+        key = cond.get("key")
+        if not isinstance(key, str):
+            raise PolicyError(f"{where}.when[{j}]: key is required")
+        if key not in _L4_WHEN:
+            http = True  # request.*, connection.sni, ...: not evaluable at L4
+            continue
+        values = _strings(cond.get("values"), f"{where}.when[{j}].values")
+        not_values = _strings(cond.get("notValues"), f"{where}.when[{j}].notValues")
+        clauses.append(Clause((_when_match(key, values, not_values, namespace, f"{where}.when[{j}]"),)))
+    if http and action is Action.ALLOW:
+        return None
+    # A DENY rule that had only HTTP parts keeps no clauses: it matches everything, like Istio's.
+    return Rule(tuple(clauses))
+
+
+def _source_match(source: Mapping[str, Any], namespace: str, where: str) -> Match:
+    def patterns(field: str) -> tuple[StringMatch, ...]:
+        return tuple(StringMatch.parse(p) for p in _strings(source.get(field), f"{where}.{field}"))
+
+    def accounts(field: str) -> tuple[ServiceAccountMatch, ...]:
+        return tuple(ServiceAccountMatch.parse(a, namespace) for a in _strings(source.get(field), f"{where}.{field}"))
+
+    return Match(
+        principals=patterns("principals"),
+        not_principals=patterns("notPrincipals"),
+        namespaces=patterns("namespaces"),
+        not_namespaces=patterns("notNamespaces"),
+        source_ips=_networks(source.get("ipBlocks"), f"{where}.ipBlocks"),
+        not_source_ips=_networks(source.get("notIpBlocks"), f"{where}.notIpBlocks"),
+        service_accounts=accounts("serviceAccounts"),
+        not_service_accounts=accounts("notServiceAccounts"),
+    )
+
+
+def _when_match(key: str, values: list[str], not_values: list[str], namespace: str, where: str) -> Match:
+    if key == "source.ip":
+        return Match(source_ips=_networks(values, where), not_source_ips=_networks(not_values, where))
+    if key == "destination.ip":
+        return Match(destination_ips=_networks(values, where), not_destination_ips=_networks(not_values, where))
+    if key == "destination.port":
+        return Match(destination_ports=_ports(values, where), not_destination_ports=_ports(not_values, where))
+    if key == "source.serviceAccount":
+        return Match(
+            service_accounts=tuple(ServiceAccountMatch.parse(v, namespace) for v in values),
+            not_service_accounts=tuple(ServiceAccountMatch.parse(v, namespace) for v in not_values),
+        )
+    positive, negative = tuple(map(StringMatch.parse, values)), tuple(map(StringMatch.parse, not_values))
+    if key == "source.principal":
+        return Match(principals=positive, not_principals=negative)
+    return Match(namespaces=positive, not_namespaces=negative)
+
+
+def _networks(value: Any, where: str) -> tuple[IPNetwork, ...]:
+    out = []
+    for text in _strings(value, where):
+        try:
+            out.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise PolicyError(f"{where}: {text!r} is not an IP address or CIDR block") from None
+    return tuple(out)
+
+
+def _ports(value: Any, where: str) -> tuple[int, ...]:
+    out = []
+    for text in _strings(value, where):
+        if not text.isdigit() or not 1 <= int(text) <= 65535:
+            raise PolicyError(f"{where}: {text!r} is not a port number")
+        out.append(int(text))
+    return tuple(out)
+
+
+def _peer_authentication(name: str, namespace: str, spec: Mapping[str, Any], where: str) -> PeerAuthentication:
+    def mode(value: Any, at: str) -> MtlsMode:
+        text = _mapping(value, at).get("mode", "UNSET")
+        try:
+            return MtlsMode(text)
+        except ValueError:
+            raise PolicyError(f"{at}.mode: {text!r} is not one of UNSET, STRICT, PERMISSIVE, DISABLE") from None
+
+    ports = {}
+    for port, value in _mapping(spec.get("portLevelMtls"), f"{where}.portLevelMtls").items():
+        number = _ports([port], f"{where}.portLevelMtls")[0]
+        ports[number] = mode(value, f"{where}.portLevelMtls.{port}")
+    return PeerAuthentication(name, namespace, mode(spec.get("mtls"), f"{where}.mtls"), _selector(spec, where), ports)

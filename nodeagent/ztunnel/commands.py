@@ -1,0 +1,111 @@
+"""`nodeagent tunnel`: run the node's tunnel process.
+
+Why this module exists: it turns command-line arguments into `TunnelInputs` — the production edges:
+sockets in pod netns (NetnsSocketFactory), a certificate manager fetching from the CA, the inventory and
+policy files reloaded when they change, one Prometheus registry — and runs the tunnel on uvloop.
+
+The CA client is passed in by the CLI (`register(subparsers, ca_client=CAClient)`): the ztunnel and ca
+packages are independent layers, so this module cannot import nodeagent.ca itself.
+
+What it deliberately does not do: no logic of its own beyond parsing; see proxy/tunnel.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry
+
+from nodeagent.inventory.local import load_inventory
+from nodeagent.inventory.policies import load_policies
+from nodeagent.metrics import CertManagerMetrics
+from nodeagent.model import Identity
+from nodeagent.policy import PolicySet
+from nodeagent.zds import wire
+from nodeagent.ztunnel.certs import CertificateManager, CertManagerInputs
+from nodeagent.ztunnel.edges import NetnsSocketFactory
+from nodeagent.ztunnel.proxy.tunnel import DEFAULT_GRACE, Endpoint, TunnelInputs, file_source, run_tunnel
+
+
+class CaClient(Protocol):
+    async def fetch(self, identity: Identity, csr_pem: bytes) -> Sequence[str]: ...
+
+
+CaClientFactory = Callable[[str, Callable[[], str], Callable[[], str]], CaClient]
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], ca_client: CaClientFactory) -> None:
+    p = subparsers.add_parser("tunnel", help="run the node's tunnel: per-pod HBONE proxies fed by the node agent")
+    p.add_argument("--node", required=True, help="this node's name (as in the inventory)")
+    p.add_argument("--inventory", type=Path, required=True, help="inventory YAML (reloaded when it changes)")
+    p.add_argument("--zds-socket", default=wire.DEFAULT_SOCKET_PATH, help="the node agent's ZDS socket")
+    p.add_argument("--ca", required=True, metavar="HOST:PORT", help="the CA's gRPC address")
+    token = p.add_mutually_exclusive_group(required=True)
+    token.add_argument("--ca-token", help="bearer token of this node's agent (lab inventories publish them)")
+    token.add_argument("--ca-token-file", type=Path, help="file holding the token (re-read on every request)")
+    p.add_argument("--trust-bundle", type=Path, required=True, help="PEM file of the mesh roots (watched)")
+    p.add_argument("--policies", type=Path, help="AuthorizationPolicy/PeerAuthentication YAML (reloaded)")
+    p.add_argument("--admin", default="127.0.0.1:15000", help="admin endpoint (/config_dump)")
+    p.add_argument("--metrics", default=":15020", help="Prometheus endpoint (/metrics)")
+    p.add_argument("--ready", default=":15021", help="readiness endpoint (/healthz/ready)")
+    p.add_argument("--grace", type=float, default=DEFAULT_GRACE, help="termination grace period in seconds")
+    p.add_argument(
+        "--spoof",
+        action="store_true",
+        help="connect to apps from the client's IP (needs the capture backend's bypass-mark routing)",
+    )
+    p.set_defaults(func=lambda args: cmd_tunnel(args, ca_client))
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    """`host:port` or `:port` (all addresses)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not host:port or :port")
+    return (host.strip("[]") or "0.0.0.0", int(port))
+
+
+def build_inputs(args: argparse.Namespace, ca_client: CaClientFactory) -> TunnelInputs:
+    if args.ca_token_file is not None:
+        token_file: Path = args.ca_token_file
+        token: Callable[[], str] = lambda: token_file.read_text().strip()  # noqa: E731
+    else:
+        fixed = args.ca_token
+        token = lambda: fixed  # noqa: E731
+    bundle: Path = args.trust_bundle
+    client = ca_client(args.ca, token, bundle.read_text)
+    registry = CollectorRegistry()
+    certs = CertificateManager(
+        CertManagerInputs(fetch=client.fetch, bundle_path=bundle, metrics=CertManagerMetrics(registry))
+    )
+    empty = PolicySet()
+    policies = (
+        file_source(str(args.policies), load_policies, default=empty) if args.policies is not None else lambda: empty
+    )
+    return TunnelInputs(
+        node=args.node,
+        socket_factory=NetnsSocketFactory(spoof=args.spoof),
+        credentials=certs,
+        inventory=file_source(str(args.inventory), load_inventory),
+        policies=policies,
+        registry=registry,
+        zds_socket=args.zds_socket,
+        admin=parse_endpoint(args.admin),
+        metrics=parse_endpoint(args.metrics),
+        ready=parse_endpoint(args.ready),
+        grace=args.grace,
+    )
+
+
+def cmd_tunnel(args: argparse.Namespace, ca_client: CaClientFactory) -> int:
+    try:
+        inputs = build_inputs(args, ca_client)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    run_tunnel(inputs)
+    return 0

@@ -1,0 +1,357 @@
+"""Inbound: HBONE on :15008 and captured plaintext on :15006, per local pod, to the pod's application.
+
+Why this module exists: this is where the mesh's promises are kept for the destination. On :15008 a
+client must complete TLS 1.3 with a certificate from our roots (OpenSSL, with the *destination pod's*
+certificate presented — one listener per pod, so the identity is known before the handshake) and be a
+workload of our trust domain (tls.verify_client_peer); every CONNECT is validated by the HBONE core
+(400s), authorized with Istio's L4 semantics (policy.evaluate: 401), and only then is the application
+connected — from the client's real IP when the socket factory spoofs — and answered 200 (503 when the
+workload is unknown or the app cannot be reached). Nothing the client sends reaches the app before the
+200: the core holds it and the relay starts only after accept(). On :15006 the same authorization runs
+without a peer identity (so PeerAuthentication STRICT refuses it) and the bytes are spliced.
+
+Decide, then act: `authorize()` is a pure decision over the current ClusterView; the coroutines here
+carry it out. A CONNECT that the client resets while we are still connecting upstream cancels that work
+(rapid reset). Open inbound connections are registered with their policy view so the tunnel can close
+the ones a new policy denies.
+
+What it deliberately does not do: no listeners or pod lifecycle (the tunnel process owns them), no
+certificate fetching (the certificate manager), no outbound traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import struct
+from dataclasses import dataclass, field
+
+from nodeagent.model import Identity, IPAddress, Pod, SocketAddress
+from nodeagent.policy import Connection, evaluate
+from nodeagent.zds.tasks import TaskSet
+from nodeagent.ztunnel import hbone, sockets, tls
+from nodeagent.ztunnel.certs import CertUnavailable
+from nodeagent.ztunnel.edges import ClusterView, LocalPod, ProxyState, SocketFactory, TlsContexts
+from nodeagent.ztunnel.hbone_transport import HboneProtocol
+from nodeagent.ztunnel.metrics import ConnectionRecord, ConnectionTable, Direction, Flags, Peer, TunnelMetrics
+from nodeagent.ztunnel.relay import DOWNSTREAM, UPSTREAM, Relay, RelayResult, SpliceRelay, tcp_side
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 10.0
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+@dataclass(frozen=True)
+class ProxyDeps:
+    """What inbound and outbound proxies share; built once by the tunnel process."""
+
+    state: ProxyState
+    socket_factory: SocketFactory
+    contexts: TlsContexts
+    table: ConnectionTable
+    metrics: TunnelMetrics
+    tasks: TaskSet
+    limits: hbone.Limits = field(default_factory=hbone.Limits)
+    connect_timeout: float = sockets.CONNECT_TIMEOUT
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
+class Admit:
+    pod: Pod
+    connection: Connection
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    status: int  # the HBONE answer: 401 or 503 (400s are the core's)
+    flags: Flags
+    reason: str
+
+
+def authorize(
+    view: ClusterView, local: LocalPod, source: IPAddress, target: SocketAddress, peer: Identity | None
+) -> Admit | Refuse:
+    """Decide one inbound connection to `local` (pure)."""
+    pod = view.pod_of(local)
+    if pod is None or pod.ip is None:
+        return Refuse(503, Flags.NO_ROUTE, f"pod {local.key} is not in the inventory (yet); no address to serve")
+    if target.port in sockets.TUNNEL_PORTS:
+        return Refuse(400, Flags.NO_ROUTE, f"{target} is a tunnel port; refusing a loop")
+    conn = Connection(source, target, peer, pod.namespace, pod.labels)
+    verdict = evaluate(conn, view.policies)
+    if not verdict.allowed:
+        return Refuse(401, Flags.DENIED, verdict.reason)
+    return Admit(pod, conn)
+
+
+def reset_socket(sock: socket.socket) -> None:
+    """Close with RST, so the client sees a refusal rather than an orderly end."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    sock.close()
+
+
+def _addr(peer: tuple[str, int] | None) -> SocketAddress | None:
+    if peer is None:
+        return None
+    return SocketAddress.parse(f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}")
+
+
+class HboneInbound:
+    """The :15008 server of one local pod."""
+
+    def __init__(self, deps: ProxyDeps, pod: LocalPod) -> None:
+        self._deps = deps
+        self._pod = pod
+        self._connections: set[HboneProtocol] = set()
+        self._peers: dict[HboneProtocol, Identity] = {}
+        self._pending: dict[tuple[HboneProtocol, int], asyncio.Task[None]] = {}
+
+    @property
+    def connections(self) -> set[HboneProtocol]:
+        return self._connections
+
+    async def serve(self, listener: socket.socket) -> None:
+        """Accept until the listener is closed."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(listener)
+            except OSError:
+                if listener.fileno() < 0:
+                    return  # closed: draining or the pod left
+                raise
+            self._deps.tasks.spawn(self._handshake(sock), name=f"hbone-handshake {self._pod.key}")
+
+    async def _handshake(self, sock: socket.socket) -> None:
+        deps, pod = self._deps, self._pod
+        try:
+            ctx = deps.contexts.context(pod.identity, server_side=True)
+        except CertUnavailable as exc:
+            log.warning("refusing an HBONE connection to %s: %s", pod.key, exc)
+            reset_socket(sock)
+            return
+        view = deps.state.view
+        local = view.pod_of(pod)
+        addresses = frozenset({local.ip}) if local is not None and local.ip is not None else None
+        loop = asyncio.get_running_loop()
+
+        def factory() -> HboneProtocol:
+            return HboneProtocol(
+                hbone.Role.SERVER,
+                limits=deps.limits,
+                local_addresses=addresses,
+                on_ready=self._on_ready,
+                on_stream=self._on_stream,
+                on_rejected=self._on_rejected,
+                on_stream_reset=self._on_stream_reset,
+                on_closed=self._on_closed,
+            )
+
+        try:
+            await loop.connect_accepted_socket(factory, sock, ssl=ctx, ssl_handshake_timeout=deps.handshake_timeout)
+        except (OSError, ssl.SSLError, TimeoutError) as exc:
+            # No client certificate, an unknown root, not TLS at all (cleartext h2c), too slow: closed.
+            reason = getattr(exc, "reason", None) or type(exc).__name__
+            deps.metrics.peer_failures.labels(reason=str(reason).lower()).inc()
+            log.info("HBONE handshake to %s failed: %s", pod.key, exc)
+            sock.close()
+
+    def _on_ready(self, proto: HboneProtocol) -> None:
+        try:
+            peer = tls.verify_client_peer(proto.peer_ssl(), self._deps.state.view.trust_domain)  # type: ignore[arg-type]
+        except tls.PeerVerificationError as exc:
+            self._deps.metrics.peer_failures.labels(reason=exc.reason.value).inc()
+            log.info("dropping an HBONE client of %s: %s", self._pod.key, exc)
+            proto.abort(str(exc))
+            return
+        self._peers[proto] = peer
+        self._connections.add(proto)
+        self._deps.metrics.hbone_connections.labels("server").inc()
+
+    def _on_closed(self, proto: HboneProtocol) -> None:
+        if proto in self._connections:
+            self._connections.discard(proto)
+            self._deps.metrics.hbone_connections.labels("server").dec()
+        self._peers.pop(proto, None)
+        for key in [k for k in self._pending if k[0] is proto]:
+            self._pending.pop(key).cancel()
+
+    def _on_rejected(self, proto: HboneProtocol, event: hbone.StreamRejected) -> None:
+        self._deps.metrics.rejected_streams.labels(str(event.status)).inc()
+        log.info("CONNECT to %s answered %d: %s", self._pod.key, event.status, event.reason)
+
+    def _on_stream_reset(self, proto: HboneProtocol, stream_id: int) -> None:
+        task = self._pending.pop((proto, stream_id), None)
+        if task is not None:
+            task.cancel()
+
+    def _on_stream(self, proto: HboneProtocol, event: hbone.StreamOpened) -> None:
+        peer = self._peers.get(proto)
+        if peer is None:  # data raced the peer check's abort
+            proto.reject(event.stream_id, 401)
+            return
+        key = (proto, event.stream_id)
+        self._pending[key] = self._deps.tasks.spawn(
+            self._serve_stream(proto, peer, event), name=f"hbone-inbound {self._pod.key} stream {event.stream_id}"
+        )
+
+    async def _serve_stream(self, proto: HboneProtocol, peer: Identity, event: hbone.StreamOpened) -> None:
+        deps, pod = self._deps, self._pod
+        view = deps.state.view
+        client = _addr(proto.peername())
+        source_ip = client.ip if client is not None else None
+        target = event.request.target
+        src_workload = view.workload_at(source_ip) if source_ip is not None else None
+        record = ConnectionRecord(
+            Direction.INBOUND,
+            src_addr=str(client) if client else "-",
+            dst_addr=str(target),
+            src=Peer.of(src_workload.pod if src_workload else None, peer, view.cluster),
+            dst=Peer.of(view.pod_of(pod), pod.identity, view.cluster),
+            hbone_addr=f"{target.ip}:{sockets.HBONE_PORT}",
+            mutual_tls=True,
+        )
+        deps.table.pending(record)
+        key = (proto, event.stream_id)
+        upstream: socket.socket | None = None
+        try:
+            decision = (
+                authorize(view, pod, source_ip, target, peer)
+                if source_ip is not None
+                else Refuse(503, Flags.NO_ROUTE, "the HBONE connection has no peer address")
+            )
+            if isinstance(decision, Refuse):
+                self._pending.pop(key, None)
+                proto.reject(event.stream_id, decision.status)
+                deps.table.finished(record, 0, 0, decision.reason, decision.flags)
+                return
+            try:
+                upstream = deps.socket_factory.upstream(pod, target, source_ip)
+                upstream = await sockets.connect(upstream, target, connect_timeout=deps.connect_timeout)
+            except OSError as exc:
+                upstream = None
+                self._pending.pop(key, None)
+                proto.reject(event.stream_id, 503)
+                deps.table.finished(record, 0, 0, str(exc), Flags.UPSTREAM_FAILURE)
+                return
+            self._pending.pop(key, None)
+            relay = Relay()
+            up = await tcp_side(upstream, relay.leg(UPSTREAM))
+            upstream = None  # the transport owns it now
+            try:
+                stream = proto.accept(event.stream_id)
+            except hbone.HboneError:  # reset or connection gone while we connected
+                up.abort()
+                deps.table.finished(
+                    record, 0, 0, "the client reset the stream before it was answered", Flags.DOWNSTREAM_CLOSED
+                )
+                return
+            stream.attach(relay.leg(DOWNSTREAM))
+            relay.start(stream, up)
+            record.policy_view = decision.connection
+            _track(record, relay)
+            deps.table.established(record)
+            result = await relay.done
+            deps.table.finished(record, result.bytes_in, result.bytes_out, _error(result))
+        except asyncio.CancelledError:
+            if upstream is not None:
+                upstream.close()
+            if not record.established:
+                deps.table.finished(
+                    record, 0, 0, "the client reset the stream before it was answered", Flags.DOWNSTREAM_CLOSED
+                )
+            raise
+
+    def refuse_new_streams(self) -> None:
+        """Draining: open streams carry on, new CONNECTs are refused so clients retry on a new connection
+        (which the successor tunnel accepts)."""
+        for proto in self._connections:
+            proto.refuse_new_streams()
+
+    def close(self) -> None:
+        """Close every HBONE connection of this pod cleanly (GOAWAY, close_notify)."""
+        for proto in list(self._connections):
+            proto.close("the tunnel is closing this pod's connections")
+
+
+def _track(record: ConnectionRecord, relay: Relay | SpliceRelay) -> None:
+    record.bytes_in = lambda: relay.bytes_in
+    record.bytes_out = lambda: relay.bytes_out
+    record.abort = lambda reason: relay.abort(ConnectionAbortedError(reason))
+    record.close = relay.close
+
+
+def _error(result: RelayResult) -> str:
+    return "" if result.error is None else f"{type(result.error).__name__}: {result.error}"
+
+
+class PlaintextInbound:
+    """The :15006 listener of one local pod: captured plaintext, authorized without a peer identity."""
+
+    def __init__(self, deps: ProxyDeps, pod: LocalPod) -> None:
+        self._deps = deps
+        self._pod = pod
+
+    async def serve(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(listener)
+            except OSError:
+                if listener.fileno() < 0:
+                    return
+                raise
+            self._deps.tasks.spawn(self._handle(sock), name=f"plaintext-inbound {self._pod.key}")
+
+    async def _handle(self, sock: socket.socket) -> None:
+        deps, pod = self._deps, self._pod
+        view = deps.state.view
+        try:
+            client = _addr(sock.getpeername())
+            target = deps.socket_factory.original_dst(sock)
+        except (OSError, ValueError) as exc:
+            log.info("dropping a plaintext connection to %s: %s", pod.key, exc)
+            reset_socket(sock)
+            return
+        assert client is not None
+        src_workload = view.workload_at(client.ip)
+        record = ConnectionRecord(
+            Direction.INBOUND_PLAINTEXT,
+            src_addr=str(client),
+            dst_addr=str(target),
+            src=Peer.of(src_workload.pod if src_workload else None, None, view.cluster),
+            dst=Peer.of(view.pod_of(pod), pod.identity, view.cluster),
+        )
+        deps.table.pending(record)
+        decision = authorize(view, pod, client.ip, target, None)
+        if isinstance(decision, Refuse):
+            reset_socket(sock)
+            deps.table.finished(record, 0, 0, decision.reason, decision.flags)
+            return
+        try:
+            upstream = deps.socket_factory.upstream(pod, target, client.ip)
+            upstream = await sockets.connect(upstream, target, connect_timeout=deps.connect_timeout)
+        except OSError as exc:
+            reset_socket(sock)
+            deps.table.finished(record, 0, 0, str(exc), Flags.UPSTREAM_FAILURE)
+            return
+        except asyncio.CancelledError:
+            reset_socket(sock)
+            deps.table.finished(record, 0, 0, "cancelled", Flags.DOWNSTREAM_CLOSED)
+            raise
+        relay = SpliceRelay(sock, upstream)
+        record.policy_view = decision.connection
+        _track(record, relay)
+        deps.table.established(record)
+        try:
+            result = await relay.done
+        except asyncio.CancelledError:
+            relay.abort()
+            raise
+        deps.table.finished(record, result.bytes_in, result.bytes_out, _error(result))

@@ -1,0 +1,320 @@
+"""What the tunnel reports about every proxied connection: Istio's TCP metrics, an access log, a table.
+
+Why this module exists: operators compare the tunnel with Istio's ztunnel using the dashboards and
+habits they have, so the counters carry Istio's names and labels (REFERENCE.md, "Telemetry"):
+`istio_tcp_connections_opened_total`, `..._closed_total`, `istio_tcp_sent_bytes_total`,
+`istio_tcp_received_bytes_total`, with reporter, source_/destination_ workload, namespace, principal,
+app, version, cluster, canonical service and revision, destination_service*, request_protocol=tcp,
+response_flags and connection_security_policy; a value nobody knows is "unknown". Two gauges show the
+connections open now and those still being set up (pending, which must return to zero). Each
+connection also gets exactly one access-log line when it ends, and sits in `ConnectionTable` while it
+is open — the admin's `connections` section and the set that policy changes are re-checked against.
+
+Byte directions follow Istio: *received* is what the client sent (towards the destination), *sent* is
+what came back; in the access log `bytes_sent` is what the tunnel forwarded towards the destination and
+`bytes_recv` what it forwarded back.
+
+What it deliberately does not do: no HTTP (nodeagent.admin serves the registry), no global registry,
+no decisions — callers say what happened through `ConnectionRecord` and the methods here.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from nodeagent.model import Identity, Pod
+from nodeagent.policy import Connection
+
+access_log = logging.getLogger("nodeagent.access")
+
+UNKNOWN = "unknown"
+
+ISTIO_LABELS = (
+    "reporter",
+    "source_workload",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_cluster",
+    "destination_service",
+    "destination_service_namespace",
+    "destination_service_name",
+    "destination_workload",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_cluster",
+    "request_protocol",
+    "response_flags",
+    "connection_security_policy",
+)
+
+
+class Direction(enum.Enum):
+    OUTBOUND = "outbound"  # captured on :15001, reporter=source
+    INBOUND = "inbound"  # HBONE on :15008, reporter=destination
+    INBOUND_PLAINTEXT = "inbound_plaintext"  # captured on :15006, reporter=destination
+
+    @property
+    def reporter(self) -> str:
+        return "source" if self is Direction.OUTBOUND else "destination"
+
+
+class Flags(enum.Enum):
+    """Istio/Envoy response flags for the ways a connection can fail; NONE is "-"."""
+
+    NONE = "-"
+    UPSTREAM_FAILURE = "UF"  # the destination (app or remote tunnel) could not be reached
+    NO_ROUTE = "NR"  # no such workload here, or a loop target
+    DENIED = "DENY"  # refused by authorization (401 on HBONE, reset on :15006)
+    DOWNSTREAM_CLOSED = "DC"  # the client went away before the tunnel was up
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """One end of a connection as the labels and the log see it."""
+
+    workload: str = UNKNOWN
+    namespace: str = UNKNOWN
+    principal: str = UNKNOWN
+    app: str = UNKNOWN
+    version: str = UNKNOWN
+    canonical_service: str = UNKNOWN
+    canonical_revision: str = UNKNOWN
+    cluster: str = UNKNOWN
+
+    @classmethod
+    def of(cls, pod: Pod | None, identity: Identity | None, cluster: str) -> Peer:
+        principal = identity.uri if identity is not None else UNKNOWN
+        if pod is None:
+            return cls(principal=principal, namespace=identity.namespace if identity else UNKNOWN)
+        labels = pod.labels
+        app = labels.get("app") or labels.get("app.kubernetes.io/name") or UNKNOWN
+        version = labels.get("version") or labels.get("app.kubernetes.io/version") or UNKNOWN
+        return cls(
+            workload=pod.name,
+            namespace=pod.namespace,
+            principal=principal,
+            app=app,
+            version=version,
+            canonical_service=labels.get("service.istio.io/canonical-name") or (app if app != UNKNOWN else pod.name),
+            canonical_revision=labels.get("service.istio.io/canonical-revision")
+            or (version if version != UNKNOWN else "latest"),
+            cluster=cluster,
+        )
+
+
+_ids = itertools.count(1)
+
+
+@dataclass(slots=True)
+class ConnectionRecord:
+    """One proxied connection from accept to close; filled in by inbound.py / outbound.py."""
+
+    direction: Direction
+    src_addr: str
+    dst_addr: str
+    src: Peer = field(default_factory=Peer)
+    dst: Peer = field(default_factory=Peer)
+    hbone_addr: str = ""
+    service: str | None = None  # "namespace/name" of the destination service
+    mutual_tls: bool = False
+    started: float = field(default_factory=time.monotonic)
+    established: bool = False
+    id: int = field(default_factory=lambda: next(_ids))
+    # While open: the live byte counters and how to close it (set once the relay runs).
+    bytes_in: Callable[[], int] = lambda: 0
+    bytes_out: Callable[[], int] = lambda: 0
+    abort: Callable[[str], None] | None = None
+    close: Callable[[], None] | None = None  # graceful: FIN / END_STREAM after queued bytes
+    # Inbound only: what authorization saw, so a policy change can re-check it.
+    policy_view: Connection | None = None
+
+    def labels(self, flags: Flags) -> dict[str, str]:
+        namespace, _, name = (self.service or "").partition("/")
+        return {
+            "reporter": self.direction.reporter,
+            "source_workload": self.src.workload,
+            "source_canonical_service": self.src.canonical_service,
+            "source_canonical_revision": self.src.canonical_revision,
+            "source_workload_namespace": self.src.namespace,
+            "source_principal": self.src.principal,
+            "source_app": self.src.app,
+            "source_version": self.src.version,
+            "source_cluster": self.src.cluster,
+            "destination_service": f"{name}.{namespace}.svc.cluster.local" if self.service else UNKNOWN,
+            "destination_service_namespace": namespace or UNKNOWN,
+            "destination_service_name": name or UNKNOWN,
+            "destination_workload": self.dst.workload,
+            "destination_canonical_service": self.dst.canonical_service,
+            "destination_canonical_revision": self.dst.canonical_revision,
+            "destination_workload_namespace": self.dst.namespace,
+            "destination_principal": self.dst.principal,
+            "destination_app": self.dst.app,
+            "destination_version": self.dst.version,
+            "destination_cluster": self.dst.cluster,
+            "request_protocol": "tcp",
+            "response_flags": flags.value,
+            "connection_security_policy": "mutual_tls" if self.mutual_tls else UNKNOWN,
+        }
+
+
+class TunnelMetrics:
+    """Istio's TCP counters plus the tunnel's own gauges, on an injected registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.opened = Counter(
+            "istio_tcp_connections_opened", "TCP connections opened.", ISTIO_LABELS, registry=registry
+        )
+        self.closed = Counter(
+            "istio_tcp_connections_closed", "TCP connections closed.", ISTIO_LABELS, registry=registry
+        )
+        self.sent = Counter(
+            "istio_tcp_sent_bytes",
+            "Bytes sent back to the client (response direction).",
+            ISTIO_LABELS,
+            registry=registry,
+        )
+        self.received = Counter(
+            "istio_tcp_received_bytes",
+            "Bytes received from the client (request direction).",
+            ISTIO_LABELS,
+            registry=registry,
+        )
+        self.active = Gauge(
+            "nodeagent_tunnel_connections_active",
+            "Proxied connections open now, by direction.",
+            ["direction"],
+            registry=registry,
+        )
+        self.pending = Gauge(
+            "nodeagent_tunnel_connections_pending",
+            "Connections accepted but not yet established (planning, connecting, authorizing).",
+            ["direction"],
+            registry=registry,
+        )
+        self.hbone_connections = Gauge(
+            "nodeagent_tunnel_hbone_connections",
+            "HBONE (mTLS HTTP/2) connections open now, by role (client|server).",
+            ["role"],
+            registry=registry,
+        )
+        self.rejected_streams = Counter(
+            "nodeagent_tunnel_hbone_rejected_streams",
+            "CONNECT streams answered with an error status, by status.",
+            ["status"],
+            registry=registry,
+        )
+        self.peer_failures = Counter(
+            "nodeagent_tunnel_peer_verification_failures",
+            "HBONE connections dropped because the peer's certificate or ALPN was not acceptable, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        for d in Direction:
+            self.active.labels(d.value)
+            self.pending.labels(d.value)
+
+
+class ConnectionTable:
+    """The open connections: gauges, metrics at open/close, the access log, and the admin dump."""
+
+    def __init__(self, metrics: TunnelMetrics) -> None:
+        self.metrics = metrics
+        self._open: dict[int, ConnectionRecord] = {}
+
+    def pending(self, record: ConnectionRecord) -> None:
+        self.metrics.pending.labels(record.direction.value).inc()
+
+    def established(self, record: ConnectionRecord) -> None:
+        """The tunnel is up: count it as opened and keep it in the table until `finished`."""
+        record.established = True
+        self.metrics.pending.labels(record.direction.value).dec()
+        self.metrics.active.labels(record.direction.value).inc()
+        self.metrics.opened.labels(**record.labels(Flags.NONE)).inc()
+        self._open[record.id] = record
+
+    def finished(
+        self, record: ConnectionRecord, bytes_in: int, bytes_out: int, error: str = "", flags: Flags = Flags.NONE
+    ) -> None:
+        """The connection is over (or never got up): metrics, gauges and its one access-log line."""
+        if record.established:
+            self._open.pop(record.id, None)
+            self.metrics.active.labels(record.direction.value).dec()
+        else:
+            self.metrics.pending.labels(record.direction.value).dec()
+        labels = record.labels(flags)
+        if not record.established:
+            self.metrics.opened.labels(**labels).inc()
+        self.metrics.closed.labels(**labels).inc()
+        self.metrics.received.labels(**labels).inc(bytes_in)
+        self.metrics.sent.labels(**labels).inc(bytes_out)
+        access_log.info("%s", format_access_log(record, bytes_in, bytes_out, error))
+
+    def __iter__(self) -> Iterator[ConnectionRecord]:
+        return iter(list(self._open.values()))
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def inbound_views(self) -> Mapping[int, Connection]:
+        return {r.id: r.policy_view for r in self._open.values() if r.policy_view is not None}
+
+    def get(self, record_id: int) -> ConnectionRecord | None:
+        return self._open.get(record_id)
+
+    def dump(self) -> dict[str, list[dict[str, Any]]]:
+        """ztunnel-style: inbound and outbound lists of src / originalDst / actualDst."""
+        out: dict[str, list[dict[str, Any]]] = {"inbound": [], "outbound": []}
+        for r in self._open.values():
+            entry = {
+                "src": r.src_addr,
+                "originalDst": r.dst_addr,
+                "actualDst": r.hbone_addr or r.dst_addr,
+                "protocol": "HBONE" if r.mutual_tls else "TCP",
+                "srcIdentity": r.src.principal,
+                "dstIdentity": r.dst.principal,
+                "bytesIn": r.bytes_in(),
+                "bytesOut": r.bytes_out(),
+            }
+            out["outbound" if r.direction is Direction.OUTBOUND else "inbound"].append(entry)
+        return out
+
+
+def _quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def format_access_log(record: ConnectionRecord, bytes_in: int, bytes_out: int, error: str) -> str:
+    duration_ms = (time.monotonic() - record.started) * 1000
+    fields = [
+        ("src.addr", record.src_addr),
+        ("src.workload", _quote(record.src.workload)),
+        ("src.namespace", _quote(record.src.namespace)),
+        ("src.identity", _quote(record.src.principal)),
+        ("dst.addr", record.dst_addr),
+        ("dst.hbone_addr", record.hbone_addr or "-"),
+        ("dst.workload", _quote(record.dst.workload)),
+        ("dst.identity", _quote(record.dst.principal)),
+        ("direction", _quote(record.direction.value)),
+        ("bytes_sent", str(bytes_in)),
+        ("bytes_recv", str(bytes_out)),
+        ("duration", _quote(f"{duration_ms:.0f}ms")),
+    ]
+    if error:
+        fields.append(("error", _quote(error)))
+    return "connection complete " + " ".join(f"{k}={v}" for k, v in fields)

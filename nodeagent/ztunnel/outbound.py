@@ -1,0 +1,198 @@
+"""Outbound: connections captured on a local pod's :15001, carried out according to routing's plan.
+
+Why this module exists: "decide, then act". For each captured connection this module reads the
+original destination (the socket factory's edge: SO_ORIGINAL_DST in pods), asks the pure
+`routing.plan_outbound` what to do with the current cluster view, and executes the plan:
+
+- `Hbone`: a CONNECT stream on a pooled mTLS connection to the destination pod's :15008 (pool.py),
+  presenting the *source* workload's certificate and accepting only the destination's SPIFFE ID
+  (tls.verify_server_peer); the captured socket is relayed onto the stream only after the 200, so
+  nothing leaves before the destination has authorized it;
+- `Passthrough`: plain TCP from the pod's netns to the original destination, spliced;
+- `Denial`: the captured connection is reset and the reason logged.
+
+`HboneConnector` is the pool's connect edge: socket from the source pod (so the HBONE connection's
+source IP is the pod's), TCP connect, TLS handshake without SNI, then the peer check.
+
+What it deliberately does not do: no decisions of its own (routing.py), no authorization (the
+destination decides), no retries (a failed connect resets the captured connection; the app retries).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import socket
+
+from nodeagent.model import SocketAddress
+from nodeagent.ztunnel import hbone, sockets, tls
+from nodeagent.ztunnel.edges import LocalPod
+from nodeagent.ztunnel.hbone_transport import HboneProtocol
+from nodeagent.ztunnel.inbound import ProxyDeps, _addr, _error, _track, reset_socket
+from nodeagent.ztunnel.metrics import ConnectionRecord, Direction, Flags, Peer
+from nodeagent.ztunnel.pool import HbonePool
+from nodeagent.ztunnel.relay import DOWNSTREAM, UPSTREAM, Relay, SpliceRelay, tcp_side
+from nodeagent.ztunnel.routing import Denial, Hbone, Passthrough, PoolKey, plan_outbound
+
+log = logging.getLogger(__name__)
+
+
+class HboneConnector:
+    """Open and verify one outbound HBONE connection for a pool key (the pool's connect edge)."""
+
+    def __init__(self, deps: ProxyDeps, hbone_port: int = sockets.HBONE_PORT) -> None:
+        self._deps = deps
+        self._hbone_port = hbone_port
+        self.pool: HbonePool | None = None  # set by whoever builds the pool, for idle tracking
+
+    async def __call__(self, key: PoolKey, pod: LocalPod) -> HboneProtocol:
+        deps = self._deps
+        ctx = deps.contexts.context(key.source_identity, server_side=False)
+        dest = SocketAddress(key.destination.ip, self._hbone_port)
+        sock = deps.socket_factory.outbound(pod, dest)
+        sock = await sockets.connect(sock, dest, connect_timeout=deps.connect_timeout)
+        pool = self.pool
+
+        def factory() -> HboneProtocol:
+            return HboneProtocol(
+                hbone.Role.CLIENT,
+                limits=deps.limits,
+                on_idle=pool.on_idle if pool is not None else None,
+                on_closed=lambda _: deps.metrics.hbone_connections.labels("client").dec(),
+            )
+
+        loop = asyncio.get_running_loop()
+        try:
+            _, proto = await loop.create_connection(
+                factory, sock=sock, ssl=ctx, server_hostname="", ssl_handshake_timeout=deps.handshake_timeout
+            )
+        except BaseException:
+            sock.close()
+            raise
+        deps.metrics.hbone_connections.labels("client").inc()
+        try:
+            tls.verify_server_peer(proto.peer_ssl(), key.destination_identity)  # type: ignore[arg-type]
+        except tls.PeerVerificationError as exc:
+            deps.metrics.peer_failures.labels(reason=exc.reason.value).inc()
+            proto.abort(str(exc))
+            raise ConnectionRefusedError(f"HBONE peer {dest} is not acceptable: {exc}") from None
+        return proto
+
+
+class Outbound:
+    """The :15001 listeners of every local pod share one pool and one executor of plans."""
+
+    def __init__(self, deps: ProxyDeps, pool: HbonePool) -> None:
+        self._deps = deps
+        self.pool = pool
+        self._balance = itertools.count()
+
+    async def serve(self, pod: LocalPod, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(listener)
+            except OSError:
+                if listener.fileno() < 0:
+                    return
+                raise
+            self._deps.tasks.spawn(self._handle(pod, sock), name=f"outbound {pod.key}")
+
+    async def _handle(self, pod: LocalPod, sock: socket.socket) -> None:
+        deps = self._deps
+        view = deps.state.view
+        try:
+            client = _addr(sock.getpeername())
+            original = deps.socket_factory.original_dst(sock)
+        except (OSError, ValueError) as exc:
+            log.info("dropping a captured connection of %s: %s", pod.key, exc)
+            reset_socket(sock)
+            return
+        source = view.pod_of(pod)
+        plan = (
+            plan_outbound(view.routing, source, original, balance=next(self._balance))
+            if source is not None
+            else Denial(f"pod {pod.key} is not in the inventory (yet); its traffic cannot be routed")
+        )
+        dst_workload = view.workload_at(plan.target.ip) if not isinstance(plan, Denial) else None
+        record = ConnectionRecord(
+            Direction.OUTBOUND,
+            src_addr=str(client),
+            dst_addr=str(original if isinstance(plan, Denial) else plan.target),
+            src=Peer.of(source, pod.identity, view.cluster),
+            dst=Peer.of(
+                dst_workload.pod if dst_workload else None,
+                plan.expected_identity if isinstance(plan, Hbone) else None,
+                view.cluster,
+            ),
+            service=None if isinstance(plan, Denial) else plan.service,
+            hbone_addr=str(plan.pool_key.destination) if isinstance(plan, Hbone) else "",
+            mutual_tls=isinstance(plan, Hbone),
+        )
+        deps.table.pending(record)
+        if isinstance(plan, Denial):
+            reset_socket(sock)
+            deps.table.finished(record, 0, 0, plan.reason, Flags.NO_ROUTE)
+            return
+        try:
+            if isinstance(plan, Passthrough):
+                await self._passthrough(pod, sock, plan, record)
+            else:
+                await self._hbone(pod, sock, plan, record)
+        except asyncio.CancelledError:
+            if not record.established:
+                reset_socket(sock)
+                deps.table.finished(record, 0, 0, "cancelled", Flags.DOWNSTREAM_CLOSED)
+            raise
+
+    async def _passthrough(
+        self, pod: LocalPod, sock: socket.socket, plan: Passthrough, record: ConnectionRecord
+    ) -> None:
+        deps = self._deps
+        try:
+            upstream = deps.socket_factory.outbound(pod, plan.target)
+            upstream = await sockets.connect(upstream, plan.target, connect_timeout=deps.connect_timeout)
+        except OSError as exc:
+            reset_socket(sock)
+            deps.table.finished(record, 0, 0, str(exc), Flags.UPSTREAM_FAILURE)
+            return
+        relay = SpliceRelay(sock, upstream)
+        _track(record, relay)
+        deps.table.established(record)
+        try:
+            result = await relay.done
+        except asyncio.CancelledError:
+            relay.abort()
+            raise
+        deps.table.finished(record, result.bytes_in, result.bytes_out, _error(result))
+
+    async def _hbone(self, pod: LocalPod, sock: socket.socket, plan: Hbone, record: ConnectionRecord) -> None:
+        deps = self._deps
+        request = hbone.ConnectRequest(plan.target, forwarded=f'for="{record.src_addr}"')
+        try:
+            stream, _ = await self.pool.open_stream(plan.pool_key, request, pod)
+        except (OSError, TimeoutError, hbone.HboneError, Exception) as exc:
+            reset_socket(sock)
+            status = getattr(exc, "status", None)
+            flags = Flags.DENIED if status == 401 else Flags.UPSTREAM_FAILURE
+            if isinstance(exc, TimeoutError):
+                exc = TimeoutError(
+                    f"timed out connecting to {plan.pool_key.destination} — is a NetworkPolicy blocking the HBONE port?"
+                )
+            log.info("outbound %s -> %s failed: %s", record.src_addr, plan.target, exc)
+            deps.table.finished(record, 0, 0, str(exc) or type(exc).__name__, flags)
+            return
+        relay = Relay()
+        stream.attach(relay.leg(UPSTREAM))
+        try:
+            down = await tcp_side(sock, relay.leg(DOWNSTREAM))
+        except OSError as exc:
+            stream.abort()
+            deps.table.finished(record, 0, 0, str(exc), Flags.DOWNSTREAM_CLOSED)
+            return
+        relay.start(down, stream)
+        _track(record, relay)
+        deps.table.established(record)
+        result = await relay.done
+        deps.table.finished(record, result.bytes_in, result.bytes_out, _error(result))

@@ -1,0 +1,448 @@
+"""The tunnel process: every local pod's proxies in one event loop, fed by ZDS, drained on SIGTERM.
+
+Why this module exists: the building blocks (HBONE core, TLS, sockets, relays, routing, policy,
+certificates, ZDS client) each do one thing; this module owns their lifecycle. For each pod the node
+agent hands over (ZDS Add, with the pod's netns fd) it binds :15001, :15006 and :15008 through the
+injected socket factory (inside the pod's netns in production, SO_MARK 0x539, SO_REUSEPORT) and starts
+one named accept task per listener; Del closes them; SnapshotSent drops pods the agent no longer knows.
+It keeps the cluster view (inventory + policies) current, re-checking open inbound connections when the
+policies change and closing those now denied. It serves the admin (/config_dump), metrics and readiness
+endpoints. On SIGTERM it drains: listeners close at once (a successor bound to the same ports through
+SO_REUSEPORT takes new connections and receives the pods over ZDS, because Add goes to the newest
+connection), established connections run on until `grace - drain_margin`, then close cleanly (HTTP/2
+GOAWAY, TLS close_notify, TCP FIN).
+
+Every edge is a field of `TunnelInputs`: socket factory, credentials (the certificate manager), the
+inventory and policy sources, the metrics registry, the clock, the ZDS socket and the endpoints.
+
+What it deliberately does not do: no protocol or policy logic of its own (inbound.py, outbound.py,
+routing.py, policy.py), no capture rules (the node agent), no argument parsing (commands.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import uvloop
+from prometheus_client import CollectorRegistry
+
+from nodeagent.admin import AdminServer
+from nodeagent.model import Identity, Inventory, IPAddress
+from nodeagent.policy import PolicySet, revalidate
+from nodeagent.zds.codec import Workload
+from nodeagent.zds.tasks import TaskSet
+from nodeagent.ztunnel import hbone, sockets
+from nodeagent.ztunnel.certs import CertMaterial
+from nodeagent.ztunnel.edges import ClusterView, LocalPod, ProxyState, SocketFactory, TlsContexts
+from nodeagent.ztunnel.inbound import HboneInbound, PlaintextInbound, ProxyDeps
+from nodeagent.ztunnel.metrics import ConnectionTable, TunnelMetrics
+from nodeagent.ztunnel.outbound import HboneConnector, Outbound
+from nodeagent.ztunnel.pool import HbonePool
+from nodeagent.ztunnel.zds_client import Backoff, ZdsClient
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GRACE = 30.0
+DRAIN_MARGIN = 5.0
+
+
+class CertSource(Protocol):
+    """The certificate manager as the process drives it (nodeagent.ztunnel.certs.CertificateManager)."""
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    def set_local_workloads(self, identities: Any) -> None: ...
+    def material(self, identity: Identity) -> CertMaterial: ...
+    def ready(self) -> str | None: ...
+    def config_dump(self) -> list[dict[str, Any]]: ...
+
+    @property
+    def bundle_pem(self) -> str: ...
+
+
+Endpoint = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class TunnelInputs:
+    node: str
+    socket_factory: SocketFactory
+    credentials: CertSource
+    inventory: Callable[[], Inventory]  # the current inventory; cheap, returns the same object until it changes
+    policies: Callable[[], PolicySet]
+    registry: CollectorRegistry
+    zds_socket: str | None = None  # None: the caller adds pods itself (add_pod / remove_pod)
+    zds_backoff: Backoff = field(default_factory=Backoff)
+    clock: Callable[[], float] = time.monotonic
+    admin: Endpoint | None = ("127.0.0.1", 15000)
+    metrics: Endpoint | None = ("0.0.0.0", 15020)
+    ready: Endpoint | None = ("0.0.0.0", 15021)
+    grace: float = DEFAULT_GRACE
+    drain_margin: float = DRAIN_MARGIN
+    watch_interval: float = 0.25  # how often inventory and policies are checked for changes (< 1 s)
+    limits: hbone.Limits = field(default_factory=hbone.Limits)
+    hbone_port: int = sockets.HBONE_PORT
+    connect_timeout: float = sockets.CONNECT_TIMEOUT
+    handshake_timeout: float = 10.0
+    max_streams_per_connection: int = 100
+    pool_idle_timeout: float = 300.0
+
+
+@dataclass(eq=False)
+class _Served:
+    """A local pod and what the tunnel runs for it."""
+
+    pod: LocalPod
+    listeners: list[socket.socket] = field(default_factory=list)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    hbone: HboneInbound | None = None
+
+    def close_listeners(self) -> None:
+        for sock in self.listeners:
+            sock.close()
+        self.listeners.clear()
+        for task in self.tasks:
+            task.cancel()
+        self.tasks.clear()
+
+
+class Tunnel:
+    """Create with inputs, `await start()`, serve, `await drain()` and `await stop()` (or `await run()`)."""
+
+    def __init__(self, inputs: TunnelInputs) -> None:
+        self._in = inputs
+        self._tasks = TaskSet(log)
+        self._metrics = TunnelMetrics(inputs.registry)
+        self.table = ConnectionTable(self._metrics)
+        self._inventory = inputs.inventory()
+        self._policies = inputs.policies()
+        self.state = ProxyState(ClusterView.build(self._inventory, self._policies))
+        self.contexts = TlsContexts(inputs.credentials)
+        self.deps = ProxyDeps(
+            state=self.state,
+            socket_factory=inputs.socket_factory,
+            contexts=self.contexts,
+            table=self.table,
+            metrics=self._metrics,
+            tasks=self._tasks,
+            limits=inputs.limits,
+            connect_timeout=inputs.connect_timeout,
+            handshake_timeout=inputs.handshake_timeout,
+        )
+        connector = HboneConnector(self.deps, inputs.hbone_port)
+        self.pool = HbonePool(
+            connector,
+            max_streams=inputs.max_streams_per_connection,
+            idle_timeout=inputs.pool_idle_timeout,
+            connect_timeout=inputs.connect_timeout,
+        )
+        connector.pool = self.pool
+        self._outbound = Outbound(self.deps, self.pool)
+        self._pods: dict[str, _Served] = {}
+        self._zds: ZdsClient | None = None
+        self._servers: list[AdminServer] = []
+        self.addresses: dict[str, Endpoint] = {}
+        self.draining = False
+        self._stopped = asyncio.Event()
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._in.credentials.start()
+        self._tasks.spawn(self._watch(), name="tunnel-watch-inventory-and-policies")
+        admin = AdminServer(self._in.registry)
+        for name, provider in (
+            ("workloads", self._dump_workloads),
+            ("certificates", self._in.credentials.config_dump),
+            ("policies", self._dump_policies),
+            ("connections", self._dump_connections),
+            ("localPods", self._dump_local_pods),
+        ):
+            admin.add_config_provider(name, provider)
+        ready = AdminServer(self._in.registry)
+        ready.add_readiness_check("zds", self._zds_pending)
+        ready.add_readiness_check("certificates", self._in.credentials.ready)
+        ready.add_readiness_check("drain", lambda: "draining: the tunnel is shutting down" if self.draining else None)
+        for name, server, endpoint in (
+            ("admin", admin, self._in.admin),
+            ("metrics", AdminServer(self._in.registry), self._in.metrics),
+            ("ready", ready, self._in.ready),
+        ):
+            if endpoint is not None:
+                self.addresses[name] = await server.start(*endpoint)
+                self._servers.append(server)
+        self.readiness = ready
+        if self._in.zds_socket is not None:
+            self._zds = ZdsClient(self, self._in.zds_socket, backoff=self._in.zds_backoff)
+            self._zds.start()
+        log.info("tunnel for node %s started", self._in.node)
+
+    async def run(self) -> None:
+        """start(), serve until SIGTERM/SIGINT, drain, stop()."""
+        loop = asyncio.get_running_loop()
+        signalled = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, signalled.set)
+        await self.start()
+        await signalled.wait()
+        log.info("signal received: draining (new connections go to a successor tunnel if one runs)")
+        await self.drain()
+        await self.stop()
+
+    async def drain(self) -> None:
+        """Close listeners now; let established connections run until grace - margin; close them cleanly."""
+        self.draining = True
+        for served in self._pods.values():
+            served.close_listeners()
+            if served.hbone is not None:
+                served.hbone.refuse_new_streams()
+        self.pool.stop_new()
+        if self._zds is not None:
+            await self._zds.close()
+            self._zds = None
+        deadline = self._in.clock() + max(0.0, self._in.grace - self._in.drain_margin)
+        while len(self.table) and self._in.clock() < deadline:  # noqa: ASYNC110 (a deadline, not an event)
+            await asyncio.sleep(min(0.05, max(0.0, deadline - self._in.clock())))
+        if len(self.table):
+            log.info("drain deadline reached: closing %d connections cleanly", len(self.table))
+        for record in self.table:
+            if record.close is not None:
+                record.close()
+        for served in self._pods.values():
+            if served.hbone is not None:
+                served.hbone.close()
+        self.pool.close_all()
+        # Give the clean closes (GOAWAY, close_notify, FIN) a moment to reach the peers.
+        for _ in range(40):
+            if not len(self.table):
+                break
+            await asyncio.sleep(0.025)
+
+    async def stop(self) -> None:
+        if self._zds is not None:
+            await self._zds.close()
+            self._zds = None
+        for record in self.table:
+            if record.abort is not None:
+                record.abort("the tunnel stopped")
+        self.pool.close_all()
+        for served in list(self._pods.values()):
+            self._drop(served)
+        for server in self._servers:
+            await server.stop()
+        await self._tasks.cancel_all()
+        await self._in.credentials.stop()
+        self._stopped.set()
+
+    # -- ZDS WorkloadHandler ------------------------------------------------------------------------------
+
+    async def on_add(self, workload: Workload, netns_fd: int) -> None:
+        await self.add_pod(workload, os.dup(netns_fd))
+
+    async def on_keep(self, uid: str) -> None:
+        if uid not in self._pods:
+            log.info("ZDS Keep for pod %s that this tunnel does not serve (no netns to serve it in)", uid)
+
+    async def on_del(self, uid: str) -> None:
+        await self.remove_pod(uid)
+
+    async def on_snapshot_done(self, known_uids: frozenset[str]) -> None:
+        for uid in [u for u in self._pods if u not in known_uids]:
+            log.info("pod %s is not in the node agent's snapshot; dropping it", self._pods[uid].pod.key)
+            await self.remove_pod(uid)
+
+    async def add_pod(self, workload: Workload, netns_fd: int | None) -> None:
+        """Serve a pod: bind its three listeners (the fd, if any, is owned from here on)."""
+        if self.draining:
+            if netns_fd is not None:
+                os.close(netns_fd)
+            raise RuntimeError("this tunnel is draining; the newer tunnel serves new pods")
+        identity = Identity(self._inventory.trust_domain, workload.namespace, workload.service_account)
+        pod = LocalPod(workload.uid, workload.name, workload.namespace, identity, netns_fd)
+        if workload.uid in self._pods:
+            await self.remove_pod(workload.uid)
+        served = _Served(pod)
+        try:
+            await self._bind(served)
+        except BaseException:
+            served.close_listeners()
+            pod.close()
+            raise
+        self._pods[pod.uid] = served
+        self._in.credentials.set_local_workloads({s.pod.identity for s in self._pods.values()})
+        log.info("serving pod %s (%s)", pod.key, identity)
+
+    async def _bind(self, served: _Served) -> None:
+        pod = served.pod
+        inv_pod = self.state.view.pod_of(pod)
+        ip: IPAddress | None = inv_pod.ip if inv_pod is not None else None
+        loop = asyncio.get_running_loop()
+
+        async def listen(port: int, transparent: bool) -> socket.socket:
+            make = functools.partial(self._in.socket_factory.listener, pod, ip, port, transparent=transparent)
+            sock = await loop.run_in_executor(None, make)
+            served.listeners.append(sock)
+            return sock
+
+        outbound = await listen(sockets.OUTBOUND_PORT, False)
+        plaintext = await listen(sockets.INBOUND_PLAINTEXT_PORT, True)
+        hbone_listener = await listen(self._in.hbone_port, True)
+        served.hbone = HboneInbound(self.deps, pod)
+        served.tasks += [
+            self._tasks.spawn(self._outbound.serve(pod, outbound), name=f"accept :15001 {pod.key}"),
+            self._tasks.spawn(PlaintextInbound(self.deps, pod).serve(plaintext), name=f"accept :15006 {pod.key}"),
+            self._tasks.spawn(served.hbone.serve(hbone_listener), name=f"accept :15008 {pod.key}"),
+        ]
+
+    async def remove_pod(self, uid: str) -> None:
+        served = self._pods.pop(uid, None)
+        if served is None:
+            return
+        self._drop(served)
+        self._in.credentials.set_local_workloads({s.pod.identity for s in self._pods.values()})
+        if not any(s.pod.identity == served.pod.identity for s in self._pods.values()):
+            self.contexts.forget(served.pod.identity)
+        log.info("stopped serving pod %s", served.pod.key)
+
+    def _drop(self, served: _Served) -> None:
+        served.close_listeners()
+        if served.hbone is not None:
+            served.hbone.close()
+        served.pod.close()
+        self._pods.pop(served.pod.uid, None)
+
+    @property
+    def pods(self) -> dict[str, LocalPod]:
+        return {uid: s.pod for uid, s in self._pods.items()}
+
+    # -- cluster view ----------------------------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self._in.watch_interval)
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Pick up a changed inventory or policy set; close open connections the new policies deny."""
+        inventory, policies = self._in.inventory(), self._in.policies()
+        if inventory is self._inventory and policies is self._policies:
+            return
+        self._inventory, self._policies = inventory, policies
+        self.state.view = ClusterView.build(inventory, policies)
+        # New policies, but also new labels or namespaces in the inventory, can change verdicts.
+        denied = revalidate(self.table.inbound_views(), policies)
+        for record_id, verdict in denied.items():
+            record = self.table.get(record_id)
+            if record is not None and record.abort is not None:
+                log.info("closing %s -> %s: %s", record.src_addr, record.dst_addr, verdict.reason)
+                record.abort(f"policy changed: {verdict.reason}")
+
+    def _zds_pending(self) -> str | None:
+        if self._in.zds_socket is None:
+            return None
+        if self._zds is None or not self._zds.ready:
+            return f"waiting for the node agent's snapshot on {self._in.zds_socket}"
+        return None
+
+    # -- config_dump -------------------------------------------------------------------------------------------
+
+    def _dump_workloads(self) -> list[dict[str, Any]]:
+        view = self.state.view
+        out = []
+        for ip, w in view.routing.workloads.items():
+            out.append(
+                {
+                    "uid": w.pod.uid,
+                    "name": w.pod.name,
+                    "namespace": w.pod.namespace,
+                    "serviceAccount": w.pod.service_account,
+                    "workloadIps": [str(ip)],
+                    "node": w.pod.node,
+                    "protocol": "HBONE" if w.enrolled else "TCP",
+                    "trustDomain": view.trust_domain,
+                    "clusterId": view.cluster,
+                    "status": "Healthy",
+                    "waypoint": None,
+                }
+            )
+        return out
+
+    def _dump_policies(self) -> list[dict[str, Any]]:
+        policies = self.state.view.policies
+        out: list[dict[str, Any]] = [
+            {
+                "name": p.name,
+                "namespace": p.namespace,
+                "action": p.action.value.capitalize(),
+                "scope": p.scope.name.title().replace("_", ""),
+                "rules": len(p.rules),
+            }
+            for p in policies.authorization
+        ]
+        out += [
+            {"name": pa.name, "namespace": pa.namespace, "kind": "PeerAuthentication", "mode": pa.mode.value}
+            for pa in policies.peer_authentication
+        ]
+        return out
+
+    def _dump_connections(self) -> dict[str, Any]:
+        dump: dict[str, Any] = dict(self.table.dump())
+        dump["pool"] = self.pool.dump()
+        return dump
+
+    def _dump_local_pods(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "uid": s.pod.uid,
+                "name": s.pod.name,
+                "namespace": s.pod.namespace,
+                "identity": str(s.pod.identity),
+                "listening": bool(s.listeners),
+            }
+            for s in self._pods.values()
+        ]
+
+
+def file_source(path: str, load: Callable[[str], Any], default: Any = None, interval: float = 1.0) -> Callable[[], Any]:
+    """A callable returning `load(path)`, reloaded when the file's mtime/size/inode change (checked at most
+    every `interval` s). A broken file keeps the last good value and logs why; a missing file is `default`."""
+    state: dict[str, Any] = {"stamp": None, "value": default, "checked": -1e9}
+
+    def current() -> Any:
+        now = time.monotonic()
+        if now - state["checked"] < interval:
+            return state["value"]
+        state["checked"] = now
+        try:
+            st = os.stat(path)
+            stamp: tuple[int, ...] = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except FileNotFoundError:
+            stamp = ()
+        if stamp == state["stamp"]:
+            return state["value"]
+        try:
+            state["value"] = load(path) if stamp else default
+            state["stamp"] = stamp
+            log.info("loaded %s", path)
+        except Exception as exc:
+            if state["stamp"] is None:
+                raise
+            log.error("cannot reload %s, keeping the previous version: %s", path, exc)
+            state["stamp"] = stamp
+        return state["value"]
+
+    return current
+
+
+def run_tunnel(inputs: TunnelInputs) -> None:
+    """The process entry point: one uvloop event loop for every pod's proxies."""
+    uvloop.run(Tunnel(inputs).run())

@@ -1,0 +1,99 @@
+"""Drain and hand-over: the node agent's ZDS server (nodeagent.agent.zds_server) feeds two tunnels on the
+same node; the old one drains while the new one, bound to the same ports via SO_REUSEPORT, takes new
+connections. Established connections keep flowing until grace - margin, then end cleanly (EOF, not RST).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tunnel_harness import APP_PORT, ByteServer, Cluster, cluster, connect_captured
+
+from nodeagent.agent.zds_server import ZdsServer
+from nodeagent.model import SocketAddress
+from nodeagent.ztunnel.zds_client import Backoff
+
+
+@pytest.fixture
+def zds_path() -> Iterator[str]:
+    root = tempfile.mkdtemp(prefix="tunnel-zds-", dir="/tmp")
+    yield os.path.join(root, "ztunnel.sock")
+    shutil.rmtree(root)
+
+
+async def roundtrip(c: Cluster, sock_payload: bytes = b"ping") -> bool:
+    server = c.pod("server")
+    assert server.ip is not None
+    sock = await connect_captured(c.net, c.pod("client"), SocketAddress(server.ip, APP_PORT))
+    loop = asyncio.get_running_loop()
+    with sock:
+        await loop.sock_sendall(sock, sock_payload)
+        async with asyncio.timeout(5):
+            return await loop.sock_recv(sock, 2) != b""
+
+
+async def test_drain_hands_over_to_a_successor(tmp_path: Path, zds_path: str) -> None:
+    async with cluster(tmp_path) as c:
+        server_pod = c.pod("server")
+        assert server_pod.ip is not None
+        netns_stand_in = os.open("/dev/null", os.O_RDONLY)
+        zds = ZdsServer(lambda: [(server_pod, netns_stand_in)], zds_path)
+        await zds.start()
+        app = ByteServer(server_pod.ip, size=2).start()
+        try:
+            await c.wait_ready(await c.start_tunnel("node1"))
+            fast = Backoff(0.01, 0.05)
+            old = await c.start_tunnel("node2", zds_socket=zds_path, zds_backoff=fast, grace=3.0, drain_margin=2.0)
+            await c.wait_ready(old)
+            assert list(old.pods) == [server_pod.uid]
+
+            # A long-lived connection through the old tunnel.
+            loop = asyncio.get_running_loop()
+            long = await connect_captured(c.net, c.pod("client"), SocketAddress(server_pod.ip, APP_PORT))
+            await loop.sock_sendall(long, b"hi")
+            assert await loop.sock_recv(long, 2)
+            assert len(old.table) == 1
+
+            old_registry = c.registries["node2"]
+            new = c.tunnels["node2-new"] = await c.start_tunnel("node2", zds_socket=zds_path, zds_backoff=fast)
+            c.tunnels["node2"] = old
+            new_registry = c.registries["node2"]
+            await c.wait_ready(new)
+            assert list(new.pods) == [server_pod.uid]
+
+            began = time.monotonic()
+            draining = asyncio.ensure_future(old.drain())
+            await asyncio.sleep(0.1)
+            assert old.readiness.readiness() != []  # no longer ready
+            # New connections succeed (served by the successor) while the old tunnel drains.
+            for _ in range(5):
+                assert await roundtrip(c)
+            # The established connection still works during the drain ...
+            await loop.sock_sendall(long, b"more")
+            # ... and ends cleanly (EOF) once grace - margin (1 s) has passed.
+            async with asyncio.timeout(5):
+                while await loop.sock_recv(long, 65536):
+                    pass
+            ended_after = time.monotonic() - began
+            long.close()
+            await draining
+            assert 0.9 <= ended_after < 2.5, ended_after
+            assert old_registry.get_sample_value("nodeagent_tunnel_connections_active", {"direction": "inbound"}) == 0
+            served_new = sum(
+                s.value
+                for m in new_registry.collect()
+                for s in m.samples
+                if s.name == "istio_tcp_connections_opened_total"
+            )
+            assert served_new == 5
+        finally:
+            await app.close()
+            await zds.close()
+            os.close(netns_stand_in)
