@@ -16,6 +16,7 @@ from nodeagent.ca import commands as ca_commands
 from nodeagent.ca.client import CAClient
 from nodeagent.lab import commands as lab_commands
 from nodeagent.ztunnel import commands as ztunnel_commands
+from nodeagent.ztunnel import inspect as ztunnel_inspect
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     lab_commands.register(sub)
     ca_commands.register(sub)
-    ca_commands.register_inspect(sub)
+    inspect = sub.add_parser("inspect", help="look at what a node holds: certificates, workloads, connections")
+    inspect_sub = inspect.add_subparsers(dest="inspect_command", required=True, metavar="WHAT")
+    ca_commands.register_inspect(inspect_sub)
+    ztunnel_inspect.register_inspect(inspect_sub)
     # The tunnel fetches certificates with the CA's client; the CLI joins the two independent packages.
     ztunnel_commands.register(sub, ca_client=CAClient)
     return parser

@@ -18,15 +18,13 @@ import json
 import signal
 import sys
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prometheus_client import CollectorRegistry, start_http_server
 
+from nodeagent.admin_client import add_admin_arguments, print_section, table
 from nodeagent.ca import authority
 from nodeagent.ca.authn import DEFAULT_NODE_ACCOUNT, LabTokenAuthenticator
 from nodeagent.ca.authority import DEFAULT_DNS_NAMES
@@ -37,7 +35,6 @@ from nodeagent.metrics import CAMetrics
 from nodeagent.model import DEFAULT_TRUST_DOMAIN, Identity
 
 DEFAULT_STATE_DIR = "/var/lib/nodeagent/ca"
-DEFAULT_ADMIN = "http://127.0.0.1:15000"
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -86,12 +83,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     serve.set_defaults(func=cmd_serve)
 
 
-def register_inspect(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    inspect = subparsers.add_parser("inspect", help="look at what a node holds")
-    inspect_sub = inspect.add_subparsers(dest="inspect_command", required=True, metavar="WHAT")
-    certs = inspect_sub.add_parser("certificates", help="workload certificates held by a node's tunnel")
-    certs.add_argument("--admin", default=DEFAULT_ADMIN, help="admin endpoint of the node's tunnel")
-    certs.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+def register_inspect(inspect_subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`nodeagent inspect certificates` (the `inspect` parser itself belongs to the CLI)."""
+    certs = inspect_subparsers.add_parser("certificates", help="workload certificates held by a node's tunnel")
+    add_admin_arguments(certs)
     certs.set_defaults(func=cmd_inspect_certificates)
 
 
@@ -271,28 +266,8 @@ def certificate_rows(dump: Iterable[Mapping[str, Any]], now: dt.datetime) -> lis
 
 def certificates_table(dump: Iterable[Mapping[str, Any]], now: dt.datetime) -> str:
     """istioctl-style aligned table of the `certificates` section of a config dump."""
-    rows = [COLUMNS, *certificate_rows(dump, now)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
-    lines = ["   ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
-    return "\n".join(lines) + "\n"
+    return table(COLUMNS, certificate_rows(dump, now))
 
 
 def cmd_inspect_certificates(args: argparse.Namespace) -> int:
-    url = args.admin.rstrip("/") + "/config_dump"
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            dump = json.load(response)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        print(f"error: cannot read {url}: {exc}; is the tunnel running and --admin right?", file=sys.stderr)
-        return 1
-    certificates = dump.get("certificates")
-    if certificates is None:
-        print(f"error: {url} has no `certificates` section; is this a nodeagent tunnel?", file=sys.stderr)
-        return 1
-    if args.output == "json":
-        print(json.dumps(certificates, indent=2))
-    elif args.output == "yaml":
-        print(yaml.safe_dump(certificates, sort_keys=False), end="")
-    else:
-        print(certificates_table(certificates, dt.datetime.now(dt.UTC)), end="")
-    return 0
+    return print_section(args, "certificates", lambda dump: certificates_table(dump, dt.datetime.now(dt.UTC)))

@@ -286,6 +286,8 @@ class ConnectionTable:
                 "originalDst": r.dst_addr,
                 "actualDst": r.hbone_addr or r.dst_addr,
                 "protocol": "HBONE" if r.mutual_tls else "TCP",
+                "srcWorkload": f"{r.src.workload}.{r.src.namespace}",
+                "dstWorkload": f"{r.dst.workload}.{r.dst.namespace}",
                 "srcIdentity": r.src.principal,
                 "dstIdentity": r.dst.principal,
                 "bytesIn": r.bytes_in(),

@@ -34,7 +34,7 @@ def _get(url: str) -> tuple[int, str, str]:
 def _inspect(admin: str, output: str) -> str:
     parser = argparse.ArgumentParser()
     commands.register_inspect(parser.add_subparsers())
-    args = parser.parse_args(["inspect", "certificates", "--admin", admin, "-o", output])
+    args = parser.parse_args(["certificates", "--admin", admin, "-o", output])
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert args.func(args) == 0
