@@ -1,0 +1,169 @@
+"""`nodeagent agent` and `nodeagent inspect redirects`: command lines into agent calls, results into text.
+
+Why this module exists: the CLI, `python -m nodeagent.agent` (a fast entry for tests and the lab, which
+skips the other subsystems' imports) and the demo all drive the same parser and code.
+
+What it deliberately does not do: no agent logic (service.py, reconciler.py) and no kernel reading of its
+own (inspect.py); nothing imports it except nodeagent.cli and nodeagent.agent.__main__.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nodeagent.agent import inspect as redirects
+from nodeagent.agent.service import CAPTURE_CHOICES, DEFAULT_VERIFY_S, AgentConfig, run
+from nodeagent.agent.status import DEFAULT_STATE_DIR
+from nodeagent.agent.workloads import DEFAULT_POLL_S
+from nodeagent.inventory.local import InventoryError, load_inventory
+from nodeagent.netns import NETNS_RUN_DIR
+from nodeagent.zds.wire import DEFAULT_SOCKET_PATH
+
+LAB_INVENTORY = Path("/run/nodeagent/lab/inventory.yaml")
+_COLUMNS = ("NAMESPACE", "POD", "IP", "MODE", "STATUS", "RULES", "LISTENERS")
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    agent = subparsers.add_parser(
+        "agent",
+        help="run the node agent: enroll this node's pods, capture their traffic, hand them to the tunnel",
+        description="The node agent for one node. Reads the inventory (re-read on change), captures every "
+        "enrolled pod of NODE inside its netns, serves ZDS to the node's tunnel, and records each pod's "
+        "status in STATE_DIR/NODE/status.json. SIGTERM stops it and leaves capture in place.",
+    )
+    agent.add_argument("--node", required=True, help="the node this agent serves")
+    agent.add_argument(
+        "--inventory", type=Path, default=LAB_INVENTORY, metavar="FILE", help="local inventory (default: %(default)s)"
+    )
+    agent.add_argument("--zds-socket", default=DEFAULT_SOCKET_PATH, metavar="PATH", help="default: %(default)s")
+    agent.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR", help="default: %(default)s")
+    agent.add_argument("--capture", choices=CAPTURE_CHOICES, default="iptables", help="capture backend")
+    agent.add_argument(
+        "--iptables",
+        choices=("auto", "legacy", "nft"),
+        default="auto",
+        help="iptables flavour (auto: the one the node already uses, else `iptables --version`'s)",
+    )
+    agent.add_argument("--netns-dir", default=NETNS_RUN_DIR, metavar="DIR", help="where pod netns files are")
+    agent.add_argument(
+        "--netns-pattern",
+        default="na-{node}.{namespace}.{name}",
+        metavar="FMT",
+        help="pod netns file name in --netns-dir (default: the lab's, %(default)s)",
+    )
+    agent.add_argument(
+        "--verify-interval",
+        type=_positive,
+        default=DEFAULT_VERIFY_S,
+        metavar="SECONDS",
+        help="how often every pod's capture is checked against the kernel and repaired (default: %(default)s)",
+    )
+    agent.add_argument(
+        "--inventory-poll",
+        type=_positive,
+        default=DEFAULT_POLL_S,
+        metavar="SECONDS",
+        help="how often the inventory file is checked for changes (default: %(default)s)",
+    )
+    agent.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    agent.set_defaults(func=_agent)
+
+
+def register_inspect_redirects(inspect_subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    cmd = inspect_subparsers.add_parser(
+        "redirects",
+        help="each pod's capture as the kernel has it (rules, routes, tunnel listeners) and its status",
+        description="A row per pod: rules and routes read with iptables-save and netlink inside the pod's "
+        "netns, listeners with ss, STATUS from the node agent's status file. --verify says what is broken "
+        "and exits 1 if anything is.",
+    )
+    cmd.add_argument("--node", action="append", metavar="NODE", help="only this node (repeatable; default: all)")
+    cmd.add_argument("--inventory", type=Path, default=LAB_INVENTORY, metavar="FILE", help="default: %(default)s")
+    cmd.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    cmd.add_argument("--verify", action="store_true", help="explain every problem; exit status 1 if there is one")
+    cmd.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR", help="agents' status files")
+    cmd.add_argument("--netns-dir", default=NETNS_RUN_DIR, metavar="DIR")
+    cmd.add_argument("--netns-pattern", default="na-{node}.{namespace}.{name}", metavar="FMT")
+    cmd.add_argument("--node-netns-pattern", default="na-{node}", metavar="FMT")
+    cmd.set_defaults(func=_inspect_redirects)
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value
+
+
+def _agent(args: argparse.Namespace) -> int:
+    logging.getLogger().setLevel(args.log_level.upper())
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = AgentConfig(
+        node=args.node,
+        inventory=args.inventory,
+        zds_socket=args.zds_socket,
+        state_dir=args.state_dir,
+        capture=args.capture,
+        iptables=args.iptables,
+        netns_dir=args.netns_dir,
+        netns_pattern=args.netns_pattern,
+        verify_interval=args.verify_interval,
+        inventory_poll=args.inventory_poll,
+    )
+    return run(config)
+
+
+def _inspect_redirects(args: argparse.Namespace) -> int:
+    try:
+        inventory = load_inventory(args.inventory)
+    except InventoryError as exc:
+        hint = " (is the lab up? `sudo nodeagent lab up`)" if args.inventory == LAB_INVENTORY else ""
+        print(f"error: {exc}{hint}", file=sys.stderr)
+        return 2
+    known = [n.name for n in inventory.nodes]
+    nodes = args.node or known
+    unknown = [n for n in nodes if n not in known]
+    if unknown:
+        print(f"error: unknown node {', '.join(unknown)} (known: {', '.join(known)})", file=sys.stderr)
+        return 2
+    layout = redirects.Layout(args.netns_dir, args.netns_pattern, args.node_netns_pattern, args.state_dir)
+    report = asyncio.run(redirects.collect(inventory, nodes, layout))
+    problems = redirects.verify(report) if args.verify else 0
+    if args.output == "json":
+        print(json.dumps(report.as_dict(), indent=2))
+    elif args.output == "yaml":
+        print(yaml.safe_dump(report.as_dict(), sort_keys=False), end="")
+    else:
+        print(_table(report, show_problems=args.verify))
+    return 1 if problems else 0
+
+
+def _table(report: redirects.Redirects, *, show_problems: bool) -> str:
+    lines: list[list[str]] = [list(_COLUMNS)]
+    for r in report.rows:
+        rules = r.rules if r.rules != "drift" else f"drift ({len(r.drift)})"
+        listeners = ",".join(str(p) for p in r.listeners) or "none"
+        lines.append([r.namespace, r.pod, r.ip, r.mode, r.status, rules, listeners])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(_COLUMNS))]
+    out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in lines]
+    for r in report.rows:
+        for d in r.drift if r.rules == "drift" else []:
+            out.append(f"  {r.namespace}/{r.pod}: {d}")
+    for n in report.nodes:
+        state = "ok" if not n.probe_drift else "; ".join(n.probe_drift)
+        out.append(f"node {n.node}: agent {n.agent}, iptables {n.iptables}, kubelet-probe bypass {state}")
+    if show_problems:
+        problems: list[tuple[str, Any]] = [(f"{r.namespace}/{r.pod}", p) for r in report.rows for p in r.problems]
+        problems += [(f"node {n.node}", p) for n in report.nodes for p in n.problems]
+        out.append("")
+        out += [f"PROBLEM {who}: {what}" for who, what in problems] or ["verified: no problems found"]
+    return "\n".join(out)

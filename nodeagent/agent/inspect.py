@@ -1,0 +1,191 @@
+"""`nodeagent inspect redirects`: each pod's capture as the KERNEL has it, next to the agent's status.
+
+Why this module exists: istio#61182 is an annotation saying "enabled" over a pod with no rules. So this
+view never asks the agent what it did: for each pod of a node it runs iptables-save and reads the policy
+routing inside the pod's netns, runs `ss -H -tlnp` there to see whether the tunnel's listeners
+(15001/15006/15008) exist, and reads the node's kubelet-probe chain; only the STATUS column comes from
+the agent's status file. `verify` turns the rows into sentences about what is broken.
+
+What it deliberately does not do: no changes to the kernel (read-only), no traffic generation (the
+capture check compares the exact rules and routes instead of sending a probe connection), no Kubernetes
+lookup yet (pods come from the local inventory and the lab's netns naming).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nodeagent.agent.enrollment import desired_pods
+from nodeagent.agent.netns_resolver import DirectoryNetnsResolver, node_netns_path
+from nodeagent.agent.status import agent_alive, read_status, status_path
+from nodeagent.capture.backend import CaptureError
+from nodeagent.capture.iptables import Flavour, Iptables, IptablesBackend, ProbeBypass, detect_flavour, run_command
+from nodeagent.capture.rules import INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
+from nodeagent.model import DEFAULT_EXCLUDED_NAMESPACES, Inventory, Pod
+
+TUNNEL_PORTS = (OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT)
+_PORT_ROLE = {
+    OUTBOUND_PORT: "outbound",
+    INBOUND_PLAINTEXT_PORT: "inbound plaintext",
+    INBOUND_HBONE_PORT: "inbound HBONE",
+}
+
+
+@dataclass
+class RedirectRow:
+    node: str
+    namespace: str
+    pod: str
+    ip: str
+    mode: str  # ambient | none | hostNetwork
+    status: str  # from the agent's status file; "-" when it has none
+    rules: str  # ok | none | drift | gone | error
+    listeners: list[int]
+    drift: list[str] = field(default_factory=list)
+    objects: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # filled by verify()
+
+
+@dataclass
+class NodeReport:
+    node: str
+    agent: str  # running | not running | no status file
+    iptables: str
+    probe_bypass: list[str]
+    probe_drift: list[str]
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Redirects:
+    rows: list[RedirectRow]
+    nodes: list[NodeReport]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rows": [asdict(r) for r in self.rows], "nodes": [asdict(n) for n in self.nodes]}
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Where the pods' and nodes' network namespaces are (default: the lab's naming)."""
+
+    netns_dir: str = "/var/run/netns"
+    pod_pattern: str = "na-{node}.{namespace}.{name}"
+    node_pattern: str = "na-{node}"
+    state_dir: Path = Path("/run/nodeagent/agent")
+
+
+async def collect(inventory: Inventory, nodes: list[str], layout: Layout) -> Redirects:
+    rows: list[RedirectRow] = []
+    reports: list[NodeReport] = []
+    for node in nodes:
+        node_rows, report = await _collect_node(inventory, node, layout)
+        rows += node_rows
+        reports.append(report)
+    return Redirects(rows, reports)
+
+
+async def _collect_node(inventory: Inventory, node: str, layout: Layout) -> tuple[list[RedirectRow], NodeReport]:
+    status = read_status(status_path(layout.state_dir, node))
+    node_netns = node_netns_path(node, layout.netns_dir, layout.node_pattern)
+    if status is not None and status.get("iptables") in {f.value for f in Flavour}:
+        flavour = Flavour(status["iptables"])
+    else:
+        flavour = await asyncio.to_thread(_detect, node_netns)
+    iptables = Iptables(flavour)
+    backend = IptablesBackend(iptables)
+    resolver = DirectoryNetnsResolver(layout.netns_dir, layout.pod_pattern)
+    enrolled = desired_pods(inventory, node, DEFAULT_EXCLUDED_NAMESPACES)
+    agent_pods: dict[str, Any] = (status or {}).get("pods", {})
+    alive = status is not None and agent_alive(status)
+
+    async def row(pod: Pod) -> RedirectRow:
+        mode = "hostNetwork" if pod.host_network else ("ambient" if pod.uid in enrolled else "none")
+        recorded = agent_pods.get(pod.uid, {}).get("status", "-")
+        if recorded != "-" and not alive:
+            recorded = f"{recorded} (agent down)"
+        r = RedirectRow(node, pod.namespace, pod.name, str(pod.ip or ""), mode, recorded, "-", [])
+        if pod.host_network:
+            return r
+        netns = resolver.resolve(pod)
+        if netns is None:
+            r.rules = "gone"
+            r.drift = [f"no network namespace at {resolver.path(pod)}"]
+            return r
+        try:
+            state, listeners = await asyncio.gather(backend.inspect(netns), _listeners(netns))
+        except CaptureError as exc:
+            r.rules, r.drift = "error", [str(exc)]
+            return r
+        r.objects, r.listeners = list(state.objects), listeners
+        r.rules = "ok" if state.complete else ("none" if not state.present else "drift")
+        r.drift = list(state.drift) if state.present else []
+        return r
+
+    pods = inventory.pods_on(node)
+    rows = list(await asyncio.gather(*(row(p) for p in pods)))
+    present = {(r.namespace, r.pod) for r in rows if r.rules != "gone"}
+    captured = {
+        p.key: p.ip for p in pods if p.uid in enrolled and p.ip is not None and (p.namespace, p.name) in present
+    }
+    probe = ProbeBypass(iptables, node_netns)
+    try:
+        probe_state = await probe.inspect(captured)
+        probe_objects, probe_drift = list(probe_state.objects), list(probe_state.drift)
+    except CaptureError as exc:
+        probe_objects, probe_drift = [], [str(exc)]
+    agent = "no status file" if status is None else ("running" if alive else "not running")
+    return rows, NodeReport(node, agent, flavour.value, probe_objects, probe_drift)
+
+
+def _detect(node_netns: str) -> Flavour:
+    return detect_flavour(node_netns if os.path.exists(node_netns) else None)
+
+
+async def _listeners(netns: str) -> list[int]:
+    done = await run_command(["ss", "-H", "-tln"], netns)
+    if done.returncode != 0:
+        raise CaptureError(f"`ss -H -tln` in {netns} failed: {done.stderr.strip()}")
+    ports = set()
+    for line in done.stdout.splitlines():
+        fields = line.split()
+        if len(fields) >= 4:
+            port = fields[3].rpartition(":")[2]
+            if port.isdigit() and int(port) in TUNNEL_PORTS:
+                ports.add(int(port))
+    return sorted(ports)
+
+
+def verify(report: Redirects) -> int:
+    """Fill in `problems` for every row and node; returns how many problems there are."""
+    total = 0
+    for r in report.rows:
+        if r.mode == "ambient":
+            if r.rules == "none":
+                r.problems.append("enrolled but not captured: no rules or routes in its netns")
+            elif r.rules in ("drift", "gone", "error"):
+                r.problems += [f"capture is incomplete: {d}" for d in r.drift]
+            missing = [p for p in TUNNEL_PORTS if p not in r.listeners]
+            if missing and r.rules != "gone":
+                ports = ", ".join(f"{p} ({_PORT_ROLE[p]})" for p in missing)
+                r.problems.append(
+                    f"nothing listens on {ports}: captured connections are refused until a tunnel serves the pod"
+                )
+            if r.status.startswith("enabled") and (r.rules != "ok" or missing):
+                r.problems.append("the status says enabled but the kernel disagrees (see above)")
+            if r.status == "-":
+                r.problems.append("the agent has not recorded this pod (is `nodeagent agent` running for its node?)")
+        elif r.mode == "none" and r.objects:
+            r.problems.append("not enrolled, yet its netns holds nodeagent capture (a leftover): restart the agent")
+        total += len(r.problems)
+    for n in report.nodes:
+        if n.agent != "running":
+            what = "not running" if n.agent == "not running" else "has never run here (no status file)"
+            n.problems.append(f"the node agent {what}: capture stays, but nothing repairs drift or serves new pods")
+        n.problems += [f"kubelet-probe bypass: {d}" for d in n.probe_drift]
+        total += len(n.problems)
+    return total

@@ -1,0 +1,271 @@
+"""The per-pod reconciler: make each of the node's pods captured (or not) as decided, one pod at a time.
+
+Why this module exists: enrollment changes, periodic verification and tunnel events all end in the same
+question per pod - "does the kernel hold what this pod needs, and does a tunnel serve it?" Answering it
+in one place, serialized per pod uid (one worker per uid, repeated requests coalesce), makes add and
+remove idempotent and race-free without a global lock, while different pods proceed in parallel
+(bounded by a semaphore, since each step forks iptables).
+
+For an enrolled pod: resolve its netns; install capture (the backend reads the kernel first, so a pod
+captured by a previous agent run is adopted untouched, and drift is repaired and logged); hold an fd of
+the netns; hand it to the tunnel with a ZDS Add (after capture: without a tunnel the pod is captured and
+refused - fail closed). For a pod that is no longer enrolled: remove capture, Del to every tunnel, close
+the fd. Status is derived, never stored: FAILED while capture is incomplete, ENABLED when the tunnel's
+ack is recorded, PENDING otherwise.
+
+What it deliberately does not do: no decisions about who is enrolled (enrollment.py), no kernel details
+(capture backend), no socket of its own (the ZDS server is injected), and it never flushes or re-applies
+a pod's rules that already agree with the desired state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from nodeagent.agent.enrollment import Status, status_of
+from nodeagent.agent.netns_resolver import NetnsResolver
+from nodeagent.agent.zds_server import Delivery, SnapshotEntry
+from nodeagent.capture.backend import CaptureBackend, CaptureError
+from nodeagent.model import Pod
+from nodeagent.zds.tasks import TaskSet
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONCURRENCY = 16
+# Periodic verification runs in its own narrow lane: it may take a while on a full node, but it never
+# holds the slots that enrolling a new pod needs.
+VERIFY_CONCURRENCY = 2
+
+
+class Tunnels(Protocol):
+    """The part of nodeagent.agent.zds_server.ZdsServer the reconciler uses."""
+
+    async def add(self, pod: Pod, netns_fd: int) -> Delivery: ...
+
+    async def delete(self, uid: str) -> None: ...
+
+    def acked_uids(self) -> frozenset[str]: ...
+
+    @property
+    def tunnels(self) -> tuple[str, ...]: ...
+
+
+@dataclass
+class PodRecord:
+    """What the agent holds for one pod it captured (or tried to)."""
+
+    pod: Pod
+    netns: str | None = None
+    fd: int | None = None
+    fd_inode: int | None = None
+    captured: bool = False  # capture was complete at the last check
+    error: str | None = None  # why capture is not complete, if it is not
+    delivered: bool = False  # an Add for the current netns fd was acked by a tunnel
+
+
+class Reconciler:
+    def __init__(
+        self,
+        backend: CaptureBackend,
+        resolver: NetnsResolver,
+        tunnels: Tunnels,
+        *,
+        on_change: Callable[[], None],
+        concurrency: int = DEFAULT_CONCURRENCY,
+    ) -> None:
+        self._backend = backend
+        self._resolver = resolver
+        self._tunnels = tunnels
+        self._on_change = on_change
+        self._kernel_slots = asyncio.Semaphore(concurrency)
+        self._verify_slots = asyncio.Semaphore(VERIFY_CONCURRENCY)
+        self._urgent: set[str] = set()  # dirty because something changed, not just due for verification
+        self._desired: dict[str, Pod] = {}
+        self._strays: dict[str, Pod] = {}  # not enrolled, maybe captured by an earlier run: remove if so
+        self.records: dict[str, PodRecord] = {}
+        self._dirty: set[str] = set()
+        self._workers: dict[str, asyncio.Task[None]] = {}
+        self._tasks = TaskSet(log)
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.probe_changed = asyncio.Event()  # set when the set of captured pods (or their IPs) changed
+
+    # --- what callers ask for ---------------------------------------------------------------------------
+
+    def set_desired(self, desired: Mapping[str, Pod]) -> None:
+        """The pods to capture now (uid -> pod): changed, new and departed pods are reconciled."""
+        changed = {uid for uid, pod in desired.items() if self._desired.get(uid) != pod}
+        changed |= set(self._desired) - set(desired)
+        self._desired = dict(desired)
+        self._urgent |= changed
+        self._kick(changed)
+
+    def sweep(self, pods: Iterable[Pod]) -> None:
+        """Remove capture an earlier run may have left in these (not enrolled) pods; once, at start-up."""
+        strays = {p.uid: p for p in pods if p.uid not in self._desired and not p.host_network}
+        self._strays.update(strays)
+        self._kick(set(strays))
+
+    def verify_all(self) -> None:
+        """Re-check every pod the agent holds or wants (the periodic drift check)."""
+        self._kick(set(self._desired) | set(self.records))
+
+    async def wait_idle(self) -> None:
+        """Until no pod has work queued or running (readiness after the first pass)."""
+        await self._idle.wait()
+
+    def status(self, uid: str) -> Status:
+        record = self.records[uid]
+        return status_of(record.error, record.delivered and uid in self._tunnels.acked_uids())
+
+    def snapshot(self) -> list[SnapshotEntry]:
+        """For a newly connected tunnel: every captured pod and its netns fd (ZdsServer's snapshot())."""
+        return [(r.pod, r.fd) for r in self.records.values() if r.captured and r.fd is not None]
+
+    def on_tunnel_ready(self, acked: frozenset[str]) -> None:
+        """A tunnel acked its snapshot: the pods in it are delivered."""
+        for uid, record in self.records.items():
+            record.delivered = record.captured and uid in acked
+        self._on_change()
+
+    def probe_targets(self) -> dict[str, ipaddress.IPv4Address]:
+        """pod key -> IP of every captured pod: what the node's kubelet-probe bypass must cover."""
+        return {r.pod.key: r.pod.ip for r in self.records.values() if r.captured and r.pod.ip is not None}
+
+    async def close(self) -> None:
+        """Stop every worker and close every netns fd; capture stays in the kernel (it survives restarts)."""
+        await self._tasks.cancel_all()
+        for record in self.records.values():
+            _close(record)
+
+    # --- workers ------------------------------------------------------------------------------------------
+
+    def _kick(self, uids: set[str]) -> None:
+        self._dirty |= uids
+        for uid in uids:
+            if uid not in self._workers:
+                self._idle.clear()
+                self._workers[uid] = self._tasks.spawn(self._work(uid), name=f"pod {uid}")
+
+    async def _work(self, uid: str) -> None:
+        try:
+            while uid in self._dirty:
+                self._dirty.discard(uid)
+                urgent = uid in self._urgent
+                self._urgent.discard(uid)
+                try:
+                    await self._reconcile(uid, self._kernel_slots if urgent else self._verify_slots)
+                except Exception:  # a bug must not stop other pods or this pod's next attempt
+                    log.exception("reconciling pod %s failed; the next verify retries", uid)
+        finally:
+            del self._workers[uid]
+            if not self._workers:
+                self._idle.set()
+
+    async def _reconcile(self, uid: str, slots: asyncio.Semaphore) -> None:
+        pod = self._desired.get(uid)
+        record = self.records.get(uid)
+        if pod is not None:
+            if record is None:
+                record = self.records[uid] = PodRecord(pod)
+            await self._ensure(record, pod, slots)
+        elif record is not None:
+            await self._remove(record, slots)
+        elif uid in self._strays:
+            await self._remove_stray(self._strays.pop(uid), slots)
+        self._on_change()
+
+    async def _ensure(self, record: PodRecord, pod: Pod, slots: asyncio.Semaphore) -> None:
+        changed_pod = record.pod != pod
+        if changed_pod and record.pod.ip != pod.ip:
+            self.probe_changed.set()
+        record.pod = pod
+        netns = self._resolver.resolve(pod)
+        if netns is None:
+            record.error = f"no network namespace for {pod.key} yet; capture waits for it"
+            record.captured = record.delivered = False
+            _close(record)
+            return
+        reopened = self._hold_netns(record, netns)
+        try:
+            async with slots:
+                repaired = await self._backend.install(pod, netns)
+        except CaptureError as exc:
+            if record.error != str(exc):
+                log.error("cannot capture %s: %s", pod.key, exc)
+            record.error = str(exc)
+            record.captured = False
+            return
+        first = not record.captured
+        if repaired and not first:
+            log.warning("capture drift in %s repaired: %s", pod.key, "; ".join(repaired))
+        elif first:
+            how = "captured" if repaired else "adopted (capture already complete in the kernel)"
+            log.info("%s %s", pod.key, how)
+        record.error = None
+        record.captured = True
+        if first:
+            self.probe_changed.set()
+        if first or reopened or changed_pod or (not record.delivered and self._tunnels.tunnels):
+            await self._deliver(record)
+
+    def _hold_netns(self, record: PodRecord, netns: str) -> bool:
+        """Keep an fd of the pod's current netns; True when it is new (first time, or the pod's netns changed)."""
+        inode = os.stat(netns).st_ino
+        if record.fd is not None and record.netns == netns and record.fd_inode == inode:
+            return False
+        _close(record)
+        record.fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+        record.netns, record.fd_inode = netns, os.fstat(record.fd).st_ino
+        record.delivered = False
+        return True
+
+    async def _deliver(self, record: PodRecord) -> None:
+        assert record.fd is not None
+        delivery = await self._tunnels.add(record.pod, record.fd)
+        record.delivered = delivery.ok
+        if not delivery.ok:
+            log.info("%s is pending: %s", record.pod.key, delivery.error)
+
+    async def _remove(self, record: PodRecord, slots: asyncio.Semaphore) -> None:
+        pod = record.pod
+        netns = self._resolver.resolve(pod)
+        if netns is not None:
+            try:
+                async with slots:
+                    await self._backend.remove(pod, netns)
+            except CaptureError as exc:
+                log.error("cannot remove the capture of %s: %s; retrying with the next verify", pod.key, exc)
+                record.error = str(exc)
+                return
+        await self._tunnels.delete(pod.uid)
+        _close(record)
+        del self.records[pod.uid]
+        if record.captured:
+            self.probe_changed.set()
+        log.info("%s released: capture removed", pod.key)
+
+    async def _remove_stray(self, pod: Pod, slots: asyncio.Semaphore) -> None:
+        netns = self._resolver.resolve(pod)
+        if netns is None:
+            return
+        try:
+            async with slots:
+                removed = await self._backend.remove(pod, netns)
+        except CaptureError as exc:
+            log.error("cannot remove the leftover capture of %s: %s", pod.key, exc)
+            return
+        if removed:
+            log.info("%s is not enrolled: removed capture left by an earlier run", pod.key)
+
+
+def _close(record: PodRecord) -> None:
+    if record.fd is not None:
+        os.close(record.fd)
+        record.fd = record.fd_inode = None

@@ -1,0 +1,261 @@
+"""The `nodeagent agent` process: wiring the workload source, the reconciler, capture and ZDS together.
+
+Why this module exists: each part (inventory watcher, per-pod reconciler, probe bypass, ZDS server,
+status file) is small and tested on its own; this module owns their lifetimes. Every long-lived task is
+named and guarded: if one ends unexpectedly the agent logs it and exits non-zero rather than limping on.
+The agent is ready once the first inventory has been read and every pod of the node has been reconciled
+once (adopted, captured or released). On SIGTERM/SIGINT it stops its tasks, closes the ZDS socket and
+its netns fds, and LEAVES capture in place: a restarted agent adopts it without touching the kernel,
+and meanwhile enrolled pods stay captured (fail closed).
+
+What it deliberately does not do: no Kubernetes yet (the inventory file is the workload source), no
+eBPF backend yet (`--capture iptables` is the only choice offered), no capture logic of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from nodeagent.agent.enrollment import desired_pods
+from nodeagent.agent.netns_resolver import DirectoryNetnsResolver
+from nodeagent.agent.reconciler import DEFAULT_CONCURRENCY, Reconciler
+from nodeagent.agent.status import DEFAULT_STATE_DIR, status_path, write_status
+from nodeagent.agent.workloads import DEFAULT_POLL_S, InventoryFile
+from nodeagent.agent.zds_server import ServerEvent, TunnelReady, ZdsServer
+from nodeagent.capture.iptables import Flavour, Iptables, IptablesBackend, ProbeBypass, detect_flavour
+from nodeagent.model import DEFAULT_EXCLUDED_NAMESPACES, Inventory
+from nodeagent.zds.wire import DEFAULT_SOCKET_PATH
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VERIFY_S = 3.0
+STATUS_COALESCE_S = 0.05
+PROBE_COALESCE_S = 0.1
+CAPTURE_CHOICES = ("iptables",)  # eBPF joins when its backend exists
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    node: str
+    inventory: Path
+    zds_socket: str = DEFAULT_SOCKET_PATH
+    state_dir: Path = DEFAULT_STATE_DIR
+    capture: str = "iptables"
+    iptables: str = "auto"  # auto | legacy | nft
+    netns_dir: str = "/var/run/netns"
+    netns_pattern: str = "na-{node}.{namespace}.{name}"
+    excluded_namespaces: frozenset[str] = field(default_factory=lambda: DEFAULT_EXCLUDED_NAMESPACES)
+    verify_interval: float = DEFAULT_VERIFY_S
+    inventory_poll: float = DEFAULT_POLL_S
+    concurrency: int = DEFAULT_CONCURRENCY
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, flavour: Flavour) -> None:
+        self.config = config
+        iptables = Iptables(flavour)
+        self.flavour = flavour
+        self.backend = IptablesBackend(iptables)
+        self.probes = ProbeBypass(iptables)  # the agent runs in the node's netns: its own
+        self.zds = ZdsServer(self._snapshot, config.zds_socket, on_event=self._on_zds_event)
+        self.reconciler = Reconciler(
+            self.backend,
+            DirectoryNetnsResolver(config.netns_dir, config.netns_pattern),
+            self.zds,
+            on_change=self._status_changed,
+            concurrency=config.concurrency,
+        )
+        self.inventory = InventoryFile(
+            config.inventory,
+            self._on_inventory,
+            on_error=lambda problem: self._status_changed(),
+            poll_s=config.inventory_poll,
+        )
+        self.ready = False
+        self._status_dirty = asyncio.Event()
+        self._status_path = status_path(config.state_dir, config.node)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._failed = asyncio.Event()
+        self._swept = False
+
+    # --- life cycle -----------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> int:
+        """Serve until `stop` is set (0) or a guarded task dies (1)."""
+        await self.zds.start()
+        try:
+            self._guard(self._status_writer(), "status-writer")
+            if not self.inventory.check() and self.inventory.current is None:
+                log.error("waiting for a valid inventory at %s", self.config.inventory)
+            self._guard(self.inventory.run(), "inventory-watch")
+            self._guard(self._readiness(), "readiness")
+            self._guard(self._verifier(), "verify")
+            self._guard(self._probe_bypass(), "probe-bypass")
+            stopper = asyncio.ensure_future(stop.wait())
+            failed = asyncio.ensure_future(self._failed.wait())
+            await asyncio.wait({stopper, failed}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            failed.cancel()
+            return 1 if self._failed.is_set() else 0
+        finally:
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.reconciler.close()
+        await self.zds.close()
+        self.ready = False
+        self._write_status(running=False)
+        log.info("agent stopped; capture left in place for the next agent")
+
+    def _guard(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.critical("task %s crashed; stopping the agent", task.get_name(), exc_info=exc)
+            self._failed.set()
+        elif task.get_name() != "readiness":
+            log.critical("task %s ended unexpectedly; stopping the agent", task.get_name())
+            self._failed.set()
+
+    # --- tasks ----------------------------------------------------------------------------------------
+
+    async def _readiness(self) -> None:
+        await self.inventory.loaded.wait()
+        await self.reconciler.wait_idle()
+        self.ready = True
+        log.info("ready: %d pods of node %s reconciled", len(self.reconciler.records), self.config.node)
+        self._status_changed()
+
+    async def _verifier(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.verify_interval)
+            self.reconciler.verify_all()
+            self.reconciler.probe_changed.set()
+
+    async def _probe_bypass(self) -> None:
+        changed = self.reconciler.probe_changed
+        while True:
+            await changed.wait()
+            await asyncio.sleep(PROBE_COALESCE_S)  # a burst of pod adds rewrites the node's chain once
+            changed.clear()
+            targets = self.reconciler.probe_targets()
+            try:
+                repaired = await (self.probes.ensure(targets) if targets else self._remove_probes())
+            except Exception as exc:  # CaptureError or a bug: report, the next verify retries
+                log.error("kubelet-probe bypass on the node: %s; retrying with the next verify", exc)
+                continue
+            if repaired:
+                log.info("kubelet-probe bypass updated for %d pods: %s", len(targets), "; ".join(repaired))
+
+    async def _remove_probes(self) -> tuple[str, ...]:
+        return ("chain removed (no pod is captured)",) if await self.probes.remove() else ()
+
+    async def _status_writer(self) -> None:
+        while True:
+            await self._status_dirty.wait()
+            self._status_dirty.clear()
+            self._write_status(running=True)
+            await asyncio.sleep(STATUS_COALESCE_S)
+
+    # --- callbacks ------------------------------------------------------------------------------------
+
+    def _on_inventory(self, inventory: Inventory) -> None:
+        node = self.config.node
+        if node not in {n.name for n in inventory.nodes}:
+            log.error("node %r is not in the inventory %s; enrolling nothing", node, self.config.inventory)
+        desired = desired_pods(inventory, node, self.config.excluded_namespaces)
+        log.info("inventory loaded: %d pods on %s, %d enrolled", len(inventory.pods_on(node)), node, len(desired))
+        self.reconciler.set_desired(desired)
+        if not self._swept:  # capture left by an earlier run in pods that are no longer enrolled
+            self._swept = True
+            self.reconciler.sweep(inventory.pods_on(node))
+        self._status_changed()
+
+    def _snapshot(self) -> list[tuple[Any, int | None]]:
+        return list(self.reconciler.snapshot())
+
+    def _on_zds_event(self, event: ServerEvent) -> None:
+        if isinstance(event, TunnelReady):
+            self.reconciler.on_tunnel_ready(event.acked)
+        self._status_changed()
+
+    def _status_changed(self) -> None:
+        self._status_dirty.set()
+
+    def _write_status(self, *, running: bool) -> None:
+        pods = {}
+        for uid, record in self.reconciler.records.items():
+            pods[uid] = {
+                "namespace": record.pod.namespace,
+                "name": record.pod.name,
+                "ip": str(record.pod.ip) if record.pod.ip else "",
+                "status": self.reconciler.status(uid).value,
+                "detail": record.error or ("" if record.delivered else "no tunnel has acked this pod yet"),
+                "netns": record.netns or "",
+            }
+        document = {
+            "node": self.config.node,
+            "pid": os.getpid(),
+            "running": running,
+            "ready": self.ready,
+            "capture": self.backend.name,
+            "iptables": self.flavour.value,
+            "zds_socket": self.config.zds_socket,
+            "tunnels": list(self.zds.tunnels),
+            "inventory": str(self.config.inventory),
+            "inventory_error": self.inventory.error or "",
+            "updated": time.time(),
+            "pods": pods,
+        }
+        try:
+            write_status(self._status_path, document)
+        except OSError as exc:
+            log.error("cannot write the status file %s: %s", self._status_path, exc)
+
+
+async def _main(config: AgentConfig) -> int:
+    if config.capture not in CAPTURE_CHOICES:
+        raise SystemExit(f"--capture {config.capture}: only {', '.join(CAPTURE_CHOICES)} is available")
+    flavour = await asyncio.to_thread(detect_flavour) if config.iptables == "auto" else Flavour(config.iptables)
+    log.info(
+        "node %s: capture %s (iptables %s), ZDS socket %s",
+        config.node,
+        config.capture,
+        flavour.value,
+        config.zds_socket,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    agent = Agent(config, flavour)
+    try:
+        return await agent.run(stop)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+
+
+def run(config: AgentConfig) -> int:
+    return uvloop.run(_main(config))

@@ -1,0 +1,227 @@
+"""Running iptables-save / iptables-restore inside a network namespace, in the host's flavour.
+
+Why this module exists: the rules themselves are decided in nodeagent.capture.rules; something has to
+read the kernel and apply a payload, atomically, in the right netns and with the right binary. Mixing
+flavours is the classic way to get rules that "are there" for one tool and invisible to the other, so
+the flavour is detected once like istio-cni does (whichever of legacy / nft already holds rules in the
+agent's own netns - the node; when neither does, what `iptables --version` says) and used everywhere.
+
+Commands run as `nsenter --net=<netns file> -- iptables-...` subprocesses: the event loop's thread never
+changes namespace, a child that hangs can be killed, and an operator can paste the same command.
+`IptablesBackend` is the capture backend built from these pieces plus nodeagent.capture.routing;
+`ProbeBypass` keeps the node's kubelet-probe SNAT chain.
+
+What it deliberately does not do: no rule text of its own (rules.py), no retries (the agent's periodic
+verify is the retry), no `iptables -A/-D` one rule at a time (never atomic), no IPv6.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import ipaddress
+import logging
+import shutil
+import subprocess
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from nodeagent.capture import routing
+from nodeagent.capture.backend import CaptureError, CaptureState
+from nodeagent.capture.rules import (
+    Ruleset,
+    Saved,
+    SaveParseError,
+    apply_payload,
+    drift,
+    parse_save,
+    pod_ruleset,
+    probe_ruleset,
+    removal_payload,
+)
+from nodeagent.model import Pod
+
+log = logging.getLogger(__name__)
+
+COMMAND_TIMEOUT_S = 10.0
+XTABLES_LOCK_WAIT_S = "5"  # legacy iptables serializes on /run/xtables.lock across every netns
+
+
+class Flavour(enum.Enum):
+    LEGACY = "legacy"
+    NFT = "nft"
+
+    @property
+    def save(self) -> str:
+        return f"iptables-{self.value}-save"
+
+    @property
+    def restore(self) -> str:
+        return f"iptables-{self.value}-restore"
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+# The edge: run argv (inside the netns file `netns`, or where the agent is when None), feed it `stdin`.
+Runner = Callable[[list[str], str | None, str | None], Awaitable[Completed]]
+
+
+def in_netns_argv(argv: list[str], netns: str | None) -> list[str]:
+    return argv if netns is None else ["nsenter", f"--net={netns}", "--", *argv]
+
+
+async def run_command(argv: list[str], netns: str | None = None, stdin: str | None = None) -> Completed:
+    """The real Runner: an asyncio subprocess, killed after COMMAND_TIMEOUT_S."""
+    full = in_netns_argv(argv, netns)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *full,
+            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except FileNotFoundError:
+        raise CaptureError(f"{full[0]} is not installed: install iptables and util-linux (nsenter)") from None
+    try:
+        async with asyncio.timeout(COMMAND_TIMEOUT_S):
+            out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise CaptureError(f"`{' '.join(full)}` did not finish within {COMMAND_TIMEOUT_S:g} s; killed it") from None
+    assert proc.returncode is not None
+    return Completed(tuple(full), proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+
+
+def detect_flavour(netns: str | None = None) -> Flavour:
+    """The flavour the host uses: the one holding more rules in `netns` (default: here), else the default.
+
+    Blocking (a few fork/execs); call it once at start-up.
+    """
+    counts: dict[Flavour, int] = {}
+    for flavour in Flavour:
+        if shutil.which(flavour.save) is None:
+            continue
+        proc = subprocess.run(
+            in_netns_argv([flavour.save], netns), capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=False
+        )
+        if proc.returncode == 0:
+            counts[flavour] = sum(1 for line in proc.stdout.splitlines() if line.startswith("-A "))
+    if not counts:
+        raise CaptureError("neither iptables-legacy-save nor iptables-nft-save works here: install iptables")
+    best = max(counts.values())
+    if best > 0:
+        winners = [f for f, n in counts.items() if n == best]
+        if len(winners) == 1:
+            return winners[0]
+    version = subprocess.run(["iptables", "--version"], capture_output=True, text=True, check=False).stdout
+    if "nf_tables" in version and Flavour.NFT in counts:
+        return Flavour.NFT
+    if Flavour.LEGACY in counts:
+        return Flavour.LEGACY
+    return next(iter(counts))
+
+
+class Iptables:
+    """iptables-save / iptables-restore of one flavour, in any netns."""
+
+    def __init__(self, flavour: Flavour, run: Runner = run_command) -> None:
+        self.flavour = flavour
+        self._run = run
+
+    async def save(self, netns: str | None) -> Saved:
+        done = await self._run([self.flavour.save], netns, None)
+        if done.returncode != 0:
+            raise CaptureError(f"`{' '.join(done.argv)}` failed: {_why(done, netns)}")
+        try:
+            return parse_save(done.stdout)
+        except SaveParseError as exc:
+            raise CaptureError(f"could not read `{' '.join(done.argv)}`: {exc}") from None
+
+    async def restore(self, netns: str | None, payload: str) -> None:
+        done = await self._run([self.flavour.restore, "--noflush", "-w", XTABLES_LOCK_WAIT_S], netns, payload)
+        if done.returncode != 0:
+            raise CaptureError(f"`{' '.join(done.argv)}` failed: {_why(done, netns)}\npayload:\n{payload}")
+
+    async def ensure(self, netns: str | None, desired: Ruleset) -> tuple[str, ...]:
+        """Make the kernel hold `desired`; returns the drift that was repaired (empty: nothing was touched)."""
+        saved = await self.save(netns)
+        problems = drift(desired, saved)
+        if problems:
+            await self.restore(netns, apply_payload(desired, saved))
+        return problems
+
+    async def remove(self, netns: str | None, ruleset: Ruleset) -> bool:
+        """Delete `ruleset`'s chains and the jumps into them; False when there was nothing to delete."""
+        payload = removal_payload(ruleset, await self.save(netns))
+        if payload:
+            await self.restore(netns, payload)
+        return bool(payload)
+
+
+def _why(done: Completed, netns: str | None) -> str:
+    text = (done.stderr.strip() or done.stdout.strip() or f"exit status {done.returncode}").splitlines()[-1]
+    if done.argv[0] == "nsenter" and netns is not None and "No such file" in text:
+        return f"the network namespace {netns} does not exist (was the pod deleted?)"
+    return text
+
+
+class IptablesBackend:
+    """The in-pod capture with iptables REDIRECT plus the policy routing of spoofed replies.
+
+    install() is "ensure": it reads the kernel first and only writes when something differs, which is
+    also how the agent adopts a pod captured by its previous run without disturbing its traffic.
+    """
+
+    name = "iptables"
+
+    def __init__(self, iptables: Iptables) -> None:
+        self.iptables = iptables
+        self.ruleset = pod_ruleset()
+
+    async def install(self, pod: Pod, netns: str) -> tuple[str, ...]:
+        repaired = await self.iptables.ensure(netns, self.ruleset)
+        repaired += await asyncio.to_thread(routing.ensure, netns)
+        return repaired
+
+    async def remove(self, pod: Pod, netns: str) -> bool:
+        removed = await self.iptables.remove(netns, self.ruleset)
+        return await asyncio.to_thread(routing.remove, netns) or removed
+
+    async def inspect(self, netns: str) -> CaptureState:
+        saved = await self.iptables.save(netns)
+        routes = await asyncio.to_thread(routing.read, netns)
+        return CaptureState(
+            backend=f"{self.name} ({self.iptables.flavour.value})",
+            objects=(*saved.owned_lines(), *routes.objects()),
+            drift=(*drift(self.ruleset, saved), *routes.drift()),
+        )
+
+    async def verify(self, netns: str) -> tuple[str, ...]:
+        return (await self.inspect(netns)).drift
+
+
+class ProbeBypass:
+    """The node's kubelet-probe SNAT chain (NODEAGENT_POSTRT), in `netns` (None: the agent's own, the node)."""
+
+    def __init__(self, iptables: Iptables, netns: str | None = None) -> None:
+        self.iptables = iptables
+        self.netns = netns
+
+    async def ensure(self, pods: Mapping[str, ipaddress.IPv4Address]) -> tuple[str, ...]:
+        return await self.iptables.ensure(self.netns, probe_ruleset(pods))
+
+    async def remove(self) -> bool:
+        return await self.iptables.remove(self.netns, probe_ruleset({}))
+
+    async def inspect(self, pods: Mapping[str, ipaddress.IPv4Address]) -> CaptureState:
+        saved = await self.iptables.save(self.netns)
+        desired = probe_ruleset(pods)
+        objects = tuple(line for line in saved.owned_lines() if "NODEAGENT_POSTRT" in line)
+        return CaptureState(backend="probe bypass", objects=objects, drift=drift(desired, saved))

@@ -1,0 +1,241 @@
+"""The agent's deciders and its per-pod reconciler, with a fake capture backend and a fake tunnel."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from nodeagent.agent.enrollment import Status, desired_pods, status_of
+from nodeagent.agent.reconciler import Reconciler
+from nodeagent.agent.workloads import InventoryFile
+from nodeagent.agent.zds_server import Delivery
+from nodeagent.capture.backend import CaptureError, CaptureState
+from nodeagent.inventory.local import parse_inventory
+from nodeagent.model import Inventory, Pod
+
+
+def inventory(ns_labels: dict[str, str] | None = None, pods: list[dict[str, object]] | None = None) -> Inventory:
+    return parse_inventory(
+        {
+            "cluster": {"name": "lab", "fabric_cidr": "10.99.0.0/24"},
+            "nodes": [
+                {"name": "node1", "pod_cidr": "10.10.1.0/24", "address": "10.99.0.11"},
+                {"name": "node2", "pod_cidr": "10.10.2.0/24", "address": "10.99.0.12"},
+            ],
+            "namespaces": [{"name": "shop", "labels": ns_labels or {}}, {"name": "kube-system"}],
+            "pods": pods
+            if pods is not None
+            else [
+                {"name": "a", "namespace": "shop", "node": "node1", "service_account": "a"},
+                {"name": "b", "namespace": "shop", "node": "node1", "service_account": "b"},
+                {"name": "c", "namespace": "shop", "node": "node2", "service_account": "c"},
+            ],
+        }
+    )
+
+
+AMBIENT = {"istio.io/dataplane-mode": "ambient"}
+NONE = {"istio.io/dataplane-mode": "none"}
+
+
+@pytest.mark.parametrize(
+    ("ns_labels", "pod", "enrolled"),
+    [
+        ({}, {}, False),
+        (AMBIENT, {}, True),
+        (AMBIENT, {"labels": NONE}, False),  # pod opt-out
+        ({}, {"labels": AMBIENT}, True),  # pod opt-in
+        (AMBIENT, {"host_network": True}, False),
+        (AMBIENT, {"namespace": "kube-system"}, False),  # excluded namespace
+        (AMBIENT, {"node": "node2"}, False),  # another node's pod
+        (AMBIENT, {"phase": "Succeeded"}, False),
+    ],
+)
+def test_desired_pods(ns_labels: dict[str, str], pod: dict[str, object], enrolled: bool) -> None:
+    spec = {"name": "p", "namespace": "shop", "node": "node1", "service_account": "p", **pod}
+    inv = inventory(ns_labels, [spec])
+    assert bool(desired_pods(inv, "node1")) is enrolled
+
+
+@pytest.mark.parametrize(
+    ("error", "acked", "status"),
+    [(None, True, Status.ENABLED), (None, False, Status.PENDING), ("no rules", True, Status.FAILED)],
+)
+def test_status_is_enabled_only_with_complete_capture_and_an_ack(
+    error: str | None, acked: bool, status: Status
+) -> None:
+    assert status_of(error, acked) is status
+
+
+class FakeBackend:
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.kernel: dict[str, bool] = {}  # netns -> captured
+        self.calls: list[tuple[str, str]] = []
+        self.fail: str | None = None
+        self.active: dict[str, int] = {}
+        self.max_parallel_per_netns: dict[str, int] = {}
+
+    async def install(self, pod: Pod, netns: str) -> tuple[str, ...]:
+        self.calls.append(("install", pod.key))
+        self.active[netns] = self.active.get(netns, 0) + 1
+        self.max_parallel_per_netns[netns] = max(self.max_parallel_per_netns.get(netns, 0), self.active[netns])
+        await asyncio.sleep(0.01)
+        self.active[netns] -= 1
+        if self.fail:
+            raise CaptureError(self.fail)
+        repaired = () if self.kernel.get(netns) else ("rules missing",)
+        self.kernel[netns] = True
+        return repaired
+
+    async def remove(self, pod: Pod, netns: str) -> bool:
+        self.calls.append(("remove", pod.key))
+        return self.kernel.pop(netns, False)
+
+    async def inspect(self, netns: str) -> CaptureState:
+        raise AssertionError("the reconciler never inspects")
+
+    async def verify(self, netns: str) -> tuple[str, ...]:
+        raise AssertionError("the reconciler never verifies without repairing")
+
+
+class FakeTunnels:
+    def __init__(self, connected: bool) -> None:
+        self.connected = connected
+        self.added: list[str] = []
+        self.deleted: list[str] = []
+
+    async def add(self, pod: Pod, netns_fd: int) -> Delivery:
+        os.fstat(netns_fd)  # the fd must be open while the tunnel gets it
+        self.added.append(pod.key)
+        return Delivery(True) if self.connected else Delivery(False, "no tunnel")
+
+    async def delete(self, uid: str) -> None:
+        self.deleted.append(uid)
+
+    def acked_uids(self) -> frozenset[str]:
+        return frozenset()
+
+    @property
+    def tunnels(self) -> tuple[str, ...]:
+        return ("peer",) if self.connected else ()
+
+
+class Resolver:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def resolve(self, pod: Pod) -> str | None:
+        path = self.root / f"{pod.namespace}.{pod.name}"
+        return str(path) if path.exists() else None
+
+
+@pytest.fixture
+def netns_dir(tmp_path: Path) -> Path:
+    for name in ("shop.a", "shop.b"):
+        (tmp_path / name).write_text("")
+    return tmp_path
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_add_remove_is_idempotent_serialized_and_closes_fds(netns_dir: Path) -> None:
+    backend, tunnels = FakeBackend(), FakeTunnels(connected=False)
+    rec = Reconciler(backend, Resolver(netns_dir), tunnels, on_change=lambda: None)
+    fds = open_fds()
+    inv = inventory(AMBIENT)
+    for _ in range(3):  # repeated identical requests coalesce per pod
+        rec.set_desired(desired_pods(inv, "node1"))
+        rec.verify_all()
+    await rec.wait_idle()
+    assert set(backend.kernel) == {str(netns_dir / "shop.a"), str(netns_dir / "shop.b")}
+    assert set(backend.max_parallel_per_netns.values()) == {1}  # never one pod twice at once
+    assert sorted(tunnels.added) == ["shop/a", "shop/b"]  # one Add each, even after re-verification
+    assert {rec.status(uid) for uid in rec.records} == {Status.PENDING}
+    assert rec.probe_targets() == {
+        "shop/a": ipaddress.IPv4Address("10.10.1.2"),
+        "shop/b": ipaddress.IPv4Address("10.10.1.3"),
+    }
+    assert open_fds() == fds + 2
+
+    rec.set_desired({})
+    await rec.wait_idle()
+    assert backend.kernel == {} and rec.records == {} and len(tunnels.deleted) == 2
+    assert open_fds() == fds
+    await rec.close()
+
+
+async def test_adopts_captured_pods_and_reports_capture_failures(
+    netns_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    backend = FakeBackend()
+    backend.kernel[str(netns_dir / "shop.a")] = True  # left by an earlier agent
+    rec = Reconciler(backend, Resolver(netns_dir), FakeTunnels(connected=True), on_change=lambda: None)
+    inv = inventory(AMBIENT)
+    rec.set_desired(desired_pods(inv, "node1"))
+    await rec.wait_idle()
+    assert "shop/a adopted (capture already complete in the kernel)" in caplog.text
+    assert "shop/b captured" in caplog.text
+    assert {rec.status(uid) for uid in rec.records} == {Status.PENDING}  # acked_uids() is empty: not enabled
+
+    backend.kernel.clear()
+    rec.verify_all()
+    await rec.wait_idle()
+    assert "capture drift in shop/a repaired: rules missing" in caplog.text
+
+    backend.fail = "iptables-restore failed"
+    rec.verify_all()
+    await rec.wait_idle()
+    assert {rec.status(uid) for uid in rec.records} == {Status.FAILED}
+    await rec.close()
+
+
+async def test_a_pod_without_netns_waits_and_a_stray_capture_is_removed(netns_dir: Path) -> None:
+    backend = FakeBackend()
+    backend.kernel[str(netns_dir / "shop.b")] = True
+    rec = Reconciler(backend, Resolver(netns_dir), FakeTunnels(connected=False), on_change=lambda: None)
+    pods = [
+        {"name": "a", "namespace": "shop", "node": "node1", "service_account": "a", "labels": AMBIENT},
+        {"name": "b", "namespace": "shop", "node": "node1", "service_account": "b"},
+        {"name": "gone", "namespace": "shop", "node": "node1", "service_account": "g", "labels": AMBIENT},
+    ]
+    inv = inventory({}, pods)
+    rec.set_desired(desired_pods(inv, "node1"))
+    rec.sweep(inv.pods_on("node1"))
+    await rec.wait_idle()
+    assert backend.kernel == {str(netns_dir / "shop.a"): True}  # b was not enrolled: its capture removed
+    gone = next(r for r in rec.records.values() if r.pod.name == "gone")
+    assert gone.error is not None and "no network namespace" in gone.error
+    await rec.close()
+
+
+def test_inventory_file_keeps_the_last_good_inventory(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    seen: list[Inventory] = []
+    path = tmp_path / "inv.yaml"
+    good = (
+        "cluster: {name: lab, fabric_cidr: 10.99.0.0/24}\n"
+        "nodes: [{name: node1, pod_cidr: 10.10.1.0/24, address: 10.99.0.11}]\n"
+        "namespaces: [{name: shop}]\n"
+        "pods: [{name: a, namespace: shop, node: node1, service_account: a}]\n"
+    )
+    path.write_text(good)
+    watcher = InventoryFile(path, seen.append)
+    assert watcher.check() and len(seen) == 1
+    assert not watcher.check()  # unchanged file: not re-read
+    path.write_text(good.replace("service_account: a", "colour: red"))
+    assert not watcher.check()
+    assert "pods[0].colour: unknown field" in caplog.text and "keeping the last good inventory" in caplog.text
+    assert watcher.current is seen[0] and watcher.error is not None
+    path.write_text(good.replace("pods:", "pods: [\n"))
+    assert not watcher.check() and "not valid YAML" in (watcher.error or "")
+    path.write_text(good)
+    assert watcher.check() and watcher.error is None and len(seen) == 2
