@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import fcntl
 import json
 import os
 import platform
@@ -29,14 +28,13 @@ from pathlib import Path
 from bench import report, tools
 from bench.ca_bench import certificates_per_second, manager_memory
 from bench.paths import ABSENT_PATHS, BenchLab, DirectPath, MeasuredPath, StunnelPath, start_servers
-from nodeagent.lab.cluster import DEFAULT_TOPOLOGY
+from nodeagent.lab.cluster import DEFAULT_TOPOLOGY, exclusive
 
 SCALE_TOPOLOGY = DEFAULT_TOPOLOGY.parent / "scale-50.yaml"
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SCHEMA_VERSION = 1
-LAB_LOCK = "/run/nodeagent-lab.lock"  # shared with tests/privileged/conftest.py
 
 
 @dataclass
@@ -165,8 +163,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: {tool} is missing: run sudo make setup", file=sys.stderr)
             return 2
 
-    lock = os.open(LAB_LOCK, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    fcntl.flock(lock, fcntl.LOCK_EX)  # one lab per host: wait for privileged tests using it
+    with exclusive():  # one lab per host: wait for privileged tests or a demo using it
+        return run(plan, args.out)
+
+
+def run(plan: Plan, out: Path) -> int:
     started = time.time()
     res = Results()
     log("lab up/down timings")
@@ -199,10 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         },
         "notes": res.notes,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path = args.out / f"{stamp}.json"
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / f"{stamp}.json"
     json_path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-    md_path = report.write(doc, args.out, stamp)
+    md_path = report.write(doc, out, stamp)
     log(f"wrote {json_path} and {md_path}")
     print(md_path.read_text())
     return 0

@@ -11,7 +11,8 @@ import argparse
 import logging
 import sys
 
-from nodeagent import __version__
+from nodeagent import __version__, demo
+from nodeagent.agent import commands as agent_commands
 from nodeagent.ca import commands as ca_commands
 from nodeagent.ca.client import CAClient
 from nodeagent.lab import commands as lab_commands
@@ -28,9 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     lab_commands.register(sub)
+    demo.register(sub)
     ca_commands.register(sub)
+    agent_commands.register(sub)
     inspect = sub.add_parser("inspect", help="look at what a node holds: certificates, workloads, connections")
     inspect_sub = inspect.add_subparsers(dest="inspect_command", required=True, metavar="WHAT")
+    agent_commands.register_inspect_redirects(inspect_sub)
     ca_commands.register_inspect(inspect_sub)
     ztunnel_inspect.register_inspect(inspect_sub)
     # The tunnel fetches certificates with the CA's client; the CLI joins the two independent packages.

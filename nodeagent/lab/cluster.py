@@ -27,6 +27,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -60,6 +62,32 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TOPOLOGY = Path(__file__).with_name("default.yaml")
 STATE_DIR = Path("/run/nodeagent/lab")
+# One lab per host (its namespaces have fixed names): whoever builds and tears labs down in a sequence of
+# steps (the demo, the benchmark, the privileged tests) holds this lock so they never tear down each
+# other's lab. The CLI's single commands do not take it.
+LAB_LOCK = Path("/run/nodeagent-lab.lock")
+# Set in the environment by a holder of the lock (the privileged test session) for its children.
+LAB_LOCK_HELD_ENV = "NODEAGENT_LAB_LOCK_HELD"
+
+
+@contextlib.contextmanager
+def exclusive(lock: Path = LAB_LOCK) -> Iterator[None]:
+    """Hold the host's lab lock; if another run holds it, say so and wait."""
+    if os.environ.get(LAB_LOCK_HELD_ENV) == str(lock):
+        yield  # our parent holds it for us
+        return
+    fd = os.open(lock, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("waiting for %s: another demo, benchmark or privileged test run uses the lab", lock)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 RUN_ROOT = Path("/run/nodeagent")
 FALLBACK_CGROUP2 = RUN_ROOT / "cgroup2"  # mounted only where the host has no cgroup2 mount at all
 BPF_PIN_DIR = Path("/sys/fs/bpf/nodeagent")

@@ -13,6 +13,7 @@ What it deliberately does not do: no logic of its own beyond parsing; see proxy/
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -102,6 +103,8 @@ def build_inputs(args: argparse.Namespace, ca_client: CaClientFactory) -> Tunnel
 
 
 def cmd_tunnel(args: argparse.Namespace, ca_client: CaClientFactory) -> int:
+    # One access-log line per connection is the tunnel's normal output, whatever the CLI's verbosity.
+    logging.getLogger("nodeagent.access").setLevel(logging.INFO)
     try:
         inputs = build_inputs(args, ca_client)
     except (ValueError, OSError) as exc:
