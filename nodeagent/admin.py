@@ -1,10 +1,15 @@
-"""The node-local admin HTTP endpoint: /config_dump, /metrics and /healthz/ready.
+"""The node-local admin HTTP endpoints: /config_dump, /metrics and /healthz/ready.
 
 Why this module exists: operators and `nodeagent inspect` read what a node's processes hold (ztunnel's
 admin port 15000 shape) without attaching a debugger. Subsystems register *providers* — a name and a
 callable returning JSON-able data, e.g. the certificate manager's `certificates` section — and
 readiness checks (a callable returning None when ready or what is pending). The admin server only
 assembles and serves them.
+
+Each instance serves the routes it is built with (`routes=`), like ztunnel's ports: the tunnel's
+localhost admin port (15000) serves /config_dump and /healthz/ready, the Prometheus port (15020, on all
+addresses) only /metrics, the readiness port (15021) only /healthz/ready. Anything else is a 404, so the
+config dump (workloads, certificates, connections) is never reachable on a pod-facing port.
 
 What it deliberately does not do: no writes (no /logging POST yet), no TLS or authentication (bind it to
 localhost), no keep-alive or HTTP/1.1 pipelining: one bounded request per connection, then close.
@@ -15,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -27,8 +32,21 @@ REQUEST_TIMEOUT = 5.0
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error"}
 
 
+CONFIG_DUMP = "/config_dump"
+METRICS = "/metrics"
+READY = "/healthz/ready"
+ALL_ROUTES = frozenset({CONFIG_DUMP, METRICS, READY})
+
+
 class AdminServer:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, routes: Iterable[str] = ALL_ROUTES) -> None:
+        """`routes`: which of CONFIG_DUMP, METRICS and READY this instance serves (others get 404)."""
+        self.routes = frozenset(routes)
+        unknown = self.routes - ALL_ROUTES
+        if unknown:
+            raise ValueError(f"unknown admin routes {sorted(unknown)}; choose from {sorted(ALL_ROUTES)}")
+        if METRICS in self.routes and registry is None:
+            raise ValueError(f"serving {METRICS} needs a metrics registry")
         self._registry = registry
         self._providers: dict[str, Callable[[], Any]] = {}
         self._checks: dict[str, Callable[[], str | None]] = {}
@@ -84,16 +102,17 @@ class AdminServer:
         if method != "GET":
             return 405, "text/plain", b"only GET is supported\n"
         path = path.split("?", 1)[0]
-        if path == "/config_dump":
+        if path not in self.routes:
+            return 404, "text/plain", f"unknown path; this port serves {', '.join(sorted(self.routes))}\n".encode()
+        if path == CONFIG_DUMP:
             return 200, "application/json", json.dumps(self.config_dump(), indent=2, sort_keys=True).encode()
-        if path == "/metrics":
+        if path == METRICS:
+            assert self._registry is not None  # checked in __init__
             return 200, CONTENT_TYPE_LATEST, generate_latest(self._registry)
-        if path == "/healthz/ready":
-            pending = self.readiness()
-            if pending:
-                return 500, "text/plain", ("not ready\n" + "\n".join(pending) + "\n").encode()
-            return 200, "text/plain", b"ready\n"
-        return 404, "text/plain", b"unknown path; try /config_dump, /metrics or /healthz/ready\n"
+        pending = self.readiness()
+        if pending:
+            return 500, "text/plain", ("not ready\n" + "\n".join(pending) + "\n").encode()
+        return 200, "text/plain", b"ready\n"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -23,7 +23,7 @@ command -v apt-get >/dev/null || die "this setup supports Debian/Ubuntu (apt-get
 apt_packages=(
   python3-bpfcc bpfcc-tools bpftool linux-headers-amd64
   iproute2 iptables nftables tcpdump iperf3 sockperf stunnel4 nghttp2-proxy nghttp2-client
-  shellcheck procps psmisc kmod python3-venv ruby
+  shellcheck procps psmisc kmod python3-venv ruby nodejs
 )
 missing=()
 for p in "${apt_packages[@]}"; do

@@ -14,8 +14,10 @@ renewed at once.
 What it deliberately does not do: it does not talk gRPC itself — the CA request is the injected
 `fetch(identity, csr_pem) -> chain` edge (nodeagent.ca.client.CAClient in production, a function in
 tests), so ca and ztunnel stay independent. It does not check peer identities on connections (the
-tunnel's TLS layer does); it only hands out `ssl.SSLContext`s that present the workload's chain and
-trust every root in the bundle.
+tunnel's TLS layer does), and it builds no TLS contexts: it hands out each identity's `CertMaterial` and
+the current `bundle_pem`, from which nodeagent.ztunnel.tls builds HBONE's contexts (TLS 1.3, AES-GCM,
+ALPN h2, no tickets; cached per identity in nodeagent.ztunnel.edges.TlsContexts). A second context
+builder here would be one without those settings.
 """
 
 from __future__ import annotations
@@ -24,11 +26,7 @@ import asyncio
 import datetime as dt
 import enum
 import logging
-import os
 import random
-import shutil
-import ssl
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -186,28 +184,6 @@ def make_csr(identity: Identity) -> tuple[ec.EllipticCurvePrivateKey, bytes]:
     return key, csr.public_bytes(serialization.Encoding.PEM)
 
 
-def build_ssl_context(material: CertMaterial, bundle_pem: str, server_side: bool, scratch: Path) -> ssl.SSLContext:
-    """TLS 1.3, peer certificate required and verified against every root in `bundle_pem`.
-
-    No hostname check: SPIFFE peers are identified by URI SAN, which the caller checks. The key is
-    written to a private file in `scratch` only long enough for OpenSSL to read it.
-    """
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_verify_locations(cadata=bundle_pem)
-    fd, name = tempfile.mkstemp(dir=scratch, suffix=".pem")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(material.key_pem)
-            f.write(material.presented_chain_pem().encode())
-        ctx.load_cert_chain(name)
-    finally:
-        os.unlink(name)
-    return ctx
-
-
 # --- the manager --------------------------------------------------------------------------------------
 
 
@@ -235,7 +211,6 @@ class CertManagerInputs:
     backoff_initial: float = BACKOFF_INITIAL
     backoff_max: float = BACKOFF_MAX
     refresh_jitter: float = 0.1
-    scratch_dir: Path | None = None  # private directory for transient key files; default a new temp dir
 
 
 class CertificateManager:
@@ -248,13 +223,9 @@ class CertificateManager:
         self._bundle_pem = ""
         self._bundle_roots: frozenset[bytes] = frozenset()
         self._bundle_stamp: tuple[int, int, int] | None = None
-        self._bundle_version = 0
         self._watch: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()  # cancelled refresh tasks not finished yet
         self._running = False
-        self._contexts: dict[tuple[Identity, bool], tuple[int, int, ssl.SSLContext]] = {}
-        self._scratch = inputs.scratch_dir
-        self._own_scratch = False
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -281,9 +252,6 @@ class CertificateManager:
         self._watch = None
         for entry in self._entries.values():
             entry.task = None
-        if self._own_scratch and self._scratch is not None:
-            shutil.rmtree(self._scratch, ignore_errors=True)
-            self._scratch = None
 
     # --- workloads --------------------------------------------------------------------------------
 
@@ -303,8 +271,6 @@ class CertificateManager:
     def _forget(self, identity: Identity) -> None:
         entry = self._entries.pop(identity)
         self._retire(entry.task)
-        for side in (True, False):
-            self._contexts.pop((identity, side), None)
         self._in.metrics.forget(str(identity))
         log.info("forgot the certificate of %s: no local workload uses it any more", identity)
 
@@ -352,27 +318,6 @@ class CertificateManager:
         pending = [f"{i} ({self.status(i)})" for i in self.identities() if self.status(i).state != CertState.AVAILABLE]
         return f"certificates pending: {', '.join(pending)}" if pending else None
 
-    def ssl_context(self, identity: Identity, server_side: bool) -> ssl.SSLContext:
-        """A TLS 1.3 context presenting `identity` and trusting every root of the current bundle.
-
-        Cached until the certificate or the bundle changes; callers should ask again per connection.
-        """
-        material = self.material(identity)
-        key = (identity, server_side)
-        cached = self._contexts.get(key)
-        serial = material.leaf.serial_number
-        if cached is not None and cached[0] == serial and cached[1] == self._bundle_version:
-            return cached[2]
-        ctx = build_ssl_context(material, self._bundle_pem, server_side, self._scratch_dir())
-        self._contexts[key] = (serial, self._bundle_version, ctx)
-        return ctx
-
-    def _scratch_dir(self) -> Path:
-        if self._scratch is None:
-            self._scratch = Path(tempfile.mkdtemp(prefix="nodeagent-certs-"))
-            self._own_scratch = True
-        return self._scratch
-
     def config_dump(self) -> list[dict[str, Any]]:
         """The `certificates` section of /config_dump, shaped like ztunnel's."""
         out = []
@@ -413,7 +358,6 @@ class CertificateManager:
             return False
         self._bundle_pem = "".join(r.public_bytes(serialization.Encoding.PEM).decode() for r in roots)
         self._bundle_roots = der
-        self._bundle_version += 1
         log.info("trust bundle %s now holds %d root(s)", path, len(roots))
         if self._running:
             for entry in self._entries.values():

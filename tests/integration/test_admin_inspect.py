@@ -1,4 +1,5 @@
-"""The admin endpoint serving the certificate manager's state, read back by `nodeagent inspect certificates`."""
+"""The admin endpoint serving the certificate manager's state, read back by `nodeagent inspect certificates`;
+which routes each admin port serves (the tunnel's 15000 / 15020 / 15021)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import pytest
 import yaml
 from identity_support import CART, FRONTEND, NODE1_TOKEN, start_ca
 from prometheus_client import CollectorRegistry
+from tunnel_harness import cluster
 
-from nodeagent.admin import AdminServer
+from nodeagent.admin import ALL_ROUTES, CONFIG_DUMP, METRICS, READY, AdminServer
 from nodeagent.ca import commands
 from nodeagent.ca.client import CAClient
 from nodeagent.metrics import CertManagerMetrics
@@ -50,7 +52,6 @@ async def test_admin_serves_config_dump_metrics_and_readiness(tmp_path: Path) ->
             fetch=client.fetch,
             bundle_path=ca.store.bundle_path,
             metrics=CertManagerMetrics(registry),
-            scratch_dir=tmp_path,
         )
     )
     admin = AdminServer(registry)
@@ -113,3 +114,51 @@ async def test_admin_refuses_bad_requests(request_bytes: bytes) -> None:
         assert status == 200  # still serving; no readiness checks registered means ready
     finally:
         await admin.stop()
+
+
+async def test_admin_serves_only_its_routes() -> None:
+    registry = CollectorRegistry()
+    servers = {
+        "config": AdminServer(routes=[CONFIG_DUMP]),
+        "metrics": AdminServer(registry, routes=[METRICS]),
+        "all": AdminServer(registry),
+    }
+    bases = {}
+    for name, server in servers.items():
+        host, port = await server.start("127.0.0.1", 0)
+        bases[name] = f"http://{host}:{port}"
+    try:
+        served = {
+            name: {path for path in ALL_ROUTES if (await asyncio.to_thread(_get, base + path))[0] == 200}
+            for name, base in bases.items()
+        }
+        assert served == {"config": {CONFIG_DUMP}, "metrics": {METRICS}, "all": set(ALL_ROUTES)}
+        status, _, body = await asyncio.to_thread(_get, bases["metrics"] + CONFIG_DUMP)
+        assert status == 404 and "this port serves /metrics" in body
+    finally:
+        for server in servers.values():
+            await server.stop()
+
+
+def test_admin_route_configuration_errors() -> None:
+    with pytest.raises(ValueError, match="unknown admin routes"):
+        AdminServer(CollectorRegistry(), routes=["/debug"])
+    with pytest.raises(ValueError, match="needs a metrics registry"):
+        AdminServer(routes=[METRICS])
+
+
+async def test_tunnel_ports_serve_their_own_routes(tmp_path: Path) -> None:
+    """15000: /config_dump and /healthz/ready; 15020: /metrics only; 15021: /healthz/ready only."""
+    async with cluster(tmp_path) as c:
+        tunnel = await c.start_tunnel("node1")
+        await c.wait_ready(tunnel)
+        served = {}
+        for name in ("admin", "metrics", "ready"):
+            host, port = tunnel.addresses[name]
+            answers = {path: await asyncio.to_thread(_get, f"http://{host}:{port}{path}") for path in ALL_ROUTES}
+            served[name] = {path for path, (status, _, _) in answers.items() if status == 200}
+            assert {status for status, _, _ in answers.values()} <= {200, 404}, answers
+        assert served == {"admin": {CONFIG_DUMP, READY}, "metrics": {METRICS}, "ready": {READY}}
+        host, port = tunnel.addresses["admin"]
+        dump = json.loads((await asyncio.to_thread(_get, f"http://{host}:{port}{CONFIG_DUMP}"))[2])
+        assert {"workloads", "certificates", "policies", "connections", "localPods"} <= dump.keys()

@@ -2,7 +2,9 @@
 
 These tests run in real time (certificates are wall-clock objects). To keep the tier fast, the long
 outage test runs on uvloop (the production loop) and the plain renewal test on asyncio; the root
-rotation runs on both.
+rotation runs on both. TLS contexts come from the manager's material and bundle exactly as the tunnel
+builds them (nodeagent.ztunnel.edges.TlsContexts over tls.py: TLS 1.3, AES-GCM, ALPN h2, no SNI), and
+each side checks the other's SPIFFE ID with tls.py's verifiers.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from prometheus_client import CollectorRegistry
 from nodeagent.ca.client import CAClient
 from nodeagent.metrics import CertManagerMetrics
 from nodeagent.model import Identity
-from nodeagent.ztunnel.certs import CertificateManager, CertManagerInputs, CertState, build_ssl_context
+from nodeagent.ztunnel import tls
+from nodeagent.ztunnel.certs import CertificateManager, CertManagerInputs, CertState
+from nodeagent.ztunnel.edges import TlsContexts
 
 
 @dataclass
@@ -33,6 +37,7 @@ class Setup:
     client: CAClient
     manager: CertificateManager
     registry: CollectorRegistry
+    contexts: TlsContexts  # rebuilt when a certificate or the bundle changes, as in the tunnel
 
     def sample(self, name: str, identity: Identity | None = None) -> float:
         labels = {"identity": identity.uri} if identity else {}
@@ -49,7 +54,6 @@ async def _setup(tmp_path: Path, ttl: int, identities: list[Identity], **inputs:
             bundle_path=ca.store.bundle_path,
             metrics=CertManagerMetrics(registry),
             bundle_poll_interval=0.1,
-            scratch_dir=tmp_path,
             **inputs,  # type: ignore[arg-type]
         )
     )
@@ -57,7 +61,7 @@ async def _setup(tmp_path: Path, ttl: int, identities: list[Identity], **inputs:
     await manager.start()
     for identity in identities:
         await asyncio.wait_for(manager.wait_available(identity), 10)
-    return Setup(ca, client, manager, registry)
+    return Setup(ca, client, manager, registry, TlsContexts(manager))
 
 
 @pytest.fixture
@@ -136,24 +140,27 @@ async def test_ca_outage_backs_off_keeps_the_cert_and_recovers(
 # --- root rotation ---------------------------------------------------------------------------------
 
 
-async def _handshake(manager: CertificateManager, server_id: Identity, client_id: Identity) -> None:
-    """mTLS between two identities on loopback with the manager's contexts; each side checks the other."""
+async def _handshake(contexts: TlsContexts, server_id: Identity, client_id: Identity) -> None:
+    """mTLS between two identities on loopback with the tunnel's contexts; each side checks the other."""
     seen_by_server: list[list[str]] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-        seen_by_server.append(uri_sans(x509.load_der_x509_certificate(der)))
+        ssl_object = writer.get_extra_info("ssl_object")
+        assert tls.verify_client_peer(ssl_object, server_id.trust_domain) == client_id
+        seen_by_server.append(uri_sans(x509.load_der_x509_certificate(ssl_object.getpeercert(binary_form=True))))
         writer.write(await reader.readexactly(4) + b"-ack")
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=manager.ssl_context(server_id, server_side=True))
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=contexts.context(server_id, server_side=True))
     try:
         port = server.sockets[0].getsockname()[1]
         reader, writer = await asyncio.open_connection(
-            "127.0.0.1", port, ssl=manager.ssl_context(client_id, server_side=False)
+            "127.0.0.1", port, ssl=contexts.context(client_id, server_side=False), server_hostname=""
         )
-        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        ssl_object = writer.get_extra_info("ssl_object")
+        assert tls.verify_server_peer(ssl_object, server_id) == server_id
+        der = ssl_object.getpeercert(binary_form=True)
         assert uri_sans(x509.load_der_x509_certificate(der)) == [server_id.uri]
         writer.write(b"ping")
         assert await reader.readexactly(8) == b"ping-ack"
@@ -187,8 +194,8 @@ async def test_root_rotation_keeps_connections_verifying(tmp_path: Path, teardow
     manager, store = setup.manager, setup.ca.store
 
     async def both_ways() -> None:
-        await _handshake(manager, FRONTEND, CART)
-        await _handshake(manager, CART, FRONTEND)
+        await _handshake(setup.contexts, FRONTEND, CART)
+        await _handshake(setup.contexts, CART, FRONTEND)
 
     await both_ways()
     [root_a] = _roots(manager.bundle_pem)
@@ -215,14 +222,14 @@ async def test_a_leaf_from_a_dropped_root_does_not_verify(tmp_path: Path, teardo
     other = await _setup(tmp_path / "other", ttl=60, identities=[CART])
     teardown.append(other)
     # A client trusting only the other CA's root must refuse FRONTEND's certificate from the first CA.
-    client_ctx = build_ssl_context(other.manager.material(CART), other.manager.bundle_pem, False, tmp_path)
+    client_ctx = other.contexts.context(CART, server_side=False)
     server = await asyncio.start_server(
-        lambda r, w: w.close(), "127.0.0.1", 0, ssl=setup.manager.ssl_context(FRONTEND, server_side=True)
+        lambda r, w: w.close(), "127.0.0.1", 0, ssl=setup.contexts.context(FRONTEND, server_side=True)
     )
     try:
         port = server.sockets[0].getsockname()[1]
         with pytest.raises(ssl.SSLCertVerificationError):
-            await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx)
+            await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx, server_hostname="")
     finally:
         server.close()
         await server.wait_closed()

@@ -93,7 +93,6 @@ def _manager(tmp_path: Path, fetch: Callable[..., object], time: FakeTime, signe
         sleep=time.sleep,
         rng=random.Random(7),
         bundle_poll_interval=None,
-        scratch_dir=tmp_path,
     )
     return CertificateManager(inputs), registry
 

@@ -6,9 +6,10 @@ agent hands over (ZDS Add, with the pod's netns fd) it binds :15001, :15006 and 
 injected socket factory (inside the pod's netns in production, SO_MARK 0x539, SO_REUSEPORT) and starts
 one named accept task per listener; Del closes them; SnapshotSent drops pods the agent no longer knows.
 It keeps the cluster view (inventory + policies) current, re-checking open inbound connections when the
-policies change and closing those now denied. It serves the admin (/config_dump), metrics and readiness
-endpoints. On SIGTERM it drains: listeners close at once (a successor bound to the same ports through
-SO_REUSEPORT takes new connections and receives the pods over ZDS, because Add goes to the newest
+policies change and closing those now denied. It serves three HTTP endpoints, each with only its own
+routes: admin (/config_dump and /healthz/ready, localhost), metrics (/metrics) and readiness
+(/healthz/ready). On SIGTERM it drains: listeners close at once (a successor bound to the same ports
+through SO_REUSEPORT takes new connections and receives the pods over ZDS, because Add goes to the newest
 connection), established connections run on until `grace - drain_margin`, then close cleanly (HTTP/2
 GOAWAY, TLS close_notify, TCP FIN).
 
@@ -35,7 +36,7 @@ from typing import Any, Protocol
 import uvloop
 from prometheus_client import CollectorRegistry
 
-from nodeagent.admin import AdminServer
+from nodeagent.admin import CONFIG_DUMP, METRICS, READY, AdminServer
 from nodeagent.model import Identity, Inventory, IPAddress
 from nodeagent.policy import PolicySet, revalidate
 from nodeagent.zds.codec import Workload
@@ -159,7 +160,9 @@ class Tunnel:
     async def start(self) -> None:
         await self._in.credentials.start()
         self._tasks.spawn(self._watch(), name="tunnel-watch-inventory-and-policies")
-        admin = AdminServer(self._in.registry)
+        # Like ztunnel's ports: the config dump only on the (localhost) admin port, /metrics only on the
+        # Prometheus port, readiness on its own port (and on the admin port, for operators).
+        admin = AdminServer(routes=(CONFIG_DUMP, READY))
         for name, provider in (
             ("workloads", self._dump_workloads),
             ("certificates", self._in.credentials.config_dump),
@@ -168,13 +171,16 @@ class Tunnel:
             ("localPods", self._dump_local_pods),
         ):
             admin.add_config_provider(name, provider)
-        ready = AdminServer(self._in.registry)
-        ready.add_readiness_check("zds", self._zds_pending)
-        ready.add_readiness_check("certificates", self._in.credentials.ready)
-        ready.add_readiness_check("drain", lambda: "draining: the tunnel is shutting down" if self.draining else None)
+        ready = AdminServer(routes=(READY,))
+        for server in (admin, ready):
+            server.add_readiness_check("zds", self._zds_pending)
+            server.add_readiness_check("certificates", self._in.credentials.ready)
+            server.add_readiness_check(
+                "drain", lambda: "draining: the tunnel is shutting down" if self.draining else None
+            )
         for name, server, endpoint in (
             ("admin", admin, self._in.admin),
-            ("metrics", AdminServer(self._in.registry), self._in.metrics),
+            ("metrics", AdminServer(self._in.registry, routes=(METRICS,)), self._in.metrics),
             ("ready", ready, self._in.ready),
         ):
             if endpoint is not None:
