@@ -497,7 +497,12 @@ def _is_label_name(text: str) -> bool:
 # --- YAML ------------------------------------------------------------------------------------------------
 
 
-class _StrictLoader(yaml.SafeLoader):
+# libyaml's parser where PyYAML was built with it (the wheels are): parsing is most of an inventory
+# reload, which the agent does on every change. The constructor (and so the checks below) stays Python.
+_SafeLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _StrictLoader(_SafeLoader):  # type: ignore[valid-type,misc]
     """SafeLoader that rejects duplicate mapping keys (plain YAML silently keeps the last one)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
@@ -510,7 +515,8 @@ class _StrictLoader(yaml.SafeLoader):
                         "while constructing a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark
                     )
                 seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+        mapping: dict[Hashable, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
 
 
 def _describe_yaml_error(exc: yaml.YAMLError) -> str:
