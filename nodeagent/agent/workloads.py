@@ -23,7 +23,9 @@ from nodeagent.model import Inventory
 
 log = logging.getLogger(__name__)
 
-DEFAULT_POLL_S = 0.2
+# A stat() every 20 ms is noise for the host and keeps "inventory changed -> pod captured" well under the
+# 50 ms p50 target (a Kubernetes watch delivers changes without polling at all).
+DEFAULT_POLL_S = 0.02
 
 
 class InventoryFile:
