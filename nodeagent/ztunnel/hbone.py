@@ -4,7 +4,8 @@ Why this module exists: both ends of the tunnel speak HBONE (REFERENCE.md, "HBON
 per proxied TCP connection, multiplexed over one mTLS HTTP/2 connection. The protocol work (framing, flow
 control, CONNECT validation, keepalive, abuse limits) is done here on plain bytes, so every hostile input of
 REFERENCE.md ("Hostile HTTP/2 inputs") is tested by feeding raw frames, and the asyncio adapter only moves
-bytes: `receive_data(bytes) -> events`, `data_to_send() -> bytes`, `tick(now) -> events`.
+bytes: `receive_data(bytes) -> events`, `data_to_send() -> bytes` (or `data_to_write()` -> buffers),
+`tick(now) -> events`.
 
 What it deliberately does not do: no sockets, TLS, clocks or logging (the caller passes `now`); no policy
 or upstream connects — the server role reports a validated `StreamOpened` and the caller answers it with
@@ -28,6 +29,21 @@ How it uses h2 (4.4), and why in these places:
   stopped within a large read rather than after it.
 - h2's own header validation is off: a malformed CONNECT must be a 400 on its stream, not a connection
   error, so `parse_connect_request` validates pseudo-headers itself.
+- DATA frames we send are framed here, not by h2 (`_send_data_frame`): h2 copies a payload three times on
+  its way out (memoryview.tobytes, header + body, its output bytearray, then `data_to_send()`), and those
+  copies were most of the sender's user-space memmove in the tunnel profile. The payload is queued as-is
+  behind a 9-byte header (`data_frame_header`); h2's connection and stream outbound windows are charged
+  exactly as its `send_data()` would, and anything h2 has queued is taken out first, so the wire order is
+  the call order. Only plain DATA is built here: END_STREAM, HEADERS, RST_STREAM, WINDOW_UPDATE, PING,
+  SETTINGS and GOAWAY still go through h2, whose stream state machine stays the one source of truth — a
+  stream h2 considers closed (e.g. reset by the peer earlier in the same read) gets nothing and its queue
+  is dropped. `data_to_write()` returns the buffers for `writelines()`; `data_to_send()` joins them.
+  `tests/unit/test_hbone.py` checks the header against hyperframe, the wire order, and that the sender's
+  windows equal the receiving h2's after any mix of our DATA and h2's WINDOW_UPDATEs.
+- Large unpadded DATA payloads are received directly: once a frame's header and 64 KiB of it are in,
+  `receive_buffer()` offers a bytearray of the payload's size for the transport to decrypt into, and that
+  bytearray becomes the event's data (handed over, never reused) — no copy into the reassembly buffer and
+  none out of it. All pre-h2 checks still apply; `receive_data()` keeps working in between.
 - Received data is acknowledged to the peer (WINDOW_UPDATE) only when the caller reports it consumed
   (`consumed()`), so a slow upstream pushes back on the sender instead of growing buffers here. Data that
   arrives before the server accepts a stream is held, unacknowledged, and handed out by `accept()`.
@@ -46,6 +62,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.stream
 from h2.errors import ErrorCodes
 from h2.frame_buffer import FrameBuffer
 from hyperframe.exceptions import HyperframeError
@@ -64,6 +81,16 @@ _DATA, _HEADERS, _PRIORITY, _RST_STREAM, _SETTINGS, _PUSH_PROMISE, _PING, _GOAWA
 )
 _FLAG_END_STREAM, _FLAG_ACK, _FLAG_END_HEADERS, _FLAG_PADDED = 0x1, 0x1, 0x4, 0x8
 _FRAMES_PER_STEP = 64
+_DIRECT_PAYLOAD = 64 * 1024  # DATA payloads with this much already in are received into their own buffer
+_COALESCE_BELOW = 16 * 1024  # DATA payloads up to this size are copied behind their header (one record)
+_SENDABLE = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE})
+
+
+def data_frame_header(stream_id: int, length: int, end_stream: bool = False) -> bytes:
+    """The 9-byte header of a DATA frame (RFC 9113 4.1, 6.1) carrying `length` payload bytes."""
+    if not 0 <= length < 1 << 24 or not 0 < stream_id < 1 << 31:
+        raise ValueError(f"no DATA frame of {length} bytes on stream {stream_id}")
+    return _FRAME_HEADER.pack(length >> 8, length & 0xFF, _DATA, _FLAG_END_STREAM if end_stream else 0, stream_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,10 +267,11 @@ class ConnectFailed:
 
 @dataclass(frozen=True, slots=True)
 class DataReceived:
-    """Tunnel bytes. Report them with consumed(stream_id, len(data)) once written upstream."""
+    """Tunnel bytes. Report them with consumed(stream_id, len(data)) once written upstream. A bytearray
+    (a large payload received directly) is the caller's to keep: the core never touches it again."""
 
     stream_id: int
-    data: bytes
+    data: bytes | bytearray
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,13 +356,62 @@ class _FrameReader(FrameBuffer):
         self._empty_data_run = 0
         self._window_updates = 0
         self.budget = 0  # frames h2 may take in this step; set by HboneConnection.receive_data()
+        self._payload: bytearray | None = None  # a large DATA payload being received directly
+        self._filled = 0
+        self._payload_header = (0, 0)
+        self._ready: Frame | None = None  # ... and its frame once complete, next for h2
 
     def clear(self) -> None:
         """Drop buffered input (the connection has terminated)."""
         self._buf = bytearray()
         self._block = []
+        self._payload = None
+        self._ready = None
+
+    # -- direct receive of large DATA payloads --------------------------------------------------------
+    # Once the header of a large unpadded DATA frame has been read, the rest of its payload goes straight
+    # from the TLS layer into a buffer of exactly its size (`payload_buffer()`/`payload_received()`), and
+    # that buffer becomes the frame's data: no copy into `_buf`, no copy out of it. Every check of
+    # `_next_frame` (frame size, budget, header-block interruption) still applies; only the bytes skip
+    # the reassembly buffer.
+
+    def payload_buffer(self) -> memoryview | None:
+        if self._payload is None:
+            return None
+        return memoryview(self._payload)[self._filled :]
+
+    def payload_received(self, nbytes: int) -> None:
+        assert self._payload is not None and 0 < nbytes <= len(self._payload) - self._filled
+        self._filled += nbytes
+        if self._filled == len(self._payload):
+            flags, stream_id = self._payload_header
+            frame = _QuietDataFrame(stream_id)
+            frame.parse_flags(flags)
+            frame.data = self._payload  # type: ignore[assignment]  # a bytearray handed over, never reused
+            frame.body_len = len(self._payload)
+            self._empty_data_run = 0
+            self._ready = frame
+            self._payload = None
+
+    def _start_payload(self, buf: bytearray, flags: int, stream_id: int, length: int) -> None:
+        payload = bytearray(length)
+        have = len(buf) - 9
+        payload[:have] = memoryview(buf)[9:]
+        del buf[:]
+        self._payload = payload
+        self._filled = have
+        self._payload_header = (flags, stream_id)
 
     def add_data(self, data: Any) -> None:
+        if self._payload is not None:  # bytes fed the ordinary way while a payload is received directly
+            view = memoryview(data)
+            take = min(len(self._payload) - self._filled, len(view))
+            if take:
+                self._payload[self._filled : self._filled + take] = view[:take]
+                self.payload_received(take)
+            if take == len(view):
+                return
+            data = view[take:]
         if self._preface:
             view = memoryview(data)
             n = min(len(self._preface), len(view))
@@ -350,6 +427,15 @@ class _FrameReader(FrameBuffer):
 
     def __next__(self) -> Frame:
         if self.budget <= 0:
+            raise StopIteration
+        ready = self._ready
+        if ready is not None:
+            self._ready = None
+            self.budget -= 1
+            out = self._assemble(ready, _DATA, 0, ready.stream_id, ready.body_len)
+            assert out is ready  # not a header block frame
+            return out
+        if self._payload is not None:
             raise StopIteration
         while True:
             frame = self._next_frame()
@@ -368,6 +454,10 @@ class _FrameReader(FrameBuffer):
             raise h2.exceptions.FrameTooLargeError(f"frame of {length} bytes exceeds {self.max_frame_size}")
         end = 9 + length
         if len(buf) < end:
+            # Direct receive only once 64 KiB of the payload are in: a peer cannot make us allocate a
+            # max-size buffer for a bare 9-byte header (at most 16x what it sent, one frame at a time).
+            if kind == _DATA and len(buf) - 9 >= _DIRECT_PAYLOAD and not flags & _FLAG_PADDED and not self._block:
+                self._start_payload(buf, flags, stream_id, length)
             raise StopIteration
         try:
             if kind == _DATA:
@@ -524,6 +614,7 @@ class HboneConnection:
         if limits.connection_window > 65535:
             conn.increment_flow_control_window(limits.connection_window - 65535)
         self._h2 = conn
+        self._out: list[bytes | memoryview] = []  # our DATA frames and h2's output before them, in order
         self._streams: dict[int, _Stream] = {}
         self._closed = False
         self._ping_due = now + limits.keepalive_interval
@@ -540,9 +631,21 @@ class HboneConnection:
         return self._closed
 
     def data_to_send(self) -> bytes:
-        """Bytes to write to the transport now (possibly empty)."""
+        """Bytes to write to the transport now (possibly empty). Joins data_to_write()."""
+        return b"".join(self.data_to_write())
+
+    def data_to_write(self) -> list[bytes | memoryview]:
+        """What to write to the transport now, in order, as buffers for `writelines()`: DATA payloads
+        are views of the buffers given to send_data(), not copies (possibly an empty list)."""
         self._reader.control_replies = 0
-        return self._h2.data_to_send()
+        pending = self._h2.data_to_send()
+        out = self._out
+        if not out:
+            return [pending] if pending else []
+        self._out = []
+        if pending:
+            out.append(pending)
+        return out
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Process bytes from the transport. Never raises on peer input: fatal problems end the list with
@@ -576,6 +679,19 @@ class HboneConnection:
             streams = self._streams
             out.extend(SendDrained(sid) for sid in batch.drained if sid in streams and not streams[sid].queued)
         return out
+
+    def receive_buffer(self) -> memoryview | None:
+        """Where the transport may write the next bytes directly: the rest of a large DATA payload whose
+        header has arrived (its bytes then need no copy here), or None (use receive_data()). Report what
+        was written with receive_into(); the view must not be used after that."""
+        return None if self._closed else self._reader.payload_buffer()
+
+    def receive_into(self, nbytes: int) -> list[Event]:
+        """`nbytes` were written at the start of receive_buffer(): process them like receive_data()."""
+        if self._closed:
+            return []
+        self._reader.payload_received(nbytes)
+        return self.receive_data(b"")
 
     def _check_abuse(self, out: list[Event]) -> None:
         limits = self.limits
@@ -758,27 +874,54 @@ class HboneConnection:
     def _flush(self, stream: _Stream) -> None:
         conn = self._h2
         queue = stream.queue
+        sid = stream.stream_id
+        h2_stream = conn.streams.get(sid)
+        if h2_stream is None or h2_stream.state_machine.state not in _SENDABLE:
+            # h2 has closed the stream (the peer reset it, possibly earlier in the read being processed:
+            # its StreamReset event follows). Sending now would be a connection error; drop the queue.
+            queue.clear()
+            stream.queued = 0
+            return
         while queue:
-            window = min(conn.local_flow_control_window(stream.stream_id), conn.max_outbound_frame_size)
+            window = min(conn.outbound_flow_control_window, h2_stream.outbound_flow_control_window)
+            window = min(window, conn.max_outbound_frame_size)
             if window <= 0:
                 return
             chunk = queue[0]
             if len(chunk) <= window:
                 queue.popleft()
-                conn.send_data(stream.stream_id, chunk, end_stream=stream.end_queued and not queue)
-                if stream.end_queued and not queue:
-                    stream.local_closed = True
             else:
                 queue[0] = chunk[window:]
                 chunk = chunk[:window]
-                conn.send_data(stream.stream_id, chunk)
+            self._send_data_frame(h2_stream, chunk)
             stream.queued -= len(chunk)
-            self._reader.data_frames_sent += 1
         if stream.end_queued and not stream.local_closed:
-            conn.end_stream(stream.stream_id)
+            conn.end_stream(sid)
             stream.local_closed = True
         if stream.local_closed and stream.remote_closed:
-            del self._streams[stream.stream_id]
+            del self._streams[sid]
+
+    def _send_data_frame(self, h2_stream: Any, chunk: memoryview) -> None:
+        """One DATA frame (never END_STREAM, never padded) framed here instead of by h2, with h2's
+        outbound windows charged exactly as its send_data() would. Why: h2 copies a payload three times
+        on its way out (tobytes, header + body, its output bytearray, then data_to_send()); here it is
+        queued as-is behind a 9-byte header. Anything h2 has queued before is taken out first, so frame
+        order on the wire is the order of the calls. END_STREAM and everything else still go through h2,
+        so its stream state machine stays the single source of truth."""
+        n = len(chunk)
+        conn = self._h2
+        conn.outbound_flow_control_window -= n
+        h2_stream.outbound_flow_control_window -= n
+        pending = conn.data_to_send()
+        if pending:
+            self._out.append(pending)
+        header = data_frame_header(h2_stream.stream_id, n)
+        if n <= _COALESCE_BELOW:
+            self._out.append(header + chunk)  # small frames: one buffer, one TLS record
+        else:
+            self._out.append(header)
+            self._out.append(chunk)
+        self._reader.data_frames_sent += 1
 
     def _translate(self, event: h2.events.Event, batch: _Batch, out: list[Event]) -> None:
         if isinstance(event, h2.events.DataReceived):

@@ -5,8 +5,10 @@ those bytes between a TLS transport and the core, run the keepalive timer, and l
 part in a relay (relay.py) like a TCP socket would. This is that thin adapter:
 
 - `HboneProtocol` is an `asyncio.BufferedProtocol` under asyncio's (or uvloop's) TLS transport. Every
-  read goes to `HboneConnection.receive_data`, every event is routed to its stream, and whatever the
-  core wants to send is written once per call. The transport's pause/resume_writing pauses every
+  read goes to `HboneConnection.receive_data` — or, while a large DATA payload is arriving, the TLS layer
+  decrypts straight into the core's `receive_buffer()` — every event is routed to its stream, and
+  whatever the core wants to send is written once per call with `writelines()` (DATA payloads as views
+  of immutable bytes, not joined into one copy). The transport's pause/resume_writing pauses every
   stream's upstream reader (the relay's `Leg.pause_writing`).
 - `HboneStream` implements relay.Sink for one stream. Bytes from the relay are queued with `send_data`
   (the core frames them as the peer's window allows); a stream whose queue passes `HIGH_WATER` pauses the
@@ -32,7 +34,7 @@ from h2.errors import ErrorCodes
 
 from nodeagent.model import IPAddress
 from nodeagent.ztunnel import hbone
-from nodeagent.ztunnel.relay import Leg
+from nodeagent.ztunnel.relay import Leg, set_nodelay, tune_allocator
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,7 @@ class HboneStream:
         self.stream_id = stream_id
         self._leg: Leg | None = None
         self._started = False
-        self._early: list[bytes] = []
+        self._early: list[bytes | bytearray] = []
         self._early_eof = False
         self._held = False
         self._unacked = 0
@@ -111,7 +113,7 @@ class HboneStream:
 
     # -- events from the connection -------------------------------------------------------------------
 
-    def _on_data(self, data: bytes) -> None:
+    def _on_data(self, data: bytes | bytearray) -> None:
         if self._lost:
             self._conn._consumed(self.stream_id, len(data))
             return
@@ -152,7 +154,7 @@ class HboneStream:
 
     # -- relay.Sink -----------------------------------------------------------------------------------
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._lost or self.local_ended:
             return
         # bytes(): the core keeps the buffer until framed and `data` may be the relay's scratch buffer.
@@ -231,10 +233,12 @@ class HboneProtocol(asyncio.BufferedProtocol):
         on_idle: Callable[[HboneProtocol], None] | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        tune_allocator()  # once per process; see relay.tune_allocator
         self.role = role
         self.core = hbone.HboneConnection(role, self._loop.time(), limits=limits, local_addresses=local_addresses)
         self.transport: asyncio.Transport | None = None
         self._buf = _read_buffer()
+        self._direct = False  # get_buffer() handed out the core's receive_buffer()
         self._streams: dict[int, HboneStream] = {}
         self._opening: dict[int, asyncio.Future[None]] = {}
         self._on_ready = on_ready
@@ -256,16 +260,24 @@ class HboneProtocol(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=TRANSPORT_HIGH_WATER, low=TRANSPORT_LOW_WATER)
+        set_nodelay(transport)
         self._flush()
         self._schedule()
         if self._on_ready is not None:
             self._on_ready(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._buf
+        # The rest of a large DATA payload is decrypted straight into the buffer that becomes its data.
+        direct = self.core.receive_buffer()
+        self._direct = direct is not None
+        return direct if direct is not None else self._buf
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._handle(self.core.receive_data(self._buf[:nbytes]))
+        if self._direct:
+            self._direct = False
+            self._handle(self.core.receive_into(nbytes))
+        else:
+            self._handle(self.core.receive_data(self._buf[:nbytes]))
         self._flush()
 
     def eof_received(self) -> bool:
@@ -411,9 +423,11 @@ class HboneProtocol(asyncio.BufferedProtocol):
     # -- internals ----------------------------------------------------------------------------------------
 
     def _flush(self) -> None:
-        data = self.core.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        chunks = self.core.data_to_write()
+        if chunks and self.transport is not None and not self.transport.is_closing():
+            # One call: the TLS transport encrypts every buffer straight from the list (DATA payloads are
+            # the immutable bytes HboneStream.write made, so the transport may keep them).
+            self.transport.writelines(chunks)
 
     def _schedule(self) -> None:
         if self._timer is not None:

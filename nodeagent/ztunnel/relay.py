@@ -35,13 +35,20 @@ Two relays, one result type:
   / 2.1 (uvloop) GB/s at ~0.26 CPU-s per GiB, against 1.5 / 1.8 GB/s at ~0.38 CPU-s per GiB for the
   BufferedProtocol relay (direct TCP: 3.8 GB/s). The CPU saving is what matters on a shared node.
 - `Relay` + `tcp_side()` (BufferedProtocol) for pairs where one side is not a socket — the HBONE stream.
+
+`tune_allocator()` (glibc mallopt, once per process) keeps large freed blocks in the heap: without it
+every ~1 MiB buffer of the TLS/HBONE path was a fresh mmap, and page faults plus page zeroing were a
+third of the tunnel's CPU (bench/tunnel_loopback.py: 2x throughput, half the CPU per GB).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import fcntl
+import functools
 import os
 import socket
 import struct
@@ -78,8 +85,10 @@ class RelayResult:
 class Sink(Protocol):
     """One side of a relay, as the relay drives it.
 
-    `write(data)`: queue bytes for this side's peer. `data` is only valid during the call (it may be a
-    view of a reused buffer): a sink that keeps it must copy it. Must not raise for a closed side.
+    `write(data)`: queue bytes for this side's peer. A memoryview is only valid during the call (it may
+    be a view of a reused buffer): a sink that keeps it must copy it. `bytes` and `bytearray` are handed
+    over: the caller never touches them again (the HBONE core receives large DATA payloads into a
+    bytearray of their own), so a sink may keep them as they are. Must not raise for a closed side.
     `write_eof()`: no more bytes will be written (TCP shutdown(SHUT_WR), HBONE END_STREAM).
     `pause_reading()/resume_reading()`: stop/restart delivering `Leg.data_received` (the other side is
     full). Idempotent.
@@ -88,7 +97,7 @@ class Sink(Protocol):
     `buffered()`: bytes queued and not yet handed to the kernel or peer (for bounds and metrics).
     """
 
-    def write(self, data: bytes | memoryview) -> None: ...
+    def write(self, data: bytes | bytearray | memoryview) -> None: ...
     def write_eof(self) -> None: ...
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
@@ -153,7 +162,7 @@ class Relay:
 
     # -- events from the legs -------------------------------------------------------------------------
 
-    def _data(self, side: int, data: bytes | memoryview) -> None:
+    def _data(self, side: int, data: bytes | bytearray | memoryview) -> None:
         other = self._sinks[1 - side]
         if other is None or self._lost[1 - side]:
             return
@@ -205,7 +214,7 @@ class Leg:
         self._relay = relay
         self._side = side
 
-    def data_received(self, data: bytes | memoryview) -> None:
+    def data_received(self, data: bytes | bytearray | memoryview) -> None:
         """Bytes read from this side; valid only during the call."""
         self._relay._data(self._side, data)
 
@@ -226,6 +235,34 @@ class Leg:
         self._relay._connection_lost(self._side, exc)
 
 
+# glibc serves allocations above its mmap threshold (128 KiB, raised dynamically) with a fresh mmap and
+# returns heap tops above its trim threshold to the kernel. A data path that allocates and frees ~1 MiB
+# objects per read (bytes from a TLS BIO, frames) then pays page faults and page zeroing on every chunk:
+# perf on the tunnel pair showed ~35% of the sender's cycles in clear_page/exc_page_fault/munmap. Keeping
+# such blocks in the heap instead halved the tunnel's CPU per GB (see bench/tunnel_loopback.py).
+MALLOC_MMAP_THRESHOLD = 8 * 1024 * 1024
+MALLOC_TRIM_THRESHOLD = 32 * 1024 * 1024
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+@functools.cache
+def tune_allocator() -> bool:
+    """Make glibc keep large freed blocks (up to MALLOC_MMAP_THRESHOLD each, MALLOC_TRIM_THRESHOLD in
+    all) for reuse instead of unmapping them. Process-wide and idempotent; the data path calls it once
+    (HboneProtocol). Returns False where there is no glibc mallopt (musl, other libcs): nothing changes.
+    Environment settings (MALLOC_MMAP_THRESHOLD_ etc.) win: they are left alone."""
+    if any(k.startswith("MALLOC_") and k.endswith("_THRESHOLD_") for k in os.environ):
+        return True
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
+
+
 _scratch = threading.local()
 
 
@@ -239,6 +276,16 @@ def _scratch_buffer() -> memoryview:
 
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def set_nodelay(transport: asyncio.BaseTransport) -> None:
+    """TCP_NODELAY on a transport's socket: a relay forwards each read at once, so Nagle would only add
+    a round trip to small writes (64-byte ping-pong). uvloop sets it on its TCP transports, asyncio's
+    connect_accepted_socket() and create_connection(sock=...) do not; set it either way."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):  # already closed: nothing to tune
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class TcpSide(asyncio.BufferedProtocol):
@@ -260,6 +307,7 @@ class TcpSide(asyncio.BufferedProtocol):
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self._transport = cast(asyncio.Transport, transport)
         self._transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+        set_nodelay(transport)
         if not self._started:
             self._transport.pause_reading()  # nothing may be read before the relay has both sides
 
@@ -292,12 +340,13 @@ class TcpSide(asyncio.BufferedProtocol):
 
     # -- Sink ------------------------------------------------------------------------------------------
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         assert self._transport is not None
         if not self._transport.is_closing():
-            # bytes() copies: transports may keep a reference to what they are given until it is sent
-            # (uvloop does), and `data` may be a view of the scratch buffer the next read overwrites.
-            self._transport.write(bytes(data))
+            # Transports may keep a reference to what they are given until it is sent (uvloop does), and
+            # a memoryview may be of the scratch buffer the next read overwrites: copy those. bytes and
+            # bytearrays are handed over (see Sink.write) and go as they are.
+            self._transport.write(data if type(data) is not memoryview else bytes(data))
 
     def write_eof(self) -> None:
         assert self._transport is not None

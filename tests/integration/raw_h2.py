@@ -69,7 +69,12 @@ class RawClient:
         self.send(PREFACE + frame(SETTINGS, 0, 0))
 
     def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        """Send everything, or note that the server closed first: a flood the tunnel cuts off with GOAWAY
+        and close may still be on its way, and the unread rest turns the close into a reset."""
+        try:
+            self.sock.sendall(data)
+        except (ConnectionResetError, BrokenPipeError, ssl.SSLError):  # as read_until(): the peer is gone
+            self.outcome.closed = True
 
     def read_until(self, done: callable, limit: float = 10.0) -> Outcome:  # type: ignore[valid-type]
         """Read frames until `done(outcome)` or the connection closes."""

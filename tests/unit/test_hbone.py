@@ -770,3 +770,176 @@ def test_fuzz_client_role_random_bytes(blob: bytes) -> None:
     conn.open_stream(ConnectRequest(SocketAddress(POD, 80)))
     conn.receive_data(blob)
     _check_bounded(conn, len(blob))
+
+
+# --- self-built DATA frames (the send path bypasses h2's framing) --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stream_id", "length", "end"), [(1, 0, True), (1, 1, False), (3, 16384, False), (2**31 - 1, 2**24 - 1, True)]
+)
+def test_data_frame_header_parses_identically_with_hyperframe(stream_id: int, length: int, end: bool) -> None:
+    header = hbone.data_frame_header(stream_id, length, end_stream=end)
+    f, parsed_length = Frame.parse_frame_header(memoryview(header))
+    assert isinstance(f, hyperframe.frame.DataFrame)
+    assert (f.stream_id, parsed_length, "END_STREAM" in f.flags) == (stream_id, length, end)
+    reference = hyperframe.frame.DataFrame(stream_id, data=b"x" * min(length, 100))
+    if end:
+        reference.flags.add("END_STREAM")
+    assert header[3:] == reference.serialize()[3:9]
+
+
+@pytest.mark.parametrize(("stream_id", "length"), [(0, 1), (1, -1), (1, 2**24), (2**31, 1)])
+def test_data_frame_header_refuses_what_no_frame_can_carry(stream_id: int, length: int) -> None:
+    with pytest.raises(ValueError, match="no DATA frame"):
+        hbone.data_frame_header(stream_id, length)
+
+
+def _established_pair() -> tuple[Pair, int]:
+    p = Pair()
+    sid = p.client.open_stream(ConnectRequest(SocketAddress(POD, 8080)))
+    p.pump()
+    p.server.accept(sid)
+    p.pump()
+    p.take(p.client_events)
+    p.take(p.server_events)
+    return p, sid
+
+
+def test_data_to_write_keeps_wire_order_of_h2_frames_and_our_data() -> None:
+    """HEADERS (h2) before our DATA, END_STREAM (h2) after it; payloads are views, not copies."""
+    p, _ = _established_pair()  # the server's SETTINGS (1 MiB frames, 4 MiB window) are in effect
+    client = p.client
+    sid = client.open_stream(ConnectRequest(SocketAddress(POD, 8080)))
+    big = bytes(range(256)) * 256  # 64 KiB: sent as header + view
+    client.send_data(sid, big)  # queued before the 200 arrives: the client may send data right away
+    client.send_data(sid, b"small", end_stream=True)
+    chunks = client.data_to_write()
+    assert any(isinstance(c, memoryview) and c.obj is big for c in chunks)
+    frames = parse_frames(b"".join(chunks))
+    kinds = [(type(f).__name__, f.stream_id, "END_STREAM" in f.flags) for f in frames]
+    assert kinds == [
+        ("HeadersFrame", sid, False),
+        ("DataFrame", sid, False),
+        ("DataFrame", sid, False),
+        ("DataFrame", sid, True),
+    ]
+    assert b"".join(f.data for f in frames if isinstance(f, hyperframe.frame.DataFrame)) == big + b"small"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 3 * MiB), st.booleans()), min_size=1, max_size=8))
+def test_flow_control_windows_agree_with_the_peers_h2(sends: list[tuple[int, bool]]) -> None:
+    """After any mix of self-framed DATA, partial consumption and h2-sent WINDOW_UPDATEs, the sender's
+    h2 windows equal what the receiving h2 believes it granted, and nothing is lost or duplicated."""
+    p, sid = _established_pair()
+    sent = bytearray()
+    got = bytearray()
+    for size, consume in sends:
+        chunk = bytes([len(sent) % 251]) * size
+        sent += chunk
+        p.client.send_data(sid, chunk)
+        for _ in range(50):
+            wire = p.client.data_to_send()
+            if not wire:
+                break
+            for e in p.server.receive_data(wire):
+                if isinstance(e, DataReceived):
+                    got += e.data
+                    if consume:
+                        p.server.consumed(sid, len(e.data))
+            back = p.server.data_to_send()
+            if back:
+                p.client.receive_data(back)
+        client_h2, server_h2 = p.client._h2, p.server._h2
+        assert client_h2.local_flow_control_window(sid) == server_h2.remote_flow_control_window(sid)
+        assert client_h2.outbound_flow_control_window == server_h2.inbound_flow_control_window
+    assert bytes(got) == bytes(sent[: len(got)])
+    assert len(got) + p.client.outbound_buffered(sid) == len(sent)
+    assert not p.client.closed and not p.server.closed
+
+
+def test_window_update_and_reset_in_one_read_do_not_end_the_connection() -> None:
+    """A stream with queued data, then one read holding a WINDOW_UPDATE and the peer's RST_STREAM for it:
+    the queued data is dropped and the stream reported reset; the connection and its other streams live."""
+    p, sid = _established_pair()
+    other = p.client.open_stream(ConnectRequest(SocketAddress(POD, 8081)))
+    p.pump()
+    p.server.accept(other)
+    p.pump()
+    p.take(p.client_events)
+    p.client.send_data(sid, bytes(6 * MiB))  # 4 MiB stream window: 2 MiB stay queued
+    p.client.data_to_send()
+    assert p.client.outbound_buffered(sid) == 2 * MiB
+    events = p.client.receive_data(window_update(sid, MiB) + window_update(0, MiB) + rst(sid, ErrorCodes.CANCEL))
+    assert not any(isinstance(e, ConnectionTerminated) for e in events), events
+    assert StreamReset(sid, ErrorCodes.CANCEL, remote=True) in events
+    assert p.client.outbound_buffered(sid) == 0
+    p.client.send_data(other, b"still here")
+    frames = parse_frames(p.client.data_to_send())
+    assert [f.data for f in frames if isinstance(f, hyperframe.frame.DataFrame)] == [b"still here"]
+
+
+def _feed_in_pieces(conn: HboneConnection, wire: bytes, cuts: list[int], direct: bool) -> list[hbone.Event]:
+    """Give `wire` to `conn` in pieces of the sizes in `cuts` (cycled), through receive_buffer()/receive_into()
+    whenever the core offers a buffer and `direct` is set, else through receive_data()."""
+    events: list[hbone.Event] = []
+    view = memoryview(wire)
+    i = 0
+    while view:
+        n = min(cuts[i % len(cuts)], len(view))
+        i += 1
+        target = conn.receive_buffer() if direct else None
+        if target is not None:
+            n = min(n, len(target))
+            target[:n] = view[:n]
+            events += conn.receive_into(n)
+        else:
+            events += conn.receive_data(view[:n])
+        view = view[n:]
+    return events
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.integers(0, 300 * 1024), min_size=1, max_size=5),
+    st.lists(st.integers(1, 200 * 1024), min_size=1, max_size=6),
+    st.booleans(),
+)
+def test_large_payloads_received_directly_arrive_intact(sizes: list[int], cuts: list[int], direct: bool) -> None:
+    """DATA frames of every size, cut anywhere, fed through the direct payload buffer or receive_data()
+    (or both, alternating): the same bytes come out, in order, with the same flow-control accounting."""
+    p, sid = _established_pair()
+    payload = b"".join(bytes([k % 256]) * size for k, size in enumerate(sizes))
+    p.client.send_data(sid, payload, end_stream=True)
+    wire = p.client.data_to_send()
+    events = _feed_in_pieces(p.server, wire, cuts, direct)
+    assert not any(isinstance(e, ConnectionTerminated) for e in events), events
+    assert received(events, sid) == payload
+    assert isinstance(events[-1], StreamEnded)
+    assert p.server._h2.inbound_flow_control_window == p.client._h2.outbound_flow_control_window
+    assert p.server.receive_buffer() is None
+
+
+def test_a_direct_payload_is_handed_over_not_copied() -> None:
+    p, sid = _established_pair()
+    p.client.send_data(sid, bytes(MiB))
+    wire = p.client.data_to_send()
+    assert p.server.receive_data(wire[:1000]) == []
+    assert p.server.receive_buffer() is None  # a header alone never makes the core allocate the payload
+    assert p.server.receive_data(wire[1000 : 9 + 70_000]) == []  # 64 KiB in: the core offers the rest
+    target = p.server.receive_buffer()
+    assert target is not None and len(target) == MiB - 70_000
+    target[:] = wire[9 + 70_000 :]
+    [event] = p.server.receive_into(len(target))
+    assert isinstance(event, DataReceived) and event.data == bytes(MiB)
+    assert event.data.__class__ is bytearray and target.obj is event.data
+
+
+def test_data_interrupting_a_header_block_is_still_refused_when_large() -> None:
+    conn, peer, _out = new_server()
+    block = peer.encoder.encode([(b":method", b"CONNECT"), (b":authority", b"10.0.0.2:8080")])
+    wire = headers_frame(1, block[:3], end_headers=False) + data(1, bytes(100 * 1024))
+    assert conn.receive_data(wire[:5000]) == []
+    assert conn.receive_buffer() is None  # no direct receive inside a header block
+    assert terminated(conn.receive_data(wire[5000:])).error_code == ErrorCodes.PROTOCOL_ERROR
