@@ -38,7 +38,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from nodeagent.metrics import CertManagerMetrics
-from nodeagent.model import Identity, IdentityError
+from nodeagent.model import Identity
+from nodeagent.ztunnel.tls import PeerVerificationError, svid_identity
 
 log = logging.getLogger(__name__)
 
@@ -106,20 +107,6 @@ def _rfc3339(when: dt.datetime) -> str:
     return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _leaf_identity(cert: x509.Certificate) -> Identity:
-    try:
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound as exc:
-        raise ValueError("leaf certificate has no subjectAltName") from exc
-    uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
-    if len(uris) != 1:
-        raise ValueError(f"leaf certificate has {len(uris)} URI SANs; an X.509-SVID has exactly one")
-    try:
-        return Identity.parse(uris[0])
-    except IdentityError as exc:
-        raise ValueError(f"leaf URI SAN is not a workload identity: {exc}") from exc
-
-
 # Intermediates and roots are the same few certificates for every identity: parse each once and share the
 # object and its PEM string, instead of holding a copy per identity (about a fifth of the per-identity
 # memory at 1000 identities). Bounded: a bundle rotation adds a handful of entries.
@@ -163,7 +150,10 @@ class CertMaterial:
         leaf = x509.load_pem_x509_certificate(chain_pem[0].encode())
         issuers = tuple(_shared_cert(p) for p in chain_pem[1:])
         shared_pem = tuple(_SHARED[p][0] for p in chain_pem[1:])
-        got = _leaf_identity(leaf)
+        try:
+            got = svid_identity(leaf)  # the same X.509-SVID leaf rules peers apply to it
+        except PeerVerificationError as exc:
+            raise ValueError(f"CA issued a certificate that is not a valid SVID: {exc}") from None
         if got != identity:
             raise ValueError(f"CA issued a certificate for {got}, not the requested {identity}")
         if leaf.public_key() != key.public_key():
