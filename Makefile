@@ -32,3 +32,4 @@ proto:
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache
+include vagrant/vagrant.mk

@@ -18,7 +18,7 @@ import json
 import signal
 import sys
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +26,13 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from nodeagent.admin_client import add_admin_arguments, print_section, table
 from nodeagent.ca import authority
-from nodeagent.ca.authn import DEFAULT_NODE_ACCOUNT, LabTokenAuthenticator
+from nodeagent.ca.authn import DEFAULT_NODE_ACCOUNT, Authenticator, LabTokenAuthenticator
 from nodeagent.ca.authority import DEFAULT_DNS_NAMES
 from nodeagent.ca.server import CAServer, ServerInputs, watch_file
 from nodeagent.ca.store import CAStore, StoreError
 from nodeagent.inventory.local import load_inventory
 from nodeagent.metrics import CAMetrics
-from nodeagent.model import DEFAULT_TRUST_DOMAIN, Identity
+from nodeagent.model import DEFAULT_TRUST_DOMAIN, Identity, Pod
 
 DEFAULT_STATE_DIR = "/var/lib/nodeagent/ca"
 
@@ -64,9 +64,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     serve = ca_sub.add_parser("serve", help="serve CreateCertificate over TLS (lab: tokens from the inventory)")
     state_args(serve, trust_domain=False)
-    serve.add_argument(
-        "--inventory", type=Path, required=True, help="inventory YAML: pods, node tokens and the trust domain"
+    source = serve.add_mutually_exclusive_group(required=True)
+    source.add_argument("--inventory", type=Path, help="inventory YAML: pods, node tokens and the trust domain")
+    source.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="TokenReview for node-agent tokens; pods of each node from the API server",
     )
+    serve.add_argument("--kubeconfig", type=Path, help="with --kubernetes: kubeconfig (default: in-cluster)")
+    serve.add_argument("--context", help="with --kubernetes: kubeconfig context")
+    serve.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN, help="with --kubernetes: SPIFFE trust domain")
     serve.add_argument("--listen", default="127.0.0.1:15012", help="host:port to listen on")
     serve.add_argument(
         "--node-account",
@@ -186,8 +193,18 @@ def _accounts(values: Sequence[str] | None) -> list[tuple[str, str]]:
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         accounts = _accounts(args.node_account)
-        inventory = watch_file(args.inventory, load_inventory)
-        trust_domain = inventory.current().trust_domain
+        if args.kubernetes:
+            from nodeagent.ca.kube import kubernetes_edges
+
+            trust_domain = args.trust_domain
+            edges = kubernetes_edges(trust_domain=trust_domain, kubeconfig=args.kubeconfig, context=args.context)
+            authenticator: Authenticator = edges.authenticator
+            pods_on_node: Callable[[str], Sequence[Pod]] = edges.pods_on_node
+        else:
+            inventory = watch_file(args.inventory, load_inventory)
+            trust_domain = inventory.current().trust_domain
+            authenticator = LabTokenAuthenticator(inventory.current, node_account=accounts[0])
+            pods_on_node = lambda node: inventory.current().pods_on(node)  # noqa: E731
         store = CAStore(args.state_dir, trust_domain)
         if store.init():
             print(f"created a new root in {store.state_dir}")
@@ -197,8 +214,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             start_http_server(int(port_text), addr=host or "0.0.0.0", registry=registry)
         inputs = ServerInputs(
             store=store,
-            authenticator=LabTokenAuthenticator(inventory.current, node_account=accounts[0]),
-            pods_on_node=lambda node: inventory.current().pods_on(node),
+            authenticator=authenticator,
+            pods_on_node=pods_on_node,
             metrics=CAMetrics(registry),
             trusted_node_accounts=frozenset(Identity(trust_domain, ns, sa) for ns, sa in accounts),
             dns_names=(*DEFAULT_DNS_NAMES, *(args.dns_name or ())),

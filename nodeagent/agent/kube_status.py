@@ -1,0 +1,145 @@
+"""Pod status in Kubernetes: `ambient.istio.io/redirection` written through the pods/status subresource.
+
+Why this module exists: users and tools (istioctl, kubectl) read a pod's enrollment from this annotation
+(REFERENCE.md, "Enrollment and status"). Istio's field failure to beat is an annotation that says
+`enabled` while the pod has no rules (istio#61182), so this writer never decides anything: the agent
+publishes the reconciler's result — which comes from capture verified against the kernel and the
+tunnel's acks (agent/enrollment.status_of) — and the writer only makes the API agree with it:
+
+    enabled  -> "enabled"   (capture complete in the kernel and a tunnel acked the pod)
+    pending  -> "pending"   (captured, fail closed, no tunnel serves it yet)
+    failed, or no longer enrolled -> the annotation is removed
+
+Writes go through pods/status (the RBAC the DaemonSet holds: patch on pods/status, nothing on pods) as
+JSON merge patches that carry the pod's UID, so a pod recreated under the same name is never annotated
+by mistake (the API server rejects the UID change). Failed writes are retried with backoff; a pod that is
+gone (404) is forgotten.
+
+What it deliberately does not do: no reading of pod state, no enrollment decisions, no status file
+(agent/status.py keeps writing that in every mode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import kubernetes.client
+import urllib3.exceptions
+from kubernetes.client.exceptions import ApiException
+
+from nodeagent.agent.enrollment import Status
+from nodeagent.inventory.kube import describe
+
+log = logging.getLogger(__name__)
+
+REDIRECTION_ANNOTATION = "ambient.istio.io/redirection"
+MERGE_PATCH = "application/merge-patch+json"
+_VALUES = {Status.ENABLED: "enabled", Status.PENDING: "pending"}
+
+
+@dataclass(frozen=True, slots=True)
+class PodAnnotation:
+    namespace: str
+    name: str
+    value: str | None  # None: remove the annotation
+
+
+def annotation_value(status: Status) -> str | None:
+    return _VALUES.get(status)
+
+
+class PodStatusWriter:
+    def __init__(
+        self,
+        api: kubernetes.client.ApiClient,
+        *,
+        concurrency: int = 4,
+        retry_initial: float = 0.5,
+        retry_max: float = 30.0,
+        request_timeout: float = 10.0,
+    ) -> None:
+        self._core = kubernetes.client.CoreV1Api(api)
+        self._concurrency = concurrency
+        self._retry_initial = retry_initial
+        self._retry_max = retry_max
+        self._timeout = request_timeout
+        self._desired: dict[str, PodAnnotation] = {}
+        self.written: dict[str, PodAnnotation] = {}  # uid -> what the API server has (as far as we know)
+        self._wake = asyncio.Event()
+        self.error: str | None = None
+        self.patches = 0
+
+    def publish(self, pods: Mapping[str, tuple[str, str, Status]]) -> None:
+        """The agent's current view: uid -> (namespace, name, status). Pods absent lose the annotation."""
+        self._desired = {
+            uid: PodAnnotation(ns, name, annotation_value(status)) for uid, (ns, name, status) in pods.items()
+        }
+        self._wake.set()
+
+    def _todo(self) -> dict[str, PodAnnotation]:
+        desired = dict(self._desired)
+        for uid, written in self.written.items():  # pods the agent no longer holds lose the annotation
+            if uid not in desired and written.value is not None:
+                desired[uid] = PodAnnotation(written.namespace, written.name, None)
+        return {uid: a for uid, a in desired.items() if self.written.get(uid) != a}
+
+    async def run(self) -> None:
+        """The guarded task: write whatever differs, retry failures with backoff (until cancelled)."""
+        delay = self._retry_initial
+        slots = asyncio.Semaphore(self._concurrency)
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            todo = self._todo()
+            if not todo:
+                continue
+            results = await asyncio.gather(*(self._write(uid, a, slots) for uid, a in todo.items()))
+            # Removals that are done need no memory; pods still enrolled stay remembered.
+            for uid, a in list(self.written.items()):
+                if a.value is None and uid not in self._desired:
+                    del self.written[uid]
+            if all(results):
+                delay = self._retry_initial
+                if self.error is not None:
+                    log.info("pod status annotations are written again")
+                    self.error = None
+                self._wake.set()  # look again: the agent may have published while these were written
+                continue
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._retry_max)
+            self._wake.set()
+
+    async def _write(self, uid: str, a: PodAnnotation, slots: asyncio.Semaphore) -> bool:
+        body = {"metadata": {"uid": uid, "annotations": {REDIRECTION_ANNOTATION: a.value}}}
+        async with slots:
+            try:
+                await asyncio.to_thread(
+                    self._core.patch_namespaced_pod_status,
+                    a.name,
+                    a.namespace,
+                    body,
+                    _content_type=MERGE_PATCH,
+                    _request_timeout=self._timeout,
+                )
+            except ApiException as exc:
+                if exc.status in (404, 409, 422):  # gone, or recreated under the same name: not ours
+                    log.info("pod %s/%s (uid %s) is gone; not annotating it", a.namespace, a.name, uid)
+                    self.written[uid] = a
+                    if a.value is None or exc.status == 404:
+                        self._desired.pop(uid, None)
+                    return True
+                return self._failed(a, describe(exc, f"patching pods/status of {a.namespace}/{a.name}"))
+            except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+                return self._failed(a, describe(exc, f"patching pods/status of {a.namespace}/{a.name}"))
+        self.patches += 1
+        self.written[uid] = a
+        return True
+
+    def _failed(self, a: PodAnnotation, problem: str) -> bool:
+        if problem != self.error:
+            log.error("%s; retrying with backoff (capture is unaffected)", problem)
+            self.error = problem
+        return False

@@ -1,0 +1,536 @@
+"""The Kubernetes workload source: list, then watch from the list's resourceVersion, through the official client.
+
+Why this module exists: in a cluster the agent, the tunnel and the CA learn pods, namespaces, services and
+Istio's L4 policies from the API server instead of the lab's inventory file. One `KubeSource` keeps a
+local copy of each resource with the informer pattern and hands out the same `model.Inventory` /
+`policy.PolicySet` snapshots the local source produces (built by the pure inventory/translate.py), so
+their consumers cannot tell the two sources apart:
+
+- `current()` returns an Inventory and `policies()` a PolicySet; both return the *same object* until
+  something changed, so the tunnel's identity check (`is`) stays cheap;
+- `on_change()` is called (from a reflector thread) after every applied change; consumers coalesce.
+
+Per resource, a reflector thread runs: list (in pages of `page_size`, a consistent snapshot) -> replace
+the local copy -> watch from the list's resourceVersion with bookmarks -> apply ADDED/MODIFIED/DELETED,
+advance the resourceVersion on every event and BOOKMARK -> when the stream ends (server timeout, dropped
+connection, garbage line) watch again from the last resourceVersion, so no event is lost -> on 410 Gone
+(the resourceVersion was compacted away) list afresh. Errors (RBAC 403, 5xx, an API server that is down
+or answers garbage) are logged with what to do, retried with exponential backoff and jitter, and never
+touch the local copy: the last good state stays in use and nothing is unenrolled by mistake.
+`synced` is set only when every resource has been listed once, so no consumer ever sees pods without
+their namespaces (which would look unenrolled).
+
+Scopes: the node agent needs its own node's pods (`node=`: field selector spec.nodeName) and namespaces;
+the tunnel and the CA need every pod (destination lookup, node authorization), services and policies.
+
+What it deliberately does not do: no kubeconfig reading at import (`api_client()` builds one when asked),
+no enrollment decisions, no asyncio (threads: the client is blocking; asyncio callers wrap `on_change`
+with call_soon_threadsafe), no writes (agent/kube_status.py patches pod status).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import kubernetes.client
+import kubernetes.config
+import urllib3.exceptions
+from kubernetes.client.exceptions import ApiException
+from kubernetes.watch.watch import iter_resp_lines
+
+from nodeagent.inventory import translate
+from nodeagent.model import DEFAULT_TRUST_DOMAIN, Inventory, Namespace, Pod, Service
+from nodeagent.policy import DEFAULT_ROOT_NAMESPACE, PeerAuthentication, Policy, PolicySet
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+ISTIO_SECURITY = ("security.istio.io", "v1")
+DEFAULT_PAGE_SIZE = 500
+DEFAULT_WATCH_TIMEOUT = 300  # seconds the server keeps one watch open (it ends it cleanly; we re-watch)
+DEFAULT_REQUEST_TIMEOUT = 30.0
+BACKOFF_INITIAL = 0.5
+BACKOFF_MAX = 30.0
+
+
+class KubeConfigError(ValueError):
+    """No usable way to reach the API server; the message says which were tried."""
+
+
+def api_client(
+    kubeconfig: str | os.PathLike[str] | None = None, context: str | None = None
+) -> kubernetes.client.ApiClient:
+    """A configured ApiClient: `kubeconfig` (and `context`) if given, else in-cluster, else ~/.kube/config.
+
+    Called only when a command runs, never at import. In a pod the in-cluster loader re-reads the
+    projected service-account token when it is rotated.
+    """
+    configuration = kubernetes.client.Configuration()
+    try:
+        if kubeconfig is None and context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+            kubernetes.config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        else:
+            path = os.fspath(kubeconfig) if kubeconfig is not None else os.environ.get("KUBECONFIG")
+            kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=path.split(os.pathsep)[0] if path else None,
+                context=context,
+                client_configuration=configuration,
+            )
+    except (kubernetes.config.ConfigException, OSError, ValueError) as exc:
+        raise KubeConfigError(
+            f"cannot configure the Kubernetes client: {exc}; pass --kubeconfig FILE (and --context), set "
+            "KUBECONFIG, or run inside a pod with a service account"
+        ) from None
+    return kubernetes.client.ApiClient(configuration)
+
+
+class _Relist(Exception):
+    """The watch's resourceVersion is gone (410): list again."""
+
+
+class _Stopped(Exception):
+    pass
+
+
+def describe(exc: BaseException, what: str) -> str:
+    """A one-line explanation of a failed API call, with what to do about it."""
+    if isinstance(exc, ApiException):
+        status = exc.status
+        reason = exc.reason or ""
+        message = ""
+        try:
+            body = json.loads(exc.body) if exc.body else {}
+            message = body.get("message", "") if isinstance(body, dict) else ""
+        except ValueError:
+            pass
+        detail = message or reason
+        if status == 403:
+            return (
+                f"{what}: forbidden by RBAC ({detail}); grant list/watch on it to this service account "
+                "(daemonset/rbac.yaml)"
+            )
+        if status == 401:
+            return f"{what}: unauthorized ({detail}); the token or kubeconfig credentials are not accepted"
+        if status == 404:
+            return f"{what}: not found ({detail}); is the CRD installed? (kubectl apply -k daemonset/ installs it)"
+        return f"{what}: HTTP {status} {detail}".rstrip()
+    if isinstance(exc, ValueError):
+        return f"{what}: the API server answered something that is not Kubernetes JSON ({exc})"
+    return f"{what}: cannot reach the API server ({exc.__class__.__name__}: {exc})"
+
+
+@dataclass
+class ReflectorStats:
+    lists: int = 0
+    watches: int = 0
+    events: int = 0
+    relists_after_gone: int = 0
+    errors: int = 0
+
+
+class _Reflector(Generic[T]):
+    """One resource kept in sync: list -> watch -> (410) list again; errors back off, state is kept."""
+
+    def __init__(
+        self,
+        owner: KubeSource,
+        name: str,
+        call: Callable[..., Any],
+        convert: Callable[[Mapping[str, Any]], T | None],
+        selector: dict[str, Any],
+    ) -> None:
+        self.owner = owner
+        self.name = name
+        self._call = call
+        self._convert = convert
+        self._selector = selector
+        self.items: dict[str, T] = {}
+        self.rv: str | None = None
+        self.synced = False
+        self.error: str | None = None
+        self.stats = ReflectorStats()
+        self._resp: Any = None
+        self._reported: dict[str, str] = {}  # key -> last problem logged (log once per problem)
+        self.thread = threading.Thread(target=self._run, name=f"kube-{name}", daemon=True)
+
+    # --- loop --------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        delay = self.owner.backoff_initial
+        while not self.owner.stopping.is_set():
+            try:
+                if self.rv is None:
+                    self._list()
+                if self._watch_once():
+                    delay = self.owner.backoff_initial
+                elif self.owner.stopping.wait(delay * random.random()):  # a stream that ended at once
+                    return
+            except _Stopped:
+                return
+            except _Relist:
+                self.stats.relists_after_gone += 1
+                log.info("%s: resourceVersion %s expired (410 Gone); listing again", self.name, self.rv)
+                self.rv = None
+                delay = self.owner.backoff_initial
+            except (ApiException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+                if self.owner.stopping.is_set():
+                    return
+                self.stats.errors += 1
+                problem = describe(exc, f"{'watching' if self.synced else 'listing'} {self.name}")
+                kept = "keeping the last good state" if self.synced else "nothing is known yet"
+                wait = delay * (0.5 + random.random())
+                if problem != self.error:
+                    log.error(
+                        "%s; %s, retrying in %.1f s (backing off up to %.0f s)",
+                        problem,
+                        kept,
+                        wait,
+                        self.owner.backoff_max,
+                    )
+                else:
+                    log.debug("%s; retrying in %.1f s", problem, wait)
+                self.error = problem
+                self.owner._changed(None)
+                if self.owner.stopping.wait(wait):
+                    return
+                delay = min(delay * 2, self.owner.backoff_max)
+
+    def _list(self) -> None:
+        fresh: dict[str, T] = {}
+        cont: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {**self._selector, "limit": self.owner.page_size}
+            if cont:
+                kwargs["_continue"] = cont
+            resp = self._call(_preload_content=False, _request_timeout=self.owner.request_timeout, **kwargs)
+            try:
+                doc = json.loads(resp.data)
+            finally:
+                resp.release_conn()
+            if not isinstance(doc, dict) or not isinstance(doc.get("items"), list):
+                raise ValueError(f"a list response without items (got {str(doc)[:80]!r})")
+            meta = doc.get("metadata") or {}
+            for obj in doc["items"]:
+                if isinstance(obj, dict):
+                    key, value = self._translate(obj, previous=None)
+                    if key is not None and value is not None:
+                        fresh[key] = value
+            cont = meta.get("continue") or None
+            if cont is None:
+                rv = meta.get("resourceVersion")
+                if not isinstance(rv, str) or not rv:
+                    raise ValueError("a list response without metadata.resourceVersion")
+                break
+        self.stats.lists += 1
+        with self.owner.lock:
+            self.items = fresh
+            self.rv = rv
+            self.synced = True
+            self.error = None
+        log.info("%s: listed %d at resourceVersion %s", self.name, len(fresh), rv)
+        self.owner._changed(self)
+
+    def _watch_once(self) -> bool:
+        """One watch request from self.rv; True when it was a healthy stream (events, or open > 1 s)."""
+        self.stats.watches += 1
+        resp = self._call(
+            watch=True,
+            resource_version=self.rv,
+            allow_watch_bookmarks=True,
+            timeout_seconds=self.owner.watch_timeout,
+            _preload_content=False,
+            _request_timeout=(self.owner.request_timeout, self.owner.watch_timeout + self.owner.request_timeout),
+            **self._selector,
+        )
+        self._resp = resp
+        if self.error is not None:  # the API server answers again
+            log.info("%s: watching again from resourceVersion %s", self.name, self.rv)
+            self.error = None
+            self.owner._changed(None)
+        started, delivered = time.monotonic(), 0
+        try:
+            for line in self._lines(resp):
+                self._event(line)
+                delivered += 1
+        except urllib3.exceptions.ProtocolError as exc:
+            if not delivered and time.monotonic() - started < 1.0:
+                raise
+            # Routine: API server restarts and idle load balancers cut long streams. Nothing is lost:
+            # the next watch starts from the last resourceVersion applied.
+            log.info("%s: watch stream cut (%s); watching again from resourceVersion %s", self.name, exc, self.rv)
+        finally:
+            self._resp = None
+            resp.release_conn()
+        if self.owner.stopping.is_set():
+            raise _Stopped
+        return bool(delivered) or time.monotonic() - started >= 1.0
+
+    def _lines(self, resp: Any) -> Iterator[str]:
+        for line in iter_resp_lines(resp):  # type: ignore[no-untyped-call]
+            if self.owner.stopping.is_set():
+                raise _Stopped
+            if line:
+                yield line
+
+    def _event(self, line: str) -> None:
+        event = json.loads(line)
+        if not isinstance(event, dict) or not isinstance(event.get("object"), dict):
+            raise ValueError(f"watch event without an object: {line[:80]!r}")
+        kind, obj = event.get("type"), event["object"]
+        if kind == "ERROR":
+            if obj.get("code") == 410:
+                raise _Relist
+            raise ApiException(status=obj.get("code"), reason=f"{obj.get('reason')}: {obj.get('message')}")
+        rv = (obj.get("metadata") or {}).get("resourceVersion")
+        if kind == "BOOKMARK":
+            if isinstance(rv, str) and rv:
+                self.rv = rv
+            return
+        if kind not in ("ADDED", "MODIFIED", "DELETED"):
+            raise ValueError(f"unknown watch event type {kind!r}")
+        self.stats.events += 1
+        with self.owner.lock:
+            if kind == "DELETED":
+                try:
+                    key = translate.object_key(obj)
+                except translate.TranslateError:
+                    key = None
+                if key is not None:
+                    self.items.pop(key, None)
+                    self._reported.pop(key, None)
+            else:
+                key, value = self._translate(obj, previous=self.items)
+                if key is not None and value is not None:
+                    self.items[key] = value
+                elif key is not None:  # no longer applies (e.g. a policy now bound to a waypoint)
+                    self.items.pop(key, None)
+            if isinstance(rv, str) and rv:
+                self.rv = rv
+            self.error = None
+        self.owner._changed(self)
+
+    def _translate(self, obj: Mapping[str, Any], previous: Mapping[str, T] | None) -> tuple[str | None, T | None]:
+        try:
+            key = translate.object_key(obj)
+        except translate.TranslateError as exc:
+            log.error("%s: ignoring an object: %s", self.name, exc)
+            return None, None
+        try:
+            value = self._convert(obj)
+        except (translate.TranslateError, ValueError) as exc:
+            kept = previous.get(key) if previous is not None else None
+            self._report(key, f"{exc}; {'keeping its previous version' if kept is not None else 'ignored'}")
+            return key, kept
+        return key, value
+
+    def _report(self, key: str, problem: str) -> None:
+        if self._reported.get(key) != problem:
+            self._reported[key] = problem
+            log.error("%s: %s", self.name, problem)
+
+    def interrupt(self) -> None:
+        resp = self._resp
+        if resp is not None:
+            # best effort: the thread is a daemon and the watch times out anyway
+            with contextlib.suppress(Exception):
+                resp.shutdown()
+
+
+class KubeSource:
+    """Pods, namespaces and (optionally) services and Istio policies, kept in sync with the API server."""
+
+    def __init__(
+        self,
+        api: kubernetes.client.ApiClient,
+        *,
+        node: str | None = None,
+        services: bool = True,
+        policies: bool = True,
+        cluster_name: str = "kubernetes",
+        trust_domain: str = DEFAULT_TRUST_DOMAIN,
+        root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+        on_change: Callable[[], None] | None = None,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        watch_timeout: int = DEFAULT_WATCH_TIMEOUT,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        backoff_initial: float = BACKOFF_INITIAL,
+        backoff_max: float = BACKOFF_MAX,
+    ) -> None:
+        self.node = node
+        self.cluster_name = cluster_name
+        self.trust_domain = trust_domain
+        self.root_namespace = root_namespace
+        self.page_size = page_size
+        self.watch_timeout = watch_timeout
+        self.request_timeout = request_timeout
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.lock = threading.RLock()
+        self.stopping = threading.Event()
+        self.synced = threading.Event()
+        self._on_change = on_change
+        self._version = 0
+        self._built: tuple[int, Inventory] | None = None
+        self._built_policies: tuple[int, PolicySet] | None = None
+        self._policy_version = 0
+
+        core = kubernetes.client.CoreV1Api(api)
+        custom = kubernetes.client.CustomObjectsApi(api)
+        group, version = ISTIO_SECURITY
+        self._pods: _Reflector[Pod] = _Reflector(
+            self,
+            "pods",
+            core.list_pod_for_all_namespaces,
+            translate.pod,
+            {"field_selector": f"spec.nodeName={node}"} if node else {},
+        )
+        self._namespaces: _Reflector[Namespace] = _Reflector(
+            self, "namespaces", core.list_namespace, translate.namespace, {}
+        )
+        self._reflectors: list[_Reflector[Any]] = [self._pods, self._namespaces]
+        self._services: _Reflector[Service] | None = None
+        self._policy_reflectors: list[_Reflector[Policy | PeerAuthentication]] = []
+        if services:
+            self._services = _Reflector(self, "services", core.list_service_for_all_namespaces, translate.service, {})
+            self._reflectors.append(self._services)
+        if policies:
+            for plural in ("authorizationpolicies", "peerauthentications"):
+                call = _custom_lister(custom, group, version, plural)
+                reflector: _Reflector[Policy | PeerAuthentication] = _Reflector(
+                    self, f"{plural}.{group}", call, self._convert_policy, {}
+                )
+                self._policy_reflectors.append(reflector)
+                self._reflectors.append(reflector)
+
+    # --- life cycle ------------------------------------------------------------------------------------
+
+    def start(self) -> KubeSource:
+        for r in self._reflectors:
+            r.thread.start()
+        return self
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self.stopping.set()
+        for r in self._reflectors:
+            r.interrupt()
+        for r in self._reflectors:
+            if r.thread.is_alive():
+                r.thread.join(timeout)
+
+    def wait_synced(self, timeout: float | None = None) -> bool:
+        return self.synced.wait(timeout)
+
+    # --- snapshots -------------------------------------------------------------------------------------
+
+    def current(self) -> Inventory:
+        """The inventory as of the last applied event (the same object until something changes)."""
+        with self.lock:
+            if self._built is not None and self._built[0] == self._version:
+                return self._built[1]
+            version = self._version
+            pods = list(self._pods.items.values())
+            namespaces = list(self._namespaces.items.values())
+            services = list(self._services.items.values()) if self._services else []
+        inventory = translate.inventory(
+            pods=pods,
+            namespaces=namespaces,
+            services=services,
+            nodes=(self.node,) if self.node else (),
+            cluster_name=self.cluster_name,
+            trust_domain=self.trust_domain,
+        )
+        with self.lock:
+            if self._built is None or self._built[0] < version:
+                self._built = (version, inventory)
+        return inventory
+
+    def policies(self) -> PolicySet:
+        with self.lock:
+            if self._built_policies is not None and self._built_policies[0] == self._policy_version:
+                return self._built_policies[1]
+            version = self._policy_version
+            values = [v for r in self._policy_reflectors for v in r.items.values()]
+        result = translate.policy_set(values, self.root_namespace)
+        with self.lock:
+            self._built_policies = (version, result)
+        return result
+
+    def pods_on(self, node: str) -> tuple[Pod, ...]:
+        """Pods on `node` now (the CA's node authorization)."""
+        with self.lock:
+            return tuple(p for p in self._pods.items.values() if p.node == node)
+
+    @property
+    def error(self) -> str | None:
+        """Why the local copy may be stale (the last failed call of each resource), or None."""
+        with self.lock:
+            problems = [r.error for r in self._reflectors if r.error]
+        return "; ".join(problems) if problems else None
+
+    def stats(self) -> dict[str, ReflectorStats]:
+        return {r.name: r.stats for r in self._reflectors}
+
+    # --- internals -------------------------------------------------------------------------------------
+
+    def _convert_policy(self, obj: Mapping[str, Any]) -> Policy | PeerAuthentication | None:
+        result = translate.policy(obj, self.root_namespace)
+        if result.problem is not None:
+            log.error("%s", result.problem)
+        return result.value
+
+    def _changed(self, reflector: _Reflector[Any] | None) -> None:
+        """`reflector` changed its items (None: only its error changed)."""
+        with self.lock:
+            if reflector is not None:
+                if reflector in self._policy_reflectors:
+                    self._policy_version += 1
+                else:
+                    self._version += 1
+            if not self.synced.is_set() and all(r.synced for r in self._reflectors):
+                log.info(
+                    "kubernetes source synced: %s", ", ".join(f"{len(r.items)} {r.name}" for r in self._reflectors)
+                )
+                self.synced.set()
+        if self._on_change is not None and self.synced.is_set():
+            self._on_change()
+
+
+def _custom_lister(
+    api: kubernetes.client.CustomObjectsApi, group: str, version: str, plural: str
+) -> Callable[..., Any]:
+    def call(**kwargs: Any) -> Any:
+        return api.list_cluster_custom_object(group, version, plural, **kwargs)
+
+    return call
+
+
+def read_token(path: Path) -> str:
+    """A projected service-account token, re-read on every call (the kubelet rotates the file)."""
+    return path.read_text().strip()
+
+
+def kube_tunnel_source(
+    kubeconfig: Path | None, context: str | None, trust_domain: str, sync_timeout: float | None = None
+) -> tuple[Callable[[], Inventory], Callable[[], PolicySet]]:
+    """The tunnel's inventory and policies from the API server, after a complete first sync.
+
+    Waiting matters: a tunnel serving before the policies are listed would allow what they deny.
+    """
+    source = KubeSource(api_client(kubeconfig, context), trust_domain=trust_domain).start()
+    while not source.wait_synced(10.0 if sync_timeout is None else sync_timeout):
+        if sync_timeout is not None:
+            source.stop(timeout=0)
+            raise KubeConfigError(f"no complete list from the API server in {sync_timeout} s: {source.error}")
+        log.warning("waiting for the API server before serving: %s", source.error or "still listing")
+    return source.current, source.policies

@@ -1,0 +1,335 @@
+"""Kubernetes objects (dicts, as the API server returns them) -> nodeagent.model values. Pure.
+
+Why this module exists: the Kubernetes workload source (inventory/kube.py) must turn Pods, Namespaces,
+Services and Istio's security.istio.io/v1 AuthorizationPolicy / PeerAuthentication objects into the
+same `Inventory` and `PolicySet` the local YAML source produces, so the agent, the tunnel and the CA never
+know which source fed them. Keeping the translation free of I/O lets a table of plain dicts test it.
+
+Rules applied:
+- Pod: metadata.{name,namespace,uid,labels}; spec.nodeName (empty: not scheduled yet), spec.hostNetwork,
+  spec.serviceAccountName (Kubernetes' default is `default`); status.podIP (the IPv4 one of podIPs when
+  the pod is dual-stack; none yet is fine); status.phase (missing -> Pending; `Unknown` -> Running, so a
+  node that lost contact never unenrolls its pods).
+- Service: spec.selector, spec.ports (numeric targetPort; a missing one is the port; a *named* targetPort
+  cannot be resolved without the pods' container ports and is reported and left out), spec.clusterIP
+  (IPv4 only; `None`/headless -> no VIP).
+- Policies: the L4 subset through inventory/policies.py. Fields of the spec this translator does not know
+  are an error naming them. A policy that cannot be translated FAILS CLOSED rather than disappearing:
+  an ALLOW policy becomes an ALLOW with no rules (its scope becomes default-deny, other ALLOW policies
+  still apply), a DENY policy denies everything in its scope, a PeerAuthentication becomes STRICT. The
+  problem is returned so the caller logs it. Policies bound with targetRef(s) attach to waypoints or
+  gateways, never to ztunnel, so they are ignored (as ztunnel does) and reported.
+
+What it deliberately does not do: no Kubernetes client types (dicts only), no I/O, no logging (problems
+are returned), no Node objects: the Kubernetes source knows nodes only by name, so `Inventory.nodes`
+carries placeholder CIDR/address values (UNKNOWN_NETWORK, UNKNOWN_ADDRESS) that only the lab reads.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from nodeagent.inventory.policies import PolicyError, parse_policies
+from nodeagent.model import (
+    DEFAULT_TRUST_DOMAIN,
+    Inventory,
+    Namespace,
+    Node,
+    Pod,
+    PodPhase,
+    Service,
+    ServicePort,
+)
+from nodeagent.policy import (
+    DEFAULT_ROOT_NAMESPACE,
+    Action,
+    MtlsMode,
+    PeerAuthentication,
+    Policy,
+    PolicySet,
+    Rule,
+    Scope,
+)
+
+UNKNOWN_NETWORK = ipaddress.IPv4Network("0.0.0.0/32")
+UNKNOWN_ADDRESS = ipaddress.IPv4Address("0.0.0.0")
+DEFAULT_SERVICE_ACCOUNT = "default"
+
+_AUTHZ_SPEC = {"selector", "action", "rules", "provider", "targetRef", "targetRefs"}
+_PEER_SPEC = {"selector", "mtls", "portLevelMtls"}
+_PHASES = {p.value: p for p in PodPhase}
+
+
+class TranslateError(ValueError):
+    """A Kubernetes object this translator cannot use; the message names the object and the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class TranslatedPolicy:
+    """One policy object's contribution: `value` is None when it does not apply to ztunnel at all."""
+
+    value: Policy | PeerAuthentication | None
+    problem: str | None = None  # why it was replaced by a fail-closed stand-in, or ignored
+
+
+def object_key(obj: Mapping[str, Any]) -> str:
+    """`namespace/name` (or `name` for cluster-scoped objects), for messages and store keys."""
+    meta = obj.get("metadata")
+    if not isinstance(meta, Mapping):
+        raise TranslateError(f"{obj.get('kind', 'object')} without metadata")
+    name, namespace = meta.get("name"), meta.get("namespace")
+    if not isinstance(name, str) or not name:
+        raise TranslateError(f"{obj.get('kind', 'object')} without metadata.name")
+    return f"{namespace}/{name}" if isinstance(namespace, str) and namespace else name
+
+
+# --- core objects ----------------------------------------------------------------------------------------
+
+
+def pod(obj: Mapping[str, Any]) -> Pod:
+    where = f"Pod {object_key(obj)}"
+    meta = _mapping(obj.get("metadata"), f"{where}: metadata")
+    spec = _mapping(obj.get("spec"), f"{where}: spec")
+    status = _mapping(obj.get("status"), f"{where}: status")
+    namespace = _string(meta.get("namespace"), f"{where}: metadata.namespace")
+    phase_text = status.get("phase")
+    if phase_text is None:
+        phase = PodPhase.PENDING
+    elif phase_text == "Unknown":
+        phase = PodPhase.RUNNING
+    elif isinstance(phase_text, str) and phase_text in _PHASES:
+        phase = _PHASES[phase_text]
+    else:
+        raise TranslateError(f"{where}: status.phase {phase_text!r} is not a pod phase")
+    host_network = spec.get("hostNetwork", False)
+    if not isinstance(host_network, bool):
+        raise TranslateError(f"{where}: spec.hostNetwork must be a boolean")
+    node = spec.get("nodeName") or ""
+    if not isinstance(node, str):
+        raise TranslateError(f"{where}: spec.nodeName must be a string")
+    account = spec.get("serviceAccountName") or spec.get("serviceAccount") or DEFAULT_SERVICE_ACCOUNT
+    return Pod(
+        name=_string(meta.get("name"), f"{where}: metadata.name"),
+        namespace=namespace,
+        uid=_string(meta.get("uid"), f"{where}: metadata.uid"),
+        node=node,
+        service_account=_string(account, f"{where}: spec.serviceAccountName"),
+        ip=_pod_ip(status, where),
+        labels=_labels(meta.get("labels"), f"{where}: metadata.labels"),
+        host_network=host_network,
+        phase=phase,
+    )
+
+
+def _pod_ip(status: Mapping[str, Any], where: str) -> ipaddress.IPv4Address | None:
+    candidates: list[object] = [status.get("podIP")]
+    for entry in _list(status.get("podIPs"), f"{where}: status.podIPs"):
+        if isinstance(entry, Mapping):
+            candidates.append(entry.get("ip"))
+    for text in candidates:
+        if not text:
+            continue
+        if not isinstance(text, str):
+            raise TranslateError(f"{where}: status.podIP must be a string")
+        try:
+            ip = ipaddress.ip_address(text)
+        except ValueError:
+            raise TranslateError(f"{where}: status.podIP {text!r} is not an IP address") from None
+        if isinstance(ip, ipaddress.IPv4Address):
+            return ip
+    return None
+
+
+def namespace(obj: Mapping[str, Any]) -> Namespace:
+    where = f"Namespace {object_key(obj)}"
+    meta = _mapping(obj.get("metadata"), f"{where}: metadata")
+    return Namespace(
+        name=_string(meta.get("name"), f"{where}: metadata.name"),
+        labels=_labels(meta.get("labels"), f"{where}: metadata.labels"),
+    )
+
+
+def service(obj: Mapping[str, Any], problems: list[str] | None = None) -> Service:
+    """The service; ports that cannot be used (named targetPort, not TCP) are left out and reported."""
+    where = f"Service {object_key(obj)}"
+    meta = _mapping(obj.get("metadata"), f"{where}: metadata")
+    spec = _mapping(obj.get("spec"), f"{where}: spec")
+    ports: list[ServicePort] = []
+    for i, raw in enumerate(_list(spec.get("ports"), f"{where}: spec.ports")):
+        at = f"{where}: spec.ports[{i}]"
+        entry = _mapping(raw, at)
+        if entry.get("protocol", "TCP") != "TCP":
+            continue
+        port = _port(entry.get("port"), f"{at}.port")
+        target = entry.get("targetPort", port)
+        if isinstance(target, str) and not target.isdigit():
+            if problems is not None:
+                problems.append(f"{at}.targetPort {target!r} is a named port; nodeagent resolves numeric ones only")
+            continue
+        ports.append(
+            ServicePort(port=port, target_port=_port(target, f"{at}.targetPort"), name=str(entry.get("name") or ""))
+        )
+    vip: ipaddress.IPv4Address | None = None
+    cluster_ip = spec.get("clusterIP")
+    if isinstance(cluster_ip, str) and cluster_ip not in ("", "None"):
+        try:
+            address = ipaddress.ip_address(cluster_ip)
+        except ValueError:
+            raise TranslateError(f"{where}: spec.clusterIP {cluster_ip!r} is not an IP address") from None
+        vip = address if isinstance(address, ipaddress.IPv4Address) else None
+    return Service(
+        name=_string(meta.get("name"), f"{where}: metadata.name"),
+        namespace=_string(meta.get("namespace"), f"{where}: metadata.namespace"),
+        selector=_labels(spec.get("selector"), f"{where}: spec.selector"),
+        ports=tuple(ports),
+        vip=vip,
+    )
+
+
+# --- policies --------------------------------------------------------------------------------------------
+
+
+def policy(obj: Mapping[str, Any], root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> TranslatedPolicy:
+    """An AuthorizationPolicy or PeerAuthentication object -> its L4 value (fail closed on problems)."""
+    kind = obj.get("kind")
+    key = object_key(obj)
+    where = f"{kind} {key}"
+    meta = _mapping(obj.get("metadata"), f"{where}: metadata")
+    name = _string(meta.get("name"), f"{where}: metadata.name")
+    ns = _string(meta.get("namespace"), f"{where}: metadata.namespace")
+    raw_spec = obj.get("spec") or {}
+    if not isinstance(raw_spec, Mapping):
+        return _fail_closed(kind, name, ns, {}, root=root_namespace, problem=f"{where}: spec must be a mapping")
+    spec: Mapping[str, Any] = raw_spec
+    known = _AUTHZ_SPEC if kind == "AuthorizationPolicy" else _PEER_SPEC
+    if kind not in ("AuthorizationPolicy", "PeerAuthentication"):
+        raise TranslateError(f"{where}: unsupported kind; expected AuthorizationPolicy or PeerAuthentication")
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        return _fail_closed(
+            kind,
+            name,
+            ns,
+            spec,
+            root=root_namespace,
+            problem=f"{where}: unknown spec fields {unknown} (known: {sorted(known)})",
+        )
+    if kind == "AuthorizationPolicy" and ("targetRef" in spec or "targetRefs" in spec):
+        return TranslatedPolicy(None, f"{where}: bound with targetRef(s) to a waypoint or gateway; not enforced at L4")
+    doc = {"kind": kind, "metadata": {"name": name, "namespace": ns}, "spec": dict(spec)}
+    try:
+        parsed = parse_policies([doc], root_namespace)
+    except (PolicyError, ValueError) as exc:
+        return _fail_closed(kind, name, ns, spec, root=root_namespace, problem=f"{where}: {exc}")
+    value: Policy | PeerAuthentication = (
+        parsed.authorization[0] if kind == "AuthorizationPolicy" else parsed.peer_authentication[0]
+    )
+    return TranslatedPolicy(value)
+
+
+def _fail_closed(
+    kind: object, name: str, ns: str, spec: Mapping[str, Any], *, root: str, problem: str
+) -> TranslatedPolicy:
+    selector: Mapping[str, str] = MappingProxyType({})
+    raw_selector = spec.get("selector")
+    if isinstance(raw_selector, Mapping) and isinstance(raw_selector.get("matchLabels"), Mapping):
+        selector = MappingProxyType({str(k): str(v) for k, v in raw_selector["matchLabels"].items()})
+    if kind == "PeerAuthentication":
+        return TranslatedPolicy(
+            PeerAuthentication(name, ns, MtlsMode.STRICT, selector), f"{problem}; enforced as STRICT until fixed"
+        )
+    scope = Scope.WORKLOAD_SELECTOR if selector else Scope.GLOBAL if ns == root else Scope.NAMESPACE
+    if spec.get("action") == "DENY":
+        return TranslatedPolicy(
+            Policy(name, ns, Action.DENY, scope, (Rule(()),), selector),
+            f"{problem}; enforced as deny-all in its scope until fixed",
+        )
+    return TranslatedPolicy(
+        Policy(name, ns, Action.ALLOW, scope, (), selector),
+        f"{problem}; enforced as an ALLOW that matches nothing (its scope is default-deny) until fixed",
+    )
+
+
+def policy_set(
+    values: Iterable[Policy | PeerAuthentication], root_namespace: str = DEFAULT_ROOT_NAMESPACE
+) -> PolicySet:
+    """Collect translated policies into a PolicySet, in a stable (namespace, name) order."""
+    ordered = sorted(values, key=lambda v: (v.namespace, v.name))
+    return PolicySet(
+        tuple(v for v in ordered if isinstance(v, Policy)),
+        tuple(v for v in ordered if isinstance(v, PeerAuthentication)),
+        root_namespace,
+    )
+
+
+# --- the inventory ---------------------------------------------------------------------------------------
+
+
+def inventory(
+    *,
+    pods: Iterable[Pod],
+    namespaces: Iterable[Namespace],
+    services: Iterable[Service] = (),
+    nodes: Iterable[str] = (),
+    cluster_name: str = "kubernetes",
+    trust_domain: str = DEFAULT_TRUST_DOMAIN,
+) -> Inventory:
+    """An Inventory from translated objects; nodes are every node a pod runs on plus `nodes`."""
+    pod_list = sorted(pods, key=lambda p: (p.namespace, p.name))
+    node_names = sorted({*nodes, *(p.node for p in pod_list if p.node)})
+    return Inventory(
+        cluster_name=cluster_name,
+        trust_domain=trust_domain,
+        fabric_cidr=UNKNOWN_NETWORK,
+        nodes=tuple(Node(name=n, pod_cidr=UNKNOWN_NETWORK, address=UNKNOWN_ADDRESS) for n in node_names),
+        namespaces=tuple(sorted(namespaces, key=lambda n: n.name)),
+        pods=tuple(pod_list),
+        services=tuple(sorted(services, key=lambda s: (s.namespace, s.name))),
+    )
+
+
+# --- field helpers ---------------------------------------------------------------------------------------
+
+
+def _mapping(value: object, where: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TranslateError(f"{where} must be a mapping")
+    return value
+
+
+def _list(value: object, where: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise TranslateError(f"{where} must be a list")
+    return value
+
+
+def _string(value: object, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise TranslateError(f"{where} must be a non-empty string")
+    return value
+
+
+def _port(value: object, where: str) -> int:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise TranslateError(f"{where} {value!r} is not a port number")
+    return value
+
+
+def _labels(value: object, where: str) -> Mapping[str, str]:
+    raw = _mapping(value, where)
+    labels: dict[str, str] = {}
+    for k, v in raw.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TranslateError(f"{where} must map strings to strings")
+        labels[k] = v
+    return MappingProxyType(labels)

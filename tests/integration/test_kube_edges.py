@@ -1,0 +1,242 @@
+"""The agent's, the CA's and the CLI's Kubernetes edges through the real client against the stand-in.
+
+- agent/kube_agent.KubeWorkloads: hands over this node's pods (and namespaces) only after a full sync;
+- agent/kube_status.PodStatusWriter: ambient.istio.io/redirection via pods/status, UID-guarded, retried;
+- ca/kube.kubernetes_edges + TokenReview: a token bound to a pod on node 1 cannot get an identity that only
+  runs on node 2;
+- `nodeagent enroll|unenroll`: the namespace label and the summary of pods that change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from identity_support import NODE_AGENT, TD, make_csr, start_ca
+from kube_standin import KubeStandIn, namespace, pod
+
+from nodeagent.agent.enrollment import Status, desired_pods
+from nodeagent.agent.kube_agent import KubeWorkloads
+from nodeagent.agent.kube_status import REDIRECTION_ANNOTATION, PodStatusWriter
+from nodeagent.ca.client import CAClient, CARequestError
+from nodeagent.ca.kube import kubernetes_edges
+from nodeagent.cli import main
+from nodeagent.model import Identity, Inventory
+
+AMBIENT = {"istio.io/dataplane-mode": "ambient"}
+
+
+@pytest.fixture
+def api() -> Iterator[KubeStandIn]:
+    server = KubeStandIn(bookmark_interval=0.2)
+    server.apply(namespace("shop"))
+    server.apply(pod("web-1", "shop", "node1", "10.1.0.5", sa="web", uid="uid-web-1"))
+    server.apply(pod("web-2", "shop", "node2", "10.2.0.5", sa="web", uid="uid-web-2"))
+    server.apply(pod("db-1", "shop", "node2", "10.2.0.6", sa="db", uid="uid-db-1"))
+    server.apply(pod("opt-out", "shop", "node1", "10.1.0.7", labels={"istio.io/dataplane-mode": "none"}))
+    yield server
+    server.close()
+
+
+async def until(check: Any, limit: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + limit
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("timed out")
+        await asyncio.sleep(0.02)
+
+
+# --- agent: workload source --------------------------------------------------------------------------
+
+
+async def test_kube_workloads_enroll_by_namespace_label(api: KubeStandIn, tmp_path: Path) -> None:
+    seen: list[Inventory] = []
+    workloads = KubeWorkloads(api.api_client(), "node1", seen.append, backoff_initial=0.05)
+    assert not workloads.check() and workloads.current is None  # nothing before the first full list
+    task = asyncio.create_task(workloads.run(), name="kube-workloads")
+    try:
+        await asyncio.wait_for(workloads.loaded.wait(), 5)
+        assert {p.name for p in seen[-1].pods} == {"web-1", "opt-out"}  # node1's pods only
+        assert desired_pods(seen[-1], "node1") == {}
+
+        # `nodeagent enroll shop` (the CLI, through a kubeconfig) -> the next inventory enrolls web-1
+        kubeconfig = api.kubeconfig(str(tmp_path / "kubeconfig"))
+        assert await asyncio.to_thread(main, ["enroll", "shop", "--kubeconfig", kubeconfig]) == 0
+        await until(lambda: set(desired_pods(seen[-1], "node1").keys()) == {"uid-web-1"})
+
+        assert await asyncio.to_thread(main, ["unenroll", "shop", "--kubeconfig", kubeconfig]) == 0
+        await until(lambda: desired_pods(seen[-1], "node1") == {})
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_kube_workloads_keep_state_when_the_api_fails(api: KubeStandIn) -> None:
+    api.apply(namespace("shop", AMBIENT))
+    seen: list[Inventory] = []
+    errors: list[str] = []
+    workloads = KubeWorkloads(api.api_client(), "node1", seen.append, on_error=errors.append, backoff_initial=0.05)
+    task = asyncio.create_task(workloads.run(), name="kube-workloads")
+    try:
+        await asyncio.wait_for(workloads.loaded.wait(), 5)
+        enrolled = set(desired_pods(seen[-1], "node1"))
+        assert enrolled == {"uid-web-1"}
+        await until(lambda: api.watch_count() >= 2)
+        api.fail(r"^/api/v1/", 200, b"<html>proxy error</html>\n", times=20)
+        api.drop_watches()
+        await until(lambda: workloads.error is not None)
+        assert (errors and "not Kubernetes JSON" in errors[-1]) or "cannot reach" in errors[-1]
+        assert set(desired_pods(workloads.current, "node1")) == enrolled  # type: ignore[arg-type]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+# --- agent: pod status ---------------------------------------------------------------------------------
+
+
+def annotation(api: KubeStandIn, name: str) -> str | None:
+    obj = api.get("Pod", name, "shop")
+    assert obj is not None
+    return (obj["metadata"].get("annotations") or {}).get(REDIRECTION_ANNOTATION)
+
+
+async def test_pod_status_writer(api: KubeStandIn) -> None:
+    writer = PodStatusWriter(api.api_client(), retry_initial=0.05)
+    task = asyncio.create_task(writer.run(), name="pod-status")
+    try:
+        writer.publish({"uid-web-1": ("shop", "web-1", Status.PENDING)})
+        await until(lambda: annotation(api, "web-1") == "pending")
+        writer.publish({"uid-web-1": ("shop", "web-1", Status.ENABLED)})
+        await until(lambda: annotation(api, "web-1") == "enabled")
+        patched = [path for path, _ in api.patches]
+        assert patched and all(p == "/api/v1/namespaces/shop/pods/web-1/status" for p in patched)
+
+        # a failed capture, then the pod leaving the agent's records: the annotation goes away
+        api.fail(r"/pods/web-1/status", 500, times=2, method="PATCH")
+        writer.publish({"uid-web-1": ("shop", "web-1", Status.FAILED)})
+        await until(lambda: annotation(api, "web-1") is None)  # retried through two 500s
+        writer.publish({"uid-web-1": ("shop", "web-1", Status.ENABLED)})
+        await until(lambda: annotation(api, "web-1") == "enabled")
+        writer.publish({})
+        await until(lambda: annotation(api, "web-1") is None)
+
+        # a pod recreated under the same name (new UID) is never annotated for the old one
+        api.delete("Pod", "web-2", "shop")
+        api.apply(pod("web-2", "shop", "node2", "10.2.0.5", uid="uid-web-2-new"))
+        writer.publish({"uid-web-2": ("shop", "web-2", Status.ENABLED)})
+        await asyncio.sleep(0.3)
+        assert annotation(api, "web-2") is None
+        assert writer.error is None
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+# --- CA: TokenReview + pods of the caller's node ------------------------------------------------------------
+
+
+def _review(pod_name: str, pod_uid: str, node: str) -> dict[str, Any]:
+    return {
+        "authenticated": True,
+        "audiences": ["istio-ca"],
+        "user": {
+            "username": "system:serviceaccount:nodeagent-system:nodeagent",
+            "extra": {
+                "authentication.kubernetes.io/pod-name": [pod_name],
+                "authentication.kubernetes.io/pod-uid": [pod_uid],
+                "authentication.kubernetes.io/node-name": [node],
+            },
+        },
+    }
+
+
+async def test_ca_node_authorization_from_the_api_server(api: KubeStandIn, tmp_path: Path) -> None:
+    api.apply(namespace("nodeagent-system"))
+    api.apply(pod("agent-n1", "nodeagent-system", "node1", "192.168.0.1", sa="nodeagent", uid="agent-uid-1"))
+    api.tokens["node1-token"] = _review("agent-n1", "agent-uid-1", "node1")
+    api.tokens["forged-token"] = _review("agent-n1", "some-other-uid", "node1")
+    edges = await asyncio.to_thread(kubernetes_edges, trust_domain=TD, client=api.api_client(), sync_timeout=5)
+    ca = start_ca(tmp_path / "ca", source=edges.source.current, authenticator=edges.authenticator)
+    clients: list[CAClient] = []
+
+    def client(token: str) -> CAClient:
+        c = CAClient(ca.target, token=lambda: token, bundle_pem=ca.bundle)
+        clients.append(c)
+        return c
+
+    web = Identity(TD, "shop", "web")  # runs on node1 and node2
+    db = Identity(TD, "shop", "db")  # runs only on node2
+    try:
+        chain = await client("node1-token").fetch(web, make_csr([web.uri]))
+        assert chain
+        with pytest.raises(CARequestError) as denied:
+            await client("node1-token").fetch(db, make_csr([db.uri]))
+        assert denied.value.code is grpc.StatusCode.UNAUTHENTICATED
+        assert ca.count("denied", "identity_not_on_node") == 1
+        with pytest.raises(CARequestError):
+            await client("forged-token").fetch(web, make_csr([web.uri]))
+        assert ca.count("denied", "caller_pod_mismatch") == 1
+        # db is scheduled on node1 too: the watch lets the CA grant it without a restart
+        api.apply(pod("db-2", "shop", "node1", "10.1.0.8", sa="db"))
+        for _ in range(100):
+            if any(p.name == "db-2" for p in edges.pods_on_node("node1")):
+                break
+            await asyncio.sleep(0.02)
+        assert await client("node1-token").fetch(db, make_csr([db.uri]))
+        assert any(r[1] == "/apis/authentication.k8s.io/v1/tokenreviews" for r in api.requests)
+        assert NODE_AGENT.namespace == "nodeagent-system"
+    finally:
+        for c in clients:
+            await c.close()
+        ca.stop()
+        edges.source.stop()
+
+
+# --- CLI -------------------------------------------------------------------------------------------------
+
+
+def test_enroll_summary_and_label(api: KubeStandIn, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    kubeconfig = api.kubeconfig(str(tmp_path / "kubeconfig"))
+    assert main(["enroll", "-n", "shop", "--kubeconfig", kubeconfig, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "dry run" in out and "3 joins" in out and "1 stays out" in out and "opts out" in out
+    assert "istio.io/dataplane-mode" not in (api.get("Namespace", "shop") or {})["metadata"].get("labels", {})
+
+    assert main(["enroll", "shop", "--kubeconfig", kubeconfig, "-o", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["result"] == "labelled"
+    assert {p["pod"] for p in doc["pods"] if p["change"] == "joins"} == {"web-1", "web-2", "db-1"}
+    assert (api.get("Namespace", "shop") or {})["metadata"]["labels"]["istio.io/dataplane-mode"] == "ambient"
+
+    assert main(["unenroll", "shop", "--kubeconfig", kubeconfig]) == 0
+    assert "3 leaves" in capsys.readouterr().out
+    assert "istio.io/dataplane-mode" not in (api.get("Namespace", "shop") or {})["metadata"]["labels"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["enroll", "nowhere"], "namespace 'nowhere' not found"),
+        (["enroll", "kube-system"], "excluded from the mesh"),
+        (["enroll"], "name exactly one namespace"),
+    ],
+)
+def test_enroll_errors(
+    api: KubeStandIn, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    kubeconfig = api.kubeconfig(str(tmp_path / "kubeconfig"))
+    assert main([*argv, "--kubeconfig", kubeconfig]) != 0
+    assert message in capsys.readouterr().err
+
+
+def test_enroll_forbidden(api: KubeStandIn, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    kubeconfig = api.kubeconfig(str(tmp_path / "kubeconfig"))
+    api.fail("/api/v1/namespaces/shop", 403, method="PATCH")
+    assert main(["enroll", "shop", "--kubeconfig", kubeconfig]) == 1
+    assert "forbidden by RBAC" in capsys.readouterr().err

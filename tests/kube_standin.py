@@ -1,0 +1,618 @@
+"""An HTTP-level Kubernetes API-server stand-in for the integration and privileged tiers.
+
+Why this exists: no API server can run on these machines, yet the Kubernetes workload source, the pod
+status writer, `nodeagent enroll` and the CA's TokenReview must be tested through the real `kubernetes`
+client. This server speaks the subset of the API they use, with the semantics that matter:
+
+- one global resourceVersion counter (like etcd); lists answer with it in `metadata.resourceVersion`;
+  `limit`/`continue` chunking over a consistent snapshot;
+- watch (`?watch=1&resourceVersion=N&allowWatchBookmarks=true&timeoutSeconds=S`): a chunked HTTP/1.1
+  stream of JSON lines ADDED / MODIFIED / DELETED / BOOKMARK, every event after N; a resourceVersion
+  older than the compaction horizon gets the API server's answer — a 200 stream holding one ERROR event
+  with a 410 Status ("too old resource version"); `timeoutSeconds` ends the stream cleanly;
+- `fieldSelector=spec.nodeName=X` on pods (lists and watches), namespaced and cluster-wide paths;
+- PATCH (merge patch, strategic merge patch treated as merge patch, JSON patch) on namespaces and pods,
+  and on pods/status (metadata and status only, like the real subresource);
+- POST tokenreviews answered from `self.tokens`;
+- test controls: `compact()` (every older RV now 410s), `drop_watches()` (close open streams mid-way
+  without the terminating chunk), `bookmark()`, `fail(...)` (status codes, RBAC 403 Status objects or
+  garbage bodies for the next N matching requests), and a request log.
+
+What it deliberately does not do: no authentication of the client, no admission, no label selectors, no
+server-side apply, no protobuf, no websockets (so no exec/port-forward).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import copy
+import json
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import kubernetes.client
+
+# kind -> (API prefix, plural, namespaced)
+RESOURCES: dict[str, tuple[str, str, bool]] = {
+    "Pod": ("/api/v1", "pods", True),
+    "Namespace": ("/api/v1", "namespaces", False),
+    "Service": ("/api/v1", "services", True),
+    "Node": ("/api/v1", "nodes", False),
+    "AuthorizationPolicy": ("/apis/security.istio.io/v1", "authorizationpolicies", True),
+    "PeerAuthentication": ("/apis/security.istio.io/v1", "peerauthentications", True),
+}
+_PLURAL = {plural: kind for kind, (_, plural, _) in RESOURCES.items()}
+_API_VERSION = {"Pod": "v1", "Namespace": "v1", "Service": "v1", "Node": "v1"}
+
+_PATH = re.compile(
+    r"^(?P<prefix>/api/v1|/apis/[a-z0-9.-]+/v[0-9a-z]+)"
+    r"(?:/namespaces/(?P<ns>[^/]+)(?=/))?"
+    r"/(?P<plural>[a-z]+)(?:/(?P<name>[^/]+))?(?:/(?P<sub>status))?$"
+)
+
+
+@dataclass
+class Failure:
+    method: str
+    path: re.Pattern[str]
+    status: int
+    body: bytes
+    remaining: int
+
+
+@dataclass
+class _Event:
+    rv: int
+    kind: str
+    type: str
+    obj: dict[str, Any]
+
+
+@dataclass
+class _Watcher:
+    kind: str
+    namespace: str | None
+    node: str | None
+    conn: socket.socket
+    dropped: threading.Event = field(default_factory=threading.Event)
+    expired: bool = False
+
+
+def status_body(code: int, reason: str, message: str) -> dict[str, Any]:
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+
+
+def forbidden(kind: str, user: str = "system:serviceaccount:nodeagent-system:nodeagent") -> bytes:
+    plural = RESOURCES[kind][1]
+    message = f'{plural} is forbidden: User "{user}" cannot list resource "{plural}" at the cluster scope'
+    return json.dumps(status_body(403, "Forbidden", message)).encode()
+
+
+class KubeStandIn:
+    def __init__(self, bookmark_interval: float = 1.0) -> None:
+        self._lock = threading.Condition()
+        self._rv = 1
+        self._horizon = 0  # watches from an RV below this get 410 Gone
+        self._objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {k: {} for k in RESOURCES}
+        self._events: list[_Event] = []
+        self._watchers: list[_Watcher] = []
+        self._failures: list[Failure] = []
+        self.bookmark_interval = bookmark_interval
+        self.tokens: dict[str, dict[str, Any]] = {}
+        self.requests: list[tuple[str, str]] = []  # (method, path with query)
+        self.patches: list[tuple[str, Any]] = []  # (path, body) of every PATCH
+        outer = self
+
+        class Handler(_Handler):
+            server_ref = outer
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="kube-standin", daemon=True)
+        self._thread.start()
+
+    # --- client side -----------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def api_client(self) -> kubernetes.client.ApiClient:
+        configuration = kubernetes.client.Configuration()
+        configuration.host = self.url
+        return kubernetes.client.ApiClient(configuration)
+
+    def kubeconfig(self, path: str) -> str:
+        """Write a kubeconfig pointing at this server (for CLI tests); returns the path."""
+        doc = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "standin", "cluster": {"server": self.url}}],
+            "users": [{"name": "tester", "user": {"token": "test-token"}}],
+            "contexts": [{"name": "standin", "context": {"cluster": "standin", "user": "tester"}}],
+            "current-context": "standin",
+        }
+        with open(path, "w") as f:
+            json.dump(doc, f)
+        return path
+
+    def close(self) -> None:
+        self.drop_watches()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    # --- store -----------------------------------------------------------------------------------------
+
+    @property
+    def resource_version(self) -> int:
+        with self._lock:
+            return self._rv
+
+    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Create or replace an object (ADDED or MODIFIED event); fills uid, resourceVersion, apiVersion."""
+        kind = obj["kind"]
+        obj = copy.deepcopy(obj)
+        meta = obj.setdefault("metadata", {})
+        if not RESOURCES[kind][2]:
+            meta.pop("namespace", None)
+        key = (meta.get("namespace", ""), meta["name"])
+        obj.setdefault("apiVersion", _API_VERSION.get(kind, "security.istio.io/v1"))
+        with self._lock:
+            old = self._objects[kind].get(key)
+            meta.setdefault("uid", old["metadata"]["uid"] if old else str(uuid.uuid4()))
+            return self._commit(kind, key, obj, "MODIFIED" if old else "ADDED")
+
+    def delete(self, kind: str, name: str, namespace: str = "") -> None:
+        with self._lock:
+            old = self._objects[kind].pop((namespace, name))
+            self._rv += 1
+            old = copy.deepcopy(old)
+            old["metadata"]["resourceVersion"] = str(self._rv)
+            self._events.append(_Event(self._rv, kind, "DELETED", old))
+            self._lock.notify_all()
+
+    def get(self, kind: str, name: str, namespace: str = "") -> dict[str, Any] | None:
+        with self._lock:
+            obj = self._objects[kind].get((namespace, name))
+            return copy.deepcopy(obj) if obj else None
+
+    def objects(self, kind: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [copy.deepcopy(o) for o in self._objects[kind].values()]
+
+    def _commit(self, kind: str, key: tuple[str, str], obj: dict[str, Any], type_: str) -> dict[str, Any]:
+        self._rv += 1
+        obj["metadata"]["resourceVersion"] = str(self._rv)
+        self._objects[kind][key] = obj
+        self._events.append(_Event(self._rv, kind, type_, obj))
+        self._lock.notify_all()
+        return copy.deepcopy(obj)
+
+    # --- test controls ---------------------------------------------------------------------------------
+
+    def compact(self, expire_open_watches: bool = False) -> None:
+        """Forget history: every watch from an RV before now gets 410 Gone. With `expire_open_watches`,
+        open watches get that ERROR event too and end (as when the API server's watch cache falls behind)."""
+        with self._lock:
+            self._horizon = self._rv
+            if expire_open_watches:
+                for w in self._watchers:
+                    w.expired = True
+                self._lock.notify_all()
+
+    def drop_watches(self) -> int:
+        """Close every open watch stream abruptly (no terminating chunk); returns how many."""
+        with self._lock:
+            watchers, self._watchers = self._watchers, []
+            self._lock.notify_all()
+        for w in watchers:
+            w.dropped.set()
+            with contextlib.suppress(OSError):
+                w.conn.shutdown(socket.SHUT_RDWR)
+        return len(watchers)
+
+    def watch_count(self, kind: str | None = None) -> int:
+        with self._lock:
+            return sum(1 for w in self._watchers if kind is None or w.kind == kind)
+
+    def bookmark(self) -> None:
+        with self._lock:
+            self._events.append(_Event(self._rv, "*", "BOOKMARK", {}))
+            self._lock.notify_all()
+
+    def fail(
+        self,
+        path: str,
+        status: int = 500,
+        body: bytes | None = None,
+        times: int = 1,
+        method: str = "GET",
+    ) -> None:
+        """The next `times` requests whose path (with query) matches the regex `path` get this answer."""
+        if body is None:
+            body = json.dumps(status_body(status, "InternalError", "injected failure")).encode()
+        with self._lock:
+            self._failures.append(Failure(method, re.compile(path), status, body, times))
+
+    def _take_failure(self, method: str, path: str) -> Failure | None:
+        with self._lock:
+            for f in self._failures:
+                if f.method == method and f.remaining > 0 and f.path.search(path):
+                    f.remaining -= 1
+                    return f
+        return None
+
+    # --- list and watch --------------------------------------------------------------------------------
+
+    def _select(self, kind: str, namespace: str | None, node: str | None) -> list[dict[str, Any]]:
+        out = []
+        for (ns, _), obj in sorted(self._objects[kind].items()):
+            if namespace is not None and ns != namespace:
+                continue
+            if node is not None and (obj.get("spec") or {}).get("nodeName") != node:
+                continue
+            out.append(obj)
+        return out
+
+    def list(
+        self, kind: str, namespace: str | None, node: str | None, limit: int | None, cont: str | None
+    ) -> dict[str, Any]:
+        with self._lock:
+            if cont:
+                rv, offset = (int(x) for x in base64.b64decode(cont).decode().split(":"))
+                if rv < self._horizon:
+                    raise _Gone("continue token expired")
+                # a consistent snapshot: objects as they were at rv (approximated by the current ones
+                # whose resourceVersion is <= rv: enough for chunked lists in tests)
+                items = [o for o in self._select(kind, namespace, node) if int(o["metadata"]["resourceVersion"]) <= rv]
+            else:
+                rv, offset = self._rv, 0
+                items = self._select(kind, namespace, node)
+            chunk = items[offset : offset + limit] if limit else items[offset:]
+            meta: dict[str, Any] = {"resourceVersion": str(rv)}
+            if limit and offset + limit < len(items):
+                meta["continue"] = base64.b64encode(f"{rv}:{offset + limit}".encode()).decode()
+            prefix, _, _ = RESOURCES[kind]
+            return {
+                "kind": f"{kind}List",
+                "apiVersion": prefix.removeprefix("/apis/").removeprefix("/api/"),
+                "metadata": meta,
+                "items": copy.deepcopy(chunk),
+            }
+
+    def _watch_events(
+        self, watcher: _Watcher, since: int, bookmarks: bool, deadline: float
+    ) -> Iterator[dict[str, Any] | None]:
+        """Yield watch events after `since`; None when the stream must end (timeout or drop)."""
+        index = 0
+        with self._lock:
+            if since < self._horizon:
+                yield {
+                    "type": "ERROR",
+                    "object": status_body(410, "Expired", f"too old resource version: {since} ({self._horizon})"),
+                }
+                return
+            self._watchers.append(watcher)
+        last_bookmark = time.monotonic()
+        try:
+            while True:
+                with self._lock:
+                    while True:
+                        if watcher.dropped.is_set():
+                            return
+                        if watcher.expired:
+                            pending = [_Event(self._rv, "*", "EXPIRED", {})]
+                            break
+                        pending = [
+                            e
+                            for e in self._events[index:]
+                            if e.rv > since and (e.kind == watcher.kind or e.type == "BOOKMARK")
+                        ]
+                        index = len(self._events)
+                        now = time.monotonic()
+                        if pending or now >= deadline:
+                            break
+                        if bookmarks and now - last_bookmark >= self.bookmark_interval:
+                            pending = [_Event(self._rv, "*", "BOOKMARK", {})]
+                            break
+                        self._lock.wait(timeout=min(0.1, max(0.0, deadline - now)))
+                for e in pending:
+                    if e.type == "EXPIRED":
+                        yield {"type": "ERROR", "object": status_body(410, "Expired", "too old resource version")}
+                        return
+                    if e.type == "BOOKMARK":
+                        if not bookmarks:
+                            continue
+                        last_bookmark = time.monotonic()
+                        yield {
+                            "type": "BOOKMARK",
+                            "object": {
+                                "kind": watcher.kind,
+                                "apiVersion": _API_VERSION.get(watcher.kind, "security.istio.io/v1"),
+                                "metadata": {"resourceVersion": str(max(e.rv, since))},
+                            },
+                        }
+                        continue
+                    meta = e.obj["metadata"]
+                    if watcher.namespace is not None and meta.get("namespace") != watcher.namespace:
+                        continue
+                    if watcher.node is not None and (e.obj.get("spec") or {}).get("nodeName") != watcher.node:
+                        continue
+                    yield {"type": e.type, "object": e.obj}
+                if time.monotonic() >= deadline:
+                    return
+        finally:
+            with self._lock:
+                if watcher in self._watchers:
+                    self._watchers.remove(watcher)
+
+    # --- writes ----------------------------------------------------------------------------------------
+
+    def patch(
+        self, kind: str, namespace: str, name: str, body: Any, *, content_type: str, sub: str | None
+    ) -> dict[str, Any]:
+        with self._lock:
+            old = self._objects[kind].get((namespace, name))
+            if old is None:
+                raise _NotFound(f'{RESOURCES[kind][1]} "{name}" not found')
+            wanted_uid = (body.get("metadata") or {}).get("uid") if isinstance(body, dict) else None
+            if wanted_uid is not None and wanted_uid != old["metadata"]["uid"]:
+                current = old["metadata"]["uid"]
+                raise _Conflict(
+                    f"Precondition failed: UID in precondition: {wanted_uid}, UID in object meta: {current}"
+                )
+            new = copy.deepcopy(old)
+            new = _json_patch(new, body) if "json-patch" in content_type else _merge_patch(new, body)
+            if sub == "status":  # the subresource changes metadata and status, never spec
+                new["spec"] = copy.deepcopy(old.get("spec"))
+            new["metadata"]["name"], new["metadata"]["uid"] = old["metadata"]["name"], old["metadata"]["uid"]
+            return self._commit(kind, (namespace, name), new, "MODIFIED")
+
+
+class _Gone(Exception):
+    pass
+
+
+class _NotFound(Exception):
+    pass
+
+
+class _Conflict(Exception):
+    pass
+
+
+def _merge_patch(target: Any, patch: Any) -> Any:
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _merge_patch(out.get(key), value)
+    return out
+
+
+def _json_patch(doc: Any, ops: Any) -> Any:
+    for op in ops:
+        parts = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
+        parent = doc
+        for p in parts[:-1]:
+            parent = parent.setdefault(p, {}) if isinstance(parent, dict) else parent[int(p)]
+        last = parts[-1]
+        if op["op"] in ("add", "replace"):
+            parent[last] = op["value"]
+        elif op["op"] == "remove":
+            parent.pop(last, None)
+        else:
+            raise ValueError(f"unsupported JSON patch op {op['op']!r}")
+    return doc
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_ref: KubeStandIn
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    # --- plumbing --------------------------------------------------------------------------------------
+
+    def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: int, doc: Any) -> None:
+        self._send(status, json.dumps(doc).encode())
+
+    def _error(self, code: int, reason: str, message: str) -> None:
+        self._json(code, status_body(code, reason, message))
+
+    def _body(self) -> Any:
+        length = int(self.headers.get("Content-Length") or 0)
+        return json.loads(self.rfile.read(length)) if length else None
+
+    def _route(self, method: str) -> tuple[str, dict[str, str], re.Match[str] | None] | None:
+        s = self.server_ref
+        s.requests.append((method, self.path))
+        failure = s._take_failure(method, self.path)
+        if failure is not None:
+            if method != "GET" and self.headers.get("Content-Length"):
+                self.rfile.read(int(self.headers["Content-Length"]))
+            self._send(failure.status, failure.body)
+            return None
+        url = urlsplit(self.path)
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        return url.path, query, _PATH.match(url.path)
+
+    # --- verbs -----------------------------------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        routed = self._route("GET")
+        if routed is None:
+            return
+        path, query, m = routed
+        if m is None or m.group("plural") not in _PLURAL:
+            self._error(404, "NotFound", f"the server could not find the requested resource ({path})")
+            return
+        kind = _PLURAL[m.group("plural")]
+        s = self.server_ref
+        if m.group("name"):
+            obj = s.get(kind, m.group("name"), m.group("ns") or "")
+            if obj is None:
+                self._error(404, "NotFound", f'{m.group("plural")} "{m.group("name")}" not found')
+            else:
+                self._json(200, obj)
+            return
+        node = None
+        selector = query.get("fieldSelector", "")
+        if selector:
+            if kind != "Pod" or not selector.startswith("spec.nodeName="):
+                self._error(400, "BadRequest", f"field selector {selector!r} is not supported here")
+                return
+            node = selector.split("=", 1)[1]
+        namespace = m.group("ns")
+        if query.get("watch") in ("1", "true"):
+            self._watch(kind, namespace, node, query)
+            return
+        limit = int(query["limit"]) if query.get("limit") else None
+        try:
+            doc = s.list(kind, namespace, node, limit, query.get("continue"))
+        except _Gone as exc:
+            self._error(410, "Expired", str(exc))
+            return
+        self._json(200, doc)
+
+    def _watch(self, kind: str, namespace: str | None, node: str | None, query: dict[str, str]) -> None:
+        s = self.server_ref
+        since = int(query.get("resourceVersion") or s.resource_version)
+        timeout = float(query.get("timeoutSeconds") or 1800)
+        bookmarks = query.get("allowWatchBookmarks") in ("1", "true")
+        watcher = _Watcher(kind, namespace, node, self.connection)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            for event in s._watch_events(watcher, since, bookmarks, time.monotonic() + timeout):
+                if event is None:
+                    break
+                line = json.dumps(event).encode() + b"\n"
+                self.wfile.write(f"{len(line):x}\r\n".encode() + line + b"\r\n")
+                self.wfile.flush()
+            if watcher.dropped.is_set():
+                self.close_connection = True
+                return
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except OSError:
+            self.close_connection = True
+
+    def do_PATCH(self) -> None:
+        routed = self._route("PATCH")
+        if routed is None:
+            return
+        path, _, m = routed
+        if m is None or m.group("plural") not in _PLURAL or not m.group("name"):
+            self._error(404, "NotFound", f"the server could not find the requested resource ({path})")
+            return
+        body = self._body()
+        self.server_ref.patches.append((path, body))
+        kind = _PLURAL[m.group("plural")]
+        try:
+            obj = self.server_ref.patch(
+                kind,
+                m.group("ns") or "",
+                m.group("name"),
+                body,
+                content_type=self.headers.get("Content-Type", ""),
+                sub=m.group("sub"),
+            )
+        except _NotFound as exc:
+            self._error(404, "NotFound", str(exc))
+            return
+        except _Conflict as exc:
+            self._error(409, "Conflict", str(exc))
+            return
+        self._json(200, obj)
+
+    def do_POST(self) -> None:
+        routed = self._route("POST")
+        if routed is None:
+            return
+        path, _, _ = routed
+        body = self._body()
+        if path == "/apis/authentication.k8s.io/v1/tokenreviews":
+            token = body["spec"]["token"]
+            status = self.server_ref.tokens.get(token, {"authenticated": False, "error": "invalid bearer token"})
+            self._json(201, {**body, "status": status})
+            return
+        self._error(404, "NotFound", f"the server could not find the requested resource ({path})")
+
+
+# --- object builders used by tests --------------------------------------------------------------------
+
+
+def namespace(name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"kind": "Namespace", "metadata": {"name": name, "labels": dict(labels or {})}}
+
+
+def pod(
+    name: str,
+    ns: str,
+    node: str,
+    ip: str | None,
+    *,
+    sa: str = "default",
+    labels: dict[str, str] | None = None,
+    uid: str | None = None,
+    phase: str = "Running",
+    host_network: bool = False,
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": ns, "labels": dict(labels or {})}
+    if uid:
+        meta["uid"] = uid
+    status: dict[str, Any] = {"phase": phase}
+    if ip:
+        status["podIP"] = ip
+        status["podIPs"] = [{"ip": ip}]
+    spec: dict[str, Any] = {"nodeName": node, "serviceAccountName": sa, "containers": [{"name": "app", "image": "x"}]}
+    if host_network:
+        spec["hostNetwork"] = True
+    return {"kind": "Pod", "metadata": meta, "spec": spec, "status": status}
+
+
+def service(
+    name: str, ns: str, selector: dict[str, str], ports: list[tuple[int, int]], cluster_ip: str | None = None
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "selector": selector,
+        "ports": [{"port": p, "targetPort": t, "protocol": "TCP"} for p, t in ports],
+    }
+    if cluster_ip:
+        spec["clusterIP"] = cluster_ip
+    return {"kind": "Service", "metadata": {"name": name, "namespace": ns}, "spec": spec}
+
+
+def authorization_policy(name: str, ns: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {"kind": "AuthorizationPolicy", "metadata": {"name": name, "namespace": ns}, "spec": spec}

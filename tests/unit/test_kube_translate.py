@@ -1,0 +1,185 @@
+"""inventory/translate.py: Kubernetes object dicts -> model values, as tables of plain dicts."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import pytest
+
+from nodeagent.inventory import translate
+from nodeagent.model import PodPhase, enrolled
+from nodeagent.policy import Action, MtlsMode, PeerAuthentication, Policy, Scope
+
+
+def _pod(**over: Any) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "kind": "Pod",
+        "metadata": {"name": "web-1", "namespace": "shop", "uid": "u-1", "labels": {"app": "web"}},
+        "spec": {"nodeName": "node1", "serviceAccountName": "web", "containers": [{"name": "c"}]},
+        "status": {"phase": "Running", "podIP": "10.1.0.5", "podIPs": [{"ip": "10.1.0.5"}]},
+    }
+    for path, value in over.items():
+        section, _, key = path.partition("__")
+        if value is None:
+            obj[section].pop(key, None)
+        else:
+            obj[section][key] = value
+    return obj
+
+
+@pytest.mark.parametrize(
+    ("over", "field", "expected"),
+    [
+        ({}, "ip", ipaddress.IPv4Address("10.1.0.5")),
+        ({"status__podIP": None, "status__podIPs": None}, "ip", None),
+        (
+            {"status__podIP": "fd00::5", "status__podIPs": [{"ip": "fd00::5"}, {"ip": "10.1.0.9"}]},
+            "ip",
+            ipaddress.IPv4Address("10.1.0.9"),
+        ),
+        ({}, "service_account", "web"),
+        ({"spec__serviceAccountName": None}, "service_account", "default"),
+        ({"spec__hostNetwork": True}, "host_network", True),
+        ({}, "phase", PodPhase.RUNNING),
+        ({"status__phase": None}, "phase", PodPhase.PENDING),
+        ({"status__phase": "Unknown"}, "phase", PodPhase.RUNNING),
+        ({"status__phase": "Succeeded"}, "phase", PodPhase.SUCCEEDED),
+        ({"spec__nodeName": None}, "node", ""),
+        ({}, "uid", "u-1"),
+    ],
+)
+def test_pod_fields(over: dict[str, Any], field: str, expected: object) -> None:
+    assert getattr(translate.pod(_pod(**over)), field) == expected
+
+
+def test_pod_labels_are_frozen_strings() -> None:
+    p = translate.pod(_pod())
+    assert dict(p.labels) == {"app": "web"}
+    with pytest.raises(TypeError):
+        p.labels["x"] = "y"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        ({"status__phase": "Exploded"}, "status.phase"),
+        ({"status__podIP": "ten.one"}, "is not an IP address"),
+        ({"spec__hostNetwork": "yes"}, "spec.hostNetwork"),
+        ({"metadata__uid": None}, "metadata.uid"),
+        ({"metadata__labels": {"a": 1}}, "metadata.labels"),
+    ],
+)
+def test_bad_pods_name_the_field(over: dict[str, Any], message: str) -> None:
+    with pytest.raises(translate.TranslateError, match=message):
+        translate.pod(_pod(**over))
+
+
+def test_namespace_and_enrollment() -> None:
+    ns = translate.namespace(
+        {"kind": "Namespace", "metadata": {"name": "shop", "labels": {"istio.io/dataplane-mode": "ambient"}}}
+    )
+    assert enrolled(translate.pod(_pod()), ns)
+    assert not enrolled(translate.pod(_pod(spec__hostNetwork=True)), ns)
+
+
+def test_service_ports_vip_and_named_target_ports() -> None:
+    problems: list[str] = []
+    svc = translate.service(
+        {
+            "kind": "Service",
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {
+                "selector": {"app": "web"},
+                "clusterIP": "10.96.0.10",
+                "ports": [
+                    {"name": "http", "port": 80, "targetPort": 8080},
+                    {"port": 81},
+                    {"port": 82, "targetPort": "http-alt"},
+                    {"port": 53, "protocol": "UDP"},
+                ],
+            },
+        },
+        problems,
+    )
+    assert [(p.port, p.target_port) for p in svc.ports] == [(80, 8080), (81, 81)]
+    assert svc.vip == ipaddress.IPv4Address("10.96.0.10")
+    assert len(problems) == 1 and "http-alt" in problems[0]
+
+
+def test_headless_service_has_no_vip() -> None:
+    svc = translate.service(
+        {"kind": "Service", "metadata": {"name": "h", "namespace": "s"}, "spec": {"clusterIP": "None"}}
+    )
+    assert svc.vip is None and svc.ports == ()
+
+
+def _authz(spec: Any, ns: str = "shop") -> dict[str, Any]:
+    return {"kind": "AuthorizationPolicy", "metadata": {"name": "p", "namespace": ns}, "spec": spec}
+
+
+def test_policy_translates_through_policies_module() -> None:
+    result = translate.policy(_authz({"action": "DENY", "rules": [{"to": [{"operation": {"ports": ["9090"]}}]}]}))
+    assert result.problem is None
+    assert isinstance(result.value, Policy)
+    assert result.value.action is Action.DENY and result.value.scope is Scope.NAMESPACE
+
+
+@pytest.mark.parametrize(
+    ("spec", "action", "rules"),
+    [
+        ({"action": "DENY", "surprise": 1}, Action.DENY, 1),  # unknown field -> deny-all in scope
+        ({"action": "ALLOW", "surprise": 1}, Action.ALLOW, 0),  # -> ALLOW that matches nothing
+        ({"action": "DENY", "rules": [{"from": [{"source": {"typo": ["x"]}}]}]}, Action.DENY, 1),
+        ({"action": "CUSTOM", "provider": {"name": "x"}}, Action.ALLOW, 0),
+        ("not a mapping", Action.ALLOW, 0),
+    ],
+)
+def test_untranslatable_policies_fail_closed(spec: Any, action: Action, rules: int) -> None:
+    result = translate.policy(_authz(spec))
+    assert result.problem is not None and "until fixed" in result.problem
+    assert isinstance(result.value, Policy)
+    assert result.value.action is action and len(result.value.rules) == rules
+
+
+def test_waypoint_bound_policies_are_ignored() -> None:
+    result = translate.policy(_authz({"targetRefs": [{"kind": "Gateway", "name": "wp"}], "action": "DENY"}))
+    assert result.value is None and result.problem is not None and "waypoint" in result.problem
+
+
+def test_peer_authentication_and_fail_closed_strict() -> None:
+    ok = translate.policy(
+        {
+            "kind": "PeerAuthentication",
+            "metadata": {"name": "pa", "namespace": "shop"},
+            "spec": {"mtls": {"mode": "STRICT"}},
+        }
+    )
+    assert isinstance(ok.value, PeerAuthentication) and ok.value.mode is MtlsMode.STRICT
+    bad = translate.policy(
+        {
+            "kind": "PeerAuthentication",
+            "metadata": {"name": "pa", "namespace": "shop"},
+            "spec": {"mtls": {"mode": "SOMETIMES"}},
+        }
+    )
+    assert isinstance(bad.value, PeerAuthentication) and bad.value.mode is MtlsMode.STRICT and bad.problem
+
+
+def test_inventory_assembly_is_sorted_and_names_nodes() -> None:
+    pods = [
+        translate.pod(_pod()),
+        translate.pod(_pod(metadata__name="a-0", metadata__uid="u-0", spec__nodeName="node2")),
+    ]
+    inv = translate.inventory(pods=pods, namespaces=[], nodes=("node9",), trust_domain="example.org")
+    assert [p.name for p in inv.pods] == ["a-0", "web-1"]
+    assert [n.name for n in inv.nodes] == ["node1", "node2", "node9"]
+    assert inv.trust_domain == "example.org"
+    assert inv.pods_on("node2")[0].name == "a-0"
+    ps = translate.policy_set(
+        [
+            translate.policy(_authz({"action": "DENY"}, ns="b")).value,
+            translate.policy(_authz({"action": "DENY"}, ns="a")).value,
+        ]
+    )  # type: ignore[list-item]
+    assert [p.namespace for p in ps.authorization] == ["a", "b"]

@@ -1,0 +1,219 @@
+"""daemonset/: every manifest validates offline against the Kubernetes 1.37 schemas, the kustomization renders,
+the DaemonSet follows the conventions of privileged network agents (REFERENCE.md), and the image's scripts
+pass shellcheck.
+
+The kustomization is rendered by a minimal renderer of the features it uses (`resources`, `namespace`,
+`labels`) — kubectl is not installed on these machines and is not required.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DAEMONSET = ROOT / "daemonset"
+K8S_VERSION = "1.37.0"
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "PriorityClass"}
+# Created by the operator before `kubectl apply -k` (the root key never lives in the repository).
+OPERATOR_CREATED = {("Secret", "nodeagent-ca-root"), ("ConfigMap", "nodeagent-trust-bundle")}
+
+
+def manifest_files() -> list[Path]:
+    return sorted(p for p in DAEMONSET.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def load(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def render() -> list[dict[str, Any]]:
+    """`kubectl kustomize daemonset/` for the features the kustomization uses; anything else is an error."""
+    k = yaml.safe_load((DAEMONSET / "kustomization.yaml").read_text())
+    assert k["kind"] == "Kustomization"
+    unsupported = set(k) - {"apiVersion", "kind", "namespace", "resources", "labels"}
+    assert not unsupported, f"the test's renderer does not implement {unsupported}"
+    out = []
+    for resource in k["resources"]:
+        for doc in load(DAEMONSET / resource):
+            meta = doc.setdefault("metadata", {})
+            if doc["kind"] not in CLUSTER_SCOPED and "namespace" in k:
+                meta["namespace"] = k["namespace"]
+            for group in k.get("labels", []):
+                meta.setdefault("labels", {}).update(group["pairs"])
+            out.append(doc)
+    return out
+
+
+@pytest.mark.parametrize("path", manifest_files(), ids=lambda p: p.name)
+def test_manifest_validates_against_kubernetes_schemas(path: Path) -> None:
+    docs = load(path)
+    assert docs, f"{path.name} holds no document"
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{path.name}: {doc['kind']} {doc['metadata'].get('name')}: {exc.message} at {list(exc.path)}")
+        except kubernetes_validate.SchemaNotFoundError:
+            # A custom resource: no upstream schema; it was parsed above, and its CRD is validated.
+            assert doc["apiVersion"].startswith("security.istio.io/"), f"no schema for {doc['kind']}"
+
+
+def test_kustomization_renders_every_manifest_once() -> None:
+    listed = set(yaml.safe_load((DAEMONSET / "kustomization.yaml").read_text())["resources"])
+    assert listed == {p.name for p in manifest_files()}, "every manifest is in kustomization.yaml, and only those"
+    objects = render()
+    keys = [(o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"]) for o in objects]
+    assert len(keys) == len(set(keys)), "duplicate objects"
+    for o in objects:
+        if o["kind"] not in CLUSTER_SCOPED:
+            assert o["metadata"]["namespace"] == "nodeagent-system"
+        assert o["metadata"]["labels"]["app.kubernetes.io/part-of"] == "nodeagent"
+        kubernetes_validate.validate(o, K8S_VERSION, strict=True)
+
+
+def by_kind(kind: str, name: str) -> dict[str, Any]:
+    return next(o for o in render() if o["kind"] == kind and o["metadata"]["name"] == name)
+
+
+def test_references_resolve() -> None:
+    objects = render()
+    present = {(o["kind"], o["metadata"]["name"]) for o in objects} | OPERATOR_CREATED
+    for o in objects:
+        if o["kind"] not in ("DaemonSet", "Deployment"):
+            continue
+        spec = o["spec"]["template"]["spec"]
+        assert ("ServiceAccount", spec["serviceAccountName"]) in present
+        for v in spec.get("volumes", []):
+            if "configMap" in v:
+                assert ("ConfigMap", v["configMap"]["name"]) in present
+            if "secret" in v:
+                assert ("Secret", v["secret"]["secretName"]) in present
+        for c in spec.get("containers", []) + spec.get("initContainers", []):
+            for ref in c.get("envFrom", []):
+                assert ("ConfigMap", ref["configMapRef"]["name"]) in present
+            mounts = {m["name"] for m in c.get("volumeMounts", [])}
+            assert mounts <= {v["name"] for v in spec.get("volumes", [])}
+    for binding in (o for o in objects if o["kind"] == "ClusterRoleBinding"):
+        assert ("ClusterRole", binding["roleRef"]["name"]) in present
+        for s in binding["subjects"]:
+            assert ("ServiceAccount", s["name"]) in present
+
+
+def test_namespace_allows_privileged_pods() -> None:
+    labels = by_kind("Namespace", "nodeagent-system")["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "privileged"
+
+
+def test_daemonset_conventions() -> None:
+    ds = by_kind("DaemonSet", "nodeagent")
+    spec = ds["spec"]
+    assert spec["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    pod = spec["template"]["spec"]
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert {"operator": "Exists"} in pod["tolerations"]
+    assert pod["terminationGracePeriodSeconds"] == 30
+    annotations = spec["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "15020"
+    containers = {c["name"]: c for c in pod["containers"]}
+    assert set(containers) == {"agent", "tunnel"}
+    for c in containers.values():
+        assert "livenessProbe" not in c, "no liveness probe for the data plane"
+        sc = c["securityContext"]
+        assert sc.get("privileged") is False
+        assert sc["capabilities"]["drop"] == ["ALL"]
+    assert {"NET_ADMIN", "NET_RAW", "SYS_ADMIN", "BPF", "PERFMON"} <= set(
+        containers["agent"]["securityContext"]["capabilities"]["add"]
+    )
+    probe = containers["tunnel"]["readinessProbe"]["httpGet"]
+    assert probe == {"path": "/healthz/ready", "port": 15021}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    paths = {v["hostPath"]["path"]: name for name, v in volumes.items() if "hostPath" in v}
+    for needed in ("/proc", "/var/run/netns", "/sys/fs/bpf", "/sys/fs/cgroup", "/lib/modules", "/usr/src"):
+        assert needed in paths, f"host path {needed} is not mounted"
+    agent_mounts = {m["name"]: m for m in containers["agent"]["volumeMounts"]}
+    assert agent_mounts[paths["/proc"]]["readOnly"] is True
+    assert agent_mounts[paths["/var/run/netns"]]["mountPropagation"] == "HostToContainer"
+    token = next(v for v in pod["volumes"] if v["name"] == "ca-token")["projected"]["sources"][0]
+    assert token["serviceAccountToken"]["audience"] == "istio-ca"
+
+
+def test_ca_deployment_and_service() -> None:
+    svc = by_kind("Service", "nodeagent-ca")
+    assert [p["port"] for p in svc["spec"]["ports"]] == [15012]
+    dep = by_kind("Deployment", "nodeagent-ca")
+    volumes = dep["spec"]["template"]["spec"]["volumes"]
+    assert any(v.get("secret", {}).get("secretName") == "nodeagent-ca-root" for v in volumes)
+
+
+def test_rbac_is_least_privilege_and_commented() -> None:
+    text = (DAEMONSET / "rbac.yaml").read_text()
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith("verbs:"):
+            assert lines[i - 1].strip().startswith("#"), f"rbac.yaml line {i + 1}: say what these verbs are for"
+    for role in (o for o in load(DAEMONSET / "rbac.yaml") if o["kind"] == "ClusterRole"):
+        for rule in role["rules"]:
+            assert "*" not in rule["verbs"] and "*" not in rule["resources"]
+            assert not set(rule["verbs"]) & {"create", "update", "delete", "deletecollection"} or rule["resources"] == [
+                "tokenreviews"
+            ]
+            assert "secrets" not in rule["resources"]
+    agent = next(o for o in load(DAEMONSET / "rbac.yaml") if o["metadata"]["name"] == "nodeagent")
+    assert {"resources": ["pods/status"], "verbs": ["patch"], "apiGroups": [""]} in agent["rules"]
+
+
+def test_crds_cover_the_istio_security_kinds() -> None:
+    crds = {d["spec"]["names"]["kind"]: d for d in load(DAEMONSET / "crds.yaml")}
+    assert set(crds) == {"AuthorizationPolicy", "PeerAuthentication"}
+    for crd in crds.values():
+        assert crd["spec"]["group"] == "security.istio.io"
+        assert [v["name"] for v in crd["spec"]["versions"]] == ["v1"]
+
+
+def test_a_custom_resource_parses_and_is_skipped_by_schema() -> None:
+    policy = {
+        "apiVersion": "security.istio.io/v1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "x", "namespace": "y"},
+        "spec": {"action": "DENY"},
+    }
+    with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+        kubernetes_validate.validate(policy, K8S_VERSION, strict=True)
+
+
+def test_grafana_dashboard() -> None:
+    dash = json.loads((DAEMONSET / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    for metric in ("opened", "closed", "sent_bytes", "received_bytes"):
+        assert any(re.search(rf"istio_tcp_(connections_)?{metric}", e) for e in exprs), metric
+
+
+def test_dockerfile() -> None:
+    text = (DAEMONSET / "Dockerfile").read_text()
+    assert re.search(r"^FROM \S*debian:bookworm", text, re.M)
+    assert "python3-bpfcc" in text
+    for src in re.findall(r"^COPY (\S+)", text, re.M):
+        assert (ROOT / src).exists(), f"Dockerfile copies {src}, which does not exist"
+
+
+def shellcheck(paths: list[Path]) -> None:
+    exe = shutil.which("shellcheck")
+    if exe is None:
+        pytest.fail("shellcheck is not installed: run `sudo make setup` (it installs the Debian package)")
+    result = subprocess.run([exe, "-x", *map(str, paths)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_image_scripts_pass_shellcheck() -> None:
+    scripts = sorted((DAEMONSET / "image").glob("*.sh"))
+    assert scripts
+    shellcheck(scripts)
