@@ -1,0 +1,170 @@
+"""The eBPF capture backend: the same four verbs as the iptables one, carried out with pinned BPF programs.
+
+Why this module exists: the agent enrolls pods through `CaptureBackend`; this adapts nodeagent.ebpf (which
+knows programs, pins and links but nothing about pods) to it. For a pod it needs two kernel handles: the
+pod's netns (given) and the pod's cgroup v2 directory (found by `CgroupResolver`). Everything else -
+which programs, where they attach, what counts as drift - is nodeagent.ebpf's (pins.HOOKS, pins.observe).
+
+install() is "ensure": it reads the pins and the kernel's attachments first and touches only what differs,
+so a restarted agent adopts the previous run's programs without recompiling or re-attaching, and a
+program detached by hand is re-attached on the next verify (the agent verifies every few seconds).
+There is no rule in the pod's iptables or nft tables in this mode.
+
+Two non-BPF objects complete it, for the tunnel's connections to the app from the client's IP
+(IP_TRANSPARENT): the sysctl net.ipv4.tcp_fwmark_accept=1 in the pod (the app's socket takes the mark of
+the tunnel's SYN, 0x111) and the policy routing of nodeagent.capture.routing (fwmark 0x111 -> table 100,
+local default route), which delivers the app's replies to the client's IP to the tunnel's socket instead
+of sending them out of eth0. The iptables mode gets the same mark onto replies with connmark rules.
+
+What it deliberately does not do: no bcc import (loader.py has it, and compiles only when a program pin
+is missing), no kubelet-probe handling on the node (that stays the iptables ProbeBypass on the node's own
+tables), no IPv6.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from dataclasses import dataclass
+
+from nodeagent.capture import routing
+from nodeagent.capture.backend import CaptureError, CaptureState
+from nodeagent.ebpf import loader, pins
+from nodeagent.ebpf.structs import PIN_ROOT
+from nodeagent.model import Pod
+from nodeagent.netns import NetnsError, in_netns
+
+LAB_CGROUP_PATTERN = "nodeagent-lab/{node}/{namespace}.{name}"  # nodeagent/lab/plan.py's layout
+
+_compile_lock = threading.Lock()  # one bcc/LLVM compile at a time in this process
+FWMARK_ACCEPT = "/proc/sys/net/ipv4/tcp_fwmark_accept"
+
+
+def _sysctl(netns: str, value: str | None) -> str:
+    """Read (value None) or write tcp_fwmark_accept inside `netns`; returns the value before."""
+
+    def work() -> str:
+        with open(FWMARK_ACCEPT) as f:  # /proc/sys/net follows the opening thread's netns
+            before = f.read().strip()
+        if value is not None and before != value:
+            with open(FWMARK_ACCEPT, "w") as f:
+                f.write(value)
+        return before
+
+    try:
+        return in_netns(netns, work)
+    except (NetnsError, OSError) as exc:
+        raise CaptureError(f"net.ipv4.tcp_fwmark_accept in {netns}: {exc}") from None
+
+
+def cgroup2_root() -> str | None:
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            _, target, fstype, *_ = line.split()
+            if fstype == "cgroup2":
+                return target
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class CgroupResolver:
+    """A pod's cgroup v2 directory: `pattern` under the cgroup2 mount (default: the lab's layout)."""
+
+    pattern: str = LAB_CGROUP_PATTERN
+    root: str | None = None
+
+    def path(self, pod: Pod) -> str:
+        root = self.root or cgroup2_root()
+        if root is None:
+            raise CaptureError("no cgroup v2 hierarchy is mounted: eBPF capture attaches to pods' cgroups")
+        return os.path.join(root, self.pattern.format(node=pod.node, namespace=pod.namespace, name=pod.name))
+
+
+class EbpfBackend:
+    """In-pod capture with cgroup connect4 + sock_ops (outbound) and netns sk_lookup (inbound)."""
+
+    name = "ebpf"
+
+    def __init__(self, cgroups: CgroupResolver | None = None, pin_root: str = PIN_ROOT) -> None:
+        self.cgroups = cgroups or CgroupResolver()
+        self.pin_root = pin_root
+        self._pods: dict[str, Pod] = {}  # netns path -> pod, for inspect(netns)
+
+    def _config(self, pod: Pod) -> loader.PodConfig:
+        if pod.ip is not None and pod.ip.version != 4:
+            raise CaptureError(f"pod {pod.key}: eBPF capture handles IPv4 pods only (got {pod.ip})")
+        return loader.PodConfig(pod.uid, pod.ip, pin_root=self.pin_root)
+
+    async def install(self, pod: Pod, netns: str) -> tuple[str, ...]:
+        cgroup = self.cgroups.path(pod)
+        self._pods[netns] = pod
+        config = self._config(pod)
+
+        def work() -> tuple[str, ...]:
+            if not os.path.isdir(cgroup):
+                raise CaptureError(f"pod {pod.key}: its cgroup {cgroup} does not exist (wrong --cgroup-pattern?)")
+            with _compile_lock:
+                repaired = loader.ensure(config, cgroup, netns)
+            if _sysctl(netns, "1") != "1":
+                repaired += ("net.ipv4.tcp_fwmark_accept was 0: set it to 1",)
+            return repaired + routing.ensure(netns)
+
+        try:
+            return await asyncio.to_thread(work)
+        except (loader.EbpfUnavailable, OSError) as exc:
+            raise CaptureError(f"pod {pod.key}: {exc}") from None
+
+    async def remove(self, pod: Pod, netns: str) -> bool:
+        self._pods.pop(netns, None)
+
+        def work() -> bool:
+            removed = loader.remove(pod.uid, self.pin_root)
+            if os.path.exists(netns):
+                removed = _sysctl(netns, "0") == "1" or removed
+                removed = routing.remove(netns) or removed
+            return removed
+
+        try:
+            return await asyncio.to_thread(work)
+        except (loader.EbpfUnavailable, OSError) as exc:
+            raise CaptureError(f"pod {pod.key}: {exc}") from None
+
+    async def inspect_pod(self, pod: Pod, netns: str) -> CaptureState:
+        cgroup = self.cgroups.path(pod)
+
+        def work() -> CaptureState:
+            observed = pins.observe(pod.uid, cgroup, netns, self.pin_root)
+            routes = routing.read(netns)
+            fwmark = _sysctl(netns, None) == "1"
+            objects = observed.objects()
+            if not observed.present:  # no BPF object of ours: not captured (any routing left is listed)
+                return CaptureState(self.name, routes.objects(), observed.drift())
+            extra = ("sysctl net.ipv4.tcp_fwmark_accept=1",) if fwmark else ()
+            drift = () if fwmark else ("net.ipv4.tcp_fwmark_accept is 0 (replies to the client's IP would leave)",)
+            return CaptureState(
+                self.name, (*objects, *routes.objects(), *extra), (*observed.drift(), *routes.drift(), *drift)
+            )
+
+        try:
+            return await asyncio.to_thread(work)
+        except OSError as exc:
+            raise CaptureError(f"pod {pod.key}: reading its BPF objects failed: {exc}") from None
+
+    async def inspect(self, netns: str) -> CaptureState:
+        pod = self._pods.get(netns)
+        if pod is None:
+            raise CaptureError(f"no pod known for {netns}: eBPF state is per pod (use inspect_pod)")
+        return await self.inspect_pod(pod, netns)
+
+    async def verify(self, netns: str) -> tuple[str, ...]:
+        return (await self.inspect(netns)).drift
+
+
+def unavailable_reason() -> str | None:
+    """Why eBPF capture cannot run here (mounting bpffs when it is only unmounted), or None when it can."""
+    try:
+        loader.check_environment()
+    except loader.EbpfUnavailable as exc:
+        return str(exc)
+    return None

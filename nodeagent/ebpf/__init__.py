@@ -1,0 +1,1 @@
+"""eBPF capture: C programs compiled by bcc (loader.py), pinned state read without bcc (maps.py, pins.py)."""

@@ -1,0 +1,109 @@
+/* nodeagent.h - what every nodeagent eBPF program shares: configuration, structs, pinned maps.
+ *
+ * Compiled by bcc (nodeagent/ebpf/loader.py) as one unit per enrolled pod: this header plus one .c file
+ * per attach point. Everything pod-specific arrives as -D flags (`nodeagent ebpf source` prints them);
+ * there is no string substitution. The structs below are mirrored in nodeagent/ebpf/structs.py and a
+ * privileged test compares the two through the kernel's BTF of the loaded programs.
+ *
+ * Every map is pinned under NA_PIN_DIR (/sys/fs/bpf/nodeagent/<pod uid>/map_*): a reload of the
+ * programs (repair after drift, agent upgrade) re-opens them instead of creating new ones, so the
+ * tunnel's listener in na_listener and in-flight original destinations survive it.
+ */
+#ifndef NODEAGENT_H
+#define NODEAGENT_H
+
+#include <uapi/linux/bpf.h>
+#include <linux/in.h>
+#include <linux/socket.h>
+
+/* ---- configuration (-D flags) ------------------------------------------------------------------ */
+#ifndef NA_PIN_DIR
+#error "NA_PIN_DIR is required: -DNA_PIN_DIR=\"/sys/fs/bpf/nodeagent/<pod uid>\""
+#endif
+#ifndef NA_POD_IP4
+#error "NA_POD_IP4 is required: the pod's IPv4 address as a host-order number (0 when unknown)"
+#endif
+#ifndef NA_OUTBOUND_PORT
+#define NA_OUTBOUND_PORT 15001
+#endif
+#ifndef NA_INBOUND_PORT
+#define NA_INBOUND_PORT 15006
+#endif
+#ifndef NA_HBONE_PORT
+#define NA_HBONE_PORT 15008
+#endif
+#ifndef NA_TUNNEL_MARK
+#define NA_TUNNEL_MARK 0x539
+#endif
+#ifndef NA_MARK_MASK
+#define NA_MARK_MASK 0xfff
+#endif
+#ifndef NA_PROBE_SRC4
+#define NA_PROBE_SRC4 0xa9fe077fU /* 169.254.7.127: kubelet probes, SNATed on the node */
+#endif
+#ifndef NA_MAX_FLOWS
+#define NA_MAX_FLOWS 65536
+#endif
+#ifndef NA_SOCK_STREAM
+#define NA_SOCK_STREAM 1 /* SOCK_STREAM (linux/net.h; not in the uapi headers bcc sees) */
+#endif
+
+/* ---- byte order of constants (x86-64 and arm64 are little-endian; refuse anything else) ---------- */
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "nodeagent's programs assume a little-endian target"
+#endif
+#define NA_BE32(x) ((__u32)__builtin_bswap32((__u32)(x)))
+#define NA_BE16(x) ((__u16)__builtin_bswap16((__u16)(x)))
+#define NA_LOOPBACK_NET(ip_be) ((NA_BE32(ip_be) >> 24) == 127)
+
+/* ---- shared structs (mirrored in nodeagent/ebpf/structs.py) ------------------------------------- */
+
+/* An IPv4 socket address as the kernel stores it: address and port in network byte order. */
+struct na_addr4 {
+    __u32 ip;
+    __u16 port;
+    __u16 pad;
+};
+
+/* Where a captured outbound connection was going, and which socket it was (for logs and cleanup). */
+struct na_orig {
+    __u32 ip;      /* original destination, network byte order */
+    __u16 port;    /* network byte order */
+    __u16 flags;   /* NA_ORIG_* */
+    __u64 cookie;  /* socket cookie of the app's socket */
+};
+#define NA_ORIG_CONNECTED 1 /* the sockops program saw the connect and keyed it by the source address */
+
+/* Counters in map_stats (an array of __u64, one slot per index). */
+enum na_stat {
+    NA_STAT_OUT_REDIRECTED = 0, /* connect4: TCP connect rewritten to the tunnel's :15001 */
+    NA_STAT_OUT_SKIPPED = 1,    /* connect4: loopback, own IP, tunnel port or tunnel mark */
+    NA_STAT_OUT_KEYED = 2,      /* sockops: original destination keyed by the source address */
+    NA_STAT_IN_STEERED = 3,     /* sk_lookup: SYN handed to the tunnel's :15006 listener */
+    NA_STAT_IN_REFUSED = 4,     /* sk_lookup: no tunnel listener, refused (fail closed) */
+    NA_STAT_IN_BYPASSED = 5,    /* sk_lookup: the tunnel's own connection to the app (client's IP) */
+    NA_STAT_MAX = 8,
+};
+
+/* ---- maps (pinned; names <= 15 bytes, the kernel's limit) --------------------------------------- */
+
+/* connect4 -> sockops: socket cookie -> original destination (the source port is not known yet). */
+BPF_TABLE_PINNED("lru_hash", __u64, struct na_orig, na_cookie_dst, NA_MAX_FLOWS, NA_PIN_DIR "/map_cookie_dst");
+/* sockops -> tunnel: the app's source address (the tunnel's accepted peer) -> original destination. */
+BPF_TABLE_PINNED("lru_hash", struct na_addr4, struct na_orig, na_orig_dst, NA_MAX_FLOWS, NA_PIN_DIR "/map_orig_dst");
+/* tunnel -> sk_lookup: slot 0 holds the tunnel's :15006 listener, put there by the tunnel. */
+BPF_TABLE_PINNED("sockmap", int, int, na_listener, 1, NA_PIN_DIR "/map_listener");
+/* tunnel -> sk_lookup: source addresses of the tunnel's own connections to the app that carry the
+ * client's IP (IP_TRANSPARENT): their SYN must reach the app, not :15006. Deleted by sockops when the
+ * app's socket is established. */
+BPF_TABLE_PINNED("lru_hash", struct na_addr4, __u32, na_bypass, NA_MAX_FLOWS, NA_PIN_DIR "/map_bypass");
+BPF_TABLE_PINNED("array", int, __u64, na_stats, NA_STAT_MAX, NA_PIN_DIR "/map_stats");
+
+static __always_inline void na_count(int what)
+{
+    __u64 *n = na_stats.lookup(&what);
+    if (n)
+        __sync_fetch_and_add(n, 1);
+}
+
+#endif /* NODEAGENT_H */
