@@ -1,9 +1,11 @@
 """The paths the benchmark measures, each able to run iperf3, sockperf and the load client through it.
 
-A path is "how a client pod's bytes reach a server pod": directly over the lab's bridge and fabric, or
+A path is "how a client pod's bytes reach a server pod": directly over the lab's bridge and fabric,
 through a pair of stunnel processes (one per node, like a per-node tunnel, with certificates issued by
-nodeagent's CA), and later through nodeagent's own tunnels. The lab is driven through the `nodeagent lab`
-CLI, exactly as a user would.
+nodeagent's CA), or through nodeagent's own capture and tunnels. The references run between the `plain`
+pods of bench/topology.yaml and the mesh between its enrolled `mesh` pods, over the same veths, bridges
+and fabric, so all paths live in one lab and are measured interleaved. The lab is driven through the
+`nodeagent lab` CLI and the mesh through nodeagent.labmesh, exactly as a user or the demo would.
 """
 
 from __future__ import annotations
@@ -20,24 +22,25 @@ from pathlib import Path
 
 from bench import tools
 from nodeagent.inventory.local import gateway_address
-from nodeagent.lab.cluster import DEFAULT_TOPOLOGY, Lab
+from nodeagent.lab.cluster import Lab
+from nodeagent.labmesh import Mesh
 
 REPO = Path(__file__).resolve().parent.parent
 LAB_CLI = [sys.executable, "-m", "nodeagent.lab"]
 LOAD = str(REPO / "bench" / "load.py")
 
-CLIENT = "shop/frontend"  # node1
-SERVER = "shop/checkout"  # node2
-SAME_NODE_SERVER = "shop/payments"  # node1
+BENCH_TOPOLOGY = REPO / "bench" / "topology.yaml"
+PLAIN = ("plain/client", "plain/server", "plain/local")  # client (node1), server (node2), server (node1)
+MESH = ("mesh/client", "mesh/server", "mesh/local")
 
 IPERF_PORT, SOCKPERF_PORT, ECHO_PORT = 5201, 11111, 7777
 STUNNEL_BASE_PORT = 25000
 
 ABSENT_PATHS = {
-    "nodeagent (iptables capture), cross-node": "the tunnel and the node agent have not landed (issues 4, 5)",
-    "nodeagent (iptables capture), same-node": "the tunnel and the node agent have not landed (issues 4, 5)",
-    "nodeagent (eBPF capture), cross-node": "eBPF capture has not landed (issue 6)",
-    "nodeagent (eBPF capture), same-node fast path": "eBPF capture has not landed (issue 6)",
+    "nodeagent (eBPF capture), same-node fast path": (
+        "the tunnel does not hand same-node connections to the kernel yet; "
+        "bench/ebpf_fastpath.py measures the mechanism (sockmap, splice) on its own"
+    ),
 }
 
 
@@ -60,7 +63,7 @@ class BenchLab:
 
     @classmethod
     @contextlib.contextmanager
-    def fresh(cls, topology: Path = DEFAULT_TOPOLOGY) -> Iterator[BenchLab]:
+    def fresh(cls, topology: Path = BENCH_TOPOLOGY) -> Iterator[BenchLab]:
         subprocess.run([*LAB_CLI, "down"], check=False, capture_output=True, cwd=REPO)
         t0 = time.perf_counter()
         _run([*LAB_CLI, "up", "--topology", str(topology)])
@@ -137,7 +140,8 @@ class MeasuredPath:
     """A way from the client pod to a server pod; subclasses say where the client connects."""
 
     name = ""
-    server = SERVER
+    client = PLAIN[0]
+    server = PLAIN[1]
 
     @contextlib.contextmanager
     def setup(self, lab: BenchLab) -> Iterator[None]:
@@ -151,7 +155,7 @@ class MeasuredPath:
         return []
 
     def describe(self) -> dict[str, object]:
-        return {"client": CLIENT, "server": self.server}
+        return {"client": self.client, "server": self.server}
 
     def _cpu(self) -> float:
         return sum(tools.cpu_seconds(pid) for pid in self.proxy_pids())
@@ -160,7 +164,7 @@ class MeasuredPath:
         host, port = self.target(lab, IPERF_PORT)
         cpu0 = self._cpu()
         out = lab.run_in(
-            CLIENT,
+            self.client,
             ["iperf3", "-c", host, "-p", str(port), "-t", str(seconds), "-P", str(streams), "-J"],
             timeout=seconds + 60,
         )
@@ -170,7 +174,7 @@ class MeasuredPath:
     def sockperf(self, lab: BenchLab, size: int, seconds: float) -> tools.Latency:
         host, port = self.target(lab, SOCKPERF_PORT)
         out = lab.run_in(
-            CLIENT,
+            self.client,
             ["sockperf", "ping-pong", "--tcp", "-i", host, "-p", str(port), "-m", str(size), "-t", str(seconds)],
             timeout=seconds + 60,
         )
@@ -179,7 +183,7 @@ class MeasuredPath:
     def connrate(self, lab: BenchLab, seconds: float) -> dict[str, object]:
         host, port = self.target(lab, ECHO_PORT)
         out = lab.run_in(
-            CLIENT, [sys.executable, LOAD, "connrate", host, str(port), str(seconds), "8"], timeout=seconds + 60
+            self.client, [sys.executable, LOAD, "connrate", host, str(port), str(seconds), "8"], timeout=seconds + 60
         )
         raw = json.loads(out)
         lat = [float(x) for x in raw["latencies_s"]]
@@ -199,7 +203,7 @@ class MeasuredPath:
         host, port = self.target(lab, ECHO_PORT)
         before = sum(tools.rss_bytes(p) for p in pids)
         holder = lab.start(
-            lab.exec_argv(CLIENT, [sys.executable, LOAD, "hold", host, str(port), str(count)]),
+            lab.exec_argv(self.client, [sys.executable, LOAD, "hold", host, str(port), str(count)]),
             ready="ready",
             stdin=True,
         )
@@ -215,7 +219,7 @@ class DirectPath(MeasuredPath):
     """No mesh: the client connects straight to the server pod (the physical reference)."""
 
     def __init__(self, same_node: bool) -> None:
-        self.server = SAME_NODE_SERVER if same_node else SERVER
+        self.server = PLAIN[2] if same_node else PLAIN[1]
         self.name = "direct TCP, same-node" if same_node else "direct TCP, cross-node"
 
     def target(self, lab: BenchLab, port: int) -> tuple[str, int]:
@@ -255,14 +259,14 @@ class StunnelPath(MeasuredPath):
         }
 
     def target(self, lab: BenchLab, port: int) -> tuple[str, int]:
-        return lab.gateway(lab.node_of(CLIENT)), self._ports()[port]
+        return lab.gateway(lab.node_of(self.client)), self._ports()[port]
 
     @contextlib.contextmanager
     def setup(self, lab: BenchLab) -> Iterator[None]:
         from bench.ca_bench import issue_pair
 
         issue_pair(self.workdir)
-        client_node, server_node = lab.node_of(CLIENT), lab.node_of(SERVER)
+        client_node, server_node = lab.node_of(self.client), lab.node_of(self.server)
         server_addr = str(lab.inventory.node(server_node).address)
         common = textwrap.dedent(f"""\
             foreground = yes
@@ -280,7 +284,9 @@ class StunnelPath(MeasuredPath):
                 f"[p{app_port}]\nclient = yes\naccept = {lab.gateway(client_node)}:{relay_port}\n"
                 f"connect = {server_addr}:{relay_port}\n"
             )
-            server += f"[p{app_port}]\naccept = {server_addr}:{relay_port}\nconnect = {lab.ip(SERVER)}:{app_port}\n"
+            server += (
+                f"[p{app_port}]\naccept = {server_addr}:{relay_port}\nconnect = {lab.ip(self.server)}:{app_port}\n"
+            )
         (self.workdir / "client.conf").write_text(client)
         (self.workdir / "server.conf").write_text(server)
         srv = lab.start(lab.node_exec_argv(server_node, ["stunnel4", str(self.workdir / "server.conf")]))
@@ -291,3 +297,43 @@ class StunnelPath(MeasuredPath):
             yield
         finally:
             self._pids = []
+
+
+class MeshPath(MeasuredPath):
+    """nodeagent: the client pod's connect is captured in its netns, carried by the node tunnels as HBONE
+    (mutual TLS 1.3 + HTTP/2 CONNECT) to the server pod's node, and delivered from the client's own IP.
+
+    The mesh's processes (CA, and per node an agent and a tunnel) are started once for the run by
+    `running_mesh`; the paths only point at them.
+    """
+
+    def __init__(self, mesh: Mesh, same_node: bool, capture: str = "iptables") -> None:
+        self.mesh = mesh
+        self.client = MESH[0]
+        self.server = MESH[2] if same_node else MESH[1]
+        self.name = f"nodeagent ({'iptables' if capture == 'iptables' else 'eBPF'} capture), " + (
+            "same-node" if same_node else "cross-node"
+        )
+
+    def target(self, lab: BenchLab, port: int) -> tuple[str, int]:
+        return lab.ip(self.server), port
+
+    def proxy_pids(self) -> list[int]:
+        nodes = {self.mesh.lab.inventory.pod(p).node for p in (self.client, self.server)}
+        return [self.mesh.tunnel(node).pid for node in sorted(nodes)]
+
+    def describe(self) -> dict[str, object]:
+        return {**super().describe(), "capture": self.mesh.capture, "tunnels": len(self.proxy_pids())}
+
+
+@contextlib.contextmanager
+def running_mesh(lab: BenchLab, run_dir: Path, capture: str = "iptables", enroll: bool = True) -> Iterator[Mesh]:
+    """The mesh for the run; with `enroll`, every `mesh` pod enrolled and acked by its tunnel first."""
+    mesh = Mesh(lab.lab, run_dir, capture=capture)
+    try:
+        mesh.start()
+        if enroll:
+            mesh.wait_enabled(MESH)
+        yield mesh
+    finally:
+        mesh.stop()

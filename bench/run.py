@@ -24,11 +24,23 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench import report, tools
 from bench.ca_bench import certificates_per_second, manager_memory
-from bench.paths import ABSENT_PATHS, BenchLab, DirectPath, MeasuredPath, StunnelPath, start_servers
+from bench.paths import (
+    ABSENT_PATHS,
+    BenchLab,
+    DirectPath,
+    MeasuredPath,
+    MeshPath,
+    StunnelPath,
+    running_mesh,
+    start_servers,
+)
 from nodeagent.lab.cluster import DEFAULT_TOPOLOGY, exclusive
+from nodeagent.labmesh import Mesh
+from nodeagent.model import DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL
 
 SCALE_TOPOLOGY = DEFAULT_TOPOLOGY.parent / "scale-50.yaml"
 
@@ -45,6 +57,8 @@ class Plan:
     idle_counts: tuple[int, ...]
     lab_repeats: int
     scale_lab: bool
+    pod_adds: int
+    many_pods: int | None
     ca_seconds: float
     quick: bool
 
@@ -56,6 +70,8 @@ QUICK = Plan(
     idle_counts=(1000,),
     lab_repeats=1,
     scale_lab=False,
+    pod_adds=5,
+    many_pods=None,
     ca_seconds=2,
     quick=True,
 )
@@ -66,6 +82,8 @@ FULL = Plan(
     idle_counts=(1000, 10000),
     lab_repeats=3,
     scale_lab=True,
+    pod_adds=20,
+    many_pods=200,
     ca_seconds=5,
     quick=False,
 )
@@ -140,6 +158,68 @@ def measure_paths(plan: Plan, res: Results, lab: BenchLab, paths: list[MeasuredP
                 res.add(f"memory_bytes_per_idle_connection_{count}", path.name, per_conn)
 
 
+def measure_lab_paths(plan: Plan, res: Results, lab: BenchLab, paths: list[MeasuredPath]) -> None:
+    for server in sorted({path.server for path in paths}):
+        start_servers(lab, server)
+    with contextlib.ExitStack() as stack:
+        for path in paths:
+            stack.enter_context(path.setup(lab))
+        measure_paths(plan, res, lab, paths)
+
+
+def measure_pod_ready(plan: Plan, res: Results, mesh: Mesh) -> None:
+    """Opt spare pods in one at a time (pod label): inventory written -> the agent reports `enabled`
+    (capture installed and the tunnel's ack, which it sends once the pod's listeners are bound)."""
+    spares = [p.key for p in mesh.lab.inventory.pods if p.name.startswith("spare-")][: plan.pod_adds]
+    for key in spares:
+        namespace, name = key.split("/")
+
+        def opt_in(data: dict[str, Any], namespace: str = namespace, name: str = name) -> None:
+            for pod in data["pods"]:
+                if pod["namespace"] == namespace and pod["name"] == name:
+                    pod.setdefault("labels", {})[DATAPLANE_MODE_LABEL] = DATAPLANE_MODE_AMBIENT
+
+        t0 = time.perf_counter()
+        mesh.edit_inventory(opt_in)
+        mesh.wait(f"{key} to be enabled", lambda key=key: mesh.pod_status(key) == "enabled", 30, interval=0.002)
+        res.add("pod_ready_ms", "nodeagent (iptables capture), cross-node", (time.perf_counter() - t0) * 1e3)
+    for node in mesh.nodes:
+        res.add(
+            "agent_rss_mb",
+            f"{node}, {len(mesh.lab.inventory.pods_on(node))} pods in the lab",
+            tools.rss_bytes(mesh.agent(node).pid) / 2**20,
+        )
+
+
+def many_pods_topology(pods: int) -> str:
+    lines = [
+        "cluster: {name: many, trust_domain: cluster.local, fabric_cidr: 10.99.0.0/24}",
+        "nodes:",
+        "  - {name: node1, pod_cidr: 10.10.0.0/16, address: 10.99.0.11, token: many-node1-5c0e2a9f7b3d1e64}",
+        "namespaces:",
+        "  - {name: many}",
+        "pods:",
+    ]
+    lines += [
+        f"  - {{name: pod-{i:03d}, namespace: many, node: node1, service_account: sa-{i % 10}}}" for i in range(pods)
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def measure_many_pods(pods: int, res: Results) -> None:
+    """Label a namespace of `pods` pods on one node: time until every one is enabled; agent RSS then."""
+    with tempfile.TemporaryDirectory(prefix="nodeagent-bench-many-") as tmp:
+        topology = Path(tmp) / "topology.yaml"
+        topology.write_text(many_pods_topology(pods))
+        with BenchLab.fresh(topology) as lab, running_mesh(lab, Path(tmp) / "mesh", enroll=False) as mesh:
+            t0 = time.perf_counter()
+            mesh.enroll("many")
+            keys = [p.key for p in lab.inventory.pods]
+            mesh.wait(f"{pods} pods to be enabled", lambda: all(mesh.pod_status(k) == "enabled" for k in keys), 120)
+            res.add("many_pods_enrolled_seconds", f"{pods} pods on one node", time.perf_counter() - t0)
+            res.add("agent_rss_mb", f"node1, {pods} pods enrolled", tools.rss_bytes(mesh.agent("node1").pid) / 2**20)
+
+
 def measure_ca(plan: Plan, res: Results) -> None:
     res.add("ca_certificates_per_second", "nodeagent ca (gRPC, loopback)", certificates_per_second(plan.ca_seconds))
     mem = manager_memory(1000)
@@ -174,15 +254,37 @@ def run(plan: Plan, out: Path) -> int:
     measure_lab(plan, res)
     log("CA certificates per second")
     measure_ca(plan, res)
-    with BenchLab.fresh() as lab, tempfile.TemporaryDirectory(prefix="nodeagent-bench-") as tmp:
-        paths: list[MeasuredPath] = [DirectPath(same_node=False), DirectPath(same_node=True)]
-        paths.append(StunnelPath(Path(tmp)))
-        for server in sorted({path.server for path in paths}):
-            start_servers(lab, server)
-        with contextlib.ExitStack() as stack:
-            for path in paths:
-                stack.enter_context(path.setup(lab))
-            measure_paths(plan, res, lab, paths)
+    with (
+        BenchLab.fresh() as lab,
+        tempfile.TemporaryDirectory(prefix="nodeagent-bench-") as tmp,
+        running_mesh(lab, Path(tmp) / "mesh") as mesh,
+    ):
+        paths: list[MeasuredPath] = [
+            DirectPath(same_node=False),
+            StunnelPath(Path(tmp)),
+            MeshPath(mesh, same_node=False),
+            DirectPath(same_node=True),
+            MeshPath(mesh, same_node=True),
+        ]
+        measure_lab_paths(plan, res, lab, paths)
+        log("pod add -> capture and listeners ready")
+        measure_pod_ready(plan, res, mesh)
+    # An agent has one capture backend per node, so eBPF capture runs in a second lab of its own; its two
+    # paths are interleaved with each other and compared with the first lab's references.
+    with (
+        BenchLab.fresh() as lab,
+        tempfile.TemporaryDirectory(prefix="nodeagent-bench-") as tmp,
+        running_mesh(lab, Path(tmp) / "mesh", capture="ebpf") as mesh,
+    ):
+        ebpf_paths: list[MeasuredPath] = [
+            MeshPath(mesh, same_node=False, capture="ebpf"),
+            MeshPath(mesh, same_node=True, capture="ebpf"),
+        ]
+        measure_lab_paths(plan, res, lab, ebpf_paths)
+        paths += ebpf_paths
+    if plan.many_pods:
+        log(f"{plan.many_pods} pods on one node")
+        measure_many_pods(plan.many_pods, res)
 
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     doc = {

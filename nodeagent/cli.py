@@ -61,9 +61,11 @@ COMMANDS: dict[str, Callable[[SubParsers], None]] = {
     "ca": _register("nodeagent.ca.commands"),
     "agent": _register("nodeagent.agent.commands"),
     "tunnel": _register_tunnel,
+    "ebpf": _register("nodeagent.ebpf.commands"),
+    "enroll": _register("nodeagent.kube_commands"),  # also registers `unenroll`
     "inspect": _register_inspect,
 }
-ALIASES: dict[str, str] = {}
+ALIASES = {"unenroll": "enroll"}
 
 
 def _wanted(argv: Sequence[str]) -> str | None:

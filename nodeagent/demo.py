@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import os
 import shutil
@@ -25,16 +24,15 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from nodeagent.lab.cluster import DEFAULT_TOPOLOGY, Lab, exclusive, teardown
+from nodeagent.labmesh import NODEAGENT, Mesh, MeshError
 from nodeagent.model import DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL
-from nodeagent.netns import in_netns
 
 ENROLLED_NS = "shop"
 CLIENT = "shop/frontend"  # node1
@@ -44,9 +42,7 @@ OUTSIDER = "legacy/batch"  # node2, not enrolled
 APP_PORT = 8080
 MARKER = "NODEAGENT-DEMO-SECRET"
 OUTSIDER_MARKER = "LEGACY-PLAINTEXT"
-CA_PORT = 15012
 RUN = Path("/run/nodeagent/demo")
-NODEAGENT = [sys.executable, "-m", "nodeagent.cli"]
 
 # A tiny echo server and client run inside pods with the project's interpreter.
 ECHO_SERVER = """
@@ -80,43 +76,34 @@ def heading(text: str) -> None:
     say(f"=== {text}")
 
 
-def wait_until(what: str, check: Callable[[], bool], timeout: float = 20.0, interval: float = 0.2) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if check():
-            return time.monotonic() - t0
-        time.sleep(interval)
-    raise DemoError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 class Demo:
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-        self.lab: Lab | None = None
+    """The demo's lab and mesh (nodeagent.labmesh.Mesh), plus what it shows with them."""
 
-    # -- processes -------------------------------------------------------------------------------------------
+    def __init__(self, workdir: Path, capture: str = "iptables") -> None:
+        self.workdir = workdir
+        self.capture = capture  # the agents' --capture (iptables | ebpf | auto)
+        self.lab: Lab | None = None
+        self.mesh: Mesh | None = None
+
+    @property
+    def L(self) -> Lab:
+        assert self.lab is not None
+        return self.lab
+
+    @property
+    def M(self) -> Mesh:
+        assert self.mesh is not None
+        return self.mesh
 
     def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        log = open(RUN / f"{name}.log", "wb")  # noqa: SIM115 - kept open for the process's life
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.procs.append((name, proc))
-        return proc
-
-    def wait(self, what: str, check: Callable[[], bool], timeout: float = 20.0) -> float:
-        """wait_until `check`, failing at once (with the log) if one of the demo's processes died."""
-
-        def alive_and_done() -> bool:
-            self.check_alive()
-            return check()
-
-        return wait_until(what, alive_and_done, timeout)
+        """A helper process (an app, a client, tcpdump) whose log sits next to the mesh's."""
+        return self.M.spawn(name, argv).popen
 
     def check_alive(self) -> None:
-        for name, proc in self.procs:
-            if proc.poll() is not None and not name.startswith("client"):
-                tail = (RUN / f"{name}.log").read_text(errors="replace")[-1500:]
-                raise DemoError(f"{name} exited with {proc.returncode}; its log ends:\n{tail}")
+        try:
+            self.M.check_alive()
+        except MeshError as exc:
+            raise DemoError(str(exc)) from None
 
     def run(self, argv: list[str], timeout: float = 30) -> str:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
@@ -124,129 +111,24 @@ class Demo:
             raise DemoError(f"{' '.join(argv[-4:])} failed: {proc.stderr.strip() or proc.stdout.strip()}")
         return proc.stdout
 
-    def stop_all(self) -> None:
-        for _, proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for _, proc in self.procs:
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-    # -- the lab and the mesh --------------------------------------------------------------------------------
-
-    @property
-    def L(self) -> Lab:
-        assert self.lab is not None
-        return self.lab
-
-    def write_inventory(self, enrolled: bool) -> None:
+    def write_topology(self) -> Path:
+        """The default topology with ENROLLED_NS not yet labelled: the demo enrolls it while you watch."""
         data = yaml.safe_load(DEFAULT_TOPOLOGY.read_text())
         for ns in data["namespaces"]:
             if ns["name"] == ENROLLED_NS:
-                labels = ns.setdefault("labels", {})
-                if enrolled:
-                    labels[DATAPLANE_MODE_LABEL] = DATAPLANE_MODE_AMBIENT
-                else:
-                    labels.pop(DATAPLANE_MODE_LABEL, None)
-        target = self.L.inventory_path if self.lab else self.workdir / "topology.yaml"
-        tmp = target.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-        os.replace(tmp, target)
-
-    def node_get(self, node: str, url: str) -> tuple[int, str]:
-        def get() -> tuple[int, str]:
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    return r.status, r.read().decode()
-            except urllib.error.HTTPError as exc:
-                return exc.code, exc.read().decode()
-            except OSError as exc:
-                return 0, str(exc)
-
-        return in_netns(self.L.node_netns(node), get)
-
-    def ready(self, node: str) -> bool:
-        return self.node_get(node, "http://127.0.0.1:15021/healthz/ready")[0] == 200
+                (ns.get("labels") or {}).pop(DATAPLANE_MODE_LABEL, None)
+        target = self.workdir / "topology.yaml"
+        target.write_text(yaml.safe_dump(data, sort_keys=False))
+        return target
 
     def start_mesh(self) -> None:
-        inv = self.L.inventory
-        ca_node = inv.nodes[0]
-        ca_addr = f"{ca_node.address}:{CA_PORT}"
-        state = RUN / "ca"
-        self.run([*NODEAGENT, "ca", "init", "--state-dir", str(state), "--trust-domain", inv.trust_domain])
-        self.start(
-            "ca",
-            self.L.node_exec_argv(
-                ca_node.name,
-                [
-                    *NODEAGENT,
-                    "ca",
-                    "serve",
-                    "--state-dir",
-                    str(state),
-                    "--inventory",
-                    str(self.L.inventory_path),
-                    "--listen",
-                    ca_addr,
-                ],
-            ),
-        )
-        bundle = state / "trust-bundle.pem"
-        tokens = {c.node: c.token for c in inv.node_credentials}
-        for node in inv.nodes:
-            sock = RUN / node.name / "ztunnel.sock"
-            sock.parent.mkdir(parents=True, exist_ok=True)
-            token_file = RUN / node.name / "ca-token"
-            token_file.write_text(tokens[node.name])
-            token_file.chmod(0o600)
-            self.start(
-                f"tunnel-{node.name}",
-                self.L.node_exec_argv(
-                    node.name,
-                    [
-                        *NODEAGENT,
-                        "tunnel",
-                        "--node",
-                        node.name,
-                        "--inventory",
-                        str(self.L.inventory_path),
-                        "--zds-socket",
-                        str(sock),
-                        "--ca",
-                        ca_addr,
-                        "--ca-token-file",
-                        str(token_file),
-                        "--trust-bundle",
-                        str(bundle),
-                        "--spoof",
-                    ],
-                ),
-            )
-            self.start(
-                f"agent-{node.name}",
-                self.L.node_exec_argv(
-                    node.name,
-                    [
-                        *NODEAGENT,
-                        "agent",
-                        "--node",
-                        node.name,
-                        "--inventory",
-                        str(self.L.inventory_path),
-                        "--zds-socket",
-                        str(sock),
-                        "--state-dir",
-                        str(RUN / "agent"),
-                        "--verify-interval",
-                        "2",
-                    ],
-                ),
-            )
-        for node in inv.nodes:
-            waited = self.wait(f"the tunnel on {node.name} to be ready", functools.partial(self.ready, node.name))
-            say(f"tunnel on {node.name} ready after {waited:.1f} s (its agent's snapshot received)")
+        self.mesh = Mesh(self.L, RUN, capture=self.capture)
+        try:
+            self.M.start()
+        except MeshError as exc:
+            raise DemoError(str(exc)) from None
+        for node, waited in self.M.ready_after.items():
+            say(f"tunnel on {node} ready after {waited:.1f} s (its agent's snapshot received)")
 
     def redirects(self, verify: bool = False) -> dict[str, Any]:
         argv = [*NODEAGENT, "inspect", "redirects", "--state-dir", str(RUN / "agent"), "-o", "json"]
@@ -300,9 +182,9 @@ def analyse_pcap(pcap: Path, mesh_ips: set[str]) -> dict[str, Any]:
 def _demo_lab(demo: Demo) -> Iterator[None]:
     teardown()  # a lab left over from an interrupted run
     RUN.mkdir(parents=True, exist_ok=True)
-    demo.write_inventory(enrolled=False)
+    topology = demo.write_topology()
     t0 = time.monotonic()
-    demo.lab = Lab.up(demo.workdir / "topology.yaml")
+    demo.lab = Lab.up(topology)
     say(
         f"lab up in {time.monotonic() - t0:.2f} s: {len(demo.L.inventory.nodes)} nodes, "
         f"{len(demo.L.inventory.pods)} pods, fabric {demo.L.inventory.fabric_cidr}"
@@ -310,7 +192,8 @@ def _demo_lab(demo: Demo) -> Iterator[None]:
     try:
         yield
     finally:
-        demo.stop_all()
+        if demo.mesh is not None:
+            demo.mesh.stop()
         t0 = time.monotonic()
         report = teardown()
         say(f"\nlab down in {time.monotonic() - t0:.2f} s ({report})")
@@ -322,14 +205,14 @@ def _demo_lab(demo: Demo) -> Iterator[None]:
         say("host clean: no lab namespace left" if not leftovers else f"left behind: {leftovers}")
 
 
-def run_demo() -> int:
+def run_demo(capture: str = "iptables") -> int:
     if os.geteuid() != 0:
         say("the demo builds network namespaces: run it as root (sudo make demo)")
         return 2
     started = time.monotonic()
     shutil.rmtree(RUN, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix="nodeagent-demo-") as tmp:
-        demo = Demo(Path(tmp))
+        demo = Demo(Path(tmp), capture)
         try:
             with exclusive(), _demo_lab(demo):
                 lab = demo.L
@@ -340,8 +223,11 @@ def run_demo() -> int:
                     [*NODEAGENT, "inspect", "redirects", "--state-dir", str(RUN / "agent")],
                 )
                 heading(f"3. enroll namespace {ENROLLED_NS}: label it {DATAPLANE_MODE_LABEL}={DATAPLANE_MODE_AMBIENT}")
-                demo.write_inventory(enrolled=True)
-                waited = demo.wait("the shop pods to be enabled", demo.enrolled_ready)
+                demo.M.enroll(ENROLLED_NS)
+                try:
+                    waited = demo.M.wait("the shop pods to be enabled", demo.enrolled_ready, timeout=20, interval=0.2)
+                except MeshError as exc:
+                    raise DemoError(str(exc)) from None
                 say(f"every {ENROLLED_NS} pod captured and acked by its tunnel {waited:.1f} s after the label")
                 demo.show(
                     "   the redirects, read from the kernel (iptables-save and ss in each pod's netns)",
@@ -395,7 +281,7 @@ def run_demo() -> int:
                     lab.node_exec_argv(node2, [*NODEAGENT, "inspect", "connections", "--wide"]),
                 )
                 heading(f"8. metrics on {node2} (:15020/metrics, reporter=destination)")
-                _, metrics = demo.node_get(node2, "http://127.0.0.1:15020/metrics")
+                _, metrics = demo.M.node_get(node2, "http://127.0.0.1:15020/metrics")
                 for line in metrics.splitlines():
                     if line.startswith("istio_tcp_connections_opened_total") and 'reporter="destination"' in line:
                         say(line)
@@ -417,4 +303,7 @@ def run_demo() -> int:
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = subparsers.add_parser("demo", help="the whole mesh on this host in under a minute (root)")
-    demo.set_defaults(func=lambda _args: run_demo())
+    demo.add_argument(
+        "--capture", choices=("iptables", "ebpf", "auto"), default="iptables", help="the agents' capture backend"
+    )
+    demo.set_defaults(func=lambda args: run_demo(args.capture))

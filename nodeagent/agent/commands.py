@@ -45,7 +45,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     agent.add_argument("--zds-socket", default=DEFAULT_SOCKET_PATH, metavar="PATH", help="default: %(default)s")
     agent.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR", help="default: %(default)s")
-    agent.add_argument("--capture", choices=CAPTURE_CHOICES, default="iptables", help="capture backend")
+    agent.add_argument(
+        "--capture",
+        choices=CAPTURE_CHOICES,
+        default="iptables",
+        help="capture backend: iptables rules, eBPF programs, or auto (eBPF where possible; default: %(default)s)",
+    )
     agent.add_argument(
         "--iptables",
         choices=("auto", "legacy", "nft"),
@@ -58,6 +63,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default="na-{node}.{namespace}.{name}",
         metavar="FMT",
         help="pod netns file name in --netns-dir (default: the lab's, %(default)s)",
+    )
+    agent.add_argument(
+        "--cgroup-pattern",
+        default="nodeagent-lab/{node}/{namespace}.{name}",
+        metavar="FMT",
+        help="pod cgroup v2 dir under the cgroup2 mount, for --capture ebpf (default: the lab's, %(default)s)",
     )
     agent.add_argument(
         "--verify-interval",
@@ -74,6 +85,23 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="how often the inventory file is checked for changes (default: %(default)s)",
     )
     agent.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    kube = agent.add_argument_group("Kubernetes mode (instead of --inventory)")
+    kube.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="watch this node's pods and the namespaces in the API server; write ambient.istio.io/redirection",
+    )
+    kube.add_argument("--kubeconfig", type=Path, help="kubeconfig file (default: in-cluster, else ~/.kube/config)")
+    kube.add_argument("--context", help="kubeconfig context")
+    kube.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default: %(default)s)")
+    kube.add_argument("--no-pod-status", action="store_true", help="do not patch pods/status (read-only RBAC)")
+    kube.add_argument(
+        "--kube-netns",
+        choices=("proc", "pattern"),
+        default="proc",
+        help="find pod netns by pod IP in --host-proc (real nodes) or by --netns-pattern (the lab)",
+    )
+    kube.add_argument("--host-proc", default="/proc", metavar="DIR", help="the host's /proc (default: %(default)s)")
     agent.set_defaults(func=_agent)
 
 
@@ -116,9 +144,22 @@ def _agent(args: argparse.Namespace) -> int:
         iptables=args.iptables,
         netns_dir=args.netns_dir,
         netns_pattern=args.netns_pattern,
+        cgroup_pattern=args.cgroup_pattern,
         verify_interval=args.verify_interval,
         inventory_poll=args.inventory_poll,
     )
+    if args.kubernetes:
+        from nodeagent.agent.kube_agent import KubeAgent, KubeSettings
+
+        settings = KubeSettings(
+            args.kubeconfig,
+            args.context,
+            trust_domain=args.trust_domain,
+            status=not args.no_pod_status,
+            netns=args.kube_netns,
+            proc=args.host_proc,
+        )
+        return run(config, lambda c, f: KubeAgent(c, f, settings=settings))
     return run(config)
 
 
@@ -156,6 +197,8 @@ def _table(report: redirects.Redirects, *, show_problems: bool) -> str:
     widths = [max(len(row[i]) for row in lines) for i in range(len(_COLUMNS))]
     out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in lines]
     for r in report.rows:
+        for o in r.objects if r.mode == "ebpf" else []:  # programs and maps, as the kernel lists them
+            out.append(f"  {r.namespace}/{r.pod}: {o}")
         for d in r.drift if r.rules == "drift" else []:
             out.append(f"  {r.namespace}/{r.pod}: {d}")
     for n in report.nodes:

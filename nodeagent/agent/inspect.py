@@ -23,6 +23,7 @@ from nodeagent.agent.enrollment import desired_pods
 from nodeagent.agent.netns_resolver import DirectoryNetnsResolver, node_netns_path
 from nodeagent.agent.status import agent_alive, read_status, status_path
 from nodeagent.capture.backend import CaptureError
+from nodeagent.capture.ebpf import EbpfBackend
 from nodeagent.capture.iptables import Flavour, Iptables, IptablesBackend, ProbeBypass, detect_flavour, run_command
 from nodeagent.capture.rules import INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
 from nodeagent.model import DEFAULT_EXCLUDED_NAMESPACES, Inventory, Pod
@@ -41,7 +42,7 @@ class RedirectRow:
     namespace: str
     pod: str
     ip: str
-    mode: str  # ambient | none | hostNetwork
+    mode: str  # ambient (iptables capture) | ebpf (eBPF capture) | none | hostNetwork
     status: str  # from the agent's status file; "-" when it has none
     rules: str  # ok | none | drift | gone | error
     listeners: list[int]
@@ -98,6 +99,7 @@ async def _collect_node(inventory: Inventory, node: str, layout: Layout) -> tupl
         flavour = await asyncio.to_thread(_detect, node_netns)
     iptables = Iptables(flavour)
     backend = IptablesBackend(iptables)
+    ebpf = EbpfBackend() if (status or {}).get("capture") == "ebpf" else None  # programs read from the kernel
     resolver = DirectoryNetnsResolver(layout.netns_dir, layout.pod_pattern)
     enrolled = desired_pods(inventory, node, DEFAULT_EXCLUDED_NAMESPACES)
     agent_pods: dict[str, Any] = (status or {}).get("pods", {})
@@ -105,6 +107,8 @@ async def _collect_node(inventory: Inventory, node: str, layout: Layout) -> tupl
 
     async def row(pod: Pod) -> RedirectRow:
         mode = "hostNetwork" if pod.host_network else ("ambient" if pod.uid in enrolled else "none")
+        if mode == "ambient" and ebpf is not None:
+            mode = "ebpf"
         recorded = agent_pods.get(pod.uid, {}).get("status", "-")
         if recorded != "-" and not alive:
             recorded = f"{recorded} (agent down)"
@@ -117,7 +121,8 @@ async def _collect_node(inventory: Inventory, node: str, layout: Layout) -> tupl
             r.drift = [f"no network namespace at {resolver.path(pod)}"]
             return r
         try:
-            state, listeners = await asyncio.gather(backend.inspect(netns), _listeners(netns))
+            inspected = ebpf.inspect_pod(pod, netns) if ebpf is not None else backend.inspect(netns)
+            state, listeners = await asyncio.gather(inspected, _listeners(netns))
         except CaptureError as exc:
             r.rules, r.drift = "error", [str(exc)]
             return r
@@ -164,9 +169,10 @@ def verify(report: Redirects) -> int:
     """Fill in `problems` for every row and node; returns how many problems there are."""
     total = 0
     for r in report.rows:
-        if r.mode == "ambient":
+        if r.mode in ("ambient", "ebpf"):
             if r.rules == "none":
-                r.problems.append("enrolled but not captured: no rules or routes in its netns")
+                what = "no BPF programs pinned and attached" if r.mode == "ebpf" else "no rules or routes in its netns"
+                r.problems.append(f"enrolled but not captured: {what}")
             elif r.rules in ("drift", "gone", "error"):
                 r.problems += [f"capture is incomplete: {d}" for d in r.drift]
             missing = [p for p in TUNNEL_PORTS if p not in r.listeners]

@@ -8,19 +8,24 @@ once (adopted, captured or released). On SIGTERM/SIGINT it stops its tasks, clos
 its netns fds, and LEAVES capture in place: a restarted agent adopts it without touching the kernel,
 and meanwhile enrolled pods stay captured (fail closed).
 
+Capture is `--capture iptables`, `ebpf` (nodeagent.capture.ebpf: pinned BPF programs, no rule in the
+pods) or `auto` (eBPF where the kernel, headers and capabilities allow it, else iptables, with a log line
+saying why). The node's kubelet-probe bypass is an iptables chain on the node in every mode.
+
 What it deliberately does not do: no Kubernetes yet (the inventory file is the workload source), no
-eBPF backend yet (`--capture iptables` is the only choice offered), no capture logic of its own.
+capture logic of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +35,11 @@ import uvloop
 from nodeagent.agent.enrollment import desired_pods
 from nodeagent.agent.netns_resolver import DirectoryNetnsResolver
 from nodeagent.agent.reconciler import DEFAULT_CONCURRENCY, Reconciler
-from nodeagent.agent.status import DEFAULT_STATE_DIR, status_path, write_status
+from nodeagent.agent.status import DEFAULT_STATE_DIR, run_writer, status_path, write_status
 from nodeagent.agent.workloads import DEFAULT_POLL_S, InventoryFile
 from nodeagent.agent.zds_server import ServerEvent, TunnelReady, ZdsServer
+from nodeagent.capture.backend import CaptureBackend
+from nodeagent.capture.ebpf import CgroupResolver, EbpfBackend, unavailable_reason
 from nodeagent.capture.iptables import Flavour, Iptables, IptablesBackend, ProbeBypass, detect_flavour
 from nodeagent.model import DEFAULT_EXCLUDED_NAMESPACES, Inventory
 from nodeagent.zds.wire import DEFAULT_SOCKET_PATH
@@ -42,7 +49,7 @@ log = logging.getLogger(__name__)
 DEFAULT_VERIFY_S = 3.0
 STATUS_COALESCE_S = 0.05
 PROBE_COALESCE_S = 0.1
-CAPTURE_CHOICES = ("iptables",)  # eBPF joins when its backend exists
+CAPTURE_CHOICES = ("iptables", "ebpf", "auto")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +62,7 @@ class AgentConfig:
     iptables: str = "auto"  # auto | legacy | nft
     netns_dir: str = "/var/run/netns"
     netns_pattern: str = "na-{node}.{namespace}.{name}"
+    cgroup_pattern: str = "nodeagent-lab/{node}/{namespace}.{name}"  # under the cgroup2 mount (eBPF mode)
     excluded_namespaces: frozenset[str] = field(default_factory=lambda: DEFAULT_EXCLUDED_NAMESPACES)
     verify_interval: float = DEFAULT_VERIFY_S
     inventory_poll: float = DEFAULT_POLL_S
@@ -66,7 +74,10 @@ class Agent:
         self.config = config
         iptables = Iptables(flavour)
         self.flavour = flavour
-        self.backend = IptablesBackend(iptables)
+        ebpf = config.capture == "ebpf"
+        self.backend: CaptureBackend = (
+            EbpfBackend(CgroupResolver(config.cgroup_pattern)) if ebpf else IptablesBackend(iptables)
+        )
         self.probes = ProbeBypass(iptables)  # the agent runs in the node's netns: its own
         self.zds = ZdsServer(self._snapshot, config.zds_socket, on_event=self._on_zds_event)
         self.reconciler = Reconciler(
@@ -83,6 +94,7 @@ class Agent:
             poll_s=config.inventory_poll,
         )
         self.ready = False
+        self._reconciled = asyncio.Event()  # set once every pod has been reconciled after start
         self._status_dirty = asyncio.Event()
         self._status_path = status_path(config.state_dir, config.node)
         self._tasks: list[asyncio.Task[None]] = []
@@ -143,6 +155,7 @@ class Agent:
         await self.inventory.loaded.wait()
         await self.reconciler.wait_idle()
         self.ready = True
+        self._reconciled.set()
         log.info("ready: %d pods of node %s reconciled", len(self.reconciler.records), self.config.node)
         self._status_changed()
 
@@ -154,6 +167,9 @@ class Agent:
 
     async def _probe_bypass(self) -> None:
         changed = self.reconciler.probe_changed
+        # Until every pod is adopted or captured, the captured set is partial: rewriting the node's chain
+        # from it would drop (then re-add) the probe rules of pods a restarted agent has not reached yet.
+        await self._reconciled.wait()
         while True:
             await changed.wait()
             await asyncio.sleep(PROBE_COALESCE_S)  # a burst of pod adds rewrites the node's chain once
@@ -171,11 +187,8 @@ class Agent:
         return ("chain removed (no pod is captured)",) if await self.probes.remove() else ()
 
     async def _status_writer(self) -> None:
-        while True:
-            await self._status_dirty.wait()
-            self._status_dirty.clear()
-            self._write_status(running=True)
-            await asyncio.sleep(STATUS_COALESCE_S)
+        # A change is written at once (`enabled` ends the pod-add path); only bursts are coalesced.
+        await run_writer(self._status_dirty, lambda: self._write_status(running=True), max_rest=STATUS_COALESCE_S)
 
     # --- callbacks ------------------------------------------------------------------------------------
 
@@ -233,9 +246,18 @@ class Agent:
             log.error("cannot write the status file %s: %s", self._status_path, exc)
 
 
-async def _main(config: AgentConfig) -> int:
+async def _main(config: AgentConfig, agent_factory: Callable[[AgentConfig, Flavour], Agent] = Agent) -> int:
     if config.capture not in CAPTURE_CHOICES:
         raise SystemExit(f"--capture {config.capture}: only {', '.join(CAPTURE_CHOICES)} is available")
+    if config.capture in ("ebpf", "auto"):
+        why = await asyncio.to_thread(unavailable_reason)
+        if why is not None and config.capture == "ebpf":
+            raise SystemExit(f"--capture ebpf: {why}")
+        if why is not None:
+            log.warning("capture auto: using iptables because eBPF capture is unavailable: %s", why)
+        elif config.capture == "auto":
+            log.info("capture auto: using eBPF (kernel, headers and capabilities allow it)")
+        config = dataclasses.replace(config, capture="iptables" if why else "ebpf")
     flavour = await asyncio.to_thread(detect_flavour) if config.iptables == "auto" else Flavour(config.iptables)
     log.info(
         "node %s: capture %s (iptables %s), ZDS socket %s",
@@ -248,7 +270,7 @@ async def _main(config: AgentConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    agent = Agent(config, flavour)
+    agent = agent_factory(config, flavour)
     try:
         return await agent.run(stop)
     finally:
@@ -257,5 +279,6 @@ async def _main(config: AgentConfig) -> int:
                 loop.remove_signal_handler(sig)
 
 
-def run(config: AgentConfig) -> int:
-    return uvloop.run(_main(config))
+def run(config: AgentConfig, agent_factory: Callable[[AgentConfig, Flavour], Agent] = Agent) -> int:
+    """`agent_factory`: Agent (inventory file) or agent/kube_agent.KubeAgent (Kubernetes)."""
+    return uvloop.run(_main(config, agent_factory))

@@ -42,7 +42,16 @@ CaClientFactory = Callable[[str, Callable[[], str], Callable[[], str]], CaClient
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], ca_client: CaClientFactory) -> None:
     p = subparsers.add_parser("tunnel", help="run the node's tunnel: per-pod HBONE proxies fed by the node agent")
     p.add_argument("--node", required=True, help="this node's name (as in the inventory)")
-    p.add_argument("--inventory", type=Path, required=True, help="inventory YAML (reloaded when it changes)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--inventory", type=Path, help="inventory YAML (reloaded when it changes)")
+    source.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="watch pods, namespaces, services and security.istio.io/v1 policies in the API server",
+    )
+    p.add_argument("--kubeconfig", type=Path, help="with --kubernetes: kubeconfig (default: in-cluster)")
+    p.add_argument("--context", help="with --kubernetes: kubeconfig context")
+    p.add_argument("--trust-domain", default="cluster.local", help="with --kubernetes: SPIFFE trust domain")
     p.add_argument("--zds-socket", default=wire.DEFAULT_SOCKET_PATH, help="the node agent's ZDS socket")
     p.add_argument("--ca", required=True, metavar="HOST:PORT", help="the CA's gRPC address")
     token = p.add_mutually_exclusive_group(required=True)
@@ -87,11 +96,17 @@ def build_inputs(args: argparse.Namespace, ca_client: CaClientFactory) -> Tunnel
     policies = (
         file_source(str(args.policies), load_policies, default=empty) if args.policies is not None else lambda: empty
     )
+    if args.kubernetes:
+        from nodeagent.inventory.kube import kube_tunnel_source
+
+        inventory, policies = kube_tunnel_source(args.kubeconfig, args.context, args.trust_domain)
+    else:
+        inventory = file_source(str(args.inventory), load_inventory)
     return TunnelInputs(
         node=args.node,
         socket_factory=NetnsSocketFactory(spoof=args.spoof),
         credentials=certs,
-        inventory=file_source(str(args.inventory), load_inventory),
+        inventory=inventory,
         policies=policies,
         registry=registry,
         zds_socket=args.zds_socket,

@@ -8,28 +8,147 @@ where TLS material comes from (`Credentials`), and what the cluster looks like n
 by the proxies, written only by the tunnel process).
 
 `NetnsSocketFactory` is the production edge (nodeagent.ztunnel.sockets underneath); tests supply their
-own factory that binds 127.0.0.x addresses instead.
+own factory that binds 127.0.0.x addresses instead. It works under both capture backends: the original
+destination is SO_ORIGINAL_DST after an iptables REDIRECT, else (eBPF capture) the pod's pinned
+map_orig_dst for :15001 and the accepted socket's own address for :15006 (sk_lookup steers without NAT);
+and in eBPF mode it registers each pod's :15006 listener in the pod's pinned SOCKMAP.
 
 What it deliberately does not do: no decisions (routing.py, policy.py) and no connection handling.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import ipaddress
 import os
 import socket
 import ssl
+import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol
 
+from nodeagent.ebpf import maps as ebpf_maps
 from nodeagent.model import Identity, Inventory, IPAddress, Pod, SocketAddress
+from nodeagent.netns import setns
 from nodeagent.policy import PolicySet
 from nodeagent.ztunnel import sockets, tls
 from nodeagent.ztunnel.certs import CertMaterial
 from nodeagent.ztunnel.routing import RoutingSnapshot, Workload
+
+
+class NetnsWorker:
+    """A long-lived thread inside one netns that makes bare TCP sockets there, keeping a few spare.
+
+    A socket keeps the netns it was created in, and only its creation needs a thread inside that netns:
+    options, bind() and connect() act on the socket's own netns from any thread. So the event loop takes a
+    spare socket (no thread hand-off at all) and configures it itself; the worker refills the spares in
+    the background, and makes one on request (the loop waits, GIL released) when none is left. Bounded:
+    one thread per netns that makes connections (it exits after IDLE_EXIT seconds without work and starts
+    again on demand), SPARES sockets per address family in use. `close()` (the pod left) closes the
+    spares and the worker's own reference to the netns; the event loop's thread never calls setns.
+    """
+
+    SPARES = 8
+    IDLE_EXIT = 30.0
+    WAIT = 5.0
+
+    def __init__(self, netns_fd: int, name: str) -> None:
+        self._fd: int | None = os.dup(netns_fd)  # our own reference: the pod's fd may close first
+        self._name = name
+        self._cond = threading.Condition()
+        self._spares: dict[socket.AddressFamily, list[socket.socket]] = {}
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._closed = False
+
+    def socket(self, family: socket.AddressFamily) -> socket.socket:
+        """A bare, unbound TCP socket of `family` in this netns."""
+        with self._cond:
+            if self._closed:
+                raise OSError(errno.EBADF, f"pod {self._name} has left; no sockets in its netns")
+            spares = self._spares.setdefault(family, [])
+            if spares:
+                sock = spares.pop()
+                if len(spares) <= self.SPARES // 2:
+                    self._wake()
+                return sock
+            self._wake()
+            deadline = time.monotonic() + self.WAIT
+            while not spares:
+                if self._error is not None:
+                    error, self._error = self._error, None
+                    raise error
+                if self._closed:
+                    raise OSError(errno.EBADF, f"pod {self._name} has left; no sockets in its netns")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise OSError(errno.ETIMEDOUT, f"no socket from pod {self._name}'s netns within {self.WAIT:g} s")
+                self._cond.wait(remaining)
+            return spares.pop()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            for spares in self._spares.values():
+                for sock in spares:
+                    sock.close()
+            self._spares.clear()
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            self._cond.notify_all()
+
+    def _wake(self) -> None:  # with the lock held
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"netns {self._name}", daemon=True)
+            self._thread.start()
+        else:
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        with self._cond:
+            try:
+                if self._closed or self._fd is None:
+                    return
+                setns(self._fd)  # this thread only, for the rest of its life
+            except BaseException as exc:
+                self._error = exc
+                self._thread = None
+                self._cond.notify_all()
+                return
+            while not self._closed:
+                short = [(f, self.SPARES - len(s)) for f, s in self._spares.items() if len(s) < self.SPARES]
+                if not short:
+                    if not self._cond.wait(self.IDLE_EXIT) and not self._closed:
+                        short = [(f, self.SPARES - len(s)) for f, s in self._spares.items() if len(s) < self.SPARES]
+                        if not short:
+                            break  # idle: a new thread enters the netns again when needed
+                    continue
+                self._cond.release()  # make sockets without holding up the event loop
+                made: list[tuple[socket.AddressFamily, socket.socket]] = []
+                error: BaseException | None = None
+                try:
+                    for family, n in short:
+                        made += [(family, socket.socket(family, socket.SOCK_STREAM)) for _ in range(n)]
+                except OSError as exc:  # EMFILE, ...: report it to a waiting caller
+                    error = exc
+                finally:
+                    self._cond.acquire()
+                for family, sock in made:
+                    if self._closed:
+                        sock.close()
+                    else:
+                        self._spares.setdefault(family, []).append(sock)
+                if error is not None:
+                    self._error = error
+                    self._cond.notify_all()
+                    break
+                self._cond.notify_all()
+            self._thread = None
 
 
 @dataclass(eq=False)
@@ -41,12 +160,25 @@ class LocalPod:
     namespace: str
     identity: Identity
     netns_fd: int | None  # owned (a dup of the fd ZDS lent); None when sockets need no netns (tests)
+    _worker: NetnsWorker | None = field(default=None, repr=False)
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
 
+    def netns_socket(self, family: socket.AddressFamily) -> socket.socket:
+        """A bare TCP socket made in this pod's netns, by the pod's NetnsWorker (started on first use)."""
+        worker = self._worker
+        if worker is None:
+            if self.netns_fd is None:
+                raise RuntimeError(f"pod {self.key} has no netns fd; the ZDS Add must carry one")
+            worker = self._worker = NetnsWorker(self.netns_fd, self.key)
+        return worker.socket(family)
+
     def close(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
         if self.netns_fd is not None:
             os.close(self.netns_fd)
             self.netns_fd = None
@@ -72,6 +204,15 @@ class SocketFactory(Protocol):
         ...
 
 
+def _netns_cookie(sock: socket.socket) -> int:
+    """Which netns a socket lives in (SO_NETNS_COOKIE): an accepted socket shares its listener's."""
+    return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, ebpf_maps.SO_NETNS_COOKIE, 8), "little")
+
+
+def _socket_address(addr: tuple[str, int] | tuple[str, int, int, int]) -> SocketAddress:
+    return SocketAddress(ipaddress.ip_address(addr[0]), addr[1])
+
+
 @dataclass(frozen=True)
 class NetnsSocketFactory:
     """Sockets in each pod's netns with SO_MARK 0x539; `spoof` connects to apps from the client's IP.
@@ -82,26 +223,75 @@ class NetnsSocketFactory:
 
     spoof: bool = False
     mark: int | None = sockets.TUNNEL_MARK
+    bpf_pin_root: str | None = None  # eBPF pins (default /sys/fs/bpf/nodeagent)
+    _uids: dict[int, str] = field(default_factory=dict, compare=False, repr=False)  # netns cookie -> pod uid
 
     def listener(self, pod: LocalPod, ip: IPAddress | None, port: int, *, transparent: bool) -> socket.socket:
         any_ip = ipaddress.IPv4Address("0.0.0.0")
-        return sockets.listener_in_netns(
+        sock = sockets.listener_in_netns(
             self._netns(pod), any_ip, port, transparent=transparent and self.spoof, mark=self.mark
         )
+        try:
+            self._uids[_netns_cookie(sock)] = pod.uid
+            if port == sockets.INBOUND_PLAINTEXT_PORT:
+                ebpf_maps.register_inbound_listener(pod.uid, sock.fileno(), self.bpf_pin_root)
+        except OSError as exc:
+            sock.close()
+            raise OSError(
+                exc.errno, f"pod {pod.key}: cannot register the :{port} listener for eBPF capture: {exc}"
+            ) from None
+        return sock
 
     def outbound(self, pod: LocalPod, target: SocketAddress) -> socket.socket:
         family = socket.AF_INET6 if target.ip.version == 6 else socket.AF_INET
-        return sockets.connect_socket(family, netns=self._netns(pod), mark=self.mark)
+        return sockets.connect_socket(family, mark=self.mark, make_socket=pod.netns_socket)
 
     def upstream(self, pod: LocalPod, target: SocketAddress, client: IPAddress | None) -> socket.socket:
         family = socket.AF_INET6 if target.ip.version == 6 else socket.AF_INET
         spoof = self.spoof and client is not None and client.version == target.ip.version and client != target.ip
-        return sockets.connect_socket(
-            family, netns=self._netns(pod), mark=self.mark, source=client if spoof else None, transparent=spoof
+        ebpf = spoof and ebpf_maps.ebpf_captured(pod.uid, self.bpf_pin_root)
+        # eBPF capture: the app's socket inherits the SYN's mark (tcp_fwmark_accept in the pod), so mark
+        # the spoofed connection with the bypass mark that the pod's policy routing delivers locally.
+        mark = sockets.BYPASS_MARK if ebpf else self.mark
+        sock = sockets.connect_socket(
+            family,
+            mark=mark,
+            source=client if spoof else None,
+            transparent=spoof,
+            make_socket=pod.netns_socket,
+            port_at_connect=not ebpf,  # announce_bypass needs the port now
         )
+        if ebpf:
+            try:
+                bound = sock.getsockname()
+                ebpf_maps.announce_bypass(pod.uid, bound[0], bound[1], self.bpf_pin_root)
+            except OSError:
+                sock.close()
+                raise
+        return sock
 
     def original_dst(self, sock: socket.socket) -> SocketAddress:
-        return sockets.original_dst(sock)
+        local = _socket_address(sock.getsockname())
+        try:
+            nat = sockets.original_dst(sock)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            nat = None
+        if nat is not None and nat != local:
+            return nat  # iptables REDIRECT: conntrack's original tuple
+        if local.port != sockets.OUTBOUND_PORT:
+            return local  # eBPF sk_lookup (no NAT): the accepted socket's address is the original destination
+        peer = _socket_address(sock.getpeername())
+        uid = self._uids.get(_netns_cookie(sock))
+        found = ebpf_maps.original_dst(uid, str(peer.ip), peer.port, self.bpf_pin_root) if uid else None
+        if found is None:
+            raise OSError(
+                errno.ENOENT,
+                f"connection {peer} -> :{local.port} has no original destination: neither an iptables REDIRECT "
+                "nor an eBPF map entry - is capture installed in this pod?",
+            )
+        return SocketAddress(ipaddress.ip_address(found[0]), found[1])
 
     @staticmethod
     def _netns(pod: LocalPod) -> int:

@@ -29,7 +29,7 @@ from nodeagent.model import SocketAddress
 from nodeagent.ztunnel import hbone, sockets, tls
 from nodeagent.ztunnel.edges import LocalPod
 from nodeagent.ztunnel.hbone_transport import HboneProtocol
-from nodeagent.ztunnel.inbound import ProxyDeps, _addr, _error, _track, reset_socket
+from nodeagent.ztunnel.inbound import ProxyDeps, _addr, _error, _track, accept_loop, reset_socket
 from nodeagent.ztunnel.metrics import ConnectionRecord, Direction, Flags, Peer
 from nodeagent.ztunnel.pool import HbonePool
 from nodeagent.ztunnel.relay import DOWNSTREAM, UPSTREAM, Relay, SpliceRelay, tcp_side
@@ -89,15 +89,8 @@ class Outbound:
         self._balance = itertools.count()
 
     async def serve(self, pod: LocalPod, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                sock, _ = await loop.sock_accept(listener)
-            except OSError:
-                if listener.fileno() < 0:
-                    return
-                raise
-            self._deps.tasks.spawn(self._handle(pod, sock), name=f"outbound {pod.key}")
+        spawn, name = self._deps.tasks.spawn, f"outbound {pod.key}"
+        await accept_loop(listener, lambda sock: spawn(self._handle(pod, sock), name=name))
 
     async def _handle(self, pod: LocalPod, sock: socket.socket) -> None:
         deps = self._deps

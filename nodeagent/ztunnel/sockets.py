@@ -20,11 +20,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import os
 import socket
 import struct
+from collections.abc import Callable
 
 from nodeagent.model import IPAddress, SocketAddress
-from nodeagent.netns import in_netns
+from nodeagent.netns import in_netns, netns_path
 
 # Ports (REFERENCE.md, "Ports").
 OUTBOUND_PORT = 15001
@@ -53,6 +55,7 @@ IPV6_TRANSPARENT = 75
 IPV6_FREEBIND = 78
 SO_ORIGINAL_DST = 80  # SOL_IP; IP6T_SO_ORIGINAL_DST is the same number at SOL_IPV6
 SO_MARK = 36
+IP_BIND_ADDRESS_NO_PORT = 24  # SOL_IP, for IPv4 and IPv6 sockets alike
 
 DEFAULT_BACKLOG = 1024
 CONNECT_TIMEOUT = 10.0  # REFERENCE.md, "Pooling": connect timeout 10 s
@@ -106,8 +109,9 @@ def listener_in_netns(
 ) -> socket.socket:
     """A listening, non-blocking TCP socket bound to addr:port inside `netns`, for create_server(sock=...).
 
-    Blocks for as long as it takes a thread to enter the netns (well under a millisecond); call it from
-    an executor if that matters. `mark=None` leaves SO_MARK unset (it needs CAP_NET_ADMIN).
+    Blocks for as long as it takes a thread to enter the netns (well under a millisecond; no thread at all
+    when the caller already is in `netns`); call it from an executor if that matters. `mark=None` leaves
+    SO_MARK unset (it needs CAP_NET_ADMIN).
     """
     family = _family(addr)
 
@@ -140,7 +144,18 @@ def listener_in_netns(
             raise
         return sock
 
-    return make() if netns is None else in_netns(netns, make)
+    return make() if netns is None or _already_in(netns) else in_netns(netns, make)
+
+
+def _already_in(netns: str | int) -> bool:
+    """Whether the calling thread already is in `netns` (then a socket is made right here, with no thread:
+    the tunnel makes a pod's three listeners on one thread that entered the pod's netns once)."""
+    try:
+        here = os.stat("/proc/thread-self/ns/net")
+        there = os.fstat(netns) if isinstance(netns, int) else os.stat(netns_path(netns))
+    except OSError:
+        return False  # let in_netns() report a missing netns
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def connect_socket(
@@ -150,6 +165,8 @@ def connect_socket(
     mark: int | None = TUNNEL_MARK,
     source: SocketAddress | IPAddress | None = None,
     transparent: bool = False,
+    make_socket: Callable[[socket.AddressFamily], socket.socket] | None = None,
+    port_at_connect: bool = True,
 ) -> socket.socket:
     """An unconnected, non-blocking TCP socket for an upstream connection, made in `netns`.
 
@@ -157,6 +174,14 @@ def connect_socket(
     port too). A source IP that is not local (the client's IP, when connecting to the app on its behalf)
     needs `transparent=True` (IP_TRANSPARENT + IP_FREEBIND) and, for the replies to come back, the
     capture backend's bypass-mark routing.
+
+    `make_socket(family)`, when given, supplies the bare socket instead (already in the right netns — a
+    socket keeps the namespace it was created in, and options and bind() act on that namespace whatever
+    thread sets them), and everything else happens on the calling thread: no thread per connection.
+    An IP-only source is bound with IP_BIND_ADDRESS_NO_PORT, so the port is chosen at connect() per
+    destination rather than reserved per source IP at bind() (which runs out under high connection rates);
+    `port_at_connect=False` picks it at bind() instead, for callers that need getsockname()'s port before
+    connecting.
     """
     bind_to = None
     if source is not None:
@@ -166,13 +191,15 @@ def connect_socket(
         bind_to = (str(ip), port)
 
     def make() -> socket.socket:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(family, socket.SOCK_STREAM) if make_socket is None else make_socket(family)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             _set_common(sock, family, mark, transparent)
             if bind_to is not None:
                 if bind_to[1]:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                elif port_at_connect:
+                    sock.setsockopt(SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 try:
                     sock.bind(bind_to)
                 except OSError as exc:
@@ -188,7 +215,7 @@ def connect_socket(
             raise
         return sock
 
-    return make() if netns is None else in_netns(netns, make)
+    return make() if netns is None or make_socket is not None else in_netns(netns, make)
 
 
 def _connect_hint(target: SocketAddress, err: int | None) -> str:
@@ -209,6 +236,28 @@ def _connect_hint(target: SocketAddress, err: int | None) -> str:
     return ""
 
 
+def _wake(fut: asyncio.Future[None], exc: BaseException | None) -> None:
+    if not fut.done():
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(exc)
+
+
+async def _writable(sock: socket.socket, timeout: float) -> None:  # noqa: ASYNC109 (a timer, not a Timeout per connect)
+    """Wait until a connecting socket is writable (connected or failed); TimeoutError after `timeout`."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    fd = sock.fileno()
+    loop.add_writer(fd, _wake, fut, None)
+    timer = loop.call_later(timeout, _wake, fut, TimeoutError())
+    try:
+        await fut
+    finally:
+        timer.cancel()
+        loop.remove_writer(fd)
+
+
 async def connect(
     sock: socket.socket, target: SocketAddress, *, connect_timeout: float = CONNECT_TIMEOUT
 ) -> socket.socket:
@@ -217,10 +266,15 @@ async def connect(
     Loop prevention (refusing original destinations on the tunnel ports) is the caller's: the tunnel
     itself legitimately connects to peers' :15008.
     """
-    loop = asyncio.get_running_loop()
     try:
-        async with asyncio.timeout(connect_timeout):
-            await loop.sock_connect(sock, (str(target.ip), target.port))
+        # connect() ourselves rather than loop.sock_connect(): no address resolution pass and no Timeout
+        # context per connection, just a writer callback and one timer while the handshake is in flight.
+        err = sock.connect_ex((str(target.ip), target.port))
+        if err == errno.EINPROGRESS:
+            await _writable(sock, connect_timeout)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err))
     except TimeoutError:
         sock.close()
         raise ConnectError(

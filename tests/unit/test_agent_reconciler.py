@@ -12,6 +12,7 @@ import pytest
 
 from nodeagent.agent.enrollment import Status, desired_pods, status_of
 from nodeagent.agent.reconciler import Reconciler
+from nodeagent.agent.status import run_writer
 from nodeagent.agent.workloads import InventoryFile
 from nodeagent.agent.zds_server import Delivery
 from nodeagent.capture.backend import CaptureError, CaptureState
@@ -239,3 +240,73 @@ def test_inventory_file_keeps_the_last_good_inventory(tmp_path: Path, caplog: py
     assert not watcher.check() and "not valid YAML" in (watcher.error or "")
     path.write_text(good)
     assert watcher.check() and watcher.error is None and len(seen) == 2
+
+
+GOOD_INVENTORY = (
+    "cluster: {name: lab, fabric_cidr: 10.99.0.0/24}\n"
+    "nodes: [{name: node1, pod_cidr: 10.10.1.0/24, address: 10.99.0.11}]\n"
+    "namespaces: [{name: shop}]\n"
+    "pods: [{name: a, namespace: shop, node: node1, service_account: a}]\n"
+)
+
+
+async def test_inventory_file_notices_a_rewrite_at_once_without_polling(tmp_path: Path) -> None:
+    """inotify: an atomic rewrite (the lab's and kubectl-like editors' way) and an in-place write are both
+    picked up within milliseconds, though the poll (the safety net) would take a minute."""
+    path = tmp_path / "inv.yaml"
+    path.write_text(GOOD_INVENTORY)
+    seen: list[Inventory] = []
+    changed = asyncio.Event()
+
+    def on_change(inventory: Inventory) -> None:
+        seen.append(inventory)
+        changed.set()
+
+    watcher = InventoryFile(path, on_change, poll_s=60.0)
+    task = asyncio.get_running_loop().create_task(watcher.run())
+    try:
+        async with asyncio.timeout(2):
+            await changed.wait()  # the first read
+        for i, rewrite in enumerate(("rename", "in place")):
+            changed.clear()
+            text = GOOD_INVENTORY.replace("service_account: a", f"service_account: sa{i}")
+            if rewrite == "rename":
+                tmp = tmp_path / ".inv.yaml.tmp"
+                tmp.write_text(text)
+                os.replace(tmp, path)
+            else:
+                path.write_text(text)
+            async with asyncio.timeout(1):
+                await changed.wait()
+            assert seen[-1].pods[0].service_account == f"sa{i}"
+        assert len(seen) == 3
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_status_writer_writes_a_change_at_once_and_coalesces_bursts() -> None:
+    dirty = asyncio.Event()
+    writes: list[float] = []
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(run_writer(dirty, lambda: writes.append(loop.time()), max_rest=0.05))
+    try:
+        dirty.set()
+        async with asyncio.timeout(1):
+            while not writes:  # noqa: ASYNC110 (watching the writer)
+                await asyncio.sleep(0)
+        first = len(writes)
+        for _ in range(200):  # a burst of changes, one per turn of the loop
+            dirty.set()
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.1)
+        assert first == 1 and 2 <= len(writes) <= 20  # every change is on disk in the end, in few writes
+        dirty.set()
+        t0 = loop.time()
+        async with asyncio.timeout(1):
+            while writes[-1] < t0:  # noqa: ASYNC110 (watching the writer)
+                await asyncio.sleep(0.001)
+        assert writes[-1] - t0 < 0.05  # a lone change after a quiet spell is not held back
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

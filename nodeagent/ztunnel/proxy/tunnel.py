@@ -5,13 +5,17 @@ certificates, ZDS client) each do one thing; this module owns their lifecycle. F
 agent hands over (ZDS Add, with the pod's netns fd) it binds :15001, :15006 and :15008 through the
 injected socket factory (inside the pod's netns in production, SO_MARK 0x539, SO_REUSEPORT) and starts
 one named accept task per listener; Del closes them; SnapshotSent drops pods the agent no longer knows.
+A pod's listeners open only once its certificate is there (bounded wait), so a successor tunnel never
+accepts a connection it cannot serve; an Add for a pod already served in the same netns (a restarted
+agent's snapshot) keeps its listeners and open connections untouched.
 It keeps the cluster view (inventory + policies) current, re-checking open inbound connections when the
 policies change and closing those now denied. It serves three HTTP endpoints, each with only its own
 routes: admin (/config_dump and /healthz/ready, localhost), metrics (/metrics) and readiness
 (/healthz/ready). On SIGTERM it drains: listeners close at once (a successor bound to the same ports
 through SO_REUSEPORT takes new connections and receives the pods over ZDS, because Add goes to the newest
-connection), established connections run on until `grace - drain_margin`, then close cleanly (HTTP/2
-GOAWAY, TLS close_notify, TCP FIN).
+connection; tcp_migrate_req, set in each pod's netns, hands it the connections still queued on the closed
+listeners instead of resetting them), established connections run on until `grace - drain_margin`, then
+close cleanly (HTTP/2 GOAWAY, TLS close_notify, TCP FIN).
 
 Every edge is a field of `TunnelInputs`: socket factory, credentials (the certificate manager), the
 inventory and policy sources, the metrics registry, the clock, the ZDS socket and the endpoints.
@@ -23,7 +27,6 @@ routing.py, policy.py), no capture rules (the node agent), no argument parsing (
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import signal
@@ -38,6 +41,7 @@ from prometheus_client import CollectorRegistry
 
 from nodeagent.admin import CONFIG_DUMP, METRICS, READY, AdminServer
 from nodeagent.model import Identity, Inventory, IPAddress
+from nodeagent.netns import NetnsError, in_netns
 from nodeagent.policy import PolicySet, revalidate
 from nodeagent.zds.codec import Workload
 from nodeagent.zds.tasks import TaskSet
@@ -54,6 +58,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_GRACE = 30.0
 DRAIN_MARGIN = 5.0
+# How long a pod's Add waits for the pod's certificate before listening anyway; below the agent's 5 s ZDS
+# deadline for the ack.
+CERT_WAIT = 3.0
+MIGRATE_REQ_SYSCTL = "/proc/sys/net/ipv4/tcp_migrate_req"
 
 
 class CertSource(Protocol):
@@ -63,6 +71,7 @@ class CertSource(Protocol):
     async def stop(self) -> None: ...
     def set_local_workloads(self, identities: Any) -> None: ...
     def material(self, identity: Identity) -> CertMaterial: ...
+    async def wait_available(self, identity: Identity) -> CertMaterial: ...
     def ready(self) -> str | None: ...
     def config_dump(self) -> list[dict[str, Any]]: ...
 
@@ -89,6 +98,7 @@ class TunnelInputs:
     ready: Endpoint | None = ("0.0.0.0", 15021)
     grace: float = DEFAULT_GRACE
     drain_margin: float = DRAIN_MARGIN
+    cert_wait: float = CERT_WAIT
     watch_interval: float = 0.25  # how often inventory and policies are checked for changes (< 1 s)
     limits: hbone.Limits = field(default_factory=hbone.Limits)
     hbone_port: int = sockets.HBONE_PORT
@@ -211,7 +221,8 @@ class Tunnel:
             served.close_listeners()
             if served.hbone is not None:
                 served.hbone.refuse_new_streams()
-        self.pool.stop_new()
+        # The outbound pool keeps opening streams: only connections the listeners accepted before they closed
+        # still ask for one, and the app sees those as established — refusing them would reset them.
         if self._zds is not None:
             await self._zds.close()
             self._zds = None
@@ -273,35 +284,75 @@ class Tunnel:
                 os.close(netns_fd)
             raise RuntimeError("this tunnel is draining; the newer tunnel serves new pods")
         identity = Identity(self._inventory.trust_domain, workload.namespace, workload.service_account)
+        known = self._pods.get(workload.uid)
+        same = known is not None and known.pod.identity == identity and _same_netns(known.pod.netns_fd, netns_fd)
+        if known is not None and known.listeners and same:
+            # A fresh snapshot (the agent restarted) names a pod already served in the same netns: keep its
+            # listeners and connections — rebinding would reset them.
+            if netns_fd is not None:
+                os.close(netns_fd)
+            return
         pod = LocalPod(workload.uid, workload.name, workload.namespace, identity, netns_fd)
-        if workload.uid in self._pods:
+        if known is not None:
             await self.remove_pod(workload.uid)
         served = _Served(pod)
         try:
+            self._in.credentials.set_local_workloads({s.pod.identity for s in self._pods.values()} | {identity})
+            await self._await_certificate(identity)
             await self._bind(served)
         except BaseException:
             served.close_listeners()
             pod.close()
+            self._in.credentials.set_local_workloads({s.pod.identity for s in self._pods.values()})
             raise
         self._pods[pod.uid] = served
         self._in.credentials.set_local_workloads({s.pod.identity for s in self._pods.values()})
         log.info("serving pod %s (%s)", pod.key, identity)
 
+    async def _await_certificate(self, identity: Identity) -> None:
+        """Listen only once the pod's certificate is here. In a hand-over the successor shares the pod's
+        ports through SO_REUSEPORT with the running tunnel, and the kernel hands it new connections the
+        moment it listens: each must be servable. Bounded by `cert_wait` so the ZDS ack stays within the
+        agent's deadline; without a certificate by then (CA down) it listens anyway: its connections fail
+        (closed, never in plaintext) and readiness says why."""
+        try:
+            async with asyncio.timeout(self._in.cert_wait):
+                await self._in.credentials.wait_available(identity)
+        except TimeoutError:
+            log.warning("no certificate for %s after %.1f s; listening anyway", identity, self._in.cert_wait)
+
     async def _bind(self, served: _Served) -> None:
         pod = served.pod
         inv_pod = self.state.view.pod_of(pod)
         ip: IPAddress | None = inv_pod.ip if inv_pod is not None else None
-        loop = asyncio.get_running_loop()
+        ports = ((sockets.OUTBOUND_PORT, False), (sockets.INBOUND_PLAINTEXT_PORT, True), (self._in.hbone_port, True))
 
-        async def listen(port: int, transparent: bool) -> socket.socket:
-            make = functools.partial(self._in.socket_factory.listener, pod, ip, port, transparent=transparent)
-            sock = await loop.run_in_executor(None, make)
-            served.listeners.append(sock)
-            return sock
+        entered: list[bool] = []
 
-        outbound = await listen(sockets.OUTBOUND_PORT, False)
-        plaintext = await listen(sockets.INBOUND_PLAINTEXT_PORT, True)
-        hbone_listener = await listen(self._in.hbone_port, True)
+        def make_all() -> None:
+            # One thread does the pod's netns work in a row: the sysctl, then the three listeners (the socket
+            # factory makes them right there, without a thread of its own, when it is already in the netns).
+            entered.append(True)
+            if pod.netns_fd is not None:
+                _migrate_on_close(pod)
+            for port, transparent in ports:
+                served.listeners.append(self._in.socket_factory.listener(pod, ip, port, transparent=transparent))
+
+        def work() -> None:
+            if pod.netns_fd is not None:
+                try:
+                    in_netns(pod.netns_fd, make_all)
+                    return
+                except NetnsError as exc:
+                    if entered:
+                        raise
+                    # Not a netns (a stand-in fd, in tests): the factory places the sockets itself.
+                    log.debug("pod %s: cannot enter its netns (%s); the socket factory places them", pod.key, exc)
+            for port, transparent in ports:
+                served.listeners.append(self._in.socket_factory.listener(pod, ip, port, transparent=transparent))
+
+        await asyncio.get_running_loop().run_in_executor(None, work)
+        outbound, plaintext, hbone_listener = served.listeners
         served.hbone = HboneInbound(self.deps, pod)
         served.tasks += [
             self._tasks.spawn(self._outbound.serve(pod, outbound), name=f"accept :15001 {pod.key}"),
@@ -418,9 +469,33 @@ class Tunnel:
         ]
 
 
-def file_source(path: str, load: Callable[[str], Any], default: Any = None, interval: float = 1.0) -> Callable[[], Any]:
+def _migrate_on_close(pod: LocalPod) -> None:
+    """Set net.ipv4.tcp_migrate_req=1 in the pod's netns (kernel >= 5.14; call it on a thread inside that
+    netns): when a draining tunnel closes its listeners, connections already queued on them (handshake
+    done, not yet accepted) move to the successor's listener of the same SO_REUSEPORT group instead of
+    being reset. Per netns, and it only affects SO_REUSEPORT groups, so the app is untouched. Best
+    effort: without it hand-over still works, minus those few queued connections."""
+    try:
+        with open(MIGRATE_REQ_SYSCTL, "w") as f:  # the caller runs this on a thread inside the pod's netns
+            f.write("1")
+    except OSError as exc:
+        log.debug("pod %s: cannot set %s: %s", pod.key, MIGRATE_REQ_SYSCTL, exc)
+
+
+def _same_netns(a: int | None, b: int | None) -> bool:
+    """Whether two netns fds (None: no netns, as in tests) refer to the same network namespace."""
+    if a is None or b is None:
+        return a is b
+    sa, sb = os.fstat(a), os.fstat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def file_source(
+    path: str, load: Callable[[str], Any], default: Any = None, interval: float = 0.05
+) -> Callable[[], Any]:
     """A callable returning `load(path)`, reloaded when the file's mtime/size/inode change (checked at most
-    every `interval` s). A broken file keeps the last good value and logs why; a missing file is `default`."""
+    every `interval` s: a stat() per 50 ms keeps a namespace just enrolled from being planned as plaintext
+    passthrough for long). A broken file keeps the last good value and logs why; a missing file is `default`."""
     state: dict[str, Any] = {"stamp": None, "value": default, "checked": -1e9}
 
     def current() -> Any:
