@@ -137,6 +137,11 @@ TARGETS = [
         ),
     ),
     Target(
+        3,
+        "the certificate manager holds 1000 identities in < 50 MB RSS (whole process)",
+        lambda d: _le(d, "cert_manager_rss_mb_1000_identities", "process total", 50 * 1e6 / 2**20),
+    ),
+    Target(
         4,
         "1-stream throughput through both tunnels >= stunnel's",
         lambda d: _ge_ratio(d, "throughput_gbps_1_stream", MESH_X, STUNNEL, 1.0),

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 import socket
 import time
@@ -526,4 +527,7 @@ def file_source(
 
 def run_tunnel(inputs: TunnelInputs) -> None:
     """The process entry point: one uvloop event loop for every pod's proxies."""
+    # Every proxied connection holds two sockets: allow as many as the hard limit does.
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     uvloop.run(Tunnel(inputs).run())
