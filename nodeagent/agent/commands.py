@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from nodeagent.admin_client import table
 from nodeagent.agent import inspect as redirects
 from nodeagent.agent.service import CAPTURE_CHOICES, DEFAULT_VERIFY_S, AgentConfig, run
 from nodeagent.agent.status import DEFAULT_STATE_DIR
@@ -189,13 +190,19 @@ def _inspect_redirects(args: argparse.Namespace) -> int:
 
 
 def _table(report: redirects.Redirects, *, show_problems: bool) -> str:
-    lines: list[list[str]] = [list(_COLUMNS)]
-    for r in report.rows:
-        rules = r.rules if r.rules != "drift" else f"drift ({len(r.drift)})"
-        listeners = ",".join(str(p) for p in r.listeners) or "none"
-        lines.append([r.namespace, r.pod, r.ip, r.mode, r.status, rules, listeners])
-    widths = [max(len(row[i]) for row in lines) for i in range(len(_COLUMNS))]
-    out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in lines]
+    rows = [
+        (
+            r.namespace,
+            r.pod,
+            r.ip,
+            r.mode,
+            r.status,
+            r.rules if r.rules != "drift" else f"drift ({len(r.drift)})",
+            ",".join(str(p) for p in r.listeners) or "none",
+        )
+        for r in report.rows
+    ]
+    out = table(_COLUMNS, rows).splitlines()
     for r in report.rows:
         for o in r.objects if r.mode == "ebpf" else []:  # programs and maps, as the kernel lists them
             out.append(f"  {r.namespace}/{r.pod}: {o}")
