@@ -105,11 +105,10 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> int:
         """Serve until `stop` is set (0) or a guarded task dies (1)."""
-        await self.zds.start()
         try:
             self._guard(self._status_writer(), "status-writer")
             if not self.inventory.check() and self.inventory.current is None:
-                log.error("waiting for a valid inventory at %s", self.config.inventory)
+                log.error("waiting for a valid inventory at %s", self.inventory.path)
             self._guard(self.inventory.run(), "inventory-watch")
             self._guard(self._readiness(), "readiness")
             self._guard(self._verifier(), "verify")
@@ -154,6 +153,10 @@ class Agent:
     async def _readiness(self) -> None:
         await self.inventory.loaded.wait()
         await self.reconciler.wait_idle()
+        # Tunnels are accepted only now: a tunnel's snapshot must name every pod this agent adopted. A tunnel
+        # reconnecting to a restarted agent during its first pass got a partial snapshot and dropped the
+        # missing pods (closing their listeners: connections refused until the pods were added again).
+        await self.zds.start()
         self.ready = True
         self._reconciled.set()
         log.info("ready: %d pods of node %s reconciled", len(self.reconciler.records), self.config.node)
@@ -195,7 +198,7 @@ class Agent:
     def _on_inventory(self, inventory: Inventory) -> None:
         node = self.config.node
         if node not in {n.name for n in inventory.nodes}:
-            log.error("node %r is not in the inventory %s; enrolling nothing", node, self.config.inventory)
+            log.error("node %r is not in the inventory %s; enrolling nothing", node, self.inventory.path)
         desired = desired_pods(inventory, node, self.config.excluded_namespaces)
         log.info("inventory loaded: %d pods on %s, %d enrolled", len(inventory.pods_on(node)), node, len(desired))
         self.reconciler.set_desired(desired)

@@ -1,17 +1,21 @@
 """The node agent as a real process in a lab node, checked with the kernel's own tools.
 
-Oracles shell out (iptables-save, ip -j rule/route, ss, tcpdump, /proc) and never import nodeagent; the
-expected rules are written out here by hand from REFERENCE.md. The agent is started the way the demo
-does it: `python -m nodeagent.lab exec --node NODE -- python -m nodeagent.agent ...`. The ZDS peer in the
-status test is a helper process (it imports nodeagent's tunnel-side client; it is a stand-in tunnel,
-not an oracle). Tests are parametrized by capture mode so the eBPF backend can join later.
+Oracles shell out (iptables-save, ip -j rule/route, ss, tcpdump, bpftool -j, /proc; the shared ones are
+in oracles.py) and never import nodeagent; the expected rules are written out here by hand from
+REFERENCE.md. The agent is started the way the demo does it: `python -m nodeagent.lab exec --node NODE --
+python -m nodeagent.agent ...`. The ZDS peer in the status test is a helper process (it imports
+nodeagent's tunnel-side client; it is a stand-in tunnel, not an oracle).
+
+Every test runs in both capture modes. iptables: our chains (iptables-save of the flavour asked for) and
+the policy routing. eBPF: the links on the pod's cgroup and netns with our programs (bpftool), their
+pins under /sys/fs/bpf/nodeagent/<uid>/, the policy routing and tcp_fwmark_accept, and NO rule of ours
+in iptables (either flavour) or nft; "untouched" means nothing of either mode.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -21,6 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import oracles
 import pytest
 import yaml
 
@@ -28,7 +33,7 @@ pytestmark = [pytest.mark.privileged, pytest.mark.timeout(120)]
 
 LAB = [sys.executable, "-m", "nodeagent.lab"]
 STATE_DIR = Path("/run/nodeagent/lab")
-CAPTURE_MODES = ["iptables"]
+CAPTURE_MODES = ["iptables", "ebpf"]
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
 
 # What every enrolled pod's netns must hold (iptables-save lines of our chains and jumps).
@@ -60,11 +65,10 @@ POD_ROUTING = {
 NO_ROUTING: dict[str, list[Any]] = {"rules": [], "routes": []}
 
 
-def sh(*argv: str, check: bool = True) -> str:
-    return subprocess.run(argv, capture_output=True, text=True, check=check, timeout=30).stdout
+sh = oracles.sh
 
 
-def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
+def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 30.0) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -98,10 +102,21 @@ def listening(netns: str) -> set[int]:
     return {int(line.split()[3].rpartition(":")[2]) for line in out.splitlines()}
 
 
+NODE_OF = {"shop/frontend": "node1", "shop/payments": "node1", "shop/checkout": "node2", "legacy/batch": "node2"}
+
+
 def netns_of(key: str) -> str:
-    node = {"shop/frontend": "node1", "shop/payments": "node1", "shop/checkout": "node2", "legacy/batch": "node2"}
     ns, name = key.split("/")
-    return f"na-{node[key]}.{ns}.{name}"
+    return f"na-{NODE_OF[key]}.{ns}.{name}"
+
+
+def fwmark_accept(key: str) -> str:
+    return sh("ip", "netns", "exec", netns_of(key), "sysctl", "-n", "net.ipv4.tcp_fwmark_accept").strip()
+
+
+def bpf_links(key: str) -> dict[str, tuple[int, int, str]]:
+    """attach type -> (link id, program id, program name) of the pod's links (bpftool)."""
+    return oracles.ebpf_attachments(NODE_OF[key], key, netns_of(key))
 
 
 # --- fixtures -------------------------------------------------------------------------------------------
@@ -156,7 +171,9 @@ class Agent:
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT)
-        wait_for(f"agent {self.node} to be ready", lambda: (s := self.status()) and s["ready"] and s["pid"] == self.pid)
+        wait_for(
+            f"agent {self.node} to be ready", lambda: (s := self.status()) and s["ready"] and s["pid"] == self.pid, 60
+        )
 
     @property
     def pid(self) -> int:
@@ -182,14 +199,7 @@ class Agent:
         return self.proc.wait(timeout=10)
 
     def fds(self) -> list[str]:
-        fd_dir = f"/proc/{self.pid}/fd"
-        targets = []
-        for fd in os.listdir(fd_dir):
-            try:
-                targets.append(re.sub(r"\[\d+\]", "[]", os.readlink(f"{fd_dir}/{fd}")))
-            except FileNotFoundError:  # closed between listing and reading: a transient fd
-                continue
-        return sorted(targets)
+        return oracles.fds(self.pid)
 
 
 @pytest.fixture(params=CAPTURE_MODES)
@@ -217,13 +227,30 @@ def start_agent(inventory: Inventory, tmp_path: Path, capture: str) -> Iterator[
             agent.stop(signal.SIGKILL)
 
 
-def captured(key: str, flavour: str = "nft") -> bool:
-    return ours(netns_of(key), flavour) == POD_RULES and routing(netns_of(key)) == POD_ROUTING
+def captured(mode: str, key: str, flavour: str = "nft") -> bool:
+    """The pod's capture is complete in the kernel, in `mode` only (see the module doc)."""
+    netns = netns_of(key)
+    if routing(netns) != POD_ROUTING:
+        return False
+    if mode == "iptables":
+        return ours(netns, flavour) == POD_RULES and oracles.ebpf_nothing(NODE_OF[key], key, netns)
+    return (
+        not oracles.ebpf_problems(NODE_OF[key], key, netns)
+        and fwmark_accept(key) == "1"
+        and oracles.no_rule_of_ours(netns)
+    )
 
 
 def untouched(key: str) -> bool:
+    """Nothing of either mode in the pod: no rule, no policy routing, no BPF link or pin, the sysctl at 0."""
     netns = netns_of(key)
-    return ours(netns, "nft") == [] and ours(netns, "legacy") == [] and routing(netns) == NO_ROUTING
+    return (
+        ours(netns, "nft") == []
+        and ours(netns, "legacy") == []
+        and routing(netns) == NO_ROUTING
+        and oracles.ebpf_nothing(NODE_OF[key], key, netns)
+        and fwmark_accept(key) == "0"
+    )
 
 
 def probe_chain(node: str = "node1") -> list[str]:
@@ -248,9 +275,12 @@ NODE1_PROBES = sorted(
 )
 
 
-@pytest.mark.parametrize("flavour", ["nft", "legacy"])
+# The iptables flavour matters in both modes (the kubelet-probe bypass is iptables in the node's netns).
+@pytest.mark.parametrize(
+    ("capture", "flavour"), [("iptables", "nft"), ("iptables", "legacy"), ("ebpf", "nft"), ("ebpf", "legacy")]
+)
 def test_enrolling_a_namespace_captures_its_pods_and_unenrolling_releases_them(
-    inventory: Inventory, start_agent: Callable[..., Agent], flavour: str
+    inventory: Inventory, start_agent: Callable[..., Agent], capture: str, flavour: str
 ) -> None:
     inventory.label("shop", enrolled=False)
     agents = [start_agent("node1", "--iptables", flavour), start_agent("node2", "--iptables", flavour)]
@@ -259,7 +289,7 @@ def test_enrolling_a_namespace_captures_its_pods_and_unenrolling_releases_them(
 
     inventory.label("shop", enrolled=True)
     for key in pods[:3]:
-        wait_for(f"{key} captured", lambda key=key: captured(key, flavour))
+        wait_for(f"{key} captured", lambda key=key: captured(capture, key, flavour))
     assert untouched("legacy/batch")  # a namespace that is not enrolled gets nothing
     node2_probes = sorted([":NODEAGENT_POSTRT - [0:0]", PROBE_JUMP, probe_rule("shop/checkout", "10.10.2.10")])
     wait_for("node1 probe bypass", lambda: ours("na-node1", flavour) == NODE1_PROBES)
@@ -286,14 +316,17 @@ def settled_fds(agent: Agent) -> list[str] | None:
 
 
 def test_twenty_enroll_unenroll_cycles_leave_no_residue(
-    inventory: Inventory, start_agent: Callable[..., Agent]
+    inventory: Inventory, start_agent: Callable[..., Agent], capture: str
 ) -> None:
     inventory.label("shop", enrolled=False)
     agent = start_agent("node1", "--verify-interval", "600")  # no periodic work: fds are only the steady ones
+    bpf_before = oracles.our_bpf_objects()
     baseline: list[str] | None = None
     for cycle in range(20):
         inventory.label("shop", enrolled=True)
-        wait_for(f"capture, cycle {cycle}", lambda: captured("shop/frontend") and captured("shop/payments"))
+        wait_for(
+            f"capture, cycle {cycle}", lambda: captured(capture, "shop/frontend") and captured(capture, "shop/payments")
+        )
         inventory.label("shop", enrolled=False)
         wait_for(f"release, cycle {cycle}", lambda: untouched("shop/frontend") and untouched("shop/payments"))
         wait_for("probe chain removed", lambda: probe_chain() == [])
@@ -302,6 +335,10 @@ def test_twenty_enroll_unenroll_cycles_leave_no_residue(
             baseline = fds
         assert fds == baseline, f"cycle {cycle}: the agent's fds changed"
     assert sum(f.startswith("socket:") for f in baseline or []) <= 3  # the ZDS listener and the loop's pair
+    assert not [f for f in baseline or [] if "bpf" in f]  # no BPF object held open between operations
+    # No program, map or link of pod capture is left in the kernel (freed after an RCU grace period).
+    wait_for("BPF objects freed", lambda: oracles.our_bpf_objects() == bpf_before)
+    assert not oracles.pins(oracles.pod_uid("shop/frontend")) and not oracles.pins(oracles.pod_uid("shop/payments"))
     assert "ERROR" not in agent.log()
 
 
@@ -339,10 +376,10 @@ def start_server(key: str) -> subprocess.Popen[str]:
 
 
 def test_fail_closed_without_a_tunnel_and_kubelet_probes_bypass_capture(
-    start_agent: Callable[..., Agent], tmp_path: Path
+    start_agent: Callable[..., Agent], tmp_path: Path, capture: str
 ) -> None:
     start_agent("node1")
-    wait_for("capture", lambda: captured("shop/frontend"))
+    wait_for("capture", lambda: captured(capture, "shop/frontend"))
     wait_for("probe bypass", lambda: probe_chain() == NODE1_PROBES)
     server = start_server("shop/checkout")  # node2: no agent there, a plain app
     probe_target = start_server("shop/frontend")
@@ -383,25 +420,35 @@ def chain_counters(key: str) -> list[str]:
     return [line for line in ours(netns_of(key), counters=True) if " -A NODEAGENT_" in line]
 
 
-def test_agent_restart_adopts_capture_without_touching_it(start_agent: Callable[..., Agent]) -> None:
+def kernel_objects(mode: str, key: str) -> Any:
+    """What a re-applied capture would change. iptables: the chains' counters. eBPF: the links (a re-attach
+    makes a new link id), the programs they run and the pinned maps (a re-created map gets a new id)."""
+    if mode == "iptables":
+        return chain_counters(key)
+    uid = oracles.pod_uid(key)
+    return bpf_links(key), {pin: oracles.pinned_id(uid, pin) for pin in oracles.pins(uid)}
+
+
+def test_agent_restart_adopts_capture_without_touching_it(start_agent: Callable[..., Agent], capture: str) -> None:
     agent = start_agent("node1")
     keys = ["shop/frontend", "shop/payments"]
     for key in keys:
-        wait_for(f"{key} captured", lambda key=key: captured(key))
+        wait_for(f"{key} captured", lambda key=key: captured(capture, key))
     # Make the counters of the outbound REDIRECT non-zero: a re-applied rule would start again from 0.
     sh(*LAB, "exec", "shop/frontend", "--", sys.executable, "-c", CLIENT, "10.10.2.10", "x")
-    before = {key: chain_counters(key) for key in keys}
-    assert any("REDIRECT --to-ports 15001" in line and not line.startswith("[0:0]") for line in before[keys[0]])
+    before = {key: kernel_objects(capture, key) for key in keys}
+    if capture == "iptables":
+        assert any("REDIRECT --to-ports 15001" in line and not line.startswith("[0:0]") for line in before[keys[0]])
     node_before = probe_chain()
 
     for sig in (signal.SIGTERM, signal.SIGKILL):
         code = agent.stop(sig)
         assert code == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
-        assert {key: chain_counters(key) for key in keys} == before  # capture stays while down
+        assert {key: kernel_objects(capture, key) for key in keys} == before  # capture stays while down
         assert all(routing(netns_of(key)) == POD_ROUTING for key in keys)
         agent.start()
-        assert {key: chain_counters(key) for key in keys} == before  # adopted, not re-applied
-        assert all(captured(key) for key in keys)  # and no duplicates
+        assert {key: kernel_objects(capture, key) for key in keys} == before  # adopted, not re-applied
+        assert all(captured(capture, key) for key in keys)  # and no duplicates
         assert probe_chain() == node_before
     assert agent.log().count("shop/frontend adopted (capture already complete in the kernel)") == 2
     assert agent.pod_status() == {"shop/frontend": "pending", "shop/payments": "pending"}
@@ -416,26 +463,50 @@ def inspect_redirects(inventory: Inventory, agent: Agent) -> dict[str, Any]:
     return {f"{r['namespace']}/{r['pod']}": r for r in json.loads(out)["rows"]}
 
 
-def test_drift_is_shown_by_inspect_and_repaired(inventory: Inventory, start_agent: Callable[..., Agent]) -> None:
-    agent = start_agent("node1", "--verify-interval", "2")
-    wait_for("capture", lambda: captured("shop/frontend") and captured("shop/payments"))
+def test_drift_is_shown_by_inspect_and_repaired(
+    inventory: Inventory, start_agent: Callable[..., Agent], capture: str
+) -> None:
+    # A verify round every 5 s: inspect (a separate process) sees the drift before the repair, which must
+    # still come within 10 s of the breakage.
+    agent = start_agent("node1", "--verify-interval", "5")
+    front = "shop/frontend"
+    wait_for("capture", lambda: captured(capture, front) and captured(capture, "shop/payments"))
     rows = inspect_redirects(inventory, agent)
-    assert rows["shop/frontend"]["rules"] == "ok" and rows["shop/frontend"]["status"] == "pending"
-    assert rows["shop/frontend"]["listeners"] == []
+    assert rows[front]["rules"] == "ok" and rows[front]["status"] == "pending"
+    assert rows[front]["mode"] == {"iptables": "ambient", "ebpf": "ebpf"}[capture] and rows[front]["listeners"] == []
+    links = bpf_links(front)
 
-    sh("ip", "netns", "exec", netns_of("shop/frontend"), "iptables", "-t", "nat", "-F")
-    sh("ip", "-n", netns_of("shop/frontend"), "rule", "del", "fwmark", "0x111/0xfff", "lookup", "100")
+    if capture == "iptables":
+        sh("ip", "netns", "exec", netns_of(front), "iptables", "-t", "nat", "-F")
+        expected = ["nat chain NODEAGENT_OUTPUT has 0 rules, expected 3 rules"]
+    else:  # detach one link by hand, and drop another's pin (its last reference: the link goes)
+        sh("bpftool", "link", "detach", "id", str(links["cgroup_inet4_connect"][0]))
+        os.unlink(oracles.PIN_ROOT / oracles.pod_uid(front) / "link_sk_lookup")
+        expected = [
+            f"connect4: link {links['cgroup_inet4_connect'][0]} was detached (by hand?)",
+            "sk_lookup: link pin link_sk_lookup is missing (program not attached)",
+        ]
+    sh("ip", "-n", netns_of(front), "rule", "del", "fwmark", "0x111/0xfff", "lookup", "100")
     broken = time.monotonic()
+    if capture == "ebpf":
+        assert set(bpf_links(front)) == {"cgroup_sock_ops"}  # the kernel agrees: two programs are gone
+        assert oracles.cgroup_progs(oracles.pod_cgroup("node1", front)) == {"cgroup_sock_ops": "na_sockops"}
     rows = inspect_redirects(inventory, agent)
-    assert rows["shop/frontend"]["rules"] == "drift"
-    assert "nat chain NODEAGENT_OUTPUT has 0 rules, expected 3 rules" in rows["shop/frontend"]["drift"]
-    assert "the ip rule fwmark 0x111/0xfff lookup 100 is missing" in rows["shop/frontend"]["drift"]
+    assert time.monotonic() - broken < 5, "inspect was too slow to see the drift before the next verify"
+    assert rows[front]["rules"] == "drift"
+    for problem in [*expected, "the ip rule fwmark 0x111/0xfff lookup 100 is missing"]:
+        assert problem in rows[front]["drift"], (problem, rows[front]["drift"])
     assert rows["shop/payments"]["rules"] == "ok"
 
-    wait_for("drift repaired", lambda: captured("shop/frontend"), timeout=10)
+    wait_for("drift repaired", lambda: captured(capture, front), timeout=10)
     assert time.monotonic() - broken < 10
-    assert inspect_redirects(inventory, agent)["shop/frontend"]["rules"] == "ok"
-    assert "capture drift in shop/frontend repaired" in agent.log()
+    if capture == "ebpf":  # re-attached from the pinned programs: new links, the same programs
+        after = bpf_links(front)
+        assert after["cgroup_sock_ops"] == links["cgroup_sock_ops"]
+        for attach_type in ("cgroup_inet4_connect", "sk_lookup"):
+            assert after[attach_type][0] != links[attach_type][0] and after[attach_type][1:] == links[attach_type][1:]
+    assert inspect_redirects(inventory, agent)[front]["rules"] == "ok"
+    assert f"capture drift in {front} repaired" in agent.log()
 
 
 BROKEN_INVENTORIES = {
@@ -450,17 +521,17 @@ BROKEN_INVENTORIES = {
 
 
 def test_a_broken_inventory_is_reported_and_the_last_good_state_kept(
-    inventory: Inventory, start_agent: Callable[..., Agent]
+    inventory: Inventory, start_agent: Callable[..., Agent], capture: str
 ) -> None:
     agent = start_agent("node1")
-    wait_for("capture", lambda: captured("shop/frontend") and captured("shop/payments"))
+    wait_for("capture", lambda: captured(capture, "shop/frontend") and captured(capture, "shop/payments"))
     good = yaml.safe_dump(inventory.data, sort_keys=False)
     assert "service_account: payments\n" in good and "ip: 10.10.1.11" in good
     for case, (breaks, field) in BROKEN_INVENTORIES.items():
         inventory.write(breaks(good))
         wait_for(f"{case}: the error in the log", lambda field=field: field in agent.log())
         wait_for(f"{case}: the error in the status", lambda field=field: field in agent.status()["inventory_error"])
-        assert captured("shop/frontend") and captured("shop/payments"), case
+        assert captured(capture, "shop/frontend") and captured(capture, "shop/payments"), case
         assert agent.pod_status() == {"shop/frontend": "pending", "shop/payments": "pending"}, case
     assert "keeping the last good inventory" in agent.log()
     inventory.write(good)
@@ -487,7 +558,9 @@ asyncio.run(main())
 """
 
 
-def test_status_is_pending_without_a_tunnel_and_enabled_once_one_acks(start_agent: Callable[..., Agent]) -> None:
+def test_status_is_pending_without_a_tunnel_and_enabled_once_one_acks(
+    start_agent: Callable[..., Agent], capture: str
+) -> None:
     agent = start_agent("node1")
     wait_for("pending", lambda: agent.pod_status() == {"shop/frontend": "pending", "shop/payments": "pending"})
     tunnel = subprocess.Popen(
@@ -501,4 +574,4 @@ def test_status_is_pending_without_a_tunnel_and_enabled_once_one_acks(start_agen
         tunnel.kill()
         tunnel.wait()
     wait_for("pending again", lambda: agent.pod_status() == {"shop/frontend": "pending", "shop/payments": "pending"})
-    assert captured("shop/frontend")  # the status changed, the kernel did not
+    assert captured(capture, "shop/frontend")  # the status changed, the kernel did not

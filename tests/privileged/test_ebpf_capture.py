@@ -19,18 +19,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import oracles
 import pytest
+from oracles import OUR_MAPS, OUR_PROGS, PIN_ROOT, bpftool
 
 pytestmark = [pytest.mark.privileged, pytest.mark.timeout(240)]
 
 LAB = [sys.executable, "-m", "nodeagent.lab"]
 STATE_DIR = Path("/run/nodeagent/lab")
-PIN_ROOT = Path("/sys/fs/bpf/nodeagent")
 POD = "shop/frontend"
 POD_IP = "10.10.1.10"
 REMOTE = ("10.10.2.10", 8080)  # shop/checkout on node2: nothing needs to listen there
-OUR_PROGS = {"na_connect4", "na_sockops", "na_sk_lookup"}
-OUR_MAPS = {"na_cookie_dst", "na_orig_dst", "na_listener", "na_bypass", "na_stats"}
 
 STANDIN = r"""
 import json, select, socket, sys
@@ -81,11 +80,6 @@ if len(sys.argv) > 3:
 
 def run(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True, **kw)
-
-
-def bpftool(*args: str) -> Any:
-    out = run(["bpftool", "-j", *args]).stdout.strip()
-    return json.loads(out or "[]")
 
 
 def lab_exec(pod: str, code: str, *args: str) -> str:
@@ -154,13 +148,7 @@ def standin(captured: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
         proc.wait(timeout=10)
 
 
-def links_of(cgroup: str, netns: str) -> dict[str, dict[str, Any]]:
-    cg_id, ns_ino = os.stat(cgroup).st_ino, os.stat(netns).st_ino
-    found = {}
-    for link in bpftool("link", "show"):
-        if link.get("cgroup_id") == cg_id or link.get("netns_ino") == ns_ino:
-            found[link["attach_type"]] = link
-    return found
+links_of = oracles.bpf_links
 
 
 def test_programs_are_attached_pinned_and_adopted(captured: dict[str, str], ebpf: Any) -> None:
@@ -220,10 +208,7 @@ def test_outbound_reaches_15001_with_original_destination(
     assert [k for k, _ in map(_formatted, dump) if k["port"] == _be16(seen["peer"][1])] == []
 
 
-def _formatted(entry: dict[str, Any]) -> tuple[dict[str, int], dict[str, int]]:
-    """bpftool -j map dump of a map with BTF: the key and value as structs (bpftool decodes them)."""
-    fmt = entry.get("formatted", entry)
-    return fmt["key"], fmt["value"]
+_formatted = oracles.bpf_formatted
 
 
 def _be16(port: int) -> int:

@@ -4,21 +4,22 @@ What these tests prove, each on a fresh lab and mesh (the acceptance of the node
 pod -> pod through capture and both tunnels, same- and cross-node, with the client's own IP at the
 server; nothing but TCP to/from 15008 (and no plaintext) on the fabric between enrolled pods, while a
 pod of a non-enrolled namespace is untouched and talks plaintext; fail closed while the tunnel is dead
-and a quick resumption after its restart; agent restarts that break nothing; a tunnel hand-over that
-loses no connection; enroll/unenroll cycles that leave nothing behind.
+and a quick resumption after its restart; agent restarts that break nothing; with the agents stopped,
+enrolled pods still go through the tunnels (capture outlives its agent); a tunnel hand-over that loses
+no connection; enroll/unenroll cycles that leave nothing behind.
 
-Oracles shell out — tcpdump on the fabric bridge, iptables-save, ss, ip, /proc — and never ask the code
-under test; the apps in the pods are small scripts here (an echo server that first tells the client
-the peer address it saw, and clients that report what happened). `Mesh` only drives the processes;
-its waits are for sequencing, never the assertion. Expected addresses are written out from the lab's
-default topology. Parametrized by capture mode so eBPF can join later.
+Every test runs in both capture modes (`capture`: iptables, ebpf). Oracles shell out — tcpdump on the
+fabric bridge, iptables-save, nft, ss, ip, bpftool, /proc (the shared ones in oracles.py) — and never ask
+the code under test. In eBPF mode "captured" means the pod's three links run our programs, pinned, per
+bpftool, and no rule of ours is in the pod's iptables (either flavour) or nft ruleset. The apps in the
+pods are small scripts here (an echo server that first tells the client the peer address it saw, and
+clients that report what happened). `Mesh` only drives the processes; its waits are for sequencing,
+never the assertion. Expected addresses are written out from the lab's default topology.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import shutil
 import signal
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import oracles
 import pytest
 
 from nodeagent.lab.cluster import DEFAULT_TOPOLOGY, Lab, teardown
@@ -40,7 +42,7 @@ from nodeagent.labmesh import Mesh
 
 pytestmark = [pytest.mark.privileged, pytest.mark.timeout(150)]
 
-CAPTURE_MODES = ["iptables"]
+CAPTURE_MODES = ["iptables", "ebpf"]
 FRONTEND, PAYMENTS, CHECKOUT, BATCH = "shop/frontend", "shop/payments", "shop/checkout", "legacy/batch"
 ENROLLED = [FRONTEND, PAYMENTS, CHECKOUT]
 IP = {FRONTEND: "10.10.1.10", PAYMENTS: "10.10.1.11", CHECKOUT: "10.10.2.10", BATCH: "10.10.2.11"}
@@ -185,11 +187,7 @@ elif mode == "stream":  # one long-lived connection: 4 KiB every 10 ms, each ech
 """
 
 
-def sh(*argv: str, check: bool = True, timeout: float = 30) -> str:
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{argv[-6:]} exited {proc.returncode}: {proc.stderr[-2000:]}{proc.stdout[-500:]}")
-    return proc.stdout
+sh = oracles.sh
 
 
 def in_pod(lab: Lab, pod: str, script: str, *args: str) -> list[str]:
@@ -255,12 +253,12 @@ def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 20.0, int
         time.sleep(interval)
 
 
-# --- oracles (the kernel's own tools) -----------------------------------------------------------------
+# --- oracles (the kernel's own tools, mode-aware; the shared ones are in oracles.py) ---------------------
 
 
 def iptables_save(netns: str, flavour: str = "nft") -> str:
     """The whole ruleset of a netns without counters and the save/commit timestamps."""
-    text = sh("ip", "netns", "exec", netns, f"iptables-{flavour}-save")
+    text = oracles.iptables_save(netns, flavour)
     return "\n".join(re.sub(r"\[\d+:\d+\]", "", line) for line in text.splitlines() if not line.startswith("#"))
 
 
@@ -269,16 +267,21 @@ def ours(netns: str) -> list[str]:
     return [line for fl in ("nft", "legacy") for line in iptables_save(netns, fl).splitlines() if "NODEAGENT" in line]
 
 
-def our_kernel_state(netns: str) -> tuple[list[str], str, str]:
-    """Our iptables lines (both flavours, in order), the policy rules and our routing table 100.
+def our_kernel_state(where: str) -> tuple[Any, ...]:
+    """What capture put in a pod's netns (or a node's: the kubelet-probe chain), as the kernel lists it.
 
-    Not the whole route table: a node's netns also holds kernel-managed entries (IPv6 neighbours and
-    cached routes) that change with traffic and say nothing about what the agent applied.
+    Our iptables lines (both flavours, in order), the policy rules, our routing table 100, and for a pod the
+    eBPF links (link id, program id, name) and pins. Not the whole route table: a node's netns also holds
+    kernel-managed entries (IPv6 neighbours and cached routes) that change with traffic.
     """
+    netns = NETNS.get(where, f"na-{where}")
     table_100 = [
         line for line in sh("ip", "-n", netns, "route", "show", "table", "all").splitlines() if "table 100" in line
     ]
-    return ours(netns), sh("ip", "-n", netns, "rule"), "\n".join(table_100)
+    state: tuple[Any, ...] = (ours(netns), sh("ip", "-n", netns, "rule"), "\n".join(table_100))
+    if where in NODE:
+        state += (oracles.ebpf_attachments(NODE[where], where, netns), oracles.pins(oracles.pod_uid(where)))
+    return state
 
 
 def ip_rules_and_routes(netns: str) -> str:
@@ -291,16 +294,33 @@ def listeners(netns: str) -> set[int]:
     return {int(line.split()[3].rpartition(":")[2]) for line in out.splitlines()}
 
 
-def captured(pod: str) -> bool:
-    """Our rules (nat and mangle jumps) and the tunnel's three listeners are in the pod's netns."""
-    lines = ours(NETNS[pod])
-    jumps = [line for line in lines if line.startswith(("-A PREROUTING", "-A OUTPUT"))]
-    return len(jumps) == 4 and listeners(NETNS[pod]) >= TUNNEL_PORTS
+def capture_in_kernel(mode: str, pod: str) -> bool:
+    """The pod's capture objects of `mode` are in the kernel, and none of the other mode.
+
+    iptables: our four jumps (nat and mangle, PREROUTING and OUTPUT). eBPF: the three links running our
+    programs, pinned (bpftool), and no rule of ours in iptables (either flavour) or nft.
+    """
+    netns = NETNS[pod]
+    if mode == "iptables":
+        jumps = [line for line in ours(netns) if line.startswith(("-A PREROUTING", "-A OUTPUT"))]
+        return len(jumps) == 4 and oracles.ebpf_nothing(NODE[pod], pod, netns)
+    return not oracles.ebpf_problems(NODE[pod], pod, netns) and oracles.no_rule_of_ours(netns)
+
+
+def captured(mode: str, pod: str) -> bool:
+    """Capture is in the kernel and the tunnel's three listeners are in the pod's netns."""
+    return capture_in_kernel(mode, pod) and listeners(NETNS[pod]) >= TUNNEL_PORTS
 
 
 def released(pod: str) -> bool:
+    """Nothing of ours in the pod, whatever the mode: no rule, no policy routing, no BPF link or pin."""
     netns = NETNS[pod]
-    return not ours(netns) and not (TUNNEL_PORTS & listeners(netns)) and "fwmark" not in sh("ip", "-n", netns, "rule")
+    return (
+        not ours(netns)
+        and not (TUNNEL_PORTS & listeners(netns))
+        and not oracles.fwmark_rules(netns)
+        and oracles.ebpf_nothing(NODE[pod], pod, netns)
+    )
 
 
 def proc_listening(pid: int) -> set[int]:
@@ -315,12 +335,7 @@ def proc_listening(pid: int) -> set[int]:
     return ports
 
 
-def fds(pid: int) -> list[str]:
-    out = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(FileNotFoundError):
-            out.append(re.sub(r"\[\d+\]", "[]", os.readlink(f"/proc/{pid}/fd/{fd}")))
-    return sorted(out)
+fds = oracles.fds
 
 
 def netns_fds(pid: int) -> list[str]:
@@ -367,6 +382,10 @@ class Env:
     lab: Lab
     mesh: Mesh
     tmp: Path
+
+    @property
+    def mode(self) -> str:
+        return self.mesh.capture
 
     def server(self, pod: str) -> int:
         """Start the echo server in `pod`; its pid (the process itself: `lab exec` execs)."""
@@ -422,8 +441,12 @@ def test_pod_to_pod_through_capture_and_both_tunnels(start_mesh: Callable[..., E
     env.mesh.wait_enabled(ENROLLED)
     for pod in (PAYMENTS, CHECKOUT, BATCH):
         env.server(pod)
-    assert all(captured(pod) for pod in ENROLLED)
-    # legacy is not enrolled: nothing of ours in its netns, no tunnel listeners, no policy routing.
+    assert all(captured(env.mode, pod) for pod in ENROLLED)
+    if env.mode == "ebpf":  # the point of the mode: no rule of ours in iptables (either flavour) or nft
+        assert {pod: oracles.rules_of_ours(NETNS[pod]) for pod in ENROLLED} == {
+            pod: {"iptables-nft-save": [], "iptables-legacy-save": [], "nft list ruleset": []} for pod in ENROLLED
+        }
+    # legacy is not enrolled: nothing of ours in its netns, no tunnel listeners, no policy routing, no BPF.
     assert ours(NETNS[BATCH]) == [] and not (TUNNEL_PORTS & listeners(NETNS[BATCH]))
     assert released(BATCH)
 
@@ -490,7 +513,8 @@ def test_fail_closed_while_the_tunnel_is_dead_and_traffic_resumes_after_its_rest
     assert once(lab, FRONTEND, CHECKOUT) == {"ok": True, "peer": IP[FRONTEND]}
 
     assert mesh.kill_tunnel("node1", signal.SIGKILL) == -signal.SIGKILL
-    assert all(captured(pod) is False and ours(NETNS[pod]) for pod in (FRONTEND, PAYMENTS))  # rules stay
+    for pod in (FRONTEND, PAYMENTS):  # capture stays in the kernel; only the listeners are gone
+        assert capture_in_kernel(env.mode, pod) and not (TUNNEL_PORTS & listeners(NETNS[pod])), pod
     marker = f"FAIL-CLOSED-{uuid.uuid4().hex}"
     dump = Tcpdump(lab, env.tmp / "fabric.pcap")
     try:
@@ -535,7 +559,7 @@ def test_agent_restart_under_traffic_breaks_nothing(start_mesh: Callable[..., En
     mesh.wait_enabled(ENROLLED)
     env.server(CHECKOUT)
     env.server(PAYMENTS)
-    netns = [NETNS[p] for p in ENROLLED] + ["na-node1", "na-node2"]
+    netns = [*ENROLLED, "node1", "node2"]
     before = {ns: our_kernel_state(ns) for ns in netns}
     held = [stream(lab, FRONTEND, CHECKOUT), stream(lab, CHECKOUT, PAYMENTS)]
     loops = [loop(lab, FRONTEND, CHECKOUT, 0.05), loop(lab, CHECKOUT, PAYMENTS, 0.05)]
@@ -558,8 +582,38 @@ def test_agent_restart_under_traffic_breaks_nothing(start_mesh: Callable[..., En
     for s in streamed:
         assert s["error"] is None and s["sent"] == s["received"] > 0, s
     after = {ns: our_kernel_state(ns) for ns in netns}
-    assert after == before  # nothing re-applied twice, nothing lost
+    assert after == before  # nothing re-applied twice, nothing lost (in eBPF mode: the same links and pins)
     print(f"\nagent {signal.Signals(sig).name}: {sum(map(len, results))} new connections, all through; streams intact")
+    no_errors_in_logs(env)
+
+
+def test_with_the_agents_down_enrolled_pods_keep_going_through_the_tunnels(start_mesh: Callable[..., Env]) -> None:
+    env = start_mesh()
+    lab, mesh = env.lab, env.mesh
+    mesh.wait_enabled(ENROLLED)
+    env.server(CHECKOUT)
+    env.server(PAYMENTS)
+    where = [*ENROLLED, "node1", "node2"]
+    before = {w: our_kernel_state(w) for w in where}
+    for node in ("node1", "node2"):
+        assert mesh.kill(mesh.agent(node), signal.SIGTERM) == 0
+    # Capture (rules, or pinned programs and links) outlives its agent, untouched.
+    assert {w: our_kernel_state(w) for w in where} == before
+    assert all(captured(env.mode, pod) for pod in ENROLLED)
+    marker = f"AGENT-DOWN-{uuid.uuid4().hex}"
+    dump = Tcpdump(lab, env.tmp / "fabric.pcap", "tcp")
+    try:
+        cross = once(lab, FRONTEND, CHECKOUT, marker)  # node1 -> node2: both agents are down
+        inbound = once(lab, CHECKOUT, PAYMENTS, marker)  # into a node1 pod
+        same = once(lab, FRONTEND, PAYMENTS, marker)
+    finally:
+        dump.stop()
+    assert cross == {"ok": True, "peer": IP[FRONTEND]}
+    assert inbound == {"ok": True, "peer": IP[CHECKOUT]}
+    assert same == {"ok": True, "peer": IP[FRONTEND]}
+    between = dump.packets(f"host {IP[CHECKOUT]} and (host {IP[FRONTEND]} or host {IP[PAYMENTS]})")
+    assert between and all(".15008" in line for line in between), between
+    assert marker.encode() not in dump.raw()
     no_errors_in_logs(env)
 
 
@@ -628,10 +682,13 @@ def test_enroll_unenroll_cycles_leave_no_residue(start_mesh: Callable[..., Env])
         return second if first == second and not held else None
 
     baseline = wait_for("settled fds", settled)
+    base_bpf = oracles.our_bpf_objects()  # programs, maps and links of pod capture loaded on the host
     base_rules = {ns: iptables_save(NETNS[ns]) for ns in ENROLLED}
     base_routes = {ns: ip_rules_and_routes(NETNS[ns]) for ns in ENROLLED}
     add_latency: list[float] = []
-    cycles = 30
+    # eBPF mode compiles each pod's programs on every enroll (~1 s a pod on this VM): fewer cycles there;
+    # test_agent_capture runs 20 cycles per mode against a single agent.
+    cycles = 30 if env.mode == "iptables" else 6
     for cycle in range(cycles):
         mesh.enroll("shop")
         written = time.monotonic()
@@ -643,14 +700,19 @@ def test_enroll_unenroll_cycles_leave_no_residue(start_mesh: Callable[..., Env])
                     pending.discard(pod)
             assert time.monotonic() - written < 20, f"cycle {cycle}: {pending} not captured"
             time.sleep(0.002)
-        wait_for(f"capture, cycle {cycle}", lambda: all(captured(p) for p in ENROLLED))
+        wait_for(f"capture, cycle {cycle}", lambda: all(captured(env.mode, p) for p in ENROLLED))
         mesh.unenroll("shop")
         wait_for(f"release, cycle {cycle}", lambda: all(released(p) for p in ENROLLED))
     after = wait_for("settled fds", settled)
     assert {ns: iptables_save(NETNS[ns]) for ns in ENROLLED} == base_rules
     assert {ns: ip_rules_and_routes(NETNS[ns]) for ns in ENROLLED} == base_routes
     assert all(not ours(ns) for ns in ("na-node1", "na-node2"))  # the probe bypass chains went too
+    # No program, map or link of pod capture is left (freed after an RCU grace period), no pin directory.
+    wait_for("BPF objects freed", lambda: oracles.our_bpf_objects() == base_bpf, timeout=10)
+    assert not any(oracles.pins(oracles.pod_uid(pod)) for pod in ENROLLED)
     for name in procs:
+        bpf_fds = [sum("bpf" in f for f in fd_list[name]) for fd_list in (baseline, after)]
+        assert bpf_fds[1] <= bpf_fds[0], (name, after[name])
         assert abs(len(after[name]) - len(baseline[name])) <= 2, (name, baseline[name], after[name])
         sockets_before = sum(f.startswith("socket:") for f in baseline[name])
         assert sum(f.startswith("socket:") for f in after[name]) <= sockets_before + 1, (name, after[name])

@@ -1,0 +1,114 @@
+"""A tunnel that connects while a (re)started agent is still on its first pass gets the whole snapshot.
+
+Why: the tunnel drops every pod its ZDS snapshot does not name (closing the pod's listeners). An agent that
+accepted tunnels before it had adopted the pods captured by its previous run sent a partial snapshot to a
+tunnel reconnecting at that moment, and the enrolled pods' connections were refused until the pods were
+added again (seen in eBPF mode, whose first pass is slower, as lost connects across an agent restart).
+
+The agent runs for real (inventory file, reconciler, ZDS server, status file) with a capture backend that
+takes 0.3 s per pod and a tunnel-side ZdsClient that retries every 10 ms from before the agent starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from nodeagent.agent import service
+from nodeagent.capture.backend import CaptureState
+from nodeagent.capture.iptables import Flavour
+from nodeagent.lab.cluster import DEFAULT_TOPOLOGY
+from nodeagent.model import Pod, pod_uid
+from nodeagent.zds.codec import Workload
+from nodeagent.ztunnel.zds_client import Backoff, ZdsClient
+
+NODE1_PODS = ("shop/frontend", "shop/payments")
+
+
+class SlowCapture:
+    """A capture backend whose install takes a while, like eBPF adoption on a loaded node."""
+
+    name = "slow"
+
+    async def install(self, pod: Pod, netns: str) -> tuple[str, ...]:
+        await asyncio.sleep(0.3)
+        return ()
+
+    async def remove(self, pod: Pod, netns: str) -> bool:
+        return False
+
+    async def inspect(self, netns: str) -> CaptureState:
+        return CaptureState(self.name, ("slow capture",), ())
+
+    async def verify(self, netns: str) -> tuple[str, ...]:
+        return ()
+
+
+class NoProbes:
+    def __init__(self, *args: object) -> None:
+        pass
+
+    async def ensure(self, pods: object) -> tuple[str, ...]:
+        return ()
+
+    async def remove(self) -> bool:
+        return False
+
+
+class Tunnel:
+    """Records the uids of each snapshot it receives."""
+
+    def __init__(self) -> None:
+        self.snapshots: list[frozenset[str]] = []
+        self.got_one = asyncio.Event()
+
+    async def on_add(self, workload: Workload, netns_fd: int) -> None:
+        os.close(netns_fd)
+
+    async def on_keep(self, uid: str) -> None:
+        pass
+
+    async def on_del(self, uid: str) -> None:
+        pass
+
+    async def on_snapshot_done(self, known_uids: frozenset[str]) -> None:
+        self.snapshots.append(known_uids)
+        self.got_one.set()
+
+
+@pytest.mark.timeout(60)
+async def test_a_tunnel_connecting_during_the_first_pass_gets_every_pod(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service, "IptablesBackend", lambda iptables: SlowCapture())
+    monkeypatch.setattr(service, "ProbeBypass", NoProbes)
+    inventory = tmp_path / "inventory.yaml"
+    shutil.copy(DEFAULT_TOPOLOGY, inventory)
+    netns_dir = tmp_path / "netns"
+    netns_dir.mkdir()
+    for key in NODE1_PODS:  # the resolver only needs a file to hold open and hand over
+        (netns_dir / f"na-node1.{key.replace('/', '.')}").touch()
+    socket_path = str(tmp_path / "zds.sock")
+    config = service.AgentConfig(
+        node="node1", inventory=inventory, zds_socket=socket_path, state_dir=tmp_path / "state",
+        netns_dir=str(netns_dir), verify_interval=600,
+    )  # fmt: skip
+    tunnel = Tunnel()
+    client = ZdsClient(tunnel, socket_path, backoff=Backoff(initial=0.01, maximum=0.01))
+    client.start()  # retrying before the agent listens: it connects the moment the agent accepts
+    agent = service.Agent(config, Flavour.NFT)
+    stop = asyncio.Event()
+    running = asyncio.ensure_future(agent.run(stop))
+    try:
+        async with asyncio.timeout(20):
+            await tunnel.got_one.wait()
+    finally:
+        stop.set()
+        assert await running == 0
+        await client.close()
+    expected = frozenset(pod_uid(*key.split("/")) for key in NODE1_PODS)
+    assert tunnel.snapshots[0] == expected, "the first snapshot must name every pod the agent captures"
