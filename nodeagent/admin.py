@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -49,6 +49,7 @@ class AdminServer:
             raise ValueError(f"serving {METRICS} needs a metrics registry")
         self._registry = registry
         self._providers: dict[str, Callable[[], Any]] = {}
+        self._async_providers: dict[str, Callable[[], Awaitable[Any]]] = {}
         self._checks: dict[str, Callable[[], str | None]] = {}
         self._server: asyncio.Server | None = None
 
@@ -57,6 +58,23 @@ class AdminServer:
         if name in self._providers:
             raise ValueError(f"config_dump section {name!r} is already provided")
         self._providers[name] = provider
+
+    def add_async_config_provider(self, name: str, provider: Callable[[], Awaitable[Any]]) -> None:
+        """`await provider()` becomes the `name` section: for a section built with I/O at request time."""
+        if name in self._providers or name in self._async_providers:
+            raise ValueError(f"config_dump section {name!r} is already provided")
+        self._async_providers[name] = provider
+
+    async def config_dump_async(self) -> dict[str, Any]:
+        """config_dump() plus the async providers' sections (a failing one reports its error in place)."""
+        dump = self.config_dump()
+        for name, provider in self._async_providers.items():
+            try:
+                dump[name] = await provider()
+            except Exception as exc:
+                log.exception("config_dump provider %s failed", name)
+                dump[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        return dump
 
     def add_readiness_check(self, name: str, check: Callable[[], str | None]) -> None:
         """`check()` returns None when ready, else a short description of what is pending."""
@@ -121,6 +139,13 @@ class AdminServer:
             parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
             if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
                 status, ctype, body = 400, "text/plain", b"malformed request line\n"
+            elif (
+                self._async_providers
+                and CONFIG_DUMP in self.routes
+                and (parts[0], parts[1].split("?", 1)[0]) == ("GET", CONFIG_DUMP)
+            ):
+                dump = await self.config_dump_async()
+                status, ctype, body = 200, "application/json", json.dumps(dump, indent=2, sort_keys=True).encode()
             else:
                 status, ctype, body = self.route(parts[0], parts[1])
             writer.write(

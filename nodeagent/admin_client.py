@@ -4,9 +4,14 @@ Why this module exists: `nodeagent inspect certificates|workloads|connections|po
 tunnel's /config_dump (the same shape as ztunnel's) and print it as an istioctl-style table, JSON or
 YAML. One reader and one table printer keep their errors and their look identical.
 
-What it deliberately does not do: no reaching a remote node (in the lab, run the command inside the
-node with `nodeagent lab exec --node N -- nodeagent inspect ...`); no interpretation of the sections,
-which belongs to the subsystem that owns each one.
+Where the dump comes from: `--admin URL` (default: this node's tunnel on 127.0.0.1:15000), or with
+`--node NODE` the nodeagent pod on that node through the API server (kube_remote.py: pods/portforward,
+kubeconfig from `--kubeconfig`/`--context`, read when the command runs — kube_remote and the Kubernetes
+client are imported only then). In the lab, without a cluster, run the command inside the node with
+`nodeagent lab exec --node N -- nodeagent inspect ...`.
+
+What it deliberately does not do: no interpretation of the sections, which belongs to the subsystem that
+owns each one.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -31,7 +37,26 @@ class AdminError(Exception):
 
 def add_admin_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admin", default=DEFAULT_ADMIN, help=f"admin endpoint of the node's tunnel ({DEFAULT_ADMIN})")
+    # --node and the kubectl flags that reach a node's pod through the API server (instead of --admin)
+    parser.add_argument("--node", help="the node to inspect, reached through the API server (pods/portforward)")
+    parser.add_argument("--kubeconfig", type=Path, help="with --node: kubeconfig file (default: $KUBECONFIG, ~/.kube)")
+    parser.add_argument("--context", help="with --node: kubeconfig context")
+    parser.add_argument(
+        "--agent-namespace", default="nodeagent-system", help="with --node: the DaemonSet's namespace (%(default)s)"
+    )
     parser.add_argument("-o", "--output", choices=OUTPUTS, default="table")
+
+
+def fetch_remote_dump(args: argparse.Namespace, node: str, port: int) -> Any:
+    """The config dump of `port` on the nodeagent pod of `node`, through the API server (AdminError if not)."""
+    from nodeagent import kube_remote  # the Kubernetes client, only for commands that use it
+
+    try:
+        return kube_remote.fetch_config_dump(
+            node, port, kubeconfig=args.kubeconfig, context=args.context, namespace=args.agent_namespace
+        )
+    except kube_remote.RemoteError as exc:
+        raise AdminError(str(exc)) from None
 
 
 def fetch_section(admin: str, section: str, timeout: float = 10.0) -> Any:
@@ -58,9 +83,20 @@ def table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def print_section(args: argparse.Namespace, section: str, render: Callable[[Any], str]) -> int:
-    """Fetch `section` from `args.admin` and print it in `args.output` form; 1 with a message on error."""
+    """Fetch `section` from `args.admin` (or the tunnel on `args.node`) and print it in `args.output` form; 1
+    with a message on error."""
     try:
-        data = fetch_section(args.admin, section)
+        if args.node:
+            from nodeagent.kube_remote import TUNNEL_ADMIN_PORT
+
+            dump = fetch_remote_dump(args, args.node, TUNNEL_ADMIN_PORT)
+            if not isinstance(dump, dict) or section not in dump:
+                raise AdminError(
+                    f"the tunnel on node {args.node} has no `{section}` section; is it a nodeagent tunnel?"
+                )
+            data = dump[section]
+        else:
+            data = fetch_section(args.admin, section)
     except AdminError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -101,6 +101,8 @@ class Mesh:
     capture: the agents' --capture backend. spoof: the tunnels connect to apps from the client's IP.
     tunnel_grace: the tunnels' --grace (drain keeps established connections for grace - 5 s).
     verify_interval / inventory_poll: the agents' periodic kernel check and inventory file poll.
+    kubeconfig: Kubernetes mode — the agents and tunnels watch the API server it names (the tests' stand-in)
+    instead of the lab inventory; the CA keeps the inventory's node tokens.
     """
 
     def __init__(
@@ -113,6 +115,7 @@ class Mesh:
         tunnel_grace: float | None = None,
         verify_interval: float = 2.0,
         inventory_poll: float | None = None,
+        kubeconfig: Path | None = None,
     ) -> None:
         self.lab = lab
         self.run_dir = run_dir
@@ -121,6 +124,7 @@ class Mesh:
         self.tunnel_grace = tunnel_grace
         self.verify_interval = verify_interval
         self.inventory_poll = inventory_poll
+        self.kubeconfig = kubeconfig
         self.procs: list[Proc] = []
         self.ready_after: dict[str, float] = {}  # node -> seconds from start() until its tunnel was ready
         self._tunnels: dict[str, Proc] = {}  # the newest tunnel per node
@@ -209,7 +213,7 @@ class Mesh:
         """
         grace = self.tunnel_grace if grace is None else grace
         argv = [
-            *NODEAGENT, "tunnel", "--node", node, "--inventory", str(self.lab.inventory_path),
+            *NODEAGENT, "tunnel", "--node", node, *self._source(),
             "--zds-socket", str(self.zds_socket(node)), "--ca", self.ca_address,
             "--ca-token-file", str(self.run_dir / node / "ca-token"),
             "--trust-bundle", str(self.ca_state / "trust-bundle.pem"),
@@ -227,7 +231,7 @@ class Mesh:
     def start_agent(self, node: str, *, wait: bool = True, timeout: float = 30.0) -> Proc:
         """Start `node`'s agent; with `wait`, return once its status file says this process is ready."""
         argv = [
-            *NODEAGENT, "agent", "--node", node, "--inventory", str(self.lab.inventory_path),
+            *NODEAGENT, "agent", "--node", node, *self._source(),
             "--zds-socket", str(self.zds_socket(node)), "--state-dir", str(self.agent_state),
             "--capture", self.capture, "--verify-interval", str(self.verify_interval),
             *(["--inventory-poll", str(self.inventory_poll)] if self.inventory_poll is not None else []),
@@ -372,6 +376,12 @@ class Mesh:
                 raise MeshError(f"{proc.name} exited with {proc.popen.returncode}; its log ends:\n{tail}")
 
     # -- internals -------------------------------------------------------------------------------------------
+
+    def _source(self) -> list[str]:
+        """The workload source arguments of agents and tunnels."""
+        if self.kubeconfig is not None:
+            return ["--kubernetes", "--kubeconfig", str(self.kubeconfig)]
+        return ["--inventory", str(self.lab.inventory_path)]
 
     def _spawn(self, name: str, kind: str, node: str, argv: list[str]) -> Proc:
         log_path = self.run_dir / f"{name}.log"

@@ -14,12 +14,21 @@ client. This server speaks the subset of the API they use, with the semantics th
 - PATCH (merge patch, strategic merge patch treated as merge patch, JSON patch) on namespaces and pods,
   and on pods/status (metadata and status only, like the real subresource);
 - POST tokenreviews answered from `self.tokens`;
+- `serve_in_netns()`: the same server also listening inside a network namespace (the lab's API server
+  on a node's fabric address, reached by agents running in the node namespaces);
 - test controls: `compact()` (every older RV now 410s), `drop_watches()` (close open streams mid-way
-  without the terminating chunk), `bookmark()`, `fail(...)` (status codes, RBAC 403 Status objects or
-  garbage bodies for the next N matching requests), and a request log.
+  without the terminating chunk), `hold_watches()` (new watch requests wait until released, so changes
+  made meanwhile happen while no client is watching), `bookmark()`, `fail(...)` (status codes, RBAC 403
+  Status objects or garbage bodies for the next N matching requests), and a request log.
 
 What it deliberately does not do: no authentication of the client, no admission, no label selectors, no
-server-side apply, no protobuf, no websockets (so no exec/port-forward).
+server-side apply, no protobuf, no exec or attach. Two narrow additions:
+- `labelSelector` on lists, equality terms only (`a=b,c=d`): what `nodeagent inspect --node` sends to
+  find the DaemonSet's pod;
+- pods/portforward over a websocket (`serve_portforward`): the channel protocol of the kubelet
+  (v4.channel.k8s.io), really connected to the pod's port — like the kubelet, on 127.0.0.1 inside the
+  pod's network namespace (`pod_netns`: pod IP -> netns, for the lab's nodes), or through `forwards`
+  to a local address when the "pod" is a process of the test.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import copy
+import hashlib
 import json
 import re
 import socket
@@ -40,6 +50,8 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import kubernetes.client
+import wsproto
+import wsproto.events
 
 # kind -> (API prefix, plural, namespaced)
 RESOURCES: dict[str, tuple[str, str, bool]] = {
@@ -53,6 +65,7 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
 _PLURAL = {plural: kind for kind, (_, plural, _) in RESOURCES.items()}
 _API_VERSION = {"Pod": "v1", "Namespace": "v1", "Service": "v1", "Node": "v1"}
 
+_PORTFORWARD = re.compile(r"^/api/v1/namespaces/(?P<ns>[^/]+)/pods/(?P<name>[^/]+)/portforward$")
 _PATH = re.compile(
     r"^(?P<prefix>/api/v1|/apis/[a-z0-9.-]+/v[0-9a-z]+)"
     r"(?:/namespaces/(?P<ns>[^/]+)(?=/))?"
@@ -118,6 +131,13 @@ class KubeStandIn:
         self.tokens: dict[str, dict[str, Any]] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path with query)
         self.patches: list[tuple[str, Any]] = []  # (path, body) of every PATCH
+        self._held = False  # hold_watches(): new watch requests wait
+        self.held_watches = 0  # how many watch requests wait right now
+        self._netns_servers: list[ThreadingHTTPServer] = []
+        # (pod IP, port) -> the address a pods/portforward connection really reaches (pods are local here)
+        self.forwards: dict[tuple[str, int], tuple[str, int]] = {}
+        # pod IP -> a network namespace: port-forward dials 127.0.0.1:port inside it, as the kubelet does
+        self.pod_netns: dict[str, str] = {}
         outer = self
 
         class Handler(_Handler):
@@ -139,12 +159,12 @@ class KubeStandIn:
         configuration.host = self.url
         return kubernetes.client.ApiClient(configuration)
 
-    def kubeconfig(self, path: str) -> str:
-        """Write a kubeconfig pointing at this server (for CLI tests); returns the path."""
+    def kubeconfig(self, path: str, server: str | None = None) -> str:
+        """Write a kubeconfig pointing at this server (or at `server`, a URL of serve_in_netns); returns the path."""
         doc = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "standin", "cluster": {"server": self.url}}],
+            "clusters": [{"name": "standin", "cluster": {"server": server or self.url}}],
             "users": [{"name": "tester", "user": {"token": "test-token"}}],
             "contexts": [{"name": "standin", "context": {"cluster": "standin", "user": "tester"}}],
             "current-context": "standin",
@@ -154,9 +174,25 @@ class KubeStandIn:
         return path
 
     def close(self) -> None:
+        self.release_watches()
         self.drop_watches()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        for httpd in [self.httpd, *self._netns_servers]:
+            httpd.shutdown()
+            httpd.server_close()
+
+    def serve_in_netns(self, netns: str, host: str, port: int = 0) -> str:
+        """Also listen on host:port inside network namespace `netns` (a name or path); returns its URL."""
+        from nodeagent.netns import in_netns
+
+        sock = in_netns(netns, lambda: socket.create_server((host, port)))
+        httpd = ThreadingHTTPServer(sock.getsockname(), self.httpd.RequestHandlerClass, bind_and_activate=False)
+        httpd.socket.close()
+        httpd.socket = sock
+        httpd.server_address = sock.getsockname()
+        httpd.daemon_threads = True
+        threading.Thread(target=httpd.serve_forever, name=f"kube-standin-{netns}", daemon=True).start()
+        self._netns_servers.append(httpd)
+        return f"http://{host}:{httpd.server_address[1]}"
 
     # --- store -----------------------------------------------------------------------------------------
 
@@ -227,6 +263,27 @@ class KubeStandIn:
             with contextlib.suppress(OSError):
                 w.conn.shutdown(socket.SHUT_RDWR)
         return len(watchers)
+
+    def hold_watches(self) -> None:
+        """From now on new watch requests wait (before their first byte) until release_watches()."""
+        with self._lock:
+            self._held = True
+
+    def release_watches(self) -> None:
+        with self._lock:
+            self._held = False
+            self._lock.notify_all()
+
+    def _wait_unheld(self) -> None:
+        with self._lock:
+            if not self._held:
+                return
+            self.held_watches += 1
+            try:
+                while self._held:
+                    self._lock.wait()
+            finally:
+                self.held_watches -= 1
 
     def watch_count(self, kind: str | None = None) -> int:
         with self._lock:
@@ -472,6 +529,10 @@ class _Handler(BaseHTTPRequestHandler):
         if routed is None:
             return
         path, query, m = routed
+        forward = _PORTFORWARD.match(path)
+        if forward is not None:
+            serve_portforward(self, forward.group("ns"), forward.group("name"), query)
+            return
         if m is None or m.group("plural") not in _PLURAL:
             self._error(404, "NotFound", f"the server could not find the requested resource ({path})")
             return
@@ -501,6 +562,8 @@ class _Handler(BaseHTTPRequestHandler):
         except _Gone as exc:
             self._error(410, "Expired", str(exc))
             return
+        if query.get("labelSelector"):
+            doc["items"] = select_labels(doc["items"], query["labelSelector"])
         self._json(200, doc)
 
     def _watch(self, kind: str, namespace: str | None, node: str | None, query: dict[str, str]) -> None:
@@ -509,6 +572,7 @@ class _Handler(BaseHTTPRequestHandler):
         timeout = float(query.get("timeoutSeconds") or 1800)
         bookmarks = query.get("allowWatchBookmarks") in ("1", "true")
         watcher = _Watcher(kind, namespace, node, self.connection)
+        s._wait_unheld()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
@@ -616,3 +680,166 @@ def service(
 
 def authorization_policy(name: str, ns: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {"kind": "AuthorizationPolicy", "metadata": {"name": name, "namespace": ns}, "spec": spec}
+
+
+# --- label selectors and pods/portforward -----------------------------------------------------------------
+
+
+def select_labels(items: list[dict[str, Any]], selector: str) -> list[dict[str, Any]]:
+    """Equality-based label selection (`a=b,c==d,e!=f`); anything else is not supported here."""
+    terms = []
+    for term in selector.split(","):
+        key, op, value = re.fullmatch(r"\s*([^=!\s]+)\s*(==|=|!=)\s*(\S*)\s*", term).groups()  # type: ignore[union-attr]
+        terms.append((key, op != "!=", value))
+    return [
+        o for o in items if all(((o["metadata"].get("labels") or {}).get(k) == v) == equal for k, equal, v in terms)
+    ]
+
+
+WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455
+# What the kubelet's websocket port-forward accepts (pkg/kubelet/cri/streaming/portforward/websocket.go):
+# the binary channel protocol (v4 and its unversioned name).
+PORTFORWARD_PROTOCOLS = ("v4.channel.k8s.io", "channel.k8s.io")
+
+
+def serve_portforward(handler: _Handler, namespace: str, name: str, query: dict[str, str]) -> None:
+    """pods/portforward like the kubelet behind the API server: one TCP connection per requested port.
+
+    After the 101, every port i gets channels 2i (data) and 2i+1 (error), each opened by a frame of the
+    channel byte and the port as uint16 little-endian; data frames are the channel byte + bytes; a failed
+    dial is reported as text on the error channel. The websocket closes when the pod's side does."""
+    s = handler.server_ref
+    pod_obj = s.get("Pod", name, namespace)
+    if pod_obj is None:
+        handler._error(404, "NotFound", f'pods "{name}" not found')
+        return
+    if handler.headers.get("Upgrade", "").lower() != "websocket" or not handler.headers.get("Sec-WebSocket-Key"):
+        handler._error(400, "BadRequest", "Upgrade request required")
+        return
+    offered = [p.strip() for p in handler.headers.get("Sec-WebSocket-Protocol", "").split(",")]
+    protocol = next((p for p in offered if p in PORTFORWARD_PROTOCOLS), None)
+    if protocol is None:
+        handler._error(400, "BadRequest", f"none of the offered subprotocols {offered} is supported")
+        return
+    try:
+        ports = [int(p) for p in query.get("ports", "").split(",")]
+        if not all(0 < p < 65536 for p in ports):
+            raise ValueError
+    except ValueError:
+        handler._error(400, "BadRequest", f"invalid ports {query.get('ports')!r}")
+        return
+    pod_ip = (pod_obj.get("status") or {}).get("podIP")
+    if (pod_obj.get("status") or {}).get("phase") != "Running" or not pod_ip:
+        handler._error(400, "BadRequest", f"pod {name} is not running")
+        return
+    key = handler.headers["Sec-WebSocket-Key"].strip()
+    accept = base64.b64encode(hashlib.sha1((key + WEBSOCKET_GUID).encode()).digest()).decode()
+    handler.send_response(101, "Switching Protocols")
+    handler.send_header("Upgrade", "websocket")
+    handler.send_header("Connection", "Upgrade")
+    handler.send_header("Sec-WebSocket-Accept", accept)
+    handler.send_header("Sec-WebSocket-Protocol", protocol)
+    handler.end_headers()
+    handler.wfile.flush()
+    handler.close_connection = True
+    _PortForwardSession(handler, s, pod_obj, pod_ip, ports).run()
+
+
+class _PortForwardSession:
+    def __init__(
+        self, handler: _Handler, standin: KubeStandIn, pod_obj: dict[str, Any], pod_ip: str, ports: list[int]
+    ) -> None:
+        self.handler = handler
+        self.ws = wsproto.Connection(wsproto.ConnectionType.SERVER)
+        self.send_lock = threading.Lock()
+        self.pod = f"{pod_obj['metadata']['name']}, uid {pod_obj['metadata']['uid']}"
+        self.targets: dict[int, socket.socket] = {}  # data channel -> connection to the pod's port
+        self.ports = ports
+        self.netns = standin.pod_netns.get(pod_ip)
+        self.addresses = [
+            standin.forwards.get((pod_ip, p), ("127.0.0.1", p) if self.netns else (pod_ip, p)) for p in ports
+        ]
+        self.closed = threading.Event()
+
+    def send(self, event: wsproto.events.Event) -> None:
+        with self.send_lock:
+            if self.ws.state is wsproto.ConnectionState.OPEN or isinstance(event, wsproto.events.CloseConnection):
+                with contextlib.suppress(OSError, wsproto.utilities.LocalProtocolError):
+                    self.handler.connection.sendall(self.ws.send(event))
+
+    def run(self) -> None:
+        for i, port in enumerate(self.ports):
+            prefix = port.to_bytes(2, "little")
+            self.send(wsproto.events.BytesMessage(bytes([2 * i]) + prefix))
+            self.send(wsproto.events.BytesMessage(bytes([2 * i + 1]) + prefix))
+        for i, (port, address) in enumerate(zip(self.ports, self.addresses, strict=True)):
+            try:
+                conn = self._dial(address)
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+                message = (
+                    f"error forwarding port {port} to pod {self.pod}: failed to connect to localhost:{port} "
+                    f"inside namespace: dial tcp4 127.0.0.1:{port}: connect: {reason.lower()}"
+                )
+                self.send(wsproto.events.BytesMessage(bytes([2 * i + 1]) + message.encode()))
+                self.close()
+                return
+            conn.settimeout(None)
+            self.targets[2 * i] = conn
+            threading.Thread(target=self._pump, args=(2 * i, conn), daemon=True, name="standin-pf").start()
+        self._read_client()
+        for conn in self.targets.values():
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    def _dial(self, address: tuple[str, int]) -> socket.socket:
+        if self.netns is None:
+            return socket.create_connection(address, timeout=5)
+        from nodeagent.netns import in_netns
+
+        return in_netns(self.netns, lambda: socket.create_connection(address, timeout=5))
+
+    def _pump(self, channel: int, conn: socket.socket) -> None:
+        """The pod's bytes -> data frames; its EOF ends the session (like the kubelet's)."""
+        while True:
+            try:
+                data = conn.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                self.close()
+                return
+            self.send(wsproto.events.BytesMessage(bytes([channel]) + data))
+
+    def close(self) -> None:
+        if not self.closed.is_set():
+            self.closed.set()
+            self.send(wsproto.events.CloseConnection(code=1000))
+
+    def _read_client(self) -> None:
+        rfile = self.handler.rfile  # may already hold bytes the client sent right after the handshake
+        message = b""  # wsproto hands a long message over in parts; the channel byte leads only the first
+        while True:
+            try:
+                data = rfile.read1(65536)  # type: ignore[attr-defined]
+            except OSError:
+                data = b""
+            self.ws.receive_data(data or None)
+            for event in self.ws.events():
+                if isinstance(event, wsproto.events.BytesMessage):
+                    message += event.data
+                    if not event.message_finished:
+                        continue
+                    target = self.targets.get(message[0]) if message else None
+                    if target is not None and len(message) > 1:
+                        with contextlib.suppress(OSError):
+                            target.sendall(message[1:])
+                    message = b""
+                elif isinstance(event, wsproto.events.CloseConnection):
+                    self.closed.set()
+                    self.send(event.response())
+                    return
+                elif isinstance(event, wsproto.events.Ping):
+                    self.send(event.response())
+            if not data:
+                return

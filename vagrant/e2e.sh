@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The real checks, inside the VM: enrolled pods reach each other; servers report mutual_tls; on the wire
 # between pods only TLS to port 15008 (no plaintext marker); every enrolled pod is annotated enabled and
-# has nodeagent's capture rules in its own netns (read with nsenter + iptables-save: an independent oracle).
+# has nodeagent's capture rules in its own netns (read with nsenter + iptables-save: an independent oracle);
+# `nodeagent inspect redirects --node` through the API server lists every demo pod.
 set -euo pipefail
 kubectl() { k3s kubectl "$@"; }
 fail() { echo "E2E FAIL: $*" >&2; exit 1; }
@@ -57,5 +58,18 @@ echo "== 4. the servers' tunnel reports mutual_tls"
 metrics=$(curl -sf "http://127.0.0.1:15020/metrics") || fail "no metrics on :15020"
 echo "$metrics" | grep 'istio_tcp_connections_opened_total{' | grep 'reporter="destination"' \
   | grep -q 'connection_security_policy="mutual_tls"' || fail "no destination-reported mutual_tls connections"
+
+echo "== 5. nodeagent inspect redirects, through the API server (pods/portforward), lists every demo pod"
+node=$(kubectl get nodes -o jsonpath='{.items[0].metadata.name}')
+report=$(k3s ctr run --rm --net-host --mount "type=bind,src=/etc/rancher/k3s/k3s.yaml,dst=/kubeconfig,options=rbind:ro" \
+  docker.io/library/nodeagent:dev inspect-e2e-$$ \
+  nodeagent inspect redirects --node "$node" --kubeconfig /kubeconfig -n demo --verify -o json) \
+  || fail "nodeagent inspect redirects --node $node failed"
+while read -r name ip; do
+  [ -n "$name" ] || continue
+  echo "$report" | jq -e --arg pod "$name" '.rows[] | select(.pod == $pod and .status == "enabled")' >/dev/null \
+    || fail "inspect redirects does not list $name as enabled"
+done <<< "$pods"
+echo "  inspect redirects lists all $(echo "$report" | jq '.rows | length') demo pods"
 
 echo "E2E PASS in $(( $(date +%s) - start )) s"

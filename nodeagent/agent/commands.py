@@ -19,12 +19,15 @@ from typing import Any
 
 import yaml
 
-from nodeagent.admin_client import table
+from nodeagent.admin_client import AdminError, fetch_remote_dump, table
 from nodeagent.agent import inspect as redirects
+from nodeagent.agent.kube_netns import ProcNetnsResolver
+from nodeagent.agent.netns_resolver import NetnsResolver
 from nodeagent.agent.service import CAPTURE_CHOICES, DEFAULT_VERIFY_S, AgentConfig, run
 from nodeagent.agent.status import DEFAULT_STATE_DIR
 from nodeagent.agent.workloads import DEFAULT_POLL_S
 from nodeagent.inventory.local import InventoryError, load_inventory
+from nodeagent.model import Inventory
 from nodeagent.netns import NETNS_RUN_DIR
 from nodeagent.zds.wire import DEFAULT_SOCKET_PATH
 
@@ -100,9 +103,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--kube-netns",
         choices=("proc", "pattern"),
         default="proc",
-        help="find pod netns by pod IP in --host-proc (real nodes) or by --netns-pattern (the lab)",
+        help="find pod netns by pod IP (bind mounts in --netns-dir, then --host-proc) or by --netns-pattern",
     )
     kube.add_argument("--host-proc", default="/proc", metavar="DIR", help="the host's /proc (default: %(default)s)")
+    kube.add_argument(
+        "--admin",
+        default="127.0.0.1:15002",
+        metavar="HOST:PORT",
+        help="serve /config_dump {redirects} here for `inspect redirects --node` (`none`: off; default: %(default)s)",
+    )
     agent.set_defaults(func=_agent)
 
 
@@ -117,11 +126,30 @@ def register_inspect_redirects(inspect_subparsers: argparse._SubParsersAction[ar
     cmd.add_argument("--node", action="append", metavar="NODE", help="only this node (repeatable; default: all)")
     cmd.add_argument("--inventory", type=Path, default=LAB_INVENTORY, metavar="FILE", help="default: %(default)s")
     cmd.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
+    scope = cmd.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", help="only the pods of this namespace")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="every namespace (the default)")
     cmd.add_argument("--verify", action="store_true", help="explain every problem; exit status 1 if there is one")
     cmd.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR", help="agents' status files")
     cmd.add_argument("--netns-dir", default=NETNS_RUN_DIR, metavar="DIR")
     cmd.add_argument("--netns-pattern", default="na-{node}.{namespace}.{name}", metavar="FMT")
     cmd.add_argument("--node-netns-pattern", default="na-{node}", metavar="FMT")
+    kube = cmd.add_argument_group("Kubernetes mode (instead of --inventory): pods from the API server")
+    kube.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="list each --node's pods (and the namespaces) from the API server; netns found by pod IP",
+    )
+    kube.add_argument("--kubeconfig", type=Path, help="kubeconfig file (default: in-cluster, else ~/.kube/config)")
+    kube.add_argument("--context", help="kubeconfig context")
+    kube.add_argument("--host-proc", default="/proc", metavar="DIR", help="the host's /proc (default: %(default)s)")
+    kube.add_argument(
+        "--agent-namespace",
+        default="nodeagent-system",
+        help="without --kubernetes, --node with --kubeconfig/--context (or with no inventory file here) reads "
+        "that node's kernel through the API server: pods/portforward to the agent of the DaemonSet in this "
+        "namespace (default: %(default)s)",
+    )
     cmd.set_defaults(func=_inspect_redirects)
 
 
@@ -159,26 +187,67 @@ def _agent(args: argparse.Namespace) -> int:
             status=not args.no_pod_status,
             netns=args.kube_netns,
             proc=args.host_proc,
+            admin=None if args.admin == "none" else args.admin,
         )
         return run(config, lambda c, f: KubeAgent(c, f, settings=settings))
     return run(config)
 
 
 def _inspect_redirects(args: argparse.Namespace) -> int:
-    try:
-        inventory = load_inventory(args.inventory)
-    except InventoryError as exc:
-        hint = " (is the lab up? `sudo nodeagent lab up`)" if args.inventory == LAB_INVENTORY else ""
-        print(f"error: {exc}{hint}", file=sys.stderr)
-        return 2
-    known = [n.name for n in inventory.nodes]
-    nodes = args.node or known
-    unknown = [n for n in nodes if n not in known]
-    if unknown:
-        print(f"error: unknown node {', '.join(unknown)} (known: {', '.join(known)})", file=sys.stderr)
-        return 2
+    resolver: NetnsResolver | None = None
+    remote = args.node and not args.kubernetes and (args.kubeconfig or args.context or not args.inventory.exists())
+    if remote:
+        try:
+            report = _remote_redirects(args)
+        except AdminError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        return _print_redirects(args, report)
+    if args.kubernetes:
+        loaded = _kube_inventory(args)
+        if loaded is None:
+            return 2
+        inventory, nodes = loaded, args.node
+        resolver = ProcNetnsResolver(proc=args.host_proc, netns_dir=args.netns_dir)
+    else:
+        try:
+            inventory = load_inventory(args.inventory)
+        except InventoryError as exc:
+            hint = " (is the lab up? `sudo nodeagent lab up`)" if args.inventory == LAB_INVENTORY else ""
+            print(f"error: {exc}{hint}", file=sys.stderr)
+            return 2
+        known = [n.name for n in inventory.nodes]
+        nodes = args.node or known
+        unknown = [n for n in nodes if n not in known]
+        if unknown:
+            print(f"error: unknown node {', '.join(unknown)} (known: {', '.join(known)})", file=sys.stderr)
+            return 2
     layout = redirects.Layout(args.netns_dir, args.netns_pattern, args.node_netns_pattern, args.state_dir)
-    report = asyncio.run(redirects.collect(inventory, nodes, layout))
+    return _print_redirects(args, asyncio.run(redirects.collect(inventory, nodes, layout, resolver)))
+
+
+def _remote_redirects(args: argparse.Namespace) -> redirects.Redirects:
+    """Each --node's report from its agent's admin endpoint (agent/admin_endpoint.py), through the API server."""
+    from nodeagent.kube_remote import AGENT_ADMIN_PORT
+
+    report = redirects.Redirects([], [])
+    for node in args.node:
+        dump = fetch_remote_dump(args, node, AGENT_ADMIN_PORT)
+        section = dump.get("redirects") if isinstance(dump, dict) else None
+        if not isinstance(section, dict) or "rows" not in section:
+            problem = section.get("error") if isinstance(section, dict) else None
+            raise AdminError(f"the agent on node {node} sent no redirects report" + (f": {problem}" if problem else ""))
+        try:
+            report.rows += [redirects.RedirectRow(**row) for row in section["rows"]]
+            report.nodes += [redirects.NodeReport(**n) for n in section["nodes"]]
+        except (TypeError, KeyError) as exc:
+            raise AdminError(f"the agent on node {node} sent a report of another version ({exc})") from None
+    return report
+
+
+def _print_redirects(args: argparse.Namespace, report: redirects.Redirects) -> int:
+    if args.namespace and not args.all_namespaces:
+        report.rows = [r for r in report.rows if r.namespace == args.namespace]
     problems = redirects.verify(report) if args.verify else 0
     if args.output == "json":
         print(json.dumps(report.as_dict(), indent=2))
@@ -187,6 +256,32 @@ def _inspect_redirects(args: argparse.Namespace) -> int:
     else:
         print(_table(report, show_problems=args.verify))
     return 1 if problems else 0
+
+
+def _kube_inventory(args: argparse.Namespace) -> Inventory | None:
+    """The --node pods from the API server (None, after printing why, when they cannot be listed)."""
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    from nodeagent.inventory.kube import KubeConfigError, api_client, describe
+
+    if not args.node:
+        print(
+            "error: with --kubernetes, name the node(s) whose kernel this machine holds: --node NODE",
+            file=sys.stderr,
+        )
+        return None
+    try:
+        inventory, skipped = redirects.kube_inventory(api_client(args.kubeconfig, args.context), args.node)
+    except KubeConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    except (ApiException, HTTPError, OSError, ValueError) as exc:
+        print(f"error: {describe(exc, 'listing pods and namespaces')}", file=sys.stderr)
+        return None
+    for problem in skipped:
+        print(f"warning: left out: {problem}", file=sys.stderr)
+    return inventory
 
 
 def _table(report: redirects.Redirects, *, show_problems: bool) -> str:

@@ -6,26 +6,34 @@ routing inside the pod's netns, runs `ss -H -tlnp` there to see whether the tunn
 (15001/15006/15008) exist, and reads the node's kubelet-probe chain; only the STATUS column comes from
 the agent's status file. `verify` turns the rows into sentences about what is broken.
 
+Where the pods come from: the local inventory (the lab), or in Kubernetes mode the API server
+(`kube_inventory`: the named nodes' pods by field selector, and the namespaces that decide enrollment).
+Either way only the list of pods comes from there; each pod's netns is found on this machine (the lab's
+name pattern, or by pod IP with agent/kube_netns.py as the agent in Kubernetes mode does) and everything
+about capture is read from the kernel.
+
 What it deliberately does not do: no changes to the kernel (read-only), no traffic generation (the
-capture check compares the exact rules and routes instead of sending a probe connection), no Kubernetes
-lookup yet (pods come from the local inventory and the lab's netns naming).
+capture check compares the exact rules and routes instead of sending a probe connection), no remote
+kernels (it reads the kernel of the machine it runs on: run it on the node, or in the agent's pod).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nodeagent.agent.enrollment import desired_pods
-from nodeagent.agent.netns_resolver import DirectoryNetnsResolver, node_netns_path
+from nodeagent.agent.netns_resolver import DirectoryNetnsResolver, NetnsResolver, node_netns_path
 from nodeagent.agent.status import agent_alive, read_status, status_path
 from nodeagent.capture.backend import CaptureError
 from nodeagent.capture.ebpf import EbpfBackend
 from nodeagent.capture.iptables import Flavour, Iptables, IptablesBackend, ProbeBypass, detect_flavour, run_command
 from nodeagent.capture.rules import INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
+from nodeagent.inventory import translate
 from nodeagent.model import DEFAULT_EXCLUDED_NAMESPACES, Inventory, Pod
 
 TUNNEL_PORTS = (OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, INBOUND_HBONE_PORT)
@@ -80,17 +88,60 @@ class Layout:
     state_dir: Path = Path("/run/nodeagent/agent")
 
 
-async def collect(inventory: Inventory, nodes: list[str], layout: Layout) -> Redirects:
+def kube_inventory(api: Any, nodes: list[str], *, trust_domain: str = "cluster.local") -> tuple[Inventory, list[str]]:
+    """The pods of `nodes` and every namespace, listed from the API server (`api`: a kubernetes ApiClient).
+
+    Returns the inventory and the objects left out (a line each: what could not be translated). API errors
+    propagate (kubernetes ApiException, urllib3 errors); inventory/kube.describe words them.
+    """
+    import kubernetes.client  # here: the file mode's CLI does not pay for importing the client
+
+    core = kubernetes.client.CoreV1Api(api)
+    skipped: list[str] = []
+
+    def items(resp: Any) -> list[Any]:
+        try:
+            doc = json.loads(resp.data)
+        finally:
+            resp.release_conn()
+        if not isinstance(doc, dict) or not isinstance(doc.get("items"), list):
+            raise ValueError(f"a list response without items (got {str(doc)[:80]!r})")
+        return list(doc["items"])
+
+    def translated(objects: list[Any], convert: Any) -> list[Any]:
+        out = []
+        for obj in objects:
+            try:
+                out.append(convert(obj))
+            except translate.TranslateError as exc:
+                skipped.append(str(exc))
+        return out
+
+    namespaces = translated(items(core.list_namespace(_preload_content=False)), translate.namespace)
+    pods = []
+    for node in nodes:
+        listed = core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={node}", _preload_content=False)
+        pods += translated(items(listed), translate.pod)
+    inventory = translate.inventory(pods=pods, namespaces=namespaces, nodes=nodes, trust_domain=trust_domain)
+    return inventory, skipped
+
+
+async def collect(
+    inventory: Inventory, nodes: list[str], layout: Layout, resolver: NetnsResolver | None = None
+) -> Redirects:
+    """Rows for the pods of `nodes`; `resolver` finds their netns (default: `layout`'s name pattern)."""
     rows: list[RedirectRow] = []
     reports: list[NodeReport] = []
     for node in nodes:
-        node_rows, report = await _collect_node(inventory, node, layout)
+        node_rows, report = await _collect_node(inventory, node, layout, resolver)
         rows += node_rows
         reports.append(report)
     return Redirects(rows, reports)
 
 
-async def _collect_node(inventory: Inventory, node: str, layout: Layout) -> tuple[list[RedirectRow], NodeReport]:
+async def _collect_node(
+    inventory: Inventory, node: str, layout: Layout, resolver: NetnsResolver | None
+) -> tuple[list[RedirectRow], NodeReport]:
     status = read_status(status_path(layout.state_dir, node))
     node_netns = node_netns_path(node, layout.netns_dir, layout.node_pattern)
     if status is not None and status.get("iptables") in {f.value for f in Flavour}:
@@ -100,7 +151,8 @@ async def _collect_node(inventory: Inventory, node: str, layout: Layout) -> tupl
     iptables = Iptables(flavour)
     backend = IptablesBackend(iptables)
     ebpf = EbpfBackend() if (status or {}).get("capture") == "ebpf" else None  # programs read from the kernel
-    resolver = DirectoryNetnsResolver(layout.netns_dir, layout.pod_pattern)
+    pattern = DirectoryNetnsResolver(layout.netns_dir, layout.pod_pattern)
+    netns_of = resolver or pattern
     enrolled = desired_pods(inventory, node, DEFAULT_EXCLUDED_NAMESPACES)
     agent_pods: dict[str, Any] = (status or {}).get("pods", {})
     alive = status is not None and agent_alive(status)
@@ -115,10 +167,11 @@ async def _collect_node(inventory: Inventory, node: str, layout: Layout) -> tupl
         r = RedirectRow(node, pod.namespace, pod.name, str(pod.ip or ""), mode, recorded, "-", [])
         if pod.host_network:
             return r
-        netns = resolver.resolve(pod)
+        netns = netns_of.resolve(pod)
         if netns is None:
             r.rules = "gone"
-            r.drift = [f"no network namespace at {resolver.path(pod)}"]
+            where = f"at {pattern.path(pod)}" if resolver is None else f"holds IP {pod.ip or '(none yet)'}"
+            r.drift = [f"no network namespace {where}"]
             return r
         try:
             inspected = ebpf.inspect_pod(pod, netns) if ebpf is not None else backend.inspect(netns)

@@ -11,8 +11,10 @@ so this module swaps the two edges that differ and nothing else:
 - `KubeAgent` is the file-mode Agent with that source, plus the pod-status task (agent/kube_status.py)
   fed from the same per-pod results the status file gets (kernel-verified, tunnel-acked).
 
-What it deliberately does not do: no enrollment logic (enrollment.py), no netns discovery of its own
-(the agent's resolver applies in both modes), no kubeconfig reading at import.
+Pods' netns are found by pod IP (agent/kube_netns.py: the CNI's bind mounts, else /proc), which works
+on real nodes and in the lab alike; `--kube-netns pattern` keeps the file mode's name pattern instead.
+
+What it deliberately does not do: no enrollment logic (enrollment.py), no kubeconfig reading at import.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from typing import Any
 
 import kubernetes.client
 
+from nodeagent.agent import admin_endpoint
 from nodeagent.agent.enrollment import Status
+from nodeagent.agent.inspect import Layout
 from nodeagent.agent.kube_netns import ProcNetnsResolver
 from nodeagent.agent.kube_status import PodStatusWriter
 from nodeagent.agent.service import Agent, AgentConfig
@@ -46,10 +50,13 @@ class KubeSettings:
     cluster_name: str = "kubernetes"
     trust_domain: str = "cluster.local"
     status: bool = True  # write ambient.istio.io/redirection on pods/status
-    # How pod netns are found: "proc" (by pod IP, agent/kube_netns.py: real nodes) or "pattern" (the
-    # agent's --netns-dir/--netns-pattern, as in the lab).
+    # How pod netns are found: "proc" (by pod IP from the bind mounts in --netns-dir and the processes
+    # in `proc`: agent/kube_netns.py) or "pattern" (the agent's --netns-dir/--netns-pattern).
     netns: str = "proc"
     proc: str = "/proc"
+    # The agent's admin endpoint (agent/admin_endpoint.py: `redirects` for `inspect redirects --node`);
+    # None: not served.
+    admin: str | None = "127.0.0.1:15002"
     # Tests pass a ready client (the stand-in); otherwise one is built from kubeconfig / in-cluster.
     client: Callable[[], kubernetes.client.ApiClient] | None = None
 
@@ -71,7 +78,7 @@ class KubeWorkloads:
         trust_domain: str = "cluster.local",
         **source_options: Any,
     ) -> None:
-        self.path = f"kubernetes (pods on node {node})"
+        self.path = f"the API server (pods on node {node}, namespaces)"
         self._on_change = on_change
         self._on_error = on_error
         self.source = KubeSource(
@@ -138,11 +145,21 @@ class KubeAgent(Agent):
         )
         self.pod_status = PodStatusWriter(api) if settings.status else None
         if settings.netns == "proc":
-            self.reconciler._resolver = ProcNetnsResolver(proc=settings.proc, netns_dir=config.netns_dir)
+            self.reconciler.use_resolver(ProcNetnsResolver(proc=settings.proc, netns_dir=config.netns_dir))
+        self.admin = None
+        if settings.admin is not None:  # its own resolver: the report must not lean on the reconciler's
+            layout = Layout(config.netns_dir, config.netns_pattern, admin_endpoint.OWN_NETNS, config.state_dir)
+            resolver = (
+                ProcNetnsResolver(proc=settings.proc, netns_dir=config.netns_dir) if settings.netns == "proc" else None
+            )
+            server = admin_endpoint.redirects_server(config.node, lambda: self.inventory.current, layout, resolver)
+            self.admin = (server, admin_endpoint.parse_address(settings.admin))
 
     async def run(self, stop: asyncio.Event) -> int:
         if self.pod_status is not None:
             self._guard(self.pod_status.run(), "pod-status")
+        if self.admin is not None:
+            self._guard(admin_endpoint.serve(*self.admin), "admin")
         return await super().run(stop)
 
     def _write_status(self, *, running: bool) -> None:

@@ -1,14 +1,25 @@
-"""Finding a Kubernetes pod's netns by its IP, from /proc: the NetnsResolver for real nodes.
+"""Finding a Kubernetes pod's netns by its IP: the NetnsResolver for Kubernetes mode.
 
 Why this module exists: on a Kubernetes node the CNI names pod namespaces after nothing the agent knows
-(containerd: /var/run/netns/cni-<uuid>), so the lab's name pattern cannot work. Every pod has an IP,
-though, and every process shows the local addresses of its netns in /proc/<pid>/net/fib_trie. Scanning
-the processes once (at most every `refresh_s`, and only when a pod is not found) maps pod IP -> netns;
-the path handed out is the CNI's bind mount in `netns_dir` when one has the same inode (it outlives any
-process), else /proc/<pid>/ns/net of a process inside (the reconciler holds an fd from then on).
+(containerd: /var/run/netns/cni-<uuid>), so a name pattern cannot work. Every pod has an IP, though, and
+every network namespace shows its local addresses in its fib_trie. A scan (for a pod seen for the
+first time, then at most every `refresh_s` while it is not found) maps pod IP -> netns from two places:
 
-Needs: the host's /proc (hostPID, or /proc mounted at `proc`), CAP_SYS_PTRACE to open other users'
-ns/net files. Pure file reads: no subprocess, no setns.
+- the bind mounts in `netns_dir` (containerd's and CRI-O's sandboxes, `ip netns`, the lab): a worker
+  thread enters each one it has not read yet and reads /proc/thread-self/net/fib_trie; a mount outlives
+  any process, so it is the path handed out whenever one exists. A sandbox's addresses do not change
+  once the CNI set them up, so a mount is read once, unless it had no address yet (the kubelet reports a
+  pod IP only after the CNI's set-up, but a scan can fall in between);
+- the processes in `proc`: /proc/<pid>/net/fib_trie of each netns not seen through a mount (runtimes
+  that mount nothing); the path is /proc/<pid>/ns/net (the reconciler holds an fd from then on).
+
+The mapping itself is a pure function (`map_addresses`): an IP held by two different namespaces (an old
+sandbox still alive after its IP was reused) maps to neither — capture waits rather than guessing — and
+the agent's own netns (the node's) is never a pod's.
+
+Needs: the host's mount namespace for `netns_dir`, the host's /proc (hostPID) for the process scan,
+CAP_SYS_ADMIN to enter namespaces and CAP_SYS_PTRACE to read other users' ns/net files. setns() happens
+only on the scan's own short-lived thread; the calling thread never moves.
 
 What it deliberately does not do: no CRI calls (the IP is enough and is in the pod's status), no netns
 creation, no IPv6 (the model's pod IPs are IPv4).
@@ -19,10 +30,13 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 from nodeagent.model import Pod
+from nodeagent.netns import setns
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +57,50 @@ def local_ipv4s(fib_trie: str) -> Iterator[ipaddress.IPv4Address]:
                 yield ip
 
 
+@dataclass(frozen=True, slots=True)
+class NetnsSighting:
+    """One network namespace seen by a scan: its inode, the path to hand out, its fib_trie."""
+
+    inode: int
+    path: str
+    fib_trie: str
+
+
+def map_addresses(
+    sightings: Iterable[NetnsSighting], exclude: frozenset[int] = frozenset()
+) -> tuple[dict[ipaddress.IPv4Address, str], set[ipaddress.IPv4Address]]:
+    """IP -> netns path, and the IPs held by more than one namespace (mapped to none). Pure.
+
+    The first sighting of an inode wins (callers list bind mounts before processes); namespaces whose
+    inode is in `exclude` (the host's, the agent's own) are skipped.
+    """
+    owner: dict[ipaddress.IPv4Address, tuple[int, str]] = {}
+    ambiguous: set[ipaddress.IPv4Address] = set()
+    seen: set[int] = set()
+    for s in sightings:
+        if s.inode in exclude or s.inode in seen:
+            continue
+        seen.add(s.inode)
+        for ip in local_ipv4s(s.fib_trie):
+            previous = owner.get(ip)
+            if previous is not None and previous[0] != s.inode:
+                ambiguous.add(ip)
+            elif previous is None:
+                owner[ip] = (s.inode, s.path)
+    return {ip: path for ip, (_, path) in owner.items() if ip not in ambiguous}, ambiguous
+
+
 class ProcNetnsResolver:
+    """NetnsResolver by pod IP. A pod seen for the first time always gets a fresh scan, so a sandbox that
+    still holds a reused IP is noticed (ambiguous: nothing handed out) instead of served from a cache;
+    a pod already found keeps its path while it exists; a pod not found is scanned for again at most
+    every `refresh_s` (the reconciler retries it with every verify).
+
+    Scans run on the calling thread, except the setns() reads, which run on a short-lived worker thread
+    that the caller joins: mounts already read are not read again, so a scan costs a directory listing,
+    one stat per mount and per process, and the reads of new namespaces.
+    """
+
     def __init__(
         self,
         proc: str = "/proc",
@@ -56,40 +113,104 @@ class ProcNetnsResolver:
         self.refresh_s = refresh_s
         self._clock = clock
         self._by_ip: dict[ipaddress.IPv4Address, str] = {}
-        self._scanned = -1e9
-        self._host_inode = self._inode(os.path.join(proc, "1", "ns", "net"))
+        self._ambiguous: set[ipaddress.IPv4Address] = set()
+        self._found: dict[str, tuple[ipaddress.IPv4Address, str]] = {}  # pod uid -> (IP, path) handed out
+        self._missed: dict[str, float] = {}  # pod uid -> when it was last scanned for in vain
+        self._mounts: dict[int, NetnsSighting] = {}  # inode -> a mount read once, with addresses
+        self.scans = 0
+        own = {_inode(os.path.join(proc, "1", "ns", "net")), _inode("/proc/self/ns/net")}
+        self._exclude = frozenset(i for i in own if i is not None)
 
     def resolve(self, pod: Pod) -> str | None:
         if pod.ip is None or pod.host_network:
             return None
+        found = self._found.get(pod.uid)
+        if found is not None and found[0] == pod.ip and os.path.exists(found[1]):
+            return found[1]
+        now = self._clock()
+        last = self._missed.get(pod.uid)
+        if found is None and last is not None and now - last < self.refresh_s:
+            return None  # scanned for in vain a moment ago
+        self.scan()
         path = self._by_ip.get(pod.ip)
-        if path is not None and os.path.exists(path):
-            return path
-        if self._clock() - self._scanned >= self.refresh_s:
-            self.scan()
-        return self._by_ip.get(pod.ip)
+        if path is None:
+            self._missed[pod.uid] = now
+            if pod.ip in self._ambiguous:
+                log.error(
+                    "%s: IP %s is held by more than one network namespace; capture waits until only one holds it",
+                    pod.key,
+                    pod.ip,
+                )
+            return None
+        self._missed.pop(pod.uid, None)
+        self._found[pod.uid] = (pod.ip, path)
+        return path
 
     def scan(self) -> None:
-        self._scanned = self._clock()
-        mounts: dict[int, str] = {}
+        """Map every namespace's local IPs afresh (bind mounts first, then processes)."""
+        self.scans += 1
+        now = self._clock()
+        mounts = self._mount_sightings()
+        known = {s.inode for s in mounts}
+        self._by_ip, self._ambiguous = map_addresses([*mounts, *self._process_sightings(known)], self._exclude)
+        # Forget pods whose namespace is gone, and misses too old to matter (bounded by the pods alive).
+        self._found = {uid: f for uid, f in self._found.items() if os.path.exists(f[1])}
+        self._missed = {uid: t for uid, t in self._missed.items() if now - t < 60 * self.refresh_s}
+
+    def _mount_sightings(self) -> list[NetnsSighting]:
         try:
-            for name in os.listdir(self.netns_dir):
-                inode = self._inode(os.path.join(self.netns_dir, name))
-                if inode is not None:
-                    mounts[inode] = os.path.join(self.netns_dir, name)
+            names = sorted(os.listdir(self.netns_dir))
         except OSError:
-            pass
-        by_ip: dict[ipaddress.IPv4Address, str] = {}
-        seen: set[int] = set()
+            return []
+        known: dict[int, NetnsSighting] = {}
+        paths = []
+        for name in names:
+            path = os.path.join(self.netns_dir, name)
+            inode = _inode(path)
+            cached = self._mounts.get(inode) if inode is not None else None
+            if cached is not None and cached.path == path:
+                known[cached.inode] = cached
+            elif inode is not None and inode not in self._exclude:
+                paths.append(path)
+        found: list[NetnsSighting] = []
+
+        def read_all() -> None:  # on its own thread: it moves between namespaces and then ends
+            for path in paths:
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    continue
+                try:
+                    inode = os.fstat(fd).st_ino
+                    if inode in self._exclude:
+                        continue
+                    setns(fd)
+                    with open("/proc/thread-self/net/fib_trie") as f:
+                        found.append(NetnsSighting(inode, path, f.read()))
+                except OSError as exc:  # not a netns mount, or no CAP_SYS_ADMIN
+                    log.debug("cannot read the addresses of %s: %s", path, exc)
+                finally:
+                    os.close(fd)
+
+        if paths:
+            worker = threading.Thread(target=read_all, name="netns-scan", daemon=True)
+            worker.start()
+            worker.join()
+        known.update((s.inode, s) for s in found if any(local_ipv4s(s.fib_trie)))
+        self._mounts = known  # mounts that are gone are forgotten
+        return [*known.values(), *(s for s in found if s.inode not in known)]
+
+    def _process_sightings(self, known: set[int]) -> Iterator[NetnsSighting]:
         try:
             pids = [p for p in os.listdir(self.proc) if p.isdigit()]
         except OSError as exc:
             log.error("cannot list %s: %s; is the host's /proc mounted (hostPID)?", self.proc, exc)
             return
+        seen = set(known) | self._exclude
         for pid in pids:
             ns = os.path.join(self.proc, pid, "ns", "net")
-            inode = self._inode(ns)
-            if inode is None or inode in seen or inode == self._host_inode:
+            inode = _inode(ns)
+            if inode is None or inode in seen:
                 continue
             seen.add(inode)
             try:
@@ -97,13 +218,11 @@ class ProcNetnsResolver:
                     text = f.read()
             except OSError:
                 continue
-            for ip in local_ipv4s(text):
-                by_ip[ip] = mounts.get(inode, ns)
-        self._by_ip = by_ip
+            yield NetnsSighting(inode, ns, text)
 
-    @staticmethod
-    def _inode(path: str) -> int | None:
-        try:
-            return os.stat(path).st_ino
-        except OSError:
-            return None
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None

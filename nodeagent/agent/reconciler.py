@@ -24,6 +24,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -112,6 +113,11 @@ class Reconciler:
         self._strays.update(strays)
         self._kick(set(strays))
 
+    def use_resolver(self, resolver: NetnsResolver) -> None:
+        """Find pods' netns with `resolver` from now on (Kubernetes mode: by pod IP); set it before the
+        first reconcile, since records already held keep the netns they were resolved to."""
+        self._resolver = resolver
+
     def verify_all(self) -> None:
         """Re-check every pod the agent holds or wants (the periodic drift check)."""
         self._kick(set(self._desired) | set(self.records))
@@ -193,6 +199,7 @@ class Reconciler:
             _close(record)
             return
         reopened = self._hold_netns(record, netns)
+        started = time.perf_counter()
         try:
             async with slots:
                 repaired = await self._backend.install(pod, netns)
@@ -205,9 +212,9 @@ class Reconciler:
         first = not record.captured
         if repaired and not first:
             log.warning("capture drift in %s repaired: %s", pod.key, "; ".join(repaired))
-        elif first:
+        elif first:  # with the time it took (slot wait included): the largest share of a pod add's latency
             how = "captured" if repaired else "adopted (capture already complete in the kernel)"
-            log.info("%s %s", pod.key, how)
+            log.info("%s %s in %.0f ms", pod.key, how, (time.perf_counter() - started) * 1e3)
         record.error = None
         record.captured = True
         if first:

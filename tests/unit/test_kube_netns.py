@@ -1,10 +1,12 @@
-"""agent/kube_netns.local_ipv4s: a pod's IPs from its /proc/<pid>/net/fib_trie (pure parsing)."""
+"""agent/kube_netns: a pod's IPs from a fib_trie dump, and the IP -> netns mapping (pure)."""
 
 from __future__ import annotations
 
 import ipaddress
 
-from nodeagent.agent.kube_netns import local_ipv4s
+import pytest
+
+from nodeagent.agent.kube_netns import NetnsSighting, local_ipv4s, map_addresses
 
 FIB_TRIE = """Main:
   +-- 0.0.0.0/0 3 0 5
@@ -31,3 +33,51 @@ def test_local_addresses_without_loopback() -> None:
 
 def test_garbage_yields_nothing() -> None:
     assert list(local_ipv4s("|-- not-an-ip\n   /32 host LOCAL\n")) == []
+
+
+def trie(*ips: str) -> str:
+    """A minimal fib_trie dump whose Local table holds `ips` (and loopback)."""
+    leaves = "".join(f"     |-- {ip}\n        /32 host LOCAL\n" for ip in (*ips, "127.0.0.1"))
+    return f"Local:\n  +-- 0.0.0.0/0 3 0 5\n{leaves}"
+
+
+@pytest.mark.parametrize(
+    ("sightings", "exclude", "mapped", "ambiguous"),
+    [
+        # one pod netns: its IP maps to its path
+        ([(1, "/run/netns/cni-a", ("10.42.0.17",))], set(), {"10.42.0.17": "/run/netns/cni-a"}, set()),
+        # the same inode seen again (a process inside a mounted netns): the first path (the mount) wins
+        (
+            [(1, "/run/netns/cni-a", ("10.42.0.17",)), (1, "/proc/42/ns/net", ("10.42.0.17",))],
+            set(),
+            {"10.42.0.17": "/run/netns/cni-a"},
+            set(),
+        ),
+        # two namespaces hold the same IP (an old sandbox after IP reuse): neither is handed out
+        (
+            [(1, "/run/netns/cni-a", ("10.42.0.17",)), (2, "/run/netns/cni-b", ("10.42.0.17", "10.42.0.18"))],
+            set(),
+            {"10.42.0.18": "/run/netns/cni-b"},
+            {"10.42.0.17"},
+        ),
+        # the host's (or the agent's own) netns is never a pod's
+        (
+            [(7, "/proc/1/ns/net", ("10.0.0.5",)), (1, "/run/netns/cni-a", ("10.42.0.17",))],
+            {7},
+            {"10.42.0.17": "/run/netns/cni-a"},
+            set(),
+        ),
+        # a netns with only loopback maps nothing
+        ([(1, "/run/netns/empty", ())], set(), {}, set()),
+    ],
+    ids=["one", "mount-before-process", "ambiguous", "host-excluded", "loopback-only"],
+)
+def test_map_addresses(
+    sightings: list[tuple[int, str, tuple[str, ...]]],
+    exclude: set[int],
+    mapped: dict[str, str],
+    ambiguous: set[str],
+) -> None:
+    by_ip, twice = map_addresses([NetnsSighting(i, p, trie(*ips)) for i, p, ips in sightings], frozenset(exclude))
+    assert {str(ip): path for ip, path in by_ip.items()} == mapped
+    assert {str(ip) for ip in twice} == ambiguous

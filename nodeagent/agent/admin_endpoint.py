@@ -1,0 +1,81 @@
+"""The agent's admin endpoint: /config_dump with a `redirects` section read from the kernel per request.
+
+Why this module exists: `nodeagent inspect redirects --node NODE` reaches a cluster node through the
+API server's pods/portforward (nodeagent/kube_remote.py explains why port-forward rather than exec), so
+something on the node's localhost must answer with the node's redirects. This endpoint runs the very
+code `inspect redirects` runs on a node (agent/inspect.collect: iptables-save, routes and `ss` inside
+each pod's netns, the kubelet-probe chain in the node's) at request time, with its own netns resolver: it
+does not report the reconciler's records, so an agent that believes a pod is captured cannot hide a
+missing rule. Only the pod list (the agent's current inventory, i.e. the API server's) and the STATUS
+column (the status file) come from the agent, exactly as on the node.
+
+Bound to 127.0.0.1 only (like the tunnel's 15000): nothing pod-facing. During a rolling update the
+surge pod's agent (hostNetwork) finds the port taken; it retries every few seconds instead of failing,
+because a debugging endpoint must never stop the data plane.
+
+What it deliberately does not do: no other sections (the tunnel's dump has the mesh state), no writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from nodeagent.admin import CONFIG_DUMP, AdminServer
+from nodeagent.agent.inspect import Layout, collect
+from nodeagent.agent.netns_resolver import NetnsResolver
+from nodeagent.model import Inventory
+
+log = logging.getLogger(__name__)
+
+DEFAULT_AGENT_ADMIN = "127.0.0.1:15002"
+BIND_RETRY_S = 5.0
+# The agent runs in the node's netns (hostNetwork): its own is the node's, for the kubelet-probe chain.
+OWN_NETNS = "/proc/self/ns/net"
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def redirects_server(
+    node: str,
+    inventory: Callable[[], Inventory | None],
+    layout: Layout,
+    resolver: NetnsResolver | None,
+) -> AdminServer:
+    """An AdminServer serving /config_dump {"redirects": ...} for `node` (pure construction, no I/O)."""
+    server = AdminServer(routes={CONFIG_DUMP})
+
+    async def redirects() -> dict[str, Any]:
+        current = inventory()
+        if current is None:
+            raise RuntimeError("the agent has not listed its pods yet; try again once it is ready")
+        report = await collect(current, [node], layout, resolver)
+        return report.as_dict()
+
+    server.add_async_config_provider("redirects", redirects)
+    return server
+
+
+async def serve(server: AdminServer, address: tuple[str, int]) -> None:
+    """Serve until cancelled; while the address is taken (a rolling update's old pod), retry."""
+    warned = False
+    while True:
+        try:
+            await server.start(*address)
+            break
+        except OSError as exc:
+            if not warned:
+                log.warning("agent admin endpoint %s:%d: %s; retrying every %.0f s", *address, exc, BIND_RETRY_S)
+                warned = True
+            await asyncio.sleep(BIND_RETRY_S)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await server.stop()
