@@ -108,7 +108,9 @@ class Agent:
         try:
             self._guard(self._status_writer(), "status-writer")
             if not self.inventory.check() and self.inventory.current is None:
-                log.error("waiting for a valid inventory at %s", self.inventory.path)
+                # the source has said why (a rejected file logs the error; the API server's first list may
+                # simply not be done yet), so this is only where the agent stands
+                log.info("waiting for a valid inventory from %s", self.inventory.path)
             self._guard(self.inventory.run(), "inventory-watch")
             self._guard(self._readiness(), "readiness")
             self._guard(self._verifier(), "verify")
