@@ -12,7 +12,9 @@ peer's egress; Python then only waits for the close). iperf3 -J gives every numb
 interleaved and the median is reported with its ratio to direct TCP.
 
 What it deliberately does not do: no TLS/HBONE (the fast path skips them for same-node pairs by design),
-no capture programs (connect4 costs nothing per byte; the client connects to :15001 directly).
+no capture programs (connect4 costs nothing per byte; the client connects to :15001 directly), and not
+the tunnel itself: the tunnel's same-node path (nodeagent/ztunnel/local.py, which picked splice from
+these numbers) is measured end to end by `make bench` as "nodeagent (eBPF capture), same-node fast path".
 """
 
 from __future__ import annotations

@@ -58,17 +58,10 @@ LOG_DIR = os.environ.get("BENCH_LOG_DIR", tempfile.gettempdir())
 
 ECHO_SERVER = r"""
 import asyncio, sys
+sys.path.insert(0, sys.argv[3])
+from bench.load import _Echo  # the lab's echo server, bound to one address
 async def main(host, port):
-    async def handle(reader, writer):
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except OSError:
-            pass
-        finally:
-            writer.close()
-    server = await asyncio.start_server(handle, host, port, backlog=4096, reuse_address=True)
+    server = await asyncio.get_running_loop().create_server(_Echo, host, port, backlog=4096, reuse_address=True)
     print("listening", flush=True)
     async with server:
         await server.serve_forever()
@@ -339,7 +332,7 @@ def main() -> None:
                 servers = [["sockperf", "server", "--tcp", "-i", ip, "-p", str(APP_PORT)] for ip in ips]
                 runner, ready = run_latency, None
             elif kind == "connrate":
-                servers = [[sys.executable, "-c", ECHO_SERVER, ip, str(APP_PORT)] for ip in ips]
+                servers = [[sys.executable, "-c", ECHO_SERVER, ip, str(APP_PORT), str(REPO)] for ip in ips]
                 runner, ready = run_connrate, "listening"
             else:
                 raise SystemExit(f"unknown measurement {kind!r}")

@@ -4,7 +4,7 @@
 #
 # - Debian packages: bcc's Python bindings (python3-bpfcc; the PyPI package named "bcc" is an unrelated
 #   library), bpftool, iproute2, iptables/nftables, tcpdump, iperf3, sockperf, stunnel4, nghttp2 tools,
-#   shellcheck, and the distro's kernel headers.
+#   shellcheck, strace (a privileged test's oracle), and the distro's kernel headers.
 # - Kernel headers for bcc: where /lib/modules/$(uname -r)/build is missing (kernels built without
 #   packaged headers), link Debian's linux-headers tree there; bcc compiles networking programs with it.
 # - The Python environment: .venv with the project and its pinned dev tools, `import bcc` linked in, and
@@ -23,7 +23,7 @@ command -v apt-get >/dev/null || die "this setup supports Debian/Ubuntu (apt-get
 apt_packages=(
   python3-bpfcc bpfcc-tools bpftool linux-headers-amd64
   iproute2 iptables nftables tcpdump iperf3 sockperf stunnel4 nghttp2-proxy nghttp2-client
-  shellcheck procps psmisc kmod python3-venv ruby nodejs
+  shellcheck procps psmisc kmod python3-venv ruby nodejs strace
 )
 missing=()
 for p in "${apt_packages[@]}"; do

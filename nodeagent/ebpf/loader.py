@@ -33,7 +33,8 @@ unpinned are re-created from the pinned program. `remove()` detaches and unpins 
   delivers its replies to the tunnel.
 - SAME-NODE FAST PATH (fastpath.c, node-wide, `ensure_fastpath()`): an sk_skb verdict on a pinned
   SOCKHASH redirects each skb of a relayed socket to its peer's egress; maps.fastpath_splice() hands a
-  pair of sockets over in order. Measured by bench/ebpf_fastpath.py; the tunnel does not use it yet.
+  pair of sockets over in order. Measured by bench/ebpf_fastpath.py; the tunnel splices instead
+  (nodeagent/ztunnel/local.py says why).
 
 What it deliberately does not do: no reading of state for inspection (pins.py, usable without bcc), no
 decision about which pods are captured (the agent), no tc, no IPv6 capture (connect6 would mirror

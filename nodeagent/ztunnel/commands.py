@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,6 +31,9 @@ from nodeagent.zds import wire
 from nodeagent.ztunnel.certs import CertificateManager, CertManagerInputs
 from nodeagent.ztunnel.edges import NetnsSocketFactory
 from nodeagent.ztunnel.proxy.tunnel import DEFAULT_GRACE, Endpoint, TunnelInputs, file_source, run_tunnel
+
+# Like ztunnel's settings, also from the environment: the benchmark turns it off to measure HBONE same-node.
+FAST_PATH_ENV = "NODEAGENT_SAME_NODE_FAST_PATH"
 
 
 class CaClient(Protocol):
@@ -68,6 +72,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], ca
         action="store_true",
         help="connect to apps from the client's IP (needs the capture backend's bypass-mark routing)",
     )
+    p.add_argument(
+        "--same-node-fast-path",
+        choices=("on", "off"),
+        default=os.environ.get(FAST_PATH_ENV, "on"),
+        help=f"connections between two pods of this node skip HBONE and are spliced by the kernel after the "
+        f"inbound policy check (default: ${FAST_PATH_ENV}, else on)",
+    )
     p.set_defaults(func=lambda args: cmd_tunnel(args, ca_client))
 
 
@@ -80,6 +91,8 @@ def parse_endpoint(text: str) -> Endpoint:
 
 
 def build_inputs(args: argparse.Namespace, ca_client: CaClientFactory) -> TunnelInputs:
+    if args.same_node_fast_path not in ("on", "off"):  # argparse does not check a default against choices
+        raise ValueError(f"${FAST_PATH_ENV} must be on or off, not {args.same_node_fast_path!r}")
     if args.ca_token_file is not None:
         token_file: Path = args.ca_token_file
         token: Callable[[], str] = lambda: token_file.read_text().strip()  # noqa: E731
@@ -114,6 +127,7 @@ def build_inputs(args: argparse.Namespace, ca_client: CaClientFactory) -> Tunnel
         metrics=parse_endpoint(args.metrics),
         ready=parse_endpoint(args.ready),
         grace=args.grace,
+        same_node_fast_path=args.same_node_fast_path == "on",
     )
 
 

@@ -43,6 +43,7 @@ LOW_WATER = 256 * 1024
 TRANSPORT_HIGH_WATER = 1024 * 1024
 TRANSPORT_LOW_WATER = 256 * 1024
 READ_CHUNK = 256 * 1024
+_ONE_RECORD = 16 * 1024  # TLS's largest record: output up to this size is joined into one
 
 _scratch = threading.local()
 
@@ -98,7 +99,7 @@ class HboneStream:
         self.stream_id = stream_id
         self._leg: Leg | None = None
         self._started = False
-        self._early: list[bytes | bytearray] = []
+        self._early: list[bytes | bytearray] | None = None  # made if bytes arrive before the relay starts
         self._early_eof = False
         self._held = False
         self._unacked = 0
@@ -118,6 +119,8 @@ class HboneStream:
             self._conn._consumed(self.stream_id, len(data))
             return
         if not self._started or self._leg is None:
+            if self._early is None:
+                self._early = []
             self._early.append(data)
             return
         self._leg.data_received(data)
@@ -137,9 +140,21 @@ class HboneStream:
         if self._lost:
             return
         self._lost = True
+        self._release_window()
         self._conn._forget(self.stream_id)
         if self._leg is not None:
             self._leg.connection_lost(exc)
+
+    def _release_window(self) -> None:
+        """The stream is over: acknowledge what it received but never reported consumed (held back while
+        the relay paused it, or early bytes never relayed). The stream's own window dies with it, but the
+        connection window is shared: without this every stream ending under backpressure shrank it for
+        good, until the whole HBONE connection stalled (iperf3 -P 4, a few tests in a row)."""
+        n = self._unacked + sum(len(chunk) for chunk in self._early or ())
+        self._unacked = 0
+        self._early = None
+        if n:
+            self._conn._consumed(self.stream_id, n)
 
     def _check_pressure(self) -> None:
         if self._leg is None or self._lost:
@@ -174,8 +189,8 @@ class HboneStream:
         self._held = False
         if not self._started:
             self._started = True
-            early, self._early = self._early, []
-            for chunk in early:
+            early, self._early = self._early, None
+            for chunk in early or ():
                 self._on_data(chunk)
             if self._early_eof and self._leg is not None and not self._lost:
                 self._leg.eof_received()
@@ -205,6 +220,7 @@ class HboneStream:
 
     def _lost_soon(self, exc: BaseException | None) -> None:
         self._lost = True
+        self._release_window()
         self._conn._forget(self.stream_id)
         leg = self._leg
         if leg is not None:
@@ -248,6 +264,8 @@ class HboneProtocol(asyncio.BufferedProtocol):
         self.closed_callbacks: list[Callable[[HboneProtocol], None]] = [on_closed] if on_closed else []
         self._on_idle = on_idle
         self._timer: asyncio.TimerHandle | None = None
+        self._flush_pending = False
+        self._reading = False  # inside buffer_updated: writes wait for its end
         self._pending_resets: dict[int, int] = {}  # stream -> error code, sent once its queue is framed
         self.write_paused = False
         self.refusing = False  # client: the peer refuses new streams here (draining); server: we do
@@ -273,11 +291,15 @@ class HboneProtocol(asyncio.BufferedProtocol):
         return direct if direct is not None else self._buf
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self._direct:
-            self._direct = False
-            self._handle(self.core.receive_into(nbytes))
-        else:
-            self._handle(self.core.receive_data(self._buf[:nbytes]))
+        self._reading = True
+        try:
+            if self._direct:
+                self._direct = False
+                self._handle(self.core.receive_into(nbytes))
+            else:
+                self._handle(self.core.receive_data(self._buf[:nbytes]))
+        finally:
+            self._reading = False
         self._flush()
 
     def eof_received(self) -> bool:
@@ -365,7 +387,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
             return
         if not self.core.closed:
             self.core.close(ErrorCodes.NO_ERROR, reason)
-            self._flush()
+        self._flush_now()  # before close(): the GOAWAY and anything queued go first
         self.transport.close()
 
     def abort(self, reason: str) -> None:
@@ -423,8 +445,28 @@ class HboneProtocol(asyncio.BufferedProtocol):
     # -- internals ----------------------------------------------------------------------------------------
 
     def _flush(self) -> None:
+        """Write what the core has queued — batched where that saves syscalls without adding latency:
+        - while a read is being processed nothing is written; buffer_updated writes once at its end;
+        - with several streams open, at the end of this event-loop turn (call_soon runs before the loop
+          polls again), so what all of them produce in one turn leaves in one send(2), and one TLS record
+          while small, instead of one per event (loopback pair, 8 concurrent connects: ~10% more
+          connections per second);
+        - with one stream, at once: a lone request/response exchange has nothing to batch with, and the
+          extra turn measured ~5 µs of p50 latency (sockperf 64 B)."""
+        if self._reading or self._flush_pending:
+            return
+        if len(self._streams) > 1:
+            self._flush_pending = True
+            self._loop.call_soon(self._flush_now)
+        else:
+            self._flush_now()
+
+    def _flush_now(self) -> None:
+        self._flush_pending = False
         chunks = self.core.data_to_write()
         if chunks and self.transport is not None and not self.transport.is_closing():
+            if len(chunks) > 1 and sum(len(c) for c in chunks) <= _ONE_RECORD:
+                chunks = [b"".join(chunks)]  # small: one TLS record rather than one per buffer
             # One call: the TLS transport encrypts every buffer straight from the list (DATA payloads are
             # the immutable bytes HboneStream.write made, so the transport may keep them).
             self.transport.writelines(chunks)
@@ -495,7 +537,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
                     stream._check_pressure()
             elif isinstance(event, hbone.ConnectionTerminated):
                 self.close_reason = self.close_reason or event.reason
-                self._flush()
+                self._flush_now()
                 if self.transport is not None:
                     self.transport.close()
                 self._terminate(

@@ -24,9 +24,9 @@ import enum
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -139,6 +139,17 @@ _PEERS_MAX = 4096
 _ids = itertools.count(1)
 
 
+class RelayHandle(Protocol):
+    """What a record needs of the relay carrying its connection (relay.Relay and relay.SpliceRelay)."""
+
+    @property
+    def bytes_in(self) -> int: ...
+    @property
+    def bytes_out(self) -> int: ...
+    def abort(self, reason: BaseException | None = None) -> None: ...
+    def close(self) -> None: ...
+
+
 @dataclass(slots=True)
 class ConnectionRecord:
     """One proxied connection from accept to close; filled in by inbound.py / outbound.py."""
@@ -154,13 +165,27 @@ class ConnectionRecord:
     started: float = field(default_factory=time.monotonic)
     established: bool = False
     id: int = field(default_factory=lambda: next(_ids))
-    # While open: the live byte counters and how to close it (set once the relay runs).
-    bytes_in: Callable[[], int] = lambda: 0
-    bytes_out: Callable[[], int] = lambda: 0
-    abort: Callable[[str], None] | None = None
-    close: Callable[[], None] | None = None  # graceful: FIN / END_STREAM after queued bytes
+    # While open: the relay carrying it (set once it runs), for live byte counts and closing. One
+    # reference rather than a closure per operation: thousands of idle connections each keep a record.
+    relay: RelayHandle | None = None
     # Inbound only: what authorization saw, so a policy change can re-check it.
     policy_view: Connection | None = None
+
+    def bytes_in(self) -> int:
+        return self.relay.bytes_in if self.relay is not None else 0
+
+    def bytes_out(self) -> int:
+        return self.relay.bytes_out if self.relay is not None else 0
+
+    def abort(self, reason: str) -> None:
+        """Reset the connection now (e.g. a policy denies it); nothing before its relay runs."""
+        if self.relay is not None:
+            self.relay.abort(ConnectionAbortedError(reason))
+
+    def close(self) -> None:
+        """Graceful: FIN / END_STREAM after queued bytes; nothing before its relay runs."""
+        if self.relay is not None:
+            self.relay.close()
 
     def label_key(self, flags: Flags) -> tuple[object, ...]:
         """Everything `labels(flags)` depends on: connections with equal keys share metric children."""

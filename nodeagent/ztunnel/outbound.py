@@ -11,6 +11,9 @@ original destination (the socket factory's edge: SO_ORIGINAL_DST in pods), asks 
 - `Passthrough`: plain TCP from the pod's netns to the original destination, spliced;
 - `Denial`: the captured connection is reset and the reason logged.
 
+An `Hbone` plan whose destination pod this tunnel serves itself goes to local.py's same-node path
+instead (authorized here with the source's identity, spliced by the kernel), when the tunnel enables it.
+
 `HboneConnector` is the pool's connect edge: socket from the source pod (so the HBONE connection's
 source IP is the pod's), TCP connect, TLS handshake without SNI, then the peer check.
 
@@ -29,7 +32,8 @@ from nodeagent.model import SocketAddress
 from nodeagent.ztunnel import hbone, sockets, tls
 from nodeagent.ztunnel.edges import LocalPod
 from nodeagent.ztunnel.hbone_transport import HboneProtocol
-from nodeagent.ztunnel.inbound import ProxyDeps, _addr, _error, _track, accept_loop, reset_socket
+from nodeagent.ztunnel.inbound import ProxyDeps, _addr, _track, accept_loop, finish_when_done, reset_socket
+from nodeagent.ztunnel.local import SameNodePath
 from nodeagent.ztunnel.metrics import ConnectionRecord, Direction, Flags, Peer
 from nodeagent.ztunnel.pool import HbonePool
 from nodeagent.ztunnel.relay import DOWNSTREAM, UPSTREAM, Relay, SpliceRelay, tcp_side
@@ -83,9 +87,10 @@ class HboneConnector:
 class Outbound:
     """The :15001 listeners of every local pod share one pool and one executor of plans."""
 
-    def __init__(self, deps: ProxyDeps, pool: HbonePool) -> None:
+    def __init__(self, deps: ProxyDeps, pool: HbonePool, same_node: SameNodePath | None = None) -> None:
         self._deps = deps
         self.pool = pool
+        self.same_node = same_node  # None: same-node destinations take HBONE like any other
         self._balance = itertools.count()
 
     async def serve(self, pod: LocalPod, listener: socket.socket) -> None:
@@ -131,6 +136,8 @@ class Outbound:
         try:
             if isinstance(plan, Passthrough):
                 await self._passthrough(pod, sock, plan, record)
+            elif self.same_node and client and (local := self.same_node.destination(plan, dst_workload)):
+                await self.same_node.deliver(sock, client, plan, local, record)  # no HBONE to ourselves
             else:
                 await self._hbone(pod, sock, plan, record)
         except asyncio.CancelledError:
@@ -153,12 +160,7 @@ class Outbound:
         relay = SpliceRelay(sock, upstream)
         _track(record, relay)
         deps.table.established(record)
-        try:
-            result = await relay.done
-        except asyncio.CancelledError:
-            relay.abort()
-            raise
-        deps.table.finished(record, result.bytes_in, result.bytes_out, _error(result))
+        finish_when_done(deps.table, record, relay)
 
     async def _hbone(self, pod: LocalPod, sock: socket.socket, plan: Hbone, record: ConnectionRecord) -> None:
         deps = self._deps
@@ -187,5 +189,4 @@ class Outbound:
         relay.start(down, stream)
         _track(record, relay)
         deps.table.established(record)
-        result = await relay.done
-        deps.table.finished(record, result.bytes_in, result.bytes_out, _error(result))
+        finish_when_done(deps.table, record, relay)

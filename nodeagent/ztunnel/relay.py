@@ -109,13 +109,15 @@ class Sink(Protocol):
 class Relay:
     """Couples two sinks. Create it, make both sides with `leg(DOWNSTREAM)`/`leg(UPSTREAM)`, `start()`."""
 
+    __slots__ = ("_counts", "_eof", "_error", "_loop", "_lost", "_sinks", "done")
+
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._loop = loop or asyncio.get_running_loop()
         self.done: asyncio.Future[RelayResult] = self._loop.create_future()
         self._sinks: list[Sink | None] = [None, None]
         self._counts = [0, 0]
-        self._eof = [False, False]
-        self._lost = [False, False]
+        self._eof = 0  # bit (1 << side): that side has sent EOF
+        self._lost = 0  # bit (1 << side): that side's connection is gone
         self._error: BaseException | None = None
 
     @property
@@ -136,7 +138,7 @@ class Relay:
             raise RuntimeError("relay already started")
         self._sinks = [downstream, upstream]
         for side in (DOWNSTREAM, UPSTREAM):
-            if self._lost[side]:  # a side died before the relay started: finish the other one too
+            if self._lost & (1 << side):  # a side died before the relay started: finish the other one too
                 self._connection_lost(side, self._error)
                 return
         downstream.resume_reading()
@@ -149,7 +151,7 @@ class Relay:
     def close(self) -> None:
         """Close both sides gracefully (flush queued bytes first), e.g. when draining."""
         for side, sink in enumerate(self._sinks):
-            if sink is not None and not self._lost[side]:
+            if sink is not None and not self._lost & (1 << side):
                 sink.close()
 
     def abort(self, reason: BaseException | None = None) -> None:
@@ -157,26 +159,26 @@ class Relay:
         if self._error is None:
             self._error = reason
         for side, sink in enumerate(self._sinks):
-            if sink is not None and not self._lost[side]:
+            if sink is not None and not self._lost & (1 << side):
                 sink.abort()
 
     # -- events from the legs -------------------------------------------------------------------------
 
     def _data(self, side: int, data: bytes | bytearray | memoryview) -> None:
         other = self._sinks[1 - side]
-        if other is None or self._lost[1 - side]:
+        if other is None or self._lost & (2 >> side):
             return
         self._counts[side] += len(data)
         other.write(data)
 
     def _eof_received(self, side: int) -> None:
-        if self._eof[side]:
+        if self._eof & (1 << side):
             return
-        self._eof[side] = True
+        self._eof |= 1 << side
         other = self._sinks[1 - side]
-        if other is not None and not self._lost[1 - side]:
+        if other is not None and not self._lost & (2 >> side):
             other.write_eof()
-        if self._eof[DOWNSTREAM] and self._eof[UPSTREAM]:
+        if self._eof == 3:
             self.close()
 
     def _pause(self, side: int) -> None:
@@ -190,16 +192,16 @@ class Relay:
             other.resume_reading()
 
     def _connection_lost(self, side: int, exc: BaseException | None) -> None:
-        self._lost[side] = True
+        self._lost |= 1 << side
         if exc is not None and self._error is None:
             self._error = exc
         other = self._sinks[1 - side]
-        if other is not None and not self._lost[1 - side]:
+        if other is not None and not self._lost & (2 >> side):
             if exc is not None:
                 other.abort()
-            elif not (self._eof[DOWNSTREAM] and self._eof[UPSTREAM]):
+            elif self._eof != 3:
                 other.close()  # closed from outside before both directions ended: finish gracefully
-        if self._lost[DOWNSTREAM] and self._lost[UPSTREAM] and not self.done.done():
+        if self._lost == 3 and not self.done.done():
             self.done.set_result(RelayResult(self._counts[DOWNSTREAM], self._counts[UPSTREAM], self._error))
 
 
@@ -290,6 +292,8 @@ def set_nodelay(transport: asyncio.BaseTransport) -> None:
 
 class TcpSide(asyncio.BufferedProtocol):
     """A TCP connection as a relay side: the protocol reads into the scratch buffer, the sink writes."""
+
+    __slots__ = ("_buf", "_early", "_early_eof", "_held", "_leg", "_started", "_transport")
 
     def __init__(self, leg: Leg) -> None:
         self._leg = leg

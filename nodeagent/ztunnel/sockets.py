@@ -21,6 +21,7 @@ import asyncio
 import errno
 import ipaddress
 import os
+import select
 import socket
 import struct
 from collections.abc import Callable
@@ -244,6 +245,14 @@ def _wake(fut: asyncio.Future[None], exc: BaseException | None) -> None:
             fut.set_exception(exc)
 
 
+def _writable_now(sock: socket.socket) -> bool:
+    """Already connected (or failed)? Over loopback and veth the handshake usually completes inside
+    connect() itself: one zero-timeout poll then saves a writer registration, a timer and a loop turn."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLOUT)
+    return bool(poller.poll(0))
+
+
 async def _writable(sock: socket.socket, timeout: float) -> None:  # noqa: ASYNC109 (a timer, not a Timeout per connect)
     """Wait until a connecting socket is writable (connected or failed); TimeoutError after `timeout`."""
     loop = asyncio.get_running_loop()
@@ -270,8 +279,9 @@ async def connect(
         # connect() ourselves rather than loop.sock_connect(): no address resolution pass and no Timeout
         # context per connection, just a writer callback and one timer while the handshake is in flight.
         err = sock.connect_ex((str(target.ip), target.port))
-        if err == errno.EINPROGRESS:
+        if err == errno.EINPROGRESS and not _writable_now(sock):
             await _writable(sock, connect_timeout)
+        if err == errno.EINPROGRESS:
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             raise OSError(err, os.strerror(err))

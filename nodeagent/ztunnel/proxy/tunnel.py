@@ -50,6 +50,7 @@ from nodeagent.ztunnel import hbone, sockets
 from nodeagent.ztunnel.certs import CertMaterial
 from nodeagent.ztunnel.edges import ClusterView, LocalPod, ProxyState, SocketFactory, TlsContexts
 from nodeagent.ztunnel.inbound import HboneInbound, PlaintextInbound, ProxyDeps
+from nodeagent.ztunnel.local import SameNodePath
 from nodeagent.ztunnel.metrics import ConnectionTable, TunnelMetrics
 from nodeagent.ztunnel.outbound import HboneConnector, Outbound
 from nodeagent.ztunnel.pool import HbonePool
@@ -107,6 +108,7 @@ class TunnelInputs:
     handshake_timeout: float = 10.0
     max_streams_per_connection: int = 100
     pool_idle_timeout: float = 300.0
+    same_node_fast_path: bool = True  # connections between two pods served here skip HBONE (local.py)
 
 
 @dataclass(eq=False)
@@ -158,7 +160,8 @@ class Tunnel:
             connect_timeout=inputs.connect_timeout,
         )
         connector.pool = self.pool
-        self._outbound = Outbound(self.deps, self.pool)
+        same_node = SameNodePath(self.deps, self._served_pod) if inputs.same_node_fast_path else None
+        self._outbound = Outbound(self.deps, self.pool, same_node)
         self._pods: dict[str, _Served] = {}
         self._zds: ZdsClient | None = None
         self._servers: list[AdminServer] = []
@@ -377,6 +380,10 @@ class Tunnel:
             served.hbone.close()
         served.pod.close()
         self._pods.pop(served.pod.uid, None)
+
+    def _served_pod(self, uid: str) -> LocalPod | None:
+        served = self._pods.get(uid)
+        return served.pod if served is not None else None
 
     @property
     def pods(self) -> dict[str, LocalPod]:
