@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import resource
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from bench import tools
@@ -36,12 +38,97 @@ MESH = ("mesh/client", "mesh/server", "mesh/local")
 IPERF_PORT, SOCKPERF_PORT, ECHO_PORT = 5201, 11111, 7777
 STUNNEL_BASE_PORT = 25000
 
-ABSENT_PATHS = {
-    "nodeagent (eBPF capture), same-node fast path": (
-        "the tunnel does not hand same-node connections to the kernel yet; "
-        "bench/ebpf_fastpath.py measures the mechanism (sockmap, splice) on its own"
-    ),
-}
+ABSENT_PATHS: dict[str, str] = {}
+
+
+# Open files. A proxy holds one socket per side of each connection it relays (two in one process when both
+# sides are on its node: the same-node tunnel, each stunnel), so holding 10 000 idle connections needs more
+# than 20 000 files in one process. On a node the operator and the container runtime set the hard limit
+# (commonly 524 288 or 1 048 576, fs.nr_open's default) and the tunnel only raises its soft limit to it
+# (nodeagent.ztunnel.proxy.tunnel.run_tunnel). The benchmark gives itself such a limit, soft = hard, so
+# every process it starts (tunnels, stunnel, servers, load clients) inherits one and the same.
+NODE_FD_LIMIT = 1 << 20
+FD_SLACK = 16  # files a proxy may keep after a phase besides its pooled connections (a timer, a log)
+TEARDOWN_TIMEOUT_S = 120.0
+
+
+def raise_fd_limit() -> tuple[int, str]:
+    """Set this process's open-files limit (soft = hard) to the node's; return it, and why it is lower.
+
+    Raising the hard limit needs CAP_SYS_RESOURCE: without it (a container, a CI sandbox) the run keeps
+    the hard limit it was given, for every process alike, and the report says so.
+    """
+    with open("/proc/sys/fs/nr_open") as f:
+        wanted = min(NODE_FD_LIMIT, int(f.read()))
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard >= wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard, ""
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, wanted))
+        return wanted, ""
+    except (OSError, ValueError) as exc:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard, f"raising the hard limit to {wanted} was refused ({exc}): the run lacks CAP_SYS_RESOURCE"
+
+
+def open_files(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def fd_limit(pid: int) -> int:
+    """The soft open-files limit of a running process (what makes its accept/connect fail with EMFILE)."""
+    with open(f"/proc/{pid}/limits") as f:
+        return parse_fd_limit(f.read())
+
+
+def parse_fd_limit(limits: str) -> int:
+    for line in limits.splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise tools.ToolOutputError(f"no 'Max open files' line in /proc/PID/limits: {limits[:200]!r}")
+
+
+def fd_shortfall(held: int, per_connection: float, count: int, limit: int) -> str | None:
+    """Why a process holding `held` files, using `per_connection` per relayed connection, cannot relay
+    `count` more under `limit` (None if it can). Asking anyway would only end in EMFILE: connections reset
+    mid-phase, and a proxy still closing thousands of them when the next phase starts."""
+    needed = held + round(per_connection * count)
+    if needed <= limit:
+        return None
+    return (
+        f"needs about {needed} open files in one process ({per_connection:.2f} per connection, measured, "
+        f"+ {held} already open) but its limit is {limit}"
+    )
+
+
+def torn_down(baseline: int, peak: int, samples: list[int]) -> bool:
+    """Has a proxy closed the connections of a phase? Its open files, sampled at a steady interval, are
+    back near `baseline` (what it keeps, like pooled HBONE connections, is at most a twentieth of what the
+    phase added) and stopped changing between the last two samples."""
+    if len(samples) < 2 or samples[-1] != samples[-2]:
+        return False
+    return samples[-1] - baseline <= max(FD_SLACK, (peak - baseline) // 20)
+
+
+def wait_torn_down(pids: Mapping[int, int], peaks: Mapping[int, int], timeout: float = TEARDOWN_TIMEOUT_S) -> float:
+    """Seconds until every proxy (pid -> open files before the phase) has torn the phase's connections down.
+
+    A client that exits leaves its proxy thousands of closes to process; the next phase must not be timed
+    while that runs (the first pod add after 10 000 held connections took 0.4-1.8 s, all of it spent
+    waiting behind the tunnel's teardown). RuntimeError if it takes longer than `timeout`.
+    """
+    t0 = time.monotonic()
+    samples: dict[int, list[int]] = {pid: [] for pid in pids}
+    while True:
+        for pid, history in samples.items():
+            history.append(open_files(pid))
+        if all(torn_down(pids[pid], max(peaks.get(pid, 0), *h), h) for pid, h in samples.items()):
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout:
+            state = ", ".join(f"pid {pid}: {h[-1]} open files, {pids[pid]} before" for pid, h in samples.items())
+            raise RuntimeError(f"the proxies did not close the phase's connections within {timeout:.0f} s ({state})")
+        time.sleep(0.1)
 
 
 def _run(argv: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -142,6 +229,7 @@ class MeasuredPath:
     name = ""
     client = PLAIN[0]
     server = PLAIN[1]
+    _fds_per_connection: float | None = None  # a proxy's open files per held connection, once measured
 
     @contextlib.contextmanager
     def setup(self, lab: BenchLab) -> Iterator[None]:
@@ -196,22 +284,40 @@ class MeasuredPath:
         }
 
     def idle_memory(self, lab: BenchLab, count: int) -> float | None:
-        """Bytes of proxy RSS per idle connection held open through the path (None: no proxy process)."""
+        """Bytes of proxy RSS per idle connection held open through the path (None: no proxy process).
+
+        Returns only once the proxies have closed the held connections again (see `wait_torn_down`).
+        RuntimeError when a proxy's open-files limit cannot fit `count` connections (known from the open
+        files per connection measured by an earlier, smaller hold) or the hold fails.
+        """
         pids = self.proxy_pids()
         if not pids:
             return None
+        files = {p: open_files(p) for p in pids}
+        if self._fds_per_connection is not None:
+            for pid in pids:
+                short = fd_shortfall(files[pid], self._fds_per_connection, count, fd_limit(pid))
+                if short is not None:
+                    raise RuntimeError(f"{count} connections through pid {pid}: {short}")
         host, port = self.target(lab, ECHO_PORT)
         before = sum(tools.rss_bytes(p) for p in pids)
-        holder = lab.start(
-            lab.exec_argv(self.client, [sys.executable, LOAD, "hold", host, str(port), str(count)]),
-            ready="ready",
-            stdin=True,
-        )
-        time.sleep(0.5)
-        after = sum(tools.rss_bytes(p) for p in pids)
-        assert holder.stdin is not None
-        holder.stdin.close()
-        holder.wait(60)
+        peaks: dict[int, int] = {}
+        try:
+            holder = lab.start(
+                lab.exec_argv(self.client, [sys.executable, LOAD, "hold", host, str(port), str(count)]),
+                ready="ready",
+                stdin=True,
+            )
+            time.sleep(0.5)
+            after = sum(tools.rss_bytes(p) for p in pids)
+            peaks = {p: open_files(p) for p in pids}
+            self._fds_per_connection = max((peaks[p] - files[p]) / count for p in pids)
+            assert holder.stdin is not None
+            holder.stdin.close()
+            holder.wait(60)
+        finally:
+            closing = wait_torn_down(files, peaks)
+            print(f"bench: {self.name}: the proxies closed the held connections in {closing:.1f} s", file=sys.stderr)
         return (after - before) / count
 
 
@@ -307,13 +413,15 @@ class MeshPath(MeasuredPath):
     `running_mesh`; the paths only point at them.
     """
 
-    def __init__(self, mesh: Mesh, same_node: bool, capture: str = "iptables") -> None:
+    def __init__(self, mesh: Mesh, same_node: bool, capture: str = "iptables", fast_path: bool = False) -> None:
         self.mesh = mesh
         self.client = MESH[0]
         self.server = MESH[2] if same_node else MESH[1]
         self.name = f"nodeagent ({'iptables' if capture == 'iptables' else 'eBPF'} capture), " + (
             "same-node" if same_node else "cross-node"
         )
+        if fast_path:  # the tunnel runs with its same-node fast path (otherwise off: HBONE to itself)
+            self.name += " fast path"
 
     def target(self, lab: BenchLab, port: int) -> tuple[str, int]:
         return lab.ip(self.server), port

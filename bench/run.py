@@ -5,8 +5,9 @@ measured in the same run, interleaved round by round, and each figure is reporte
 spread and as a ratio to direct TCP and to stunnel (a C mTLS tunnel a user could pick instead). Every
 number comes from the named tool's own output (iperf3 JSON, sockperf percentiles, /proc).
 
-Paths that do not exist yet (the nodeagent tunnel with iptables or eBPF capture, the same-node fast
-path) are listed in the report as absent, never estimated.
+Paths that do not exist yet are listed in the report as absent, never estimated. The tunnels run with
+their same-node fast path off (nodeagent.ztunnel.local), so "same-node" paths measure HBONE through the
+tunnel to itself; the eBPF phase then restarts node1's tunnel with it on for "same-node fast path".
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,21 +28,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import report, tools
+from bench import kube_bench, report, tools
 from bench.ca_bench import certificates_per_second, manager_memory
 from bench.paths import (
     ABSENT_PATHS,
+    MESH,
     BenchLab,
     DirectPath,
     MeasuredPath,
     MeshPath,
     StunnelPath,
+    raise_fd_limit,
     running_mesh,
     start_servers,
 )
 from nodeagent.lab.cluster import DEFAULT_TOPOLOGY, exclusive
 from nodeagent.labmesh import Mesh
 from nodeagent.model import DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL
+from nodeagent.ztunnel.commands import FAST_PATH_ENV
 
 SCALE_TOPOLOGY = DEFAULT_TOPOLOGY.parent / "scale-50.yaml"
 
@@ -173,7 +178,10 @@ def measure_lab_paths(plan: Plan, res: Results, lab: BenchLab, paths: list[Measu
 
 def measure_pod_ready(plan: Plan, res: Results, mesh: Mesh) -> None:
     """Opt spare pods in one at a time (pod label): inventory written -> the agent reports `enabled`
-    (capture installed and the tunnel's ack, which it sends once the pod's listeners are bound)."""
+    (capture installed and the tunnel's ack, which it sends once the pod's listeners are bound).
+
+    The node is quiet by then: the idle-memory phase before returns only once the tunnels have closed its
+    connections (paths.wait_torn_down), so this times pod adds, not a tunnel busy closing 10 000 of them."""
     spares = [p.key for p in mesh.lab.inventory.pods if p.name.startswith("spare-")][: plan.pod_adds]
     for key in spares:
         namespace, name = key.split("/")
@@ -253,7 +261,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(plan: Plan, out: Path) -> int:
     started = time.time()
+    os.environ[FAST_PATH_ENV] = "off"  # inherited by the mesh's tunnels; see the module docstring
     res = Results()
+    files, lower = raise_fd_limit()  # inherited by every process of the run: the same limit for every path
+    res.notes.append(f"open-files limit of every process of the run: {files}" + (f" ({lower})" if lower else ""))
     log("lab up/down timings")
     measure_lab(plan, res)
     log("CA certificates per second")
@@ -285,10 +296,20 @@ def run(plan: Plan, out: Path) -> int:
             MeshPath(mesh, same_node=True, capture="ebpf"),
         ]
         measure_lab_paths(plan, res, lab, ebpf_paths)
+        log("node1's tunnel restarted with the same-node fast path")
+        os.environ[FAST_PATH_ENV] = "on"
+        mesh.restart_tunnel("node1", signal.SIGTERM)
+        mesh.wait_enabled(MESH)
+        fast_path: list[MeasuredPath] = [MeshPath(mesh, same_node=True, capture="ebpf", fast_path=True)]
+        measure_paths(plan, res, lab, fast_path)  # the servers of the same-node path already run
+        ebpf_paths += fast_path
         paths += ebpf_paths
     if plan.many_pods:
         log(f"{plan.many_pods} pods on one node")
         measure_many_pods(plan.many_pods, res)
+    scale = kube_bench.QUICK if plan.quick else kube_bench.FULL  # quick: a smaller cluster, so labelled
+    log(f"Kubernetes mode against the API-server stand-in: {scale.label}")
+    kube_bench.record(res, scale, kube_bench.measure(scale))
 
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     doc = {
