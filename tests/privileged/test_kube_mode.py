@@ -31,13 +31,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from kube_standin import KubeStandIn, namespace, pod, service
+from waiting import wait_for
 
 from nodeagent.agent.kube_netns import ProcNetnsResolver
 from nodeagent.lab.cluster import DEFAULT_TOPOLOGY, Lab, teardown
@@ -92,17 +93,6 @@ def sh(*argv: str, check: bool = True, timeout: float = 30) -> subprocess.Comple
     if check and done.returncode != 0:
         raise AssertionError(f"{argv[-6:]} exited {done.returncode}: {done.stderr[-2000:]}{done.stdout[-500:]}")
     return done
-
-
-def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 # --- oracles (the kernel's own tools) -----------------------------------------------------------------

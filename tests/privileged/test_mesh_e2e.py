@@ -36,6 +36,7 @@ from typing import Any
 
 import oracles
 import pytest
+from waiting import wait_for
 
 from nodeagent.lab.cluster import DEFAULT_TOPOLOGY, Lab, teardown
 from nodeagent.labmesh import Mesh
@@ -240,17 +241,6 @@ def stream(lab: Lab, src: str, dst: str) -> Background:
     first = bg.readline()
     assert first["connected"] and first["peer"] == IP[src], first
     return bg
-
-
-def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 # --- oracles (the kernel's own tools, mode-aware; the shared ones are in oracles.py) ---------------------

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from waiting import wait_for
 
 from nodeagent.lab.cluster import DEFAULT_TOPOLOGY, Lab, teardown
 from nodeagent.labmesh import Mesh, Proc
@@ -193,15 +194,6 @@ def sh(*argv: str, timeout: float = 60) -> str:
 def client(lab: Lab, pod: str, *args: str, timeout: float = 90) -> dict[str, Any]:
     out = sh(*lab.exec_argv(pod, [sys.executable, "-c", CLIENT, *args]), timeout=timeout)
     return dict(json.loads(out.splitlines()[-1]))
-
-
-def wait_for(what: str, predicate: Any, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-    return value
 
 
 def istio_samples(metrics: str, name: str, **labels: str) -> list[float]:
