@@ -17,7 +17,8 @@ path alike), medians over repetitions:
   throughput  iperf3 -t S, 1 stream, receiver's Gbit/s; proxy CPU seconds per GB (utime+stime of both
               proxy processes from /proc over the run, divided by the bytes iperf3 moved);
   latency     sockperf ping-pong -m 64, half round trip p50/p99 in µs;
-  connrate    bench/load.py connrate (8 workers: connect, 1-byte echo, close), connections/s.
+  connrate    bench/load.py connrate (8 workers: connect, 1-byte echo, close), connections/s, and proxy
+              CPU µs per connection (both proxy processes, utime+stime).
 
 Run: `.venv/bin/python -m bench.tunnel_loopback [--reps 3] [--seconds 5] [--only throughput,latency]`.
 `--baseline DIR` adds a second tunnel pair run from another checkout (e.g. `git archive HEAD | tar -x -C
@@ -229,6 +230,7 @@ def run_latency(path: Path_, seconds: float) -> dict[str, float]:
 
 
 def run_connrate(path: Path_, seconds: float) -> dict[str, float]:
+    c0 = cpu(path.pids)
     out = subprocess.run(
         [sys.executable, str(REPO / "bench" / "load.py"), "connrate", path.host, str(path.port), str(seconds), "8"],
         capture_output=True,
@@ -236,10 +238,12 @@ def run_connrate(path: Path_, seconds: float) -> dict[str, float]:
         timeout=seconds + 60,
         check=False,
     )
+    used = cpu(path.pids) - c0
     data = json.loads(out.stdout)
     lat = data["latencies_s"]
     return {
         "conns_per_s": len(lat) / data["seconds"],
+        "proxy_cpu_us_per_conn": used / len(lat) * 1e6 if lat and path.pids else 0.0,
         "connect_p99_ms": tools.percentile(lat, 99) * 1000 if lat else float("nan"),
         "errors": float(sum(data["errors"].values())),
     }
