@@ -338,14 +338,18 @@ class HboneProtocol(asyncio.BufferedProtocol):
     def peername(self) -> tuple[str, int] | None:
         return None if self.transport is None else self.transport.get_extra_info("peername")
 
-    async def open(self, request: hbone.ConnectRequest) -> HboneStream:
-        """Client: CONNECT and wait for the 200; ConnectRefused for any other answer."""
+    async def open(self, request: hbone.ConnectRequest, early: bytes = b"") -> HboneStream:
+        """Client: CONNECT and wait for the 200; ConnectRefused for any other answer. `early`: the client's
+        first bytes, sent right behind the CONNECT (in the same TLS record when small); the server holds
+        them until its 200 and drops them with any other answer."""
         sid = self.core.open_stream(request)
         stream = HboneStream(self, sid)
         self._streams[sid] = stream
         self.streams_opened += 1
         waiter = self._loop.create_future()
         self._opening[sid] = waiter
+        if early:
+            self.core.send_data(sid, early)
         self._flush()
         try:
             await waiter

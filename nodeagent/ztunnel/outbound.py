@@ -6,8 +6,12 @@ original destination (the socket factory's edge: SO_ORIGINAL_DST in pods), asks 
 
 - `Hbone`: a CONNECT stream on a pooled mTLS connection to the destination pod's :15008 (pool.py),
   presenting the *source* workload's certificate and accepting only the destination's SPIFFE ID
-  (tls.verify_server_peer); the captured socket is relayed onto the stream only after the 200, so
-  nothing leaves before the destination has authorized it;
+  (tls.verify_server_peer). Whatever the client has already sent when its connection is handled (up
+  to one TLS record, `EARLY_MAX`) goes with the CONNECT, in the same record: the destination's tunnel
+  — the peer whose SPIFFE ID was just verified — holds it until its own 200 and drops it otherwise
+  (REFERENCE.md: never forwarded upstream before the 200). A client-first protocol (HTTP) so reaches
+  the server one tunnel round trip sooner, and the pair writes and reads one TLS record less. The rest
+  is relayed onto the stream after the 200;
 - `Passthrough`: plain TCP from the pod's netns to the original destination, spliced;
 - `Denial`: the captured connection is reset and the reason logged.
 
@@ -40,6 +44,17 @@ from nodeagent.ztunnel.relay import DOWNSTREAM, UPSTREAM, Relay, SpliceRelay, tc
 from nodeagent.ztunnel.routing import Denial, Hbone, Passthrough, PoolKey, plan_outbound
 
 log = logging.getLogger(__name__)
+
+EARLY_MAX = 16 * 1024 - 64  # the CONNECT's HEADERS frame and the early DATA frame share one TLS record
+
+
+def _early_bytes(sock: socket.socket) -> bytes:
+    """What the client has sent so far (b"" if nothing yet), without waiting. An EOF read here is seen
+    again by the relay's own read later (a TCP FIN stays readable)."""
+    try:
+        return sock.recv(EARLY_MAX, socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return b""
 
 
 class HboneConnector:
@@ -166,7 +181,8 @@ class Outbound:
         deps = self._deps
         request = hbone.ConnectRequest(plan.target, forwarded=f'for="{record.src_addr}"')
         try:
-            stream, _ = await self.pool.open_stream(plan.pool_key, request, pod)
+            early = _early_bytes(sock)
+            stream, _ = await self.pool.open_stream(plan.pool_key, request, pod, early)
         except (OSError, TimeoutError, hbone.HboneError, Exception) as exc:
             reset_socket(sock)
             status = getattr(exc, "status", None)
@@ -178,7 +194,7 @@ class Outbound:
             log.info("outbound %s -> %s failed: %s", record.src_addr, plan.target, exc)
             deps.table.finished(record, 0, 0, str(exc) or type(exc).__name__, flags)
             return
-        relay = Relay()
+        relay = Relay(bytes_in=len(early))
         stream.attach(relay.leg(UPSTREAM))
         try:
             down = await tcp_side(sock, relay.leg(DOWNSTREAM))

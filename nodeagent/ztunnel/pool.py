@@ -56,10 +56,11 @@ class HbonePool:
         self._closing = False
 
     async def open_stream(
-        self, key: PoolKey, request: ConnectRequest, origin: LocalPod
+        self, key: PoolKey, request: ConnectRequest, origin: LocalPod, early: bytes = b""
     ) -> tuple[HboneStream, HboneProtocol]:
         """A CONNECT stream to `request.target` on a pooled connection for `key`, opened from `origin`'s
-        netns if none is usable; raises ConnectRefused (non-200), OSError or TimeoutError."""
+        netns if none is usable; raises ConnectRefused (non-200), OSError or TimeoutError. `early` goes
+        with the CONNECT (HboneProtocol.open), again with the retry if the peer refuses the stream."""
         refused = 0
         while True:
             if self._closing:
@@ -72,7 +73,7 @@ class HbonePool:
             self._cancel_idle(conn)
             try:
                 async with asyncio.timeout(self._connect_timeout):
-                    stream = await conn.open(request)
+                    stream = await conn.open(request, early)
             except StreamRefused:
                 refused += 1
                 if refused > 3:

@@ -111,11 +111,13 @@ class Relay:
 
     __slots__ = ("_counts", "_eof", "_error", "_loop", "_lost", "_sinks", "done")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None, *, bytes_in: int = 0) -> None:
+        """`bytes_in`: downstream bytes already sent upstream before the relay existed (the outbound's
+        early data, sent with the CONNECT), so the counts and metrics include them."""
         self._loop = loop or asyncio.get_running_loop()
         self.done: asyncio.Future[RelayResult] = self._loop.create_future()
         self._sinks: list[Sink | None] = [None, None]
-        self._counts = [0, 0]
+        self._counts = [bytes_in, 0]
         self._eof = 0  # bit (1 << side): that side has sent EOF
         self._lost = 0  # bit (1 << side): that side's connection is gone
         self._error: BaseException | None = None
