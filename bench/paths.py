@@ -270,9 +270,11 @@ class MeasuredPath:
 
     def connrate(self, lab: BenchLab, seconds: float) -> dict[str, object]:
         host, port = self.target(lab, ECHO_PORT)
+        cpu0 = self._cpu()
         out = lab.run_in(
             self.client, [sys.executable, LOAD, "connrate", host, str(port), str(seconds), "8"], timeout=seconds + 60
         )
+        cpu = self._cpu() - cpu0 if self.proxy_pids() else None
         raw = json.loads(out)
         lat = [float(x) for x in raw["latencies_s"]]
         if not lat:
@@ -281,6 +283,8 @@ class MeasuredPath:
             "per_second": len(lat) / float(raw["seconds"]),
             "p99_ms": tools.percentile(lat, 99) * 1e3,
             "errors": raw["errors"],
+            # CPU of the path's own proxy processes (both ends) per connection; None without proxies.
+            "proxy_cpu_us": cpu / len(lat) * 1e6 if cpu is not None else None,
         }
 
     def idle_memory(self, lab: BenchLab, count: int) -> float | None:

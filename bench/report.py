@@ -35,6 +35,7 @@ FIGURES = {
     "latency_p999_us_1024b": ("sockperf ping-pong 1 KiB, p99.9", "µs", False),
     "new_connections_per_second": ("new connections per second (connect, 1-byte echo, close)", "conn/s", True),
     "connect_p99_ms": ("p99 connect + echo time", "ms", False),
+    "proxy_cpu_us_per_connection": ("proxy CPU per new connection (both ends, during the conn/s run)", "µs", False),
     "tunnel_cpu_seconds_per_gb": ("tunnel CPU seconds per GB moved (both ends)", "CPU s/GB", False),
     "memory_bytes_per_idle_connection_1000": ("proxy memory per idle connection, 1 000 held", "bytes", False),
     "memory_bytes_per_idle_connection_10000": ("proxy memory per idle connection, 10 000 held", "bytes", False),

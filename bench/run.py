@@ -154,6 +154,8 @@ def measure_paths(plan: Plan, res: Results, lab: BenchLab, paths: list[MeasuredP
             rate = path.connrate(lab, plan.connrate_seconds)
             res.add("new_connections_per_second", path.name, float(rate["per_second"]))
             res.add("connect_p99_ms", path.name, float(rate["p99_ms"]))
+            if rate["proxy_cpu_us"] is not None:
+                res.add("proxy_cpu_us_per_connection", path.name, float(rate["proxy_cpu_us"]))
             if rate["errors"]:
                 res.notes.append(f"{path.name}: connection errors during connrate: {rate['errors']}")
     for path in paths:

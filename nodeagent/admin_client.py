@@ -27,6 +27,8 @@ from typing import Any
 
 import yaml
 
+from nodeagent.model import Identity, IdentityError
+
 DEFAULT_ADMIN = "http://127.0.0.1:15000"
 OUTPUTS = ("table", "json", "yaml")
 
@@ -82,9 +84,36 @@ def table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def print_section(args: argparse.Namespace, section: str, render: Callable[[Any], str]) -> int:
+def add_namespace_arguments(parser: argparse.ArgumentParser) -> None:
+    """kubectl's -n/-A: the section's entries of one namespace, or of all (the default)."""
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", help="only this namespace (every output form)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="every namespace (the default)")
+
+
+def namespace_of(args: argparse.Namespace) -> str | None:
+    """The namespace -n asked for; None for -A or neither."""
+    return None if args.all_namespaces else args.namespace
+
+
+def identity_namespace(uri: object) -> str | None:
+    """The namespace of a SPIFFE ID as a dump spells it (certificates, pooled connections); None if it is
+    not one."""
+    try:
+        return Identity.parse(str(uri)).namespace
+    except IdentityError:
+        return None
+
+
+def print_section(
+    args: argparse.Namespace,
+    section: str,
+    render: Callable[[Any], str],
+    select: Callable[[Any], Any] | None = None,
+) -> int:
     """Fetch `section` from `args.admin` (or the tunnel on `args.node`) and print it in `args.output` form; 1
-    with a message on error."""
+    with a message on error. `select` narrows the section first (e.g. to a namespace), in its own shape,
+    so JSON and YAML show what the table shows."""
     try:
         if args.node:
             from nodeagent.kube_remote import TUNNEL_ADMIN_PORT
@@ -100,6 +129,8 @@ def print_section(args: argparse.Namespace, section: str, render: Callable[[Any]
     except AdminError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if select is not None:
+        data = select(data)
     if args.output == "json":
         print(json.dumps(data, indent=2))
     elif args.output == "yaml":

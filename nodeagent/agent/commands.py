@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from nodeagent.admin_client import AdminError, fetch_remote_dump, table
+from nodeagent.admin_client import AdminError, add_namespace_arguments, fetch_remote_dump, namespace_of, table
 from nodeagent.agent import inspect as redirects
 from nodeagent.agent.kube_netns import ProcNetnsResolver
 from nodeagent.agent.netns_resolver import NetnsResolver
@@ -126,9 +126,7 @@ def register_inspect_redirects(inspect_subparsers: argparse._SubParsersAction[ar
     cmd.add_argument("--node", action="append", metavar="NODE", help="only this node (repeatable; default: all)")
     cmd.add_argument("--inventory", type=Path, default=LAB_INVENTORY, metavar="FILE", help="default: %(default)s")
     cmd.add_argument("-o", "--output", choices=("table", "json", "yaml"), default="table")
-    scope = cmd.add_mutually_exclusive_group()
-    scope.add_argument("-n", "--namespace", help="only the pods of this namespace")
-    scope.add_argument("-A", "--all-namespaces", action="store_true", help="every namespace (the default)")
+    add_namespace_arguments(cmd)
     cmd.add_argument("--verify", action="store_true", help="explain every problem; exit status 1 if there is one")
     cmd.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, metavar="DIR", help="agents' status files")
     cmd.add_argument("--netns-dir", default=NETNS_RUN_DIR, metavar="DIR")
@@ -246,8 +244,9 @@ def _remote_redirects(args: argparse.Namespace) -> redirects.Redirects:
 
 
 def _print_redirects(args: argparse.Namespace, report: redirects.Redirects) -> int:
-    if args.namespace and not args.all_namespaces:
-        report.rows = [r for r in report.rows if r.namespace == args.namespace]
+    namespace = namespace_of(args)
+    if namespace is not None:
+        report.rows = [r for r in report.rows if r.namespace == namespace]
     problems = redirects.verify(report) if args.verify else 0
     if args.output == "json":
         print(json.dumps(report.as_dict(), indent=2))

@@ -24,7 +24,14 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from nodeagent.admin_client import add_admin_arguments, print_section, table
+from nodeagent.admin_client import (
+    add_admin_arguments,
+    add_namespace_arguments,
+    identity_namespace,
+    namespace_of,
+    print_section,
+    table,
+)
 from nodeagent.ca import authority
 from nodeagent.ca.authn import DEFAULT_NODE_ACCOUNT, Authenticator, LabTokenAuthenticator
 from nodeagent.ca.authority import DEFAULT_DNS_NAMES
@@ -94,6 +101,7 @@ def register_inspect(inspect_subparsers: argparse._SubParsersAction[argparse.Arg
     """`nodeagent inspect certificates` (the `inspect` parser itself belongs to the CLI)."""
     certs = inspect_subparsers.add_parser("certificates", help="workload certificates held by a node's tunnel")
     add_admin_arguments(certs)
+    add_namespace_arguments(certs)
     certs.set_defaults(func=cmd_inspect_certificates)
 
 
@@ -286,5 +294,15 @@ def certificates_table(dump: Iterable[Mapping[str, Any]], now: dt.datetime) -> s
     return table(COLUMNS, certificate_rows(dump, now))
 
 
+def certificates_in(dump: Iterable[Mapping[str, Any]], namespace: str | None) -> list[Mapping[str, Any]]:
+    """The certificate entries whose identity is in `namespace` (all for None)."""
+    return [e for e in dump if namespace is None or identity_namespace(e.get("identity")) == namespace]
+
+
 def cmd_inspect_certificates(args: argparse.Namespace) -> int:
-    return print_section(args, "certificates", lambda dump: certificates_table(dump, dt.datetime.now(dt.UTC)))
+    return print_section(
+        args,
+        "certificates",
+        lambda dump: certificates_table(dump, dt.datetime.now(dt.UTC)),
+        lambda dump: certificates_in(dump, namespace_of(args)),
+    )

@@ -2,7 +2,9 @@
 
 Why this module exists: operators know `istioctl ztunnel-config workloads|connections|policies`; these
 commands print the same columns from the node tunnel's /config_dump, so the mesh's state on a node can
-be read without learning a new vocabulary. The row builders are pure functions of the dump.
+be read without learning a new vocabulary. The row builders are pure functions of the dump, and so are
+the `-n NAMESPACE` selectors, which narrow a section in its own shape before it is printed in any form
+(kubectl's -n: JSON and YAML show what the table shows).
 
 What it deliberately does not do: it reports what the tunnel holds; what the kernel holds (capture rules,
 listeners) is `nodeagent inspect redirects`, which reads the kernel itself.
@@ -14,7 +16,14 @@ import argparse
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from nodeagent.admin_client import add_admin_arguments, print_section, table
+from nodeagent.admin_client import (
+    add_admin_arguments,
+    add_namespace_arguments,
+    identity_namespace,
+    namespace_of,
+    print_section,
+    table,
+)
 
 WORKLOAD_COLUMNS = ("NAMESPACE", "POD NAME", "ADDRESS", "NODE", "WAYPOINT", "PROTOCOL")
 CONNECTION_COLUMNS = ("WORKLOAD", "DIRECTION", "LOCAL", "REMOTE", "REMOTE TARGET", "PROTOCOL")
@@ -22,7 +31,7 @@ CONNECTION_WIDE_COLUMNS = (*CONNECTION_COLUMNS, "SOURCE IDENTITY", "DESTINATION 
 POLICY_COLUMNS = ("NAMESPACE", "POLICY NAME", "ACTION", "SCOPE")
 
 
-def workload_rows(dump: Iterable[Mapping[str, Any]], namespace: str | None) -> list[tuple[str, ...]]:
+def workload_rows(dump: Iterable[Mapping[str, Any]]) -> list[tuple[str, ...]]:
     rows = [
         (
             str(w.get("namespace", "")),
@@ -33,7 +42,6 @@ def workload_rows(dump: Iterable[Mapping[str, Any]], namespace: str | None) -> l
             str(w.get("protocol", "")),
         )
         for w in dump
-        if namespace is None or w.get("namespace") == namespace
     ]
     return sorted(rows)
 
@@ -68,7 +76,7 @@ def connection_rows(dump: Mapping[str, Any], wide: bool) -> list[tuple[str, ...]
     return rows
 
 
-def policy_rows(dump: Iterable[Mapping[str, Any]], namespace: str | None) -> list[tuple[str, ...]]:
+def policy_rows(dump: Iterable[Mapping[str, Any]]) -> list[tuple[str, ...]]:
     return sorted(
         (
             str(p.get("namespace", "")),
@@ -77,35 +85,62 @@ def policy_rows(dump: Iterable[Mapping[str, Any]], namespace: str | None) -> lis
             str(p.get("scope") or p.get("kind") or ""),
         )
         for p in dump
-        if namespace is None or p.get("namespace") == namespace
     )
 
 
-def _namespace(args: argparse.Namespace) -> str | None:
-    return None if args.all_namespaces else args.namespace
+# -- -n NAMESPACE: each section narrowed in its own shape (so JSON/YAML show what the table shows) -------
+
+
+def entries_in(dump: Iterable[Mapping[str, Any]], namespace: str | None) -> list[Mapping[str, Any]]:
+    """workloads, policies: the entries whose `namespace` is `namespace` (all for None)."""
+    return [e for e in dump if namespace is None or e.get("namespace") == namespace]
+
+
+def _workload_namespace(qualified: object) -> str:
+    """`name.namespace` (the dump's srcWorkload/dstWorkload) -> namespace; namespaces have no dots."""
+    return str(qualified).rpartition(".")[2]
+
+
+def connections_in(dump: Mapping[str, Any], namespace: str | None) -> dict[str, Any]:
+    """connections: each entry belongs to its local workload's namespace (outbound: the source,
+    inbound: the destination), as its table row shows; pooled HBONE connections to their source
+    identity's. Other keys are kept as they are."""
+    if namespace is None:
+        return dict(dump)
+    out = dict(dump)
+    out["outbound"] = [c for c in dump.get("outbound") or [] if _workload_namespace(c.get("srcWorkload")) == namespace]
+    out["inbound"] = [c for c in dump.get("inbound") or [] if _workload_namespace(c.get("dstWorkload")) == namespace]
+    if "pool" in dump:
+        out["pool"] = [p for p in dump.get("pool") or [] if identity_namespace(p.get("sourceIdentity")) == namespace]
+    return out
 
 
 def register_inspect(inspect_subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     workloads = inspect_subparsers.add_parser("workloads", help="workloads the node's tunnel knows (istioctl columns)")
     policies = inspect_subparsers.add_parser("policies", help="L4 policies the node's tunnel enforces")
-    for p in (workloads, policies):
+    connections = inspect_subparsers.add_parser("connections", help="open connections through the node's tunnel")
+    for p in (workloads, policies, connections):
         add_admin_arguments(p)
-        scope = p.add_mutually_exclusive_group()
-        scope.add_argument("-n", "--namespace", help="only this namespace")
-        scope.add_argument("-A", "--all-namespaces", action="store_true", help="every namespace (the default)")
+        add_namespace_arguments(p)
     workloads.set_defaults(
-        func=lambda a: print_section(a, "workloads", lambda d: table(WORKLOAD_COLUMNS, workload_rows(d, _namespace(a))))
+        func=lambda a: print_section(
+            a,
+            "workloads",
+            lambda d: table(WORKLOAD_COLUMNS, workload_rows(d)),
+            lambda d: entries_in(d, namespace_of(a)),
+        )
     )
     policies.set_defaults(
-        func=lambda a: print_section(a, "policies", lambda d: table(POLICY_COLUMNS, policy_rows(d, _namespace(a))))
+        func=lambda a: print_section(
+            a, "policies", lambda d: table(POLICY_COLUMNS, policy_rows(d)), lambda d: entries_in(d, namespace_of(a))
+        )
     )
-    connections = inspect_subparsers.add_parser("connections", help="open connections through the node's tunnel")
-    add_admin_arguments(connections)
     connections.add_argument("--wide", action="store_true", help="also show both peers' SPIFFE identities")
     connections.set_defaults(
         func=lambda a: print_section(
             a,
             "connections",
             lambda d: table(CONNECTION_WIDE_COLUMNS if a.wide else CONNECTION_COLUMNS, connection_rows(d, a.wide)),
+            lambda d: connections_in(d, namespace_of(a)),
         )
     )

@@ -114,6 +114,19 @@ async def test_tunnel_sections_through_port_forward(tmp_path: Path, standin: tup
                 )
                 assert rc == 0, err
                 assert [e["identity"] for e in yaml.safe_load(out)] == [c.identity("client").uri]
+
+                # -n scopes every output form, by the local workload's (or the identity's) namespace.
+                for ns, want in (("shop", 1), ("billing", 0)):
+                    rc, out, err = await cli(
+                        "inspect", "connections", "--node", "node1", "--kubeconfig", kubeconfig, "-n", ns, "-o", "json"
+                    )
+                    assert rc == 0, err
+                    assert len(json.loads(out)["outbound"]) == want, ns
+                    rc, out, err = await cli(
+                        "inspect", "certificates", "--node", "node1", "--kubeconfig", kubeconfig, "-n", ns, "-o", "yaml"
+                    )
+                    assert rc == 0, err
+                    assert len(yaml.safe_load(out)) == want, ns
                 sock.shutdown(socket.SHUT_WR)
                 async with asyncio.timeout(10):
                     await receiving

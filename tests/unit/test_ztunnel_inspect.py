@@ -1,9 +1,15 @@
-"""The istioctl-style rows of `nodeagent inspect workloads|connections|policies`, from config_dump shapes."""
+"""The istioctl-style rows of `nodeagent inspect workloads|connections|policies|certificates`, and their
+-n NAMESPACE selection, from config_dump shapes."""
 
 from __future__ import annotations
 
-from nodeagent.admin_client import table
-from nodeagent.ztunnel.inspect import connection_rows, policy_rows, workload_rows
+from typing import Any
+
+import pytest
+
+from nodeagent.admin_client import identity_namespace, table
+from nodeagent.ca.commands import certificates_in
+from nodeagent.ztunnel.inspect import connection_rows, connections_in, entries_in, policy_rows, workload_rows
 
 WORKLOADS = [
     {"name": "checkout", "namespace": "shop", "workloadIps": ["10.10.2.2"], "node": "node2", "protocol": "HBONE"},
@@ -39,12 +45,55 @@ CONNECTIONS = {
 }
 
 
-def test_workload_rows_are_sorted_and_filtered_by_namespace() -> None:
-    assert workload_rows(WORKLOADS, None) == [
+def test_workload_rows_are_sorted() -> None:
+    assert workload_rows(WORKLOADS) == [
         ("legacy", "batch", "10.10.2.3", "node2", "None", "TCP"),
         ("shop", "checkout", "10.10.2.2", "node2", "None", "HBONE"),
     ]
-    assert [r[1] for r in workload_rows(WORKLOADS, "shop")] == ["checkout"]
+
+
+@pytest.mark.parametrize(("namespace", "names"), [(None, ["checkout", "batch"]), ("shop", ["checkout"]), ("x", [])])
+def test_entries_in_a_namespace(namespace: str | None, names: list[str]) -> None:
+    assert [w["name"] for w in entries_in(WORKLOADS, namespace)] == names
+
+
+INBOUND_LEGACY = {**CONNECTIONS["inbound"][0], "dstWorkload": "batch.v2.legacy", "srcWorkload": "frontend.shop"}
+POOLED = {"sourceIdentity": "spiffe://cluster.local/ns/shop/sa/frontend", "activeStreams": 1}
+
+
+@pytest.mark.parametrize(
+    ("namespace", "outbound", "inbound", "pool"),
+    [
+        (None, 1, 2, 1),
+        ("shop", 1, 1, 1),  # inbound rows belong to their destination; outbound to their source
+        ("legacy", 0, 1, 0),  # a dotted workload name: the namespace is the last part
+        ("frontend", 0, 0, 0),
+    ],
+)
+def test_connections_in_a_namespace(namespace: str | None, outbound: int, inbound: int, pool: int) -> None:
+    dump: dict[str, Any] = {**CONNECTIONS, "inbound": [*CONNECTIONS["inbound"], INBOUND_LEGACY], "pool": [POOLED]}
+    got = connections_in(dump, namespace)
+    assert (len(got["outbound"]), len(got["inbound"]), len(got["pool"])) == (outbound, inbound, pool)
+    assert dump["inbound"][1] is INBOUND_LEGACY  # the dump itself is not changed
+
+
+@pytest.mark.parametrize(
+    ("uri", "namespace"),
+    [
+        ("spiffe://cluster.local/ns/shop/sa/frontend", "shop"),
+        ("cluster.local/ns/shop/sa/frontend", "shop"),  # Istio principal form
+        ("spiffe://cluster.local/shop", None),
+        (None, None),
+    ],
+)
+def test_identity_namespace(uri: object, namespace: str | None) -> None:
+    assert identity_namespace(uri) == namespace
+
+
+def test_certificates_in_a_namespace() -> None:
+    dump = [{"identity": "spiffe://td/ns/shop/sa/a"}, {"identity": "spiffe://td/ns/legacy/sa/b"}, {"identity": "?"}]
+    assert [e["identity"] for e in certificates_in(dump, "legacy")] == ["spiffe://td/ns/legacy/sa/b"]
+    assert certificates_in(dump, None) == dump
 
 
 def test_connection_rows_take_each_direction_from_the_local_side() -> None:
@@ -63,7 +112,7 @@ def test_policy_rows_cover_authorization_and_peer_authentication() -> None:
         {"name": "deny-legacy", "namespace": "shop", "action": "Deny", "scope": "Namespace", "rules": 1},
         {"name": "strict", "namespace": "shop", "kind": "PeerAuthentication", "mode": "STRICT"},
     ]
-    assert policy_rows(dump, None) == [
+    assert policy_rows(dump) == [
         ("shop", "deny-legacy", "Deny", "Namespace"),
         ("shop", "strict", "STRICT", "PeerAuthentication"),
     ]
