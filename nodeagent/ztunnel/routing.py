@@ -29,6 +29,7 @@ from nodeagent.model import (
     Identity,
     Inventory,
     IPAddress,
+    Namespace,
     Pod,
     PodPhase,
     Service,
@@ -76,17 +77,31 @@ class RoutingSnapshot:
     def from_inventory(
         cls, inventory: Inventory, excluded: frozenset[str] = DEFAULT_EXCLUDED_NAMESPACES
     ) -> RoutingSnapshot:
+        namespaces: dict[str, Namespace] = {}
+        for ns in inventory.namespaces:
+            namespaces.setdefault(ns.name, ns)  # the first of a name, as Inventory.namespace() answers
         workloads: dict[IPAddress, Workload] = {}
         for pod in inventory.pods:
             if pod.ip is None or pod.host_network or pod.phase in (PodPhase.SUCCEEDED, PodPhase.FAILED):
                 continue
-            in_mesh = enrolled(pod, inventory.namespace(pod.namespace), excluded)
+            in_mesh = enrolled(pod, namespaces.get(pod.namespace), excluded)
             workloads[pod.ip] = Workload(pod, pod.identity(inventory.trust_domain), in_mesh)
+        # Endpoints through an index of running pods by (namespace, label, value): a service is matched
+        # only against the pods that carry its first selector pair. Matching every service against every
+        # pod took 5 M label checks, ~0.9 s at 5 000 pods / 1 000 services, on the tunnel's event loop at
+        # every change of the cluster. Candidates keep inventory order, so endpoints are ordered as before.
+        labelled: dict[tuple[str, str, str], list[Workload]] = {}
+        for w in workloads.values():
+            if w.pod.phase is PodPhase.RUNNING:
+                for key, value in w.pod.labels.items():
+                    labelled.setdefault((w.pod.namespace, key, value), []).append(w)
         services: dict[IPAddress, ServiceRoute] = {}
         for svc in inventory.services:
             if svc.vip is None:
                 continue
-            ready = tuple(w for w in workloads.values() if w.pod.phase is PodPhase.RUNNING and svc.selects(w.pod))
+            first = next(iter(svc.selector.items()), None)  # an empty selector selects nothing
+            candidates = labelled.get((svc.namespace, *first), ()) if first is not None else ()
+            ready = tuple(w for w in candidates if svc.selects(w.pod))
             services[svc.vip] = ServiceRoute(svc, ready)
         return cls(inventory.trust_domain, MappingProxyType(workloads), MappingProxyType(services))
 

@@ -1,4 +1,4 @@
-"""Table for nodeagent.ztunnel.routing.plan_outbound."""
+"""Table for nodeagent.ztunnel.routing.plan_outbound; a property for RoutingSnapshot's service endpoints."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import ipaddress
 from types import MappingProxyType
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nodeagent.model import (
     DATAPLANE_MODE_LABEL,
@@ -178,3 +180,38 @@ def test_snapshot_leaves_out_pending_endpoints_and_ipless_pods() -> None:
     assert [w.key for w in SNAP.services[ip("10.96.0.10")].endpoints] == ["mesh/server", "mesh/server2"]
     assert ip("10.2.0.13") in SNAP.workloads  # a pending pod is still a known workload
     assert all(w.pod.ip is not None for w in SNAP.workloads.values())
+
+
+# -- service endpoints: the label index must answer exactly what matching every pod would -------------------
+
+_names = st.sampled_from(["a", "b", "c"])
+_labels = st.dictionaries(st.sampled_from(["app", "tier", "v"]), st.sampled_from(["x", "y"]), max_size=3)
+
+
+@st.composite
+def _inventories(draw: st.DrawFn) -> Inventory:
+    pods = tuple(
+        pod(
+            f"p{i}",
+            draw(_names),
+            f"10.3.0.{draw(st.integers(1, 12))}",  # shared IPs: the later pod wins, as for a recycled IP
+            labels=MappingProxyType(draw(_labels)),
+            phase=draw(st.sampled_from(list(PodPhase))),
+            host_network=draw(st.booleans()),
+        )
+        for i in range(draw(st.integers(0, 12)))
+    )
+    services = tuple(
+        Service(f"s{i}", draw(_names), MappingProxyType(draw(_labels)), (ServicePort(80, 8080),), ip(f"10.96.1.{i}"))
+        for i in range(draw(st.integers(0, 6)))
+    )
+    return Inventory("t", TD, INVENTORY.fabric_cidr, INVENTORY.nodes, (MESH_NS, PLAIN_NS), pods, services)
+
+
+@given(_inventories())
+def test_service_endpoints_are_the_running_workloads_the_selector_matches(inventory: Inventory) -> None:
+    snap = RoutingSnapshot.from_inventory(inventory)
+    for svc in inventory.services:
+        assert svc.vip is not None
+        expected = [w for w in snap.workloads.values() if w.pod.phase is PodPhase.RUNNING and svc.selects(w.pod)]
+        assert list(snap.services[svc.vip].endpoints) == expected
