@@ -78,10 +78,7 @@ async def standin(tmp_path: Path) -> AsyncIterator[tuple[KubeStandIn, str]]:
 async def test_tunnel_sections_through_port_forward(tmp_path: Path, standin: tuple[KubeStandIn, str]) -> None:
     s, kubeconfig = standin
     async with cluster(tmp_path) as c:
-        t1 = await c.start_tunnel("node1")
-        t2 = await c.start_tunnel("node2")
-        await c.wait_ready(t1)
-        await c.wait_ready(t2)
+        t1, _ = await c.start_both()
         s.forwards[(NODE_IP, TUNNEL_ADMIN_PORT)] = t1.addresses["admin"]
         server_pod, client_pod = c.pod("server"), c.pod("client")
         assert server_pod.ip is not None

@@ -24,10 +24,7 @@ MiB = 1 << 20
 @pytest.mark.parametrize("size", [1, MiB, 1024 * MiB], ids=["1B", "1MiB", "1GiB"])
 async def test_bytes_both_ways_with_half_close(tmp_path: Path, size: int) -> None:
     async with cluster(tmp_path) as c:
-        t1 = await c.start_tunnel("node1")
-        t2 = await c.start_tunnel("node2")
-        await c.wait_ready(t1)
-        await c.wait_ready(t2)
+        t1, t2 = await c.start_both()
         server_pod, client_pod = c.pod("server"), c.pod("client")
         assert server_pod.ip is not None and client_pod.ip is not None
         app = ByteServer(server_pod.ip, size=size).start()
@@ -61,10 +58,7 @@ async def test_bytes_both_ways_with_half_close(tmp_path: Path, size: int) -> Non
 async def test_metrics_access_log_and_config_dump(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("INFO", logger="nodeagent.access")
     async with cluster(tmp_path) as c:
-        t1 = await c.start_tunnel("node1")
-        t2 = await c.start_tunnel("node2")
-        await c.wait_ready(t1)
-        await c.wait_ready(t2)
+        t1, t2 = await c.start_both()
         server_pod, client_pod = c.pod("server"), c.pod("client")
         assert server_pod.ip is not None
         app = ByteServer(server_pod.ip, size=1000).start()

@@ -34,10 +34,7 @@ async def test_client_first_bytes_arrive_once_and_are_counted(
 
     monkeypatch.setattr(outbound, "_early_bytes", spy)
     async with cluster(tmp_path) as c:
-        t1 = await c.start_tunnel("node1")
-        t2 = await c.start_tunnel("node2")
-        await c.wait_ready(t1)
-        await c.wait_ready(t2)
+        t1, t2 = await c.start_both()
         server_pod, client_pod = c.pod("server"), c.pod("client")
         assert server_pod.ip is not None
         app = ByteServer(server_pod.ip, size=10).start()

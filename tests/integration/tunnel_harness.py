@@ -173,6 +173,14 @@ class Cluster:
             while tunnel.readiness.readiness():  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
 
+    async def start_both(self) -> tuple[Tunnel, Tunnel]:
+        """node1's and node2's tunnels, both ready (the client side, the server side)."""
+        t1 = await self.start_tunnel("node1")
+        t2 = await self.start_tunnel("node2")
+        await self.wait_ready(t1)
+        await self.wait_ready(t2)
+        return t1, t2
+
 
 @contextlib.asynccontextmanager
 async def cluster(tmp_path: Path, pods: Callable[[Net], list[Pod]] | None = None) -> AsyncIterator[Cluster]:
