@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -234,3 +235,37 @@ async def test_policy_added_while_open_closes_within_a_second(tmp_path: Path, vi
             for app in apps:
                 await app.close()
         assert closed_after is not None and closed_after < 1.0, closed_after
+
+
+async def test_sources_are_read_off_the_loop_so_a_stuck_one_stalls_no_connection(tmp_path: Path) -> None:
+    """Inventory and policies are read, and the view built, in a worker thread (at 5 000 pods that is
+    ~30 ms of Python per change). While node1's policy source is stuck, both tunnels keep serving; were the
+    source read on the loop, the connection below could not be made until the source gave up."""
+    armed, entered, release = threading.Event(), threading.Event(), threading.Event()
+    seen: list[tuple[bool, bool]] = []  # (read on the main thread, released by the test rather than timed out)
+
+    async with cluster(tmp_path, three_pods) as c:
+
+        def stuck_policies() -> PolicySet:
+            if armed.is_set() and not entered.is_set():
+                entered.set()
+                seen.append((threading.current_thread() is threading.main_thread(), release.wait(20)))
+            return c.policies[0]
+
+        await c.wait_ready(await c.start_tunnel("node1", policies=stuck_policies))
+        await c.wait_ready(await c.start_tunnel("node2"))
+        server = c.pod("server")
+        assert server.ip is not None
+        app = ByteServer(server.ip, APP_PORT, size=5).start()
+        try:
+            armed.set()
+            assert await asyncio.to_thread(entered.wait, 10), "the tunnel never read its policies again"
+            assert await attempt(c, "client")  # served through node1 while its source is stuck
+            release.set()
+            async with asyncio.timeout(10):
+                while not seen:  # noqa: ASYNC110 - the worker thread reports when the source returns
+                    await asyncio.sleep(0.01)
+        finally:
+            release.set()
+            await app.close()
+    assert seen == [(False, True)]

@@ -394,22 +394,34 @@ class Tunnel:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self._in.watch_interval)
-            self.refresh()
+            await self.refresh()
 
-    def refresh(self) -> None:
-        """Pick up a changed inventory or policy set; close open connections the new policies deny."""
-        inventory, policies = self._in.inventory(), self._in.policies()
-        if inventory is self._inventory and policies is self._policies:
+    async def refresh(self) -> None:
+        """Pick up a changed inventory or policy set; close open connections the new policies deny.
+
+        Reading the sources and building the new view run in a worker thread: in Kubernetes mode at
+        5 000 pods / 1 000 services that is ~30 ms of Python per change, which on the loop stalled every
+        connection of the node; in a thread the loop gets the interpreter back every switch interval.
+        The view is swapped on the loop, in one assignment.
+        """
+        changed = await asyncio.to_thread(self._changed_view)
+        if changed is None:
             return
-        self._inventory, self._policies = inventory, policies
-        self.state.view = ClusterView.build(inventory, policies)
+        self._inventory, self._policies, self.state.view = changed
         # New policies, but also new labels or namespaces in the inventory, can change verdicts.
-        denied = revalidate(self.table.inbound_views(), policies)
+        denied = revalidate(self.table.inbound_views(), self._policies)
         for record_id, verdict in denied.items():
             record = self.table.get(record_id)
             if record is not None and record.abort is not None:
                 log.info("closing %s -> %s: %s", record.src_addr, record.dst_addr, verdict.reason)
                 record.abort(f"policy changed: {verdict.reason}")
+
+    def _changed_view(self) -> tuple[Inventory, PolicySet, ClusterView] | None:
+        """(In a worker thread) the sources' current state and its view, or None when neither changed."""
+        inventory, policies = self._in.inventory(), self._in.policies()
+        if inventory is self._inventory and policies is self._policies:
+            return None
+        return inventory, policies, ClusterView.build(inventory, policies)
 
     def _zds_pending(self) -> str | None:
         if self._in.zds_socket is None:
