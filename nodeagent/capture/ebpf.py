@@ -16,9 +16,9 @@ the tunnel's SYN, 0x111) and the policy routing of nodeagent.capture.routing (fw
 local default route), which delivers the app's replies to the client's IP to the tunnel's socket instead
 of sending them out of eth0. The iptables mode gets the same mark onto replies with connmark rules.
 
-What it deliberately does not do: no bcc import (loader.py has it, and compiles only when a program pin
-is missing), no kubelet-probe handling on the node (that stays the iptables ProbeBypass on the node's own
-tables), no IPv6.
+What it deliberately does not do: no bcc import (loader.py has it, compiles once per process and loads a
+pod's programs only when a program pin is missing), no kubelet-probe handling on the node (that stays the
+iptables ProbeBypass on the node's own tables), no IPv6.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from nodeagent.netns import NetnsError, in_netns
 
 LAB_CGROUP_PATTERN = "nodeagent-lab/{node}/{namespace}.{name}"  # nodeagent/lab/plan.py's layout
 
-_compile_lock = threading.Lock()  # one bcc/LLVM compile at a time in this process
+_kernel_lock = threading.Lock()  # one pod's BPF objects changed at a time (install and remove of a pod race)
 FWMARK_ACCEPT = "/proc/sys/net/ipv4/tcp_fwmark_accept"
 
 
@@ -104,7 +104,7 @@ class EbpfBackend:
         def work() -> tuple[str, ...]:
             if not os.path.isdir(cgroup):
                 raise CaptureError(f"pod {pod.key}: its cgroup {cgroup} does not exist (wrong --cgroup-pattern?)")
-            with _compile_lock:
+            with _kernel_lock:
                 repaired = loader.ensure(config, cgroup, netns)
             if _sysctl(netns, "1") != "1":
                 repaired += ("net.ipv4.tcp_fwmark_accept was 0: set it to 1",)
@@ -119,7 +119,8 @@ class EbpfBackend:
         self._pods.pop(netns, None)
 
         def work() -> bool:
-            removed = loader.remove(pod.uid, self.pin_root)
+            with _kernel_lock:
+                removed = loader.remove(pod.uid, self.pin_root)
             if os.path.exists(netns):
                 removed = _sysctl(netns, "0") == "1" or removed
                 removed = routing.remove(netns) or removed
@@ -162,9 +163,15 @@ class EbpfBackend:
 
 
 def unavailable_reason() -> str | None:
-    """Why eBPF capture cannot run here (mounting bpffs when it is only unmounted), or None when it can."""
+    """Why eBPF capture cannot run here (mounting bpffs when it is only unmounted), or None when it can.
+
+    "Can" includes compiling the programs, which is done here, once: a kernel whose headers do not build
+    them is found at start (auto falls back to iptables) rather than at the first pod, and no pod waits
+    for the compile.
+    """
     try:
         loader.check_environment()
+        loader.compiled(loader.BuildConfig())
     except loader.EbpfUnavailable as exc:
         return str(exc)
     return None

@@ -1,8 +1,9 @@
-"""`nodeagent ebpf source`: the C unit exactly as bcc compiles it for a pod, with its -D flags.
+"""`nodeagent ebpf source`: the C unit exactly as bcc compiles it, with its -D flags.
 
-Why this module exists: the programs are configured with -D flags, so what runs in the kernel is the
-files in nodeagent/ebpf/programs/ plus those flags; printing both lets an operator read (and recompile
-by hand) precisely what is attached. Importing this module does not import bcc.
+Why this module exists: the programs are configured with -D flags (the node's ports and mark), so what
+runs in the kernel is the files in nodeagent/ebpf/programs/ plus those flags, loaded once per pod against
+the pod's own maps; printing both lets an operator read (and recompile by hand) precisely what is
+attached. Importing this module does not import bcc.
 
 What it deliberately does not do: no loading or attaching (the agent's eBPF capture backend does that).
 """
@@ -10,9 +11,8 @@ What it deliberately does not do: no loading or attaching (the agent's eBPF capt
 from __future__ import annotations
 
 import argparse
-import ipaddress
 
-from nodeagent.ebpf.loader import FASTPATH_FILE, PROGRAMS_DIR, PodConfig, annotated_source
+from nodeagent.ebpf.loader import FASTPATH_FILE, PROGRAMS_DIR, BuildConfig, annotated_source
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -20,12 +20,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sub = ebpf.add_subparsers(dest="ebpf_command", required=True)
     src = sub.add_parser(
         "source",
-        help="print the C as compiled for one pod, with its -D flags",
-        description="Prints the compiler flags (as a comment) and the C unit bcc compiles for a pod: "
-        "programs/nodeagent.h followed by one file per attach point.",
+        help="print the C as compiled for every pod, with its -D flags",
+        description="Prints the compiler flags (as a comment) and the C unit bcc compiles once per agent and "
+        "loads for every pod: programs/nodeagent.h followed by one file per attach point. A pod's own "
+        "settings (its IP) are not in the code but in its map_config.",
     )
-    src.add_argument("--uid", default="POD-UID", help="pod uid (names the pin directory; default: %(default)s)")
-    src.add_argument("--pod-ip", type=ipaddress.IPv4Address, default=None, help="the pod's IPv4 address")
     src.add_argument(
         "--fastpath", action="store_true", help="print the node-wide same-node fast-path unit (fastpath.c) instead"
     )
@@ -37,5 +36,5 @@ def _source(args: argparse.Namespace) -> int:
         text = (PROGRAMS_DIR / FASTPATH_FILE).read_text()
         print(f"/* nodeagent fast-path unit ({FASTPATH_FILE}), compiled by bcc with no flags */\n{text}", end="")
         return 0
-    print(annotated_source(PodConfig(args.uid, args.pod_ip)), end="")
+    print(annotated_source(BuildConfig()), end="")
     return 0

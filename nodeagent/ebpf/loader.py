@@ -1,4 +1,4 @@
-"""Compiling, loading, pinning and attaching one pod's capture programs: the only module that imports bcc.
+"""Compiling (once), loading, pinning and attaching each pod's capture programs: the only module that imports bcc.
 
 The design (why these hooks):
 
@@ -20,11 +20,16 @@ The design (why these hooks):
   calling itself, the tunnel's connection to the app) and to :15008 (HBONE) are left alone; with no listener in
   the map the SYN is refused (fail closed). bpf_sk_assign needs no IP_TRANSPARENT listener here.
 
-Every object is pinned under /sys/fs/bpf/nodeagent/<pod uid>/: maps (map_*, created and re-opened by bcc's
-BPF_TABLE_PINNED, so a reload keeps their contents), programs (prog_<hook>) and links (link_<hook>; the
-link is the attachment, so a pinned link keeps capture working while no agent runs). `ensure()` reads
-what the kernel has first and only compiles when a program pin is missing; links that were detached or
-unpinned are re-created from the pinned program. `remove()` detaches and unpins everything, idempotently.
+COMPILE ONCE, LOAD PER POD. bcc compiles the unit once per agent process (`compiled()`: ~0.5-1 s of
+LLVM, which per pod made a namespace of 200 pods take minutes); the instructions it produced refer to maps
+by fd, and `load()` points them at the pod's own maps (`relocate()`, what libbpf does for ELF objects)
+and loads them with bpf(2). What differs between pods is data, in the pod's map_config (its IP), so the
+code is the same for all. Every object is pinned under /sys/fs/bpf/nodeagent/<pod uid>/: maps (map_*,
+re-opened when their layout is the compiled one, so a reload keeps their contents), programs
+(prog_<hook>) and links (link_<hook>; the link is the attachment, so a pinned link keeps capture working
+while no agent runs). `ensure()` reads what the kernel has first and loads only when a program pin is
+missing or uses maps that are not the pinned ones; links that were detached or unpinned are re-created
+from the pinned program. `remove()` detaches and unpins everything, idempotently.
 
 - SOURCE-IP PRESERVATION (the tunnel connects to the app from the client's IP): sk_lookup cannot see
   socket marks, so the tunnel names its transparent upstream socket's address in map_bypass before
@@ -51,6 +56,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,12 +65,15 @@ from typing import Any
 from nodeagent.ebpf import maps, pins
 from nodeagent.ebpf.structs import (
     FASTPATH_DIR,
+    MAP_CONFIG,
     MAP_FP_PEER,
     MAP_FP_SOCKS,
     MAP_FP_STATS,
     MAPS,
     PIN_ROOT,
     PROG_FP_VERDICT,
+    NaConfig,
+    map_pin,
     pin_dir,
 )
 
@@ -81,16 +90,32 @@ class EbpfUnavailable(RuntimeError):
 
 
 @dataclass(frozen=True, slots=True)
-class PodConfig:
-    """Everything one pod's programs are compiled with (each becomes a -D flag)."""
+class BuildConfig:
+    """What the programs are compiled with: the same for every pod of a node (each becomes a -D flag)."""
 
-    uid: str
-    pod_ip: ipaddress.IPv4Address | None
-    pin_root: str = PIN_ROOT
     outbound_port: int = 15001
     inbound_port: int = 15006
     hbone_port: int = 15008
     tunnel_mark: int = 0x539
+
+    def cflags(self) -> list[str]:
+        return [
+            f"-I{PROGRAMS_DIR}",
+            f"-DNA_OUTBOUND_PORT={self.outbound_port}",
+            f"-DNA_INBOUND_PORT={self.inbound_port}",
+            f"-DNA_HBONE_PORT={self.hbone_port}",
+            f"-DNA_TUNNEL_MARK={self.tunnel_mark:#x}",
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class PodConfig:
+    """One pod's capture: where its objects are pinned, what goes into its na_config, and the build."""
+
+    uid: str
+    pod_ip: ipaddress.IPv4Address | None
+    pin_root: str = PIN_ROOT
+    build: BuildConfig = BuildConfig()
 
     def __post_init__(self) -> None:
         if not _UID.match(self.uid) or self.uid == FASTPATH_DIR:
@@ -100,21 +125,13 @@ class PodConfig:
     def pin_dir(self) -> str:
         return pin_dir(self.uid, self.pin_root)
 
-    def cflags(self) -> list[str]:
-        ip = int(self.pod_ip) if self.pod_ip is not None else 0
-        return [
-            f"-I{PROGRAMS_DIR}",
-            f'-DNA_PIN_DIR="{self.pin_dir}"',
-            f"-DNA_POD_IP4={ip:#010x}U",
-            f"-DNA_OUTBOUND_PORT={self.outbound_port}",
-            f"-DNA_INBOUND_PORT={self.inbound_port}",
-            f"-DNA_HBONE_PORT={self.hbone_port}",
-            f"-DNA_TUNNEL_MARK={self.tunnel_mark:#x}",
-        ]
+    def na_config(self) -> bytes:
+        """The value of slot 0 of the pod's map_config (struct na_config)."""
+        return bytes(NaConfig.of(self.pod_ip))
 
 
-def source(config: PodConfig) -> str:
-    """The C unit bcc compiles for `config`: the header, then one file per attach point, as they are.
+def source() -> str:
+    """The C unit bcc compiles: the header, then one file per attach point, as they are.
 
     bcc rewrites map accesses (`map.lookup(...)`) only in the text it is given, not in files it
     #includes, so the header is part of the text; its include guard makes each file's own #include a no-op.
@@ -124,12 +141,112 @@ def source(config: PodConfig) -> str:
     return "\n".join(parts)
 
 
-def annotated_source(config: PodConfig) -> str:
+def annotated_source(build: BuildConfig) -> str:
     """source() preceded by a comment with the exact compiler flags (`nodeagent ebpf source`)."""
-    flags = "\n".join(f" *   {flag}" for flag in config.cflags())
+    flags = "\n".join(f" *   {flag}" for flag in build.cflags())
     files = ", ".join([HEADER, *(hook.file for hook in pins.HOOKS)])
-    header = f"/* nodeagent eBPF unit for pod {config.uid} ({files}), compiled by bcc with:\n{flags}\n */\n"
-    return header + source(config)
+    header = (
+        f"/* nodeagent eBPF unit ({files}), compiled by bcc once per agent and loaded for every pod, with:\n"
+        f"{flags}\n * Per pod: its own maps, pinned under {PIN_ROOT}/<pod uid>/, and its IP in map_config.\n */\n"
+    )
+    return header + source()
+
+
+# --- relocation: one compiled program, any pod's maps ----------------------------------------------------
+
+_LD_IMM64 = 0x18  # BPF_LD | BPF_DW | BPF_IMM: a 64-bit immediate load spanning two instruction slots
+_PSEUDO_MAP_FD = 1  # src_reg of an LD_IMM64 whose imm is a map fd
+_PSEUDO_MAP_VALUE = 2  # ... whose imm is a map fd and the next slot's imm an offset into its value
+
+
+def map_references(insns: bytes) -> tuple[int, ...]:
+    """The map fds the instructions load (LD_IMM64 with a map pseudo source), in order, with repeats."""
+    return tuple(fd for _, fd in _map_slots(insns))
+
+
+def relocate(insns: bytes, fds: dict[int, int]) -> bytes:
+    """`insns` with every map fd `a` they load replaced by `fds[a]`; what the kernel relocates no further.
+
+    This is what loading a compiled object always does (libbpf does it for ELF objects): the
+    instructions name maps by fd, so one compile serves every pod once the fds are the pod's. An fd with
+    no replacement is an error, never left pointing at whatever that number is now.
+    """
+    out = bytearray(insns)
+    for offset, fd in _map_slots(insns):
+        if fd not in fds:
+            raise ValueError(f"instruction {offset // 8} loads map fd {fd}, which is not one of the program's maps")
+        out[offset + 4 : offset + 8] = fds[fd].to_bytes(4, "little", signed=True)
+    return bytes(out)
+
+
+def _map_slots(insns: bytes) -> Iterator[tuple[int, int]]:
+    if len(insns) % 8:
+        raise ValueError(f"{len(insns)} bytes are not whole BPF instructions")
+    offset = 0
+    while offset < len(insns):
+        if insns[offset] == _LD_IMM64:
+            if insns[offset + 1] >> 4 in (_PSEUDO_MAP_FD, _PSEUDO_MAP_VALUE):
+                yield offset, int.from_bytes(insns[offset + 4 : offset + 8], "little", signed=True)
+            offset += 16
+        else:
+            offset += 8
+
+
+@dataclass(frozen=True, slots=True)
+class Compiled:
+    """The programs as bcc compiled them, ready to be loaded for any pod (`load()` relocates them).
+
+    bcc created the maps the code references while compiling; their fds are kept in the instructions as
+    placeholders, each with the layout (and BTF type ids) of the map it stood for. Those maps are closed
+    once this is built; the BTF object describing their types is held open, so every pod's maps carry it.
+    """
+
+    build: BuildConfig
+    license: bytes
+    programs: dict[str, bytes]  # function name -> instructions with placeholder map fds
+    layouts: dict[int, maps.MapInfo]  # placeholder fd -> the map's layout, name and BTF type ids
+    btf: dict[int, maps.Fd]  # BTF object id -> an open fd of it
+
+
+_compile_lock = threading.Lock()  # one bcc/LLVM compile at a time in this process
+_compiled: dict[BuildConfig, Compiled] = {}
+
+
+def compiled(build: BuildConfig) -> Compiled:
+    """The programs for `build`, compiled by bcc on first use in this process and kept (~0.5-1 s of LLVM)."""
+    with _compile_lock:
+        if build not in _compiled:
+            _compiled[build] = _compile(build)
+        return _compiled[build]
+
+
+def _compile(build: BuildConfig) -> Compiled:
+    bcc = _import_bcc()
+    try:
+        module = bcc.BPF(text=source().encode(), cflags=build.cflags())
+    except Exception as exc:
+        hint = "" if kernel_headers() else " (no kernel headers: `sudo make setup`)"
+        raise EbpfUnavailable(f"bcc could not compile nodeagent's programs: {exc}{hint}") from None
+    btf: dict[int, maps.Fd] = {}
+    try:
+        programs = {hook.function: bytes(module.dump_func(hook.function.encode())) for hook in pins.HOOKS}
+        placeholders = {fd for insns in programs.values() for fd in map_references(insns)}
+        layouts = {fd: maps.map_info(fd) for fd in placeholders}
+        pinned = sorted(map_pin(info.name) for info in layouts.values())
+        if pinned != sorted(MAPS):
+            raise EbpfUnavailable(f"the programs use maps {pinned}, but nodeagent pins {sorted(MAPS)}: build mismatch")
+        for btf_id in {info.btf_id for info in layouts.values() if info.btf_id}:
+            btf[btf_id] = maps.btf_fd_by_id(btf_id)
+        license = bytes(bcc.libbcc.lib.bpf_module_license(module.module))
+    except BaseException:
+        for fd in btf.values():
+            fd.close()
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            module.cleanup()  # closes bcc's own copies of the maps: every pod gets its own
+    log.info("compiled nodeagent's programs (%s) with %s", ", ".join(programs), " ".join(build.cflags()[1:]))
+    return Compiled(build, license, programs, layouts, btf)
 
 
 # --- environment -------------------------------------------------------------------------------------------
@@ -223,31 +340,28 @@ def _cgroup2_mounted() -> bool:
 
 
 def load(config: PodConfig) -> dict[str, maps.Fd]:
-    """Compile the unit with bcc, load every program and pin it (prog_<hook>); maps pin themselves.
+    """Load and pin (prog_<hook>) the pod's copy of every program, bound to the pod's own maps.
 
-    Returns an open fd per hook name; the caller closes them. Raises EbpfUnavailable when the kernel
-    refuses a program (naming it and the likely cause).
+    The maps are adopted from their pins when their layout is the compiled one, else created and pinned.
+    Compiles only on the first call in the process (`compiled()`). Returns an open fd per hook name; the
+    caller closes them. Raises EbpfUnavailable when the kernel refuses a program (naming it and why).
     """
-    bcc = _import_bcc()
+    program = compiled(config.build)
     os.makedirs(config.pin_dir, exist_ok=True)
-    _drop_incompatible_maps(config.pin_dir)
-    try:
-        module = bcc.BPF(text=source(config).encode(), cflags=config.cflags())
-    except Exception as exc:
-        hint = "" if kernel_headers() else " (no kernel headers: `sudo make setup`)"
-        raise EbpfUnavailable(f"bcc could not compile nodeagent's programs: {exc}{hint}") from None
+    pod_maps = _ensure_maps(program, config.pin_dir)
     fds: dict[str, maps.Fd] = {}
     try:
+        targets = {placeholder: fd.fd for placeholder, fd in pod_maps.items()}
         for hook in pins.HOOKS:
+            insns = relocate(program.programs[hook.function], targets)
             try:
-                fn = module.load_func(hook.function.encode(), int(hook.prog_type), attach_type=int(hook.attach_type))
-            except Exception as exc:
+                fd = maps.prog_load(int(hook.prog_type), insns, hook.function, program.license, int(hook.attach_type))
+            except maps.BpfError as exc:
                 raise EbpfUnavailable(
                     f"the kernel refused program {hook.function} ({hook.prog_type.name.lower()}, attach "
                     f"{hook.attach_type.name.lower()}): {exc}; the kernel is too old or built without this program "
                     "type - use --capture iptables"
                 ) from None
-            fd = maps.Fd(os.dup(fn.fd))
             fds[hook.name] = fd
             path = os.path.join(config.pin_dir, hook.prog_pin)
             with contextlib.suppress(FileNotFoundError):
@@ -258,41 +372,57 @@ def load(config: PodConfig) -> dict[str, maps.Fd]:
             fd.close()
         raise
     finally:
-        with contextlib.suppress(Exception):
-            module.cleanup()
-    log.info("pod %s: compiled and pinned %s under %s", config.uid, ", ".join(fds), config.pin_dir)
+        for fd in pod_maps.values():
+            fd.close()
+    log.info("pod %s: loaded and pinned %s under %s", config.uid, ", ".join(fds), config.pin_dir)
     return fds
 
 
-# (key size, value size) of each pinned map as the header declares it. BPF_TABLE_PINNED re-opens a pin
-# without comparing layouts, so a pin left by an older layout is dropped here and created afresh.
-MAP_LAYOUT = {
-    MAPS[0]: (8, 16),  # map_cookie_dst: __u64 -> struct na_orig
-    MAPS[1]: (8, 16),  # map_orig_dst: struct na_addr4 -> struct na_orig
-    MAPS[2]: (4, 4),  # map_listener: int -> socket
-    MAPS[3]: (8, 4),  # map_bypass: struct na_addr4 -> __u32
-    MAPS[4]: (4, 8),  # map_stats: int -> __u64
-}
+def _ensure_maps(program: Compiled, directory: str) -> dict[int, maps.Fd]:
+    """The pod's maps by placeholder fd: each pin re-opened when its layout is the compiled one, else made."""
+    opened: dict[int, maps.Fd] = {}
+    try:
+        for placeholder, layout in program.layouts.items():
+            path = os.path.join(directory, map_pin(layout.name))
+            fd = _open_map(path, layout)
+            if fd is None:
+                fd = opened[placeholder] = maps.map_create(layout, program.btf.get(layout.btf_id))
+                maps.obj_pin(fd.fd, path)
+            opened[placeholder] = fd
+    except BaseException:
+        for fd in opened.values():
+            fd.close()
+        raise
+    return opened
 
 
-def _drop_incompatible_maps(directory: str) -> None:
-    for name, (key_size, value_size) in MAP_LAYOUT.items():
-        path = os.path.join(directory, name)
-        try:
-            with maps.obj_get(path) as fd:
-                info = maps.map_info(fd.fd)
-        except maps.BpfError:
-            continue
-        if (info.key_size, info.value_size) != (key_size, value_size):
-            log.warning(
-                "%s has layout %d/%d, not %d/%d: recreating it",
-                path,
-                info.key_size,
-                info.value_size,
-                key_size,
-                value_size,
-            )
-            os.unlink(path)
+def _open_map(path: str, layout: maps.MapInfo) -> maps.Fd | None:
+    """The pinned map at `path` if it has `layout`; a pin of another layout is unpinned (and None returned)."""
+    try:
+        fd = maps.obj_get(path)
+    except maps.BpfError as exc:
+        if exc.errno == errno.ENOENT:
+            return None
+        raise
+    info = maps.map_info(fd.fd)
+    if info.same_layout(layout):
+        return fd
+    fd.close()
+    log.warning("%s has another layout than the compiled %s (%s): recreating it", path, layout.name, info)
+    os.unlink(path)
+    return None
+
+
+def _configure(config: PodConfig) -> str | None:
+    """Make slot 0 of the pod's map_config hold its settings; what it held instead, if anything."""
+    want = config.na_config()
+    with maps.obj_get(os.path.join(config.pin_dir, MAP_CONFIG)) as fd:
+        had = maps.lookup(fd.fd, bytes(4), len(want)) or bytes(len(want))
+        if had == want:
+            return None
+        maps.update(fd.fd, bytes(4), want)
+    before = NaConfig.from_buffer_copy(had).pod_ip
+    return f"map_config held pod IP {before or 'none'}, not {config.pod_ip or 'none'}: rewrote it"
 
 
 @contextlib.contextmanager
@@ -308,8 +438,9 @@ def _open_target(path: str) -> Iterator[maps.Fd]:
 def ensure(config: PodConfig, cgroup: str, netns: str) -> tuple[str, ...]:
     """Make the kernel hold the pod's programs, pinned and attached; return what was repaired (empty: nothing).
 
-    Adopts what exists: a program pin is reused (no compile) and a link that is pinned and attached to
-    the right cgroup/netns is left alone.
+    Adopts what exists: a program pin that uses the pod's pinned maps is reused (nothing loaded), a link
+    that is pinned and attached to the right cgroup/netns is left alone, and map_config is rewritten
+    only when it does not hold the pod's IP.
     """
     os.makedirs(config.pin_dir, exist_ok=True)
     targets = {"cgroup": cgroup, "netns": netns}
@@ -317,10 +448,14 @@ def ensure(config: PodConfig, cgroup: str, netns: str) -> tuple[str, ...]:
     repaired: list[str] = []
     fresh: dict[str, maps.Fd] = {}
     try:
-        if any(h.prog is None for h in observed.hooks):
-            missing = [h.hook.name for h in observed.hooks if h.prog is None]
+        stale = [h for h in observed.hooks if h.prog is None or h.stray_maps]
+        if stale or any(m.info is None for m in observed.maps):
             fresh = load(config)
-            repaired.append(f"programs {', '.join(missing)} were not pinned: compiled and pinned them")
+            why = "; ".join(h.problem for h in stale) or "a map was not pinned"
+            repaired.append(f"{why}: loaded and pinned the programs again")
+        note = _configure(config)
+        if note and not fresh:  # a fresh load reports itself
+            repaired.append(note)
         for state in observed.hooks:
             hook = state.hook
             if hook.name not in fresh and state.ok:

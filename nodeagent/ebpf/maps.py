@@ -7,13 +7,18 @@ open pins, create and pin links, ask the kernel what is attached where (BPF_PROG
 programs, maps and links (BPF_OBJ_GET_INFO_BY_FD). Every function is a thin, blocking system call; errors
 are `BpfError` (an OSError) naming the operation, the object and a likely fix.
 
-What it deliberately does not do: no program loading or compiling (loader.py), no policy about which
+It also creates maps and loads programs from instructions bcc has already compiled (`map_create`,
+`prog_load`): the loader compiles the C once per process and loads each pod's copy of the programs
+against that pod's own maps, which is a bpf(2) call, not a compile.
+
+What it deliberately does not do: no compiling (loader.py, the only bcc user), no policy about which
 pins should exist (capture/ebpf.py), no caching of fds (callers close what they open: `Fd` is a context
 manager).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import enum
@@ -37,10 +42,12 @@ from nodeagent.ebpf.structs import (
 )
 
 # linux/bpf.h commands
+BPF_MAP_CREATE = 0
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
+BPF_PROG_LOAD = 5
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_ATTACH = 8
@@ -49,6 +56,7 @@ BPF_PROG_GET_FD_BY_ID = 13
 BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
+BPF_BTF_GET_FD_BY_ID = 19
 BPF_LINK_CREATE = 28
 BPF_LINK_GET_FD_BY_ID = 30
 BPF_LINK_DETACH = 34
@@ -223,6 +231,47 @@ class _MapInfo(ctypes.Structure):  # struct bpf_map_info, prefix
         ("max_entries", ctypes.c_uint32),
         ("map_flags", ctypes.c_uint32),
         ("name", ctypes.c_char * 16),
+        ("ifindex", ctypes.c_uint32),
+        ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+        ("netns_dev", ctypes.c_uint64),
+        ("netns_ino", ctypes.c_uint64),
+        ("btf_id", ctypes.c_uint32),
+        ("btf_key_type_id", ctypes.c_uint32),
+        ("btf_value_type_id", ctypes.c_uint32),
+    )
+
+
+class _MapCreateAttr(ctypes.Structure):
+    _fields_ = (
+        ("map_type", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("inner_map_fd", ctypes.c_uint32),
+        ("numa_node", ctypes.c_uint32),
+        ("map_name", ctypes.c_char * 16),
+        ("map_ifindex", ctypes.c_uint32),
+        ("btf_fd", ctypes.c_uint32),
+        ("btf_key_type_id", ctypes.c_uint32),
+        ("btf_value_type_id", ctypes.c_uint32),
+    )
+
+
+class _ProgLoadAttr(ctypes.Structure):
+    _fields_ = (
+        ("prog_type", ctypes.c_uint32),
+        ("insn_cnt", ctypes.c_uint32),
+        ("insns", ctypes.c_uint64),
+        ("license", ctypes.c_uint64),
+        ("log_level", ctypes.c_uint32),
+        ("log_size", ctypes.c_uint32),
+        ("log_buf", ctypes.c_uint64),
+        ("kern_version", ctypes.c_uint32),
+        ("prog_flags", ctypes.c_uint32),
+        ("prog_name", ctypes.c_char * 16),
+        ("prog_ifindex", ctypes.c_uint32),
+        ("expected_attach_type", ctypes.c_uint32),
     )
 
 
@@ -287,8 +336,66 @@ def map_fd_by_id(map_id: int) -> Fd:
     return Fd(bpf(BPF_MAP_GET_FD_BY_ID, _IdAttr(id=map_id), f"MAP_GET_FD_BY_ID {map_id}"))
 
 
+def btf_fd_by_id(btf_id: int) -> Fd:
+    return Fd(bpf(BPF_BTF_GET_FD_BY_ID, _IdAttr(id=btf_id), f"BTF_GET_FD_BY_ID {btf_id}"))
+
+
 def link_fd_by_id(link_id: int) -> Fd:
     return Fd(bpf(BPF_LINK_GET_FD_BY_ID, _IdAttr(id=link_id), f"LINK_GET_FD_BY_ID {link_id}"))
+
+
+# --- creating maps, loading programs ----------------------------------------------------------------------
+
+_LOG_SIZE = 1 << 20
+_MAX_INSNS = 1 << 20
+
+
+def map_create(like: MapInfo, btf: Fd | None = None) -> Fd:
+    """A new, empty map with `like`'s name, type, sizes, capacity and flags (BPF_MAP_CREATE).
+
+    With `btf` (an fd of the BTF object `like.btf_id` names) the new map carries the same key and value
+    types, so bpftool decodes its entries as it decodes the original's.
+    """
+    attr = _MapCreateAttr(
+        map_type=like.type,
+        key_size=like.key_size,
+        value_size=like.value_size,
+        max_entries=like.max_entries,
+        map_flags=like.flags,
+        map_name=like.name.encode()[:15],
+    )
+    if btf is not None and like.btf_id:
+        attr.btf_fd = btf.fd
+        attr.btf_key_type_id = like.btf_key_type_id
+        attr.btf_value_type_id = like.btf_value_type_id
+    return Fd(bpf(BPF_MAP_CREATE, attr, f"MAP_CREATE {like.name}"))
+
+
+def prog_load(prog_type: int, insns: bytes, name: str, license: bytes, expected_attach_type: int = 0) -> Fd:
+    """Load a program from its instructions (BPF_PROG_LOAD); the verifier's log is in the error if refused."""
+    if len(insns) % 8 or not 0 < len(insns) // 8 <= _MAX_INSNS:
+        raise ValueError(f"program {name}: {len(insns)} bytes are not whole BPF instructions")
+    code = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(license)
+    attr = _ProgLoadAttr(
+        prog_type=prog_type,
+        insn_cnt=len(insns) // 8,
+        insns=ctypes.addressof(code),
+        license=ctypes.addressof(lic),
+        prog_name=name.encode()[:15],
+        expected_attach_type=expected_attach_type,
+    )
+    try:
+        return Fd(bpf(BPF_PROG_LOAD, attr, f"PROG_LOAD {name}"))
+    except BpfError as exc:
+        if exc.errno not in (errno.EACCES, errno.EINVAL):
+            raise
+        log = ctypes.create_string_buffer(_LOG_SIZE)  # load again for the verifier's reason
+        attr.log_level, attr.log_size, attr.log_buf = 1, _LOG_SIZE, ctypes.addressof(log)
+        with contextlib.suppress(BpfError):
+            return Fd(bpf(BPF_PROG_LOAD, attr, f"PROG_LOAD {name}"))
+        tail = log.value.decode(errors="replace").strip().splitlines()[-12:]
+        raise BpfError(exc.errno, f"{exc.strerror}; the verifier said:\n" + "\n".join(tail)) from None
 
 
 # --- descriptions ------------------------------------------------------------------------------------------
@@ -318,6 +425,15 @@ class MapInfo:
     key_size: int
     value_size: int
     max_entries: int
+    flags: int = 0
+    btf_id: int = 0  # 0: the map has no BTF
+    btf_key_type_id: int = 0
+    btf_value_type_id: int = 0
+
+    def same_layout(self, other: MapInfo) -> bool:
+        """True when an element of one is an element of the other (type, sizes, capacity, flags)."""
+        mine = (self.type, self.key_size, self.value_size, self.max_entries, self.flags)
+        return mine == (other.type, other.key_size, other.value_size, other.max_entries, other.flags)
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,7 +479,16 @@ def map_info(fd: int) -> MapInfo:
     info = _info(fd, _MapInfo, "OBJ_GET_INFO_BY_FD map")
     assert isinstance(info, _MapInfo)
     return MapInfo(
-        info.id, info.type, info.name.decode(errors="replace"), info.key_size, info.value_size, info.max_entries
+        info.id,
+        info.type,
+        info.name.decode(errors="replace"),
+        info.key_size,
+        info.value_size,
+        info.max_entries,
+        info.map_flags,
+        info.btf_id,
+        info.btf_key_type_id,
+        info.btf_value_type_id,
     )
 
 

@@ -12,6 +12,7 @@ What it deliberately does not do: no changes (loader.py repairs), no compiling, 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ class HookState:
     link: maps.LinkInfo | None
     attached: tuple[int, ...] | None  # program ids the kernel lists on the target for this attach type
     problem: str
+    stray_maps: tuple[int, ...] = ()  # ids of maps the pinned program uses that are not the pod's pinned maps
 
     @property
     def ok(self) -> bool:
@@ -151,7 +153,7 @@ def attached_programs(path: str, attach_type: int) -> tuple[int, ...] | None:
 def observe(uid: str, cgroup: str, netns: str, pin_root: str = PIN_ROOT) -> PodBpf:
     directory = pin_dir(uid, pin_root)
     targets = {"cgroup": cgroup, "netns": netns}
-    states = []
+    states: list[HookState] = []
     for hook in HOOKS:
         target = targets[hook.target]
         prog = _prog(os.path.join(directory, hook.prog_pin))
@@ -178,6 +180,13 @@ def observe(uid: str, cgroup: str, netns: str, pin_root: str = PIN_ROOT) -> PodB
             problem = ""
         states.append(HookState(hook, target, prog, link, attached, problem))
     map_states = tuple(MapState(name, _map(os.path.join(directory, name))) for name in MAPS)
+    pinned_maps = {m.info.id for m in map_states if m.info}
+    for i, state in enumerate(states):
+        prog = state.prog
+        stray = tuple(sorted(set(prog.map_ids) - pinned_maps)) if prog else ()
+        if prog and stray:  # the program would read and write maps nobody else sees (a map pin was replaced)
+            problem = f"program {prog.id} uses maps {list(stray)} that are not pinned in {directory}"
+            states[i] = dataclasses.replace(state, problem=state.problem or problem, stray_maps=stray)
     return PodBpf(uid, directory, tuple(states), map_states)
 
 

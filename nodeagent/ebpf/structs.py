@@ -24,7 +24,16 @@ MAP_ORIG_DST = "map_orig_dst"
 MAP_LISTENER = "map_listener"
 MAP_BYPASS = "map_bypass"
 MAP_STATS = "map_stats"
-MAPS = (MAP_COOKIE_DST, MAP_ORIG_DST, MAP_LISTENER, MAP_BYPASS, MAP_STATS)
+MAP_CONFIG = "map_config"
+MAPS = (MAP_COOKIE_DST, MAP_ORIG_DST, MAP_LISTENER, MAP_BYPASS, MAP_STATS, MAP_CONFIG)
+
+
+def map_pin(kernel_name: str) -> str:
+    """The pin name of a map the header declares as `na_<x>`: `map_<x>`."""
+    if not kernel_name.startswith("na_"):
+        raise ValueError(f"map {kernel_name!r} is not one of nodeagent's (na_*)")
+    return "map_" + kernel_name[3:]
+
 
 # The node-wide same-node fast path (programs/fastpath.c): PIN_ROOT/fastpath/...
 FASTPATH_DIR = "fastpath"
@@ -71,6 +80,20 @@ class NaOrig(ctypes.Structure):
         return ipaddress.IPv4Address(int(self.ip).to_bytes(4, "little")), socket.ntohs(self.port)
 
 
+class NaConfig(ctypes.Structure):
+    """struct na_config: one pod's settings in slot 0 of its map_config (network byte order)."""
+
+    _fields_ = (("pod_ip4", ctypes.c_uint32), ("pad", ctypes.c_uint32))
+
+    @classmethod
+    def of(cls, pod_ip: ipaddress.IPv4Address | None) -> NaConfig:
+        return cls(pod_ip4=int.from_bytes(pod_ip.packed, "little") if pod_ip is not None else 0, pad=0)
+
+    @property
+    def pod_ip(self) -> ipaddress.IPv4Address | None:
+        return ipaddress.IPv4Address(int(self.pod_ip4).to_bytes(4, "little")) if self.pod_ip4 else None
+
+
 @dataclass(frozen=True, slots=True)
 class Mirror:
     c_name: str
@@ -82,4 +105,4 @@ class Mirror:
         return {"size": ctypes.sizeof(self.ctype), "members": members}
 
 
-MIRRORS = (Mirror("na_addr4", NaAddr4), Mirror("na_orig", NaOrig))
+MIRRORS = (Mirror("na_addr4", NaAddr4), Mirror("na_orig", NaOrig), Mirror("na_config", NaConfig))

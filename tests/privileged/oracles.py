@@ -28,7 +28,7 @@ NETNS_PROGS = {"sk_lookup": "na_sk_lookup"}
 POD_PROGS = {**CGROUP_PROGS, **NETNS_PROGS}
 HOOK_OF = {"cgroup_inet4_connect": "connect4", "cgroup_sock_ops": "sockops", "sk_lookup": "sk_lookup"}
 OUR_PROGS = set(POD_PROGS.values())
-OUR_MAPS = {"na_cookie_dst", "na_orig_dst", "na_listener", "na_bypass", "na_stats"}
+OUR_MAPS = {"na_cookie_dst", "na_orig_dst", "na_listener", "na_bypass", "na_stats", "na_config"}
 POD_PINS = sorted(
     [f"{kind}_{hook}" for kind in ("prog", "link") for hook in HOOK_OF.values()]
     + [f"map_{name[3:]}" for name in OUR_MAPS]

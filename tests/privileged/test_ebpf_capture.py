@@ -165,7 +165,7 @@ def test_programs_are_attached_pinned_and_adopted(captured: dict[str, str], ebpf
     pin_dir = PIN_ROOT / uid
     assert sorted(os.listdir(pin_dir)) == sorted(
         [f"{kind}_{hook}" for kind in ("prog", "link") for hook in ("connect4", "sockops", "sk_lookup")]
-        + ["map_cookie_dst", "map_orig_dst", "map_listener", "map_bypass", "map_stats"]
+        + ["map_cookie_dst", "map_orig_dst", "map_listener", "map_bypass", "map_stats", "map_config"]
     )
     for hook in ("connect4", "sockops", "sk_lookup"):
         pinned = bpftool("prog", "show", "pinned", str(pin_dir / f"prog_{hook}"))
@@ -283,7 +283,7 @@ def test_detached_by_hand_is_detected_and_repaired(captured: dict[str, str], ebp
     assert pins.observe(uid, cgroup, netns).drift() == ()
 
 
-def test_unpinned_program_is_recompiled_keeping_the_maps(captured: dict[str, str], ebpf: Any) -> None:
+def test_unpinned_program_is_reloaded_keeping_the_maps(captured: dict[str, str], ebpf: Any) -> None:
     loader, _ = ebpf
     cgroup, netns, uid = captured["cgroup"], captured["netns"], captured["uid"]
     maps_before = bpftool("map", "show", "pinned", str(PIN_ROOT / uid / "map_listener"))["id"]
@@ -291,9 +291,60 @@ def test_unpinned_program_is_recompiled_keeping_the_maps(captured: dict[str, str
     import ipaddress
 
     repaired = loader.ensure(loader.PodConfig(uid, ipaddress.IPv4Address(POD_IP)), cgroup, netns)
-    assert repaired and "compiled" in repaired[0]
+    assert repaired and "prog_sockops is missing" in repaired[0] and "loaded" in repaired[0]
     assert bpftool("map", "show", "pinned", str(PIN_ROOT / uid / "map_listener"))["id"] == maps_before
     assert sorted(p["name"] for p in bpftool("cgroup", "show", cgroup)) == ["na_connect4", "na_sockops"]
+
+
+def test_a_replaced_map_pin_reloads_the_programs_onto_the_pinned_maps(captured: dict[str, str], ebpf: Any) -> None:
+    loader, pins = ebpf
+    cgroup, netns, uid = captured["cgroup"], captured["netns"], captured["uid"]
+    old_map = bpftool("map", "show", "pinned", str(PIN_ROOT / uid / "map_orig_dst"))["id"]
+    os.unlink(PIN_ROOT / uid / "map_orig_dst")  # sockops keeps writing the old map; the tunnel reads the pin
+    drift = pins.observe(uid, cgroup, netns).drift()
+    assert any(d.startswith("sockops:") and str(old_map) in d for d in drift), drift
+    assert any("map_orig_dst is not pinned" in d for d in drift), drift
+    import ipaddress
+
+    repaired = loader.ensure(loader.PodConfig(uid, ipaddress.IPv4Address(POD_IP)), cgroup, netns)
+    assert repaired and "loaded" in repaired[0], repaired
+    pinned = {bpftool("map", "show", "pinned", str(PIN_ROOT / uid / f"map_{n[3:]}"))["id"] for n in OUR_MAPS}
+    assert old_map not in pinned
+    for hook in ("connect4", "sockops", "sk_lookup"):
+        assert set(bpftool("prog", "show", "pinned", str(PIN_ROOT / uid / f"prog_{hook}"))["map_ids"]) <= pinned
+    assert pins.observe(uid, cgroup, netns).drift() == ()
+
+
+def test_pods_are_loaded_from_one_compile_with_their_ip_as_data(
+    captured: dict[str, str], ebpf: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loader, pins = ebpf
+    cgroup, netns, uid = captured["cgroup"], captured["netns"], captured["uid"]
+    import ipaddress
+
+    def no_bcc() -> None:
+        raise AssertionError("bcc was needed again: the programs were compiled twice in one process")
+
+    monkeypatch.setattr(loader, "_import_bcc", no_bcc)
+    assert loader.remove(uid)
+    other_ip = ipaddress.IPv4Address("10.10.1.99")
+    loader.ensure(loader.PodConfig(uid, other_ip), cgroup, netns)
+    assert pins.observe(uid, cgroup, netns).drift() == ()
+    config = PIN_ROOT / uid / "map_config"
+
+    def pod_ip4() -> int:
+        key, value = oracles.bpf_formatted(bpftool("map", "dump", "pinned", str(config))[0])
+        assert key == 0
+        return int(value["pod_ip4"])
+
+    assert pod_ip4() == int.from_bytes(other_ip.packed, "little")
+
+    # The pod's IP is data the agent keeps right: overwritten by hand, it is put back and reported.
+    run(["bpftool", "map", "update", "pinned", str(config), "key", *["0"] * 4, "value", *["0"] * 8])
+    repaired = loader.ensure(loader.PodConfig(uid, ipaddress.IPv4Address(POD_IP)), cgroup, netns)
+    assert repaired == (f"map_config held pod IP none, not {POD_IP}: rewrote it",)
+    assert pod_ip4() == int.from_bytes(ipaddress.IPv4Address(POD_IP).packed, "little")
+    assert loader.ensure(loader.PodConfig(uid, ipaddress.IPv4Address(POD_IP)), cgroup, netns) == ()
 
 
 def test_remove_leaves_nothing(lab: dict[str, str], ebpf: Any) -> None:
@@ -321,14 +372,14 @@ def test_ctypes_mirrors_match_the_c_structs_in_btf(captured: dict[str, str]) -> 
 
     btf_ids = {
         bpftool("map", "show", "pinned", str(PIN_ROOT / captured["uid"] / name))["btf_id"]
-        for name in ("map_orig_dst", "map_cookie_dst")
+        for name in ("map_orig_dst", "map_cookie_dst", "map_config")
     }
     structs: dict[str, Any] = {}
     for btf_id in btf_ids:
         for t in bpftool("btf", "dump", "id", str(btf_id))["types"]:
             if t.get("kind") == "STRUCT" and t.get("name", "").startswith("na_"):
                 structs[t["name"]] = t
-    assert {"na_addr4", "na_orig"} <= set(structs)
+    assert {"na_addr4", "na_orig", "na_config"} <= set(structs)
     for mirror in MIRRORS:
         if mirror.c_name not in structs:
             continue

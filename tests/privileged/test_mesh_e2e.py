@@ -676,9 +676,8 @@ def test_enroll_unenroll_cycles_leave_no_residue(start_mesh: Callable[..., Env])
     base_rules = {ns: iptables_save(NETNS[ns]) for ns in ENROLLED}
     base_routes = {ns: ip_rules_and_routes(NETNS[ns]) for ns in ENROLLED}
     add_latency: list[float] = []
-    # eBPF mode compiles each pod's programs on every enroll (~1 s a pod on this VM): fewer cycles there;
-    # test_agent_capture runs 20 cycles per mode against a single agent.
-    cycles = 30 if env.mode == "iptables" else 6
+    # Both modes: eBPF mode compiles once per agent and loads a pod's programs in milliseconds.
+    cycles = 30
     for cycle in range(cycles):
         mesh.enroll("shop")
         written = time.monotonic()

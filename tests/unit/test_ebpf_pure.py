@@ -11,14 +11,20 @@ import pytest
 from nodeagent.ebpf import loader, pins, structs
 
 
-def test_cflags_carry_every_pod_setting() -> None:
-    config = loader.PodConfig("28c73686-7ddf-5d45", ipaddress.IPv4Address("10.10.1.10"))
-    flags = config.cflags()
-    assert '-DNA_PIN_DIR="/sys/fs/bpf/nodeagent/28c73686-7ddf-5d45"' in flags
-    assert "-DNA_POD_IP4=0x0a0a010aU" in flags
+def test_cflags_carry_the_node_settings_and_nothing_of_a_pod() -> None:
+    flags = loader.BuildConfig().cflags()
     assert {"-DNA_OUTBOUND_PORT=15001", "-DNA_INBOUND_PORT=15006", "-DNA_HBONE_PORT=15008"} <= set(flags)
     assert "-DNA_TUNNEL_MARK=0x539" in flags
-    assert loader.PodConfig("u", None).cflags()[2] == "-DNA_POD_IP4=0x00000000U"
+    assert not any("POD" in flag or "PIN" in flag for flag in flags)  # one compile serves every pod
+
+
+def test_a_pods_settings_are_its_na_config_value() -> None:
+    config = loader.PodConfig("28c73686-7ddf-5d45", ipaddress.IPv4Address("10.10.1.10"))
+    assert config.pin_dir == "/sys/fs/bpf/nodeagent/28c73686-7ddf-5d45"
+    assert config.na_config() == bytes([10, 10, 1, 10]) + bytes(4)  # network byte order, then pad
+    assert loader.PodConfig("u", None).na_config() == bytes(8)
+    assert structs.NaConfig.from_buffer_copy(config.na_config()).pod_ip == ipaddress.IPv4Address("10.10.1.10")
+    assert structs.NaConfig.from_buffer_copy(bytes(8)).pod_ip is None
 
 
 @pytest.mark.parametrize("uid", ["", "../etc", "a/b", ".hidden", "x" * 300])
@@ -28,21 +34,24 @@ def test_uids_that_cannot_name_a_pin_directory_are_refused(uid: str) -> None:
 
 
 def test_source_is_the_header_then_one_file_per_hook_and_names_its_flags() -> None:
-    config = loader.PodConfig("uid-1", ipaddress.IPv4Address("10.0.0.1"))
-    unit = loader.source(config)
+    unit = loader.source()
     assert unit.startswith((loader.PROGRAMS_DIR / loader.HEADER).read_text())
     for hook in pins.HOOKS:
         assert (loader.PROGRAMS_DIR / hook.file).read_text() in unit
         assert re.search(rf"\bint {hook.function}\(", unit)
-    annotated = loader.annotated_source(config)
-    assert all(flag in annotated.split("*/")[0] for flag in config.cflags())
+    build = loader.BuildConfig()
+    annotated = loader.annotated_source(build)
+    assert all(flag in annotated.split("*/")[0] for flag in build.cflags())
     assert "@" not in unit and "{{" not in unit  # configured by -D flags, no template placeholders
 
 
-def test_every_map_the_header_pins_is_known_to_structs() -> None:
+def test_every_map_the_header_declares_is_pinned_by_structs() -> None:
     header = (loader.PROGRAMS_DIR / loader.HEADER).read_text()
-    pinned = set(re.findall(r'NA_PIN_DIR "/(map_\w+)"', header))
-    assert pinned == set(structs.MAPS)
+    declared = re.findall(r'^BPF_TABLE\("\w+", [^;]*?, (na_\w+), [^;]*\);', header, re.M)
+    assert sorted(structs.map_pin(name) for name in declared) == sorted(structs.MAPS)
+    assert all(len(name) <= 15 for name in declared)  # BPF_OBJ_NAME_LEN - 1
+    with pytest.raises(ValueError):
+        structs.map_pin("other_map")
 
 
 def test_mirror_layouts_and_encoding() -> None:
@@ -61,7 +70,43 @@ def test_hooks_have_distinct_pins_and_kernel_name_lengths() -> None:
     assert {h.target for h in pins.HOOKS} == {"cgroup", "netns"}
 
 
-def test_map_layouts_match_the_mirrors() -> None:
-    assert set(loader.MAP_LAYOUT) == set(structs.MAPS)
-    assert loader.MAP_LAYOUT[structs.MAP_ORIG_DST] == (ctypes.sizeof(structs.NaAddr4), ctypes.sizeof(structs.NaOrig))
-    assert loader.MAP_LAYOUT[structs.MAP_BYPASS][0] == ctypes.sizeof(structs.NaAddr4)
+def _insn(code: int, src: int = 0, imm: int = 0) -> bytes:
+    return bytes([code, src << 4]) + (0).to_bytes(2, "little") + imm.to_bytes(4, "little", signed=True)
+
+
+def LD_MAP(fd: int) -> bytes:  # ld_imm64 r0, map fd (two slots)
+    return _insn(0x18, 1, fd) + _insn(0, 0, 0)
+
+
+def LD_VALUE(fd: int) -> bytes:  # ld_imm64 r0, address of the map's value + 4
+    return _insn(0x18, 2, fd) + _insn(0, 0, 4)
+
+
+LD_CONST = _insn(0x18, 0, 7) + _insn(0, 0, 7)  # a plain 64-bit constant: not a map
+CALL = _insn(0x85, 0, 1)  # call bpf_map_lookup_elem
+EXIT = _insn(0x95)
+
+
+@pytest.mark.parametrize(
+    ("insns", "fds", "want"),
+    [
+        (LD_MAP(7) + CALL + EXIT, {7: 42}, LD_MAP(42) + CALL + EXIT),
+        (LD_MAP(7) + LD_MAP(9) + LD_MAP(7), {7: 100, 9: 101}, LD_MAP(100) + LD_MAP(101) + LD_MAP(100)),
+        (LD_VALUE(5) + EXIT, {5: 6}, LD_VALUE(6) + EXIT),
+        (LD_CONST + CALL + EXIT, {}, LD_CONST + CALL + EXIT),  # a constant that happens to be 7 stays 7
+        (_insn(0xB7, 0, 7) + EXIT, {7: 8}, _insn(0xB7, 0, 7) + EXIT),  # mov r0, 7: not a load
+    ],
+)
+def test_relocate_points_every_map_load_at_the_pods_map(insns: bytes, fds: dict[int, int], want: bytes) -> None:
+    assert loader.relocate(insns, fds) == want
+    assert loader.map_references(want) == tuple(fds[fd] for fd in loader.map_references(insns))
+
+
+def test_relocate_refuses_what_it_cannot_map() -> None:
+    with pytest.raises(ValueError, match="map fd 8"):
+        loader.relocate(LD_MAP(7) + LD_MAP(8), {7: 1})  # never left pointing at whatever fd 8 is now
+    with pytest.raises(ValueError, match="whole BPF instructions"):
+        loader.relocate(EXIT[:5], {})
+    # The second slot of an LD_IMM64 is data: an imm there that looks like an LD_IMM64 opcode is skipped.
+    tricky = _insn(0x18, 0, 0) + _insn(0x18, 1, 3)
+    assert loader.relocate(tricky, {}) == tricky

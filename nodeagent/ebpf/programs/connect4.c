@@ -19,7 +19,8 @@ int na_connect4(struct bpf_sock_addr *ctx)
     __u32 dst = ctx->user_ip4;
     __u16 port = (__u16)ctx->user_port;
     __u16 hport = NA_BE16(port);
-    if (NA_LOOPBACK_NET(dst) || dst == NA_BE32(NA_POD_IP4) || dst == 0 ||
+    __u32 pod_ip = na_pod_ip4();
+    if (NA_LOOPBACK_NET(dst) || dst == pod_ip || dst == 0 ||
         hport == NA_OUTBOUND_PORT || hport == NA_INBOUND_PORT || hport == NA_HBONE_PORT) {
         na_count(NA_STAT_OUT_SKIPPED);
         return 1;
@@ -34,7 +35,7 @@ int na_connect4(struct bpf_sock_addr *ctx)
     na_cookie_dst.update(&cookie, &orig);
     /* To the pod's own IP when known (the tunnel then sees the same peer address as with iptables'
      * REDIRECT: pod IP, app's port), else loopback. */
-    ctx->user_ip4 = NA_POD_IP4 ? NA_BE32(NA_POD_IP4) : NA_BE32(0x7f000001);
+    ctx->user_ip4 = pod_ip ? pod_ip : NA_BE32(0x7f000001);
     ctx->user_port = NA_BE16(NA_OUTBOUND_PORT);
     na_count(NA_STAT_OUT_REDIRECTED);
     return 1;

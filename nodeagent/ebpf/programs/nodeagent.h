@@ -1,13 +1,16 @@
-/* nodeagent.h - what every nodeagent eBPF program shares: configuration, structs, pinned maps.
+/* nodeagent.h - what every nodeagent eBPF program shares: configuration, structs, maps.
  *
- * Compiled by bcc (nodeagent/ebpf/loader.py) as one unit per enrolled pod: this header plus one .c file
- * per attach point. Everything pod-specific arrives as -D flags (`nodeagent ebpf source` prints them);
- * there is no string substitution. The structs below are mirrored in nodeagent/ebpf/structs.py and a
- * privileged test compares the two through the kernel's BTF of the loaded programs.
+ * Compiled by bcc (nodeagent/ebpf/loader.py) ONCE per agent process: this header plus one .c file per
+ * attach point, with node-wide -D flags only (ports and mark; `nodeagent ebpf source` prints them).
+ * Each enrolled pod then gets its own copy of the programs, loaded against its own maps: the loader
+ * creates the maps declared below for the pod, pins them under /sys/fs/bpf/nodeagent/<pod uid>/map_*
+ * (na_<x> is pinned as map_<x>) and points the compiled instructions at them. What differs between pods
+ * (the pod's IP) is in the pod's na_config map, not in the code. The structs below are mirrored in
+ * nodeagent/ebpf/structs.py and a privileged test compares the two through the kernel's BTF.
  *
- * Every map is pinned under NA_PIN_DIR (/sys/fs/bpf/nodeagent/<pod uid>/map_*): a reload of the
- * programs (repair after drift, agent upgrade) re-opens them instead of creating new ones, so the
- * tunnel's listener in na_listener and in-flight original destinations survive it.
+ * A reload of a pod's programs (repair after drift, agent upgrade) re-opens the pod's pinned maps
+ * instead of creating new ones, so the tunnel's listener in na_listener and in-flight original
+ * destinations survive it.
  */
 #ifndef NODEAGENT_H
 #define NODEAGENT_H
@@ -16,13 +19,7 @@
 #include <linux/in.h>
 #include <linux/socket.h>
 
-/* ---- configuration (-D flags) ------------------------------------------------------------------ */
-#ifndef NA_PIN_DIR
-#error "NA_PIN_DIR is required: -DNA_PIN_DIR=\"/sys/fs/bpf/nodeagent/<pod uid>\""
-#endif
-#ifndef NA_POD_IP4
-#error "NA_POD_IP4 is required: the pod's IPv4 address as a host-order number (0 when unknown)"
-#endif
+/* ---- configuration (-D flags, the same for every pod of a node) --------------------------------- */
 #ifndef NA_OUTBOUND_PORT
 #define NA_OUTBOUND_PORT 15001
 #endif
@@ -85,19 +82,35 @@ enum na_stat {
     NA_STAT_MAX = 8,
 };
 
-/* ---- maps (pinned; names <= 15 bytes, the kernel's limit) --------------------------------------- */
+/* What the loader writes for each pod into slot 0 of its na_config. */
+struct na_config {
+    __u32 pod_ip4; /* the pod's IPv4 address, network byte order; 0 while unknown */
+    __u32 pad;
+};
+
+/* ---- maps (one set per pod, pinned as map_<name without na_>; names <= 15 bytes) ----------------- */
 
 /* connect4 -> sockops: socket cookie -> original destination (the source port is not known yet). */
-BPF_TABLE_PINNED("lru_hash", __u64, struct na_orig, na_cookie_dst, NA_MAX_FLOWS, NA_PIN_DIR "/map_cookie_dst");
+BPF_TABLE("lru_hash", __u64, struct na_orig, na_cookie_dst, NA_MAX_FLOWS);
 /* sockops -> tunnel: the app's source address (the tunnel's accepted peer) -> original destination. */
-BPF_TABLE_PINNED("lru_hash", struct na_addr4, struct na_orig, na_orig_dst, NA_MAX_FLOWS, NA_PIN_DIR "/map_orig_dst");
+BPF_TABLE("lru_hash", struct na_addr4, struct na_orig, na_orig_dst, NA_MAX_FLOWS);
 /* tunnel -> sk_lookup: slot 0 holds the tunnel's :15006 listener, put there by the tunnel. */
-BPF_TABLE_PINNED("sockmap", int, int, na_listener, 1, NA_PIN_DIR "/map_listener");
+BPF_TABLE("sockmap", int, int, na_listener, 1);
 /* tunnel -> sk_lookup: source addresses of the tunnel's own connections to the app that carry the
  * client's IP (IP_TRANSPARENT): their SYN must reach the app, not :15006. Deleted by sockops when the
  * app's socket is established. */
-BPF_TABLE_PINNED("lru_hash", struct na_addr4, __u32, na_bypass, NA_MAX_FLOWS, NA_PIN_DIR "/map_bypass");
-BPF_TABLE_PINNED("array", int, __u64, na_stats, NA_STAT_MAX, NA_PIN_DIR "/map_stats");
+BPF_TABLE("lru_hash", struct na_addr4, __u32, na_bypass, NA_MAX_FLOWS);
+BPF_TABLE("array", int, __u64, na_stats, NA_STAT_MAX);
+/* loader -> every program: this pod's settings (slot 0). */
+BPF_TABLE("array", int, struct na_config, na_config, 1);
+
+/* The pod's IPv4 address in network byte order, 0 while the loader has not written one. */
+static __always_inline __u32 na_pod_ip4(void)
+{
+    int zero = 0;
+    struct na_config *config = na_config.lookup(&zero);
+    return config ? config->pod_ip4 : 0;
+}
 
 static __always_inline void na_count(int what)
 {

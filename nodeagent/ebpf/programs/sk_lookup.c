@@ -18,8 +18,9 @@ int na_sk_lookup(struct bpf_sk_lookup *ctx)
 {
     if (ctx->family != AF_INET || ctx->protocol != IPPROTO_TCP)
         return SK_PASS;
+    __u32 pod_ip = na_pod_ip4();
     if (ctx->local_port == NA_HBONE_PORT || NA_LOOPBACK_NET(ctx->local_ip4) || NA_LOOPBACK_NET(ctx->remote_ip4) ||
-        ctx->remote_ip4 == ctx->local_ip4 || (NA_POD_IP4 && ctx->remote_ip4 == NA_BE32(NA_POD_IP4)) ||
+        ctx->remote_ip4 == ctx->local_ip4 || (pod_ip && ctx->remote_ip4 == pod_ip) ||
         ctx->remote_ip4 == NA_BE32(NA_PROBE_SRC4))
         return SK_PASS;
     struct na_addr4 from = {.ip = ctx->remote_ip4, .port = (__u16)ctx->remote_port, .pad = 0};
