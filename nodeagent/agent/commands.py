@@ -26,6 +26,7 @@ from nodeagent.agent.netns_resolver import NetnsResolver
 from nodeagent.agent.service import CAPTURE_CHOICES, DEFAULT_VERIFY_S, AgentConfig, run
 from nodeagent.agent.status import DEFAULT_STATE_DIR
 from nodeagent.agent.workloads import DEFAULT_POLL_S
+from nodeagent.capture.ebpf import KUBELET_CGROUPS, LAB_CGROUP_PATTERN
 from nodeagent.inventory.local import InventoryError, load_inventory
 from nodeagent.model import Inventory
 from nodeagent.netns import NETNS_RUN_DIR
@@ -70,9 +71,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     agent.add_argument(
         "--cgroup-pattern",
-        default="nodeagent-lab/{node}/{namespace}.{name}",
+        default=None,
         metavar="FMT",
-        help="pod cgroup v2 dir under the cgroup2 mount, for --capture ebpf (default: the lab's, %(default)s)",
+        help="pod cgroup v2 dir under the cgroup2 mount, for --capture ebpf: a pattern of {node}, {namespace}, "
+        "{name} and {uid}, or `kubelet` (the kubelet's layout, either cgroup driver, found by pod uid; "
+        "`kubelet:DIR` for a kubelet run with --cgroup-root=DIR). Default: kubelet with --kubernetes, else "
+        f"the lab's {LAB_CGROUP_PATTERN}",
     )
     agent.add_argument(
         "--verify-interval",
@@ -171,7 +175,7 @@ def _agent(args: argparse.Namespace) -> int:
         iptables=args.iptables,
         netns_dir=args.netns_dir,
         netns_pattern=args.netns_pattern,
-        cgroup_pattern=args.cgroup_pattern,
+        cgroup_pattern=args.cgroup_pattern or (KUBELET_CGROUPS if args.kubernetes else LAB_CGROUP_PATTERN),
         verify_interval=args.verify_interval,
         inventory_poll=args.inventory_poll,
     )

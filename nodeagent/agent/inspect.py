@@ -30,7 +30,7 @@ from nodeagent.agent.enrollment import desired_pods
 from nodeagent.agent.netns_resolver import DirectoryNetnsResolver, NetnsResolver, node_netns_path
 from nodeagent.agent.status import agent_alive, read_status, status_path
 from nodeagent.capture.backend import CaptureError
-from nodeagent.capture.ebpf import EbpfBackend
+from nodeagent.capture.ebpf import LAB_CGROUP_PATTERN, CgroupResolver, EbpfBackend
 from nodeagent.capture.iptables import Flavour, Iptables, IptablesBackend, ProbeBypass, detect_flavour, run_command
 from nodeagent.capture.rules import INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
 from nodeagent.inventory import translate
@@ -150,7 +150,9 @@ async def _collect_node(
         flavour = await asyncio.to_thread(_detect, node_netns)
     iptables = Iptables(flavour)
     backend = IptablesBackend(iptables)
-    ebpf = EbpfBackend() if (status or {}).get("capture") == "ebpf" else None  # programs read from the kernel
+    ebpf = None  # eBPF capture: the pod's programs read from the kernel, its cgroup found as the agent finds it
+    if status is not None and status.get("capture") == "ebpf":
+        ebpf = EbpfBackend(CgroupResolver(str(status.get("cgroup_pattern") or LAB_CGROUP_PATTERN)))
     pattern = DirectoryNetnsResolver(layout.netns_dir, layout.pod_pattern)
     netns_of = resolver or pattern
     enrolled = desired_pods(inventory, node, DEFAULT_EXCLUDED_NAMESPACES)

@@ -39,7 +39,7 @@ from nodeagent.agent.status import DEFAULT_STATE_DIR, run_writer, status_path, w
 from nodeagent.agent.workloads import DEFAULT_POLL_S, InventoryFile
 from nodeagent.agent.zds_server import ServerEvent, TunnelReady, ZdsServer
 from nodeagent.capture.backend import CaptureBackend
-from nodeagent.capture.ebpf import CgroupResolver, EbpfBackend, unavailable_reason
+from nodeagent.capture.ebpf import LAB_CGROUP_PATTERN, CgroupResolver, EbpfBackend, unavailable_reason
 from nodeagent.capture.iptables import Flavour, Iptables, IptablesBackend, ProbeBypass, detect_flavour
 from nodeagent.model import DEFAULT_EXCLUDED_NAMESPACES, Inventory
 from nodeagent.zds.wire import DEFAULT_SOCKET_PATH
@@ -62,7 +62,7 @@ class AgentConfig:
     iptables: str = "auto"  # auto | legacy | nft
     netns_dir: str = "/var/run/netns"
     netns_pattern: str = "na-{node}.{namespace}.{name}"
-    cgroup_pattern: str = "nodeagent-lab/{node}/{namespace}.{name}"  # under the cgroup2 mount (eBPF mode)
+    cgroup_pattern: str = LAB_CGROUP_PATTERN  # under the cgroup2 mount (eBPF mode); or KUBELET_CGROUPS
     excluded_namespaces: frozenset[str] = field(default_factory=lambda: DEFAULT_EXCLUDED_NAMESPACES)
     verify_interval: float = DEFAULT_VERIFY_S
     inventory_poll: float = DEFAULT_POLL_S
@@ -237,6 +237,7 @@ class Agent:
             "running": running,
             "ready": self.ready,
             "capture": self.backend.name,
+            "cgroup_pattern": self.config.cgroup_pattern,
             "iptables": self.flavour.value,
             "zds_socket": self.config.zds_socket,
             "tunnels": list(self.zds.tunnels),

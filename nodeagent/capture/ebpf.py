@@ -36,6 +36,8 @@ from nodeagent.model import Pod
 from nodeagent.netns import NetnsError, in_netns
 
 LAB_CGROUP_PATTERN = "nodeagent-lab/{node}/{namespace}.{name}"  # nodeagent/lab/plan.py's layout
+KUBELET_CGROUPS = "kubelet"  # a --cgroup-pattern: the kubelet's layout, found by pod uid ("kubelet:DIR": under DIR)
+_QOS = ("", "burstable", "besteffort")  # Guaranteed pods sit at the top of kubepods
 
 _kernel_lock = threading.Lock()  # one pod's BPF objects changed at a time (install and remove of a pod race)
 FWMARK_ACCEPT = "/proc/sys/net/ipv4/tcp_fwmark_accept"
@@ -67,9 +69,30 @@ def cgroup2_root() -> str | None:
     return None
 
 
+def kubelet_cgroups(uid: str) -> tuple[str, ...]:
+    """Where the kubelet puts a pod's cgroup (relative to the cgroup2 mount), for each QoS class.
+
+    The systemd cgroup driver names slices with the uid's dashes as underscores
+    (kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_>.slice); the cgroupfs driver
+    (k3s's default) uses kubepods/burstable/pod<uid>. Guaranteed pods have no QoS level.
+    """
+    flat = uid.replace("-", "_")
+    systemd = tuple(
+        f"kubepods.slice/kubepods-{qos}.slice/kubepods-{qos}-pod{flat}.slice"
+        if qos
+        else f"kubepods.slice/kubepods-pod{flat}.slice"
+        for qos in _QOS
+    )
+    cgroupfs = tuple(f"kubepods/{qos}/pod{uid}" if qos else f"kubepods/pod{uid}" for qos in _QOS)
+    return systemd + cgroupfs
+
+
 @dataclass(frozen=True, slots=True)
 class CgroupResolver:
-    """A pod's cgroup v2 directory: `pattern` under the cgroup2 mount (default: the lab's layout)."""
+    """A pod's cgroup v2 directory under the cgroup2 mount: `pattern` formatted with the pod's node,
+    namespace, name and uid (default: the lab's layout), or, for `kubelet` (or `kubelet:DIR`, a kubelet
+    run with --cgroup-root=DIR), the kubelet's directory of the pod's uid, whichever cgroup driver and QoS
+    class made it."""
 
     pattern: str = LAB_CGROUP_PATTERN
     root: str | None = None
@@ -78,7 +101,20 @@ class CgroupResolver:
         root = self.root or cgroup2_root()
         if root is None:
             raise CaptureError("no cgroup v2 hierarchy is mounted: eBPF capture attaches to pods' cgroups")
-        return os.path.join(root, self.pattern.format(node=pod.node, namespace=pod.namespace, name=pod.name))
+        kind, _, kubelet_root = self.pattern.partition(":")
+        if kind != KUBELET_CGROUPS:
+            relative = self.pattern.format(node=pod.node, namespace=pod.namespace, name=pod.name, uid=pod.uid)
+            return os.path.join(root, relative)
+        base = os.path.join(root, kubelet_root.strip("/"))
+        candidates = [os.path.join(base, rel) for rel in kubelet_cgroups(pod.uid)]
+        found = next((path for path in candidates if os.path.isdir(path)), None)
+        if found is None:
+            raise CaptureError(
+                f"pod {pod.key}: no cgroup of uid {pod.uid} where the kubelet puts them ({candidates[1]}, "
+                f"{candidates[4]} and the other QoS classes); for a kubelet run with --cgroup-root=DIR use "
+                "--cgroup-pattern kubelet:DIR"
+            )
+        return found
 
 
 class EbpfBackend:

@@ -262,6 +262,55 @@ def test_inbound_goes_to_15006_with_the_original_destination_as_local_address(
     assert seen["listener"] == 15008 and seen["local"] == [POD_IP, 15008]
 
 
+def test_a_pod_cgroup_in_the_kubelets_layout_is_found_and_captured(
+    captured: dict[str, str], standin: subprocess.Popen[str]
+) -> None:
+    """The agent's `--cgroup-pattern kubelet:DIR` (the default in Kubernetes mode) on a cgroup laid out as
+    the kubelet's systemd driver lays it out: the programs move there, and a process in it is captured
+    while the lab's own cgroup of the pod no longer is."""
+    import asyncio
+    import ipaddress
+
+    from nodeagent.capture.ebpf import CgroupResolver, EbpfBackend
+    from nodeagent.model import Pod
+
+    uid = captured["uid"]
+    flat = uid.replace("-", "_")
+    kubelet_root = "nodeagent-test-kubelet"
+    top = Path(oracles.cgroup2_root()) / kubelet_root
+    pod_cgroup = top / f"kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{flat}.slice"
+    pod_cgroup.mkdir(parents=True)
+    namespace, name = POD.split("/")
+    ip = ipaddress.IPv4Address(POD_IP)
+    pod = Pod(name=name, namespace=namespace, uid=uid, node="node1", service_account="frontend", ip=ip)
+    try:
+        backend = EbpfBackend(CgroupResolver(f"kubelet:{kubelet_root}"))
+        asyncio.run(backend.install(pod, captured["netns"]))
+        attached = {p["attach_type"]: p["name"] for p in bpftool("cgroup", "show", str(pod_cgroup))}
+        assert attached == {"cgroup_inet4_connect": "na_connect4", "cgroup_sock_ops": "na_sockops"}
+        assert bpftool("cgroup", "show", captured["cgroup"]) == []
+
+        enter = f'echo $$ > {pod_cgroup}/cgroup.procs && exec "$0" -c "$1" "$2" "$3" hold'
+        argv = ["sh", "-c", enter, sys.executable, CLIENT, *map(str, REMOTE)]
+        holder = subprocess.Popen(
+            ["nsenter", f"--net={captured['netns']}", "--", *argv],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert holder.stdout is not None and holder.stdin is not None
+        try:
+            _check_outbound(captured, json.loads(holder.stdout.readline()))
+        finally:
+            holder.stdin.close()
+            holder.wait(timeout=10)
+        assert lab_exec(POD, CLIENT, *map(str, REMOTE)) == "ERROR 111"  # the lab's cgroup: not captured now
+    finally:
+        for directory in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            directory.rmdir()
+        top.rmdir()
+
+
 def test_fail_closed_without_a_tunnel(captured: dict[str, str]) -> None:
     # Nothing listens in the pod: the app's outbound connect and an inbound connection are both refused.
     assert lab_exec(POD, CLIENT, *map(str, REMOTE)) == "ERROR 111"
