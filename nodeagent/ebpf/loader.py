@@ -49,13 +49,17 @@ connect4 when pods get IPv6 addresses).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import importlib.util
 import ipaddress
+import json
 import logging
 import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -197,23 +201,30 @@ class Compiled:
     """The programs as bcc compiled them, ready to be loaded for any pod (`load()` relocates them).
 
     bcc created the maps the code references while compiling; their fds are kept in the instructions as
-    placeholders, each with the layout (and BTF type ids) of the map it stood for. Those maps are closed
-    once this is built; the BTF object describing their types is held open, so every pod's maps carry it.
+    placeholders, each with the layout (and BTF type ids) of the map it stood for. `btf` is this
+    process's copy of the BTF object describing the maps' types, held open so every pod's maps carry it.
     """
 
     build: BuildConfig
     license: bytes
     programs: dict[str, bytes]  # function name -> instructions with placeholder map fds
     layouts: dict[int, maps.MapInfo]  # placeholder fd -> the map's layout, name and BTF type ids
-    btf: dict[int, maps.Fd]  # BTF object id -> an open fd of it
+    btf: maps.Fd | None
 
 
-_compile_lock = threading.Lock()  # one bcc/LLVM compile at a time in this process
+_compile_lock = threading.Lock()  # one compile at a time in this process
 _compiled: dict[BuildConfig, Compiled] = {}
+COMPILE_TIMEOUT = 120.0
 
 
 def compiled(build: BuildConfig) -> Compiled:
-    """The programs for `build`, compiled by bcc on first use in this process and kept (~0.5-1 s of LLVM)."""
+    """The programs for `build`, compiled on first use in this process and kept.
+
+    bcc runs in a child process (`python -m nodeagent.ebpf.loader`): importing it maps LLVM and clang
+    into the process and a compile leaves ~40 MB of LLVM heap behind (measured: RSS 10 -> 146 MB), which
+    an agent would carry for its lifetime. The child hands back the instructions, the maps' layouts and
+    the raw BTF, and exits; this process loads the BTF and makes each pod's maps itself.
+    """
     with _compile_lock:
         if build not in _compiled:
             _compiled[build] = _compile(build)
@@ -221,32 +232,53 @@ def compiled(build: BuildConfig) -> Compiled:
 
 
 def _compile(build: BuildConfig) -> Compiled:
+    argv = [sys.executable, "-m", __name__, json.dumps(dataclasses.asdict(build))]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=COMPILE_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired:
+        raise EbpfUnavailable(f"compiling nodeagent's programs took over {COMPILE_TIMEOUT:.0f} s") from None
+    if done.returncode != 0:
+        why = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit status {done.returncode}"
+        raise EbpfUnavailable(why)
+    unit = json.loads(done.stdout)
+    btf = maps.btf_load(bytes.fromhex(unit["btf"])) if unit["btf"] else None
+    log.info("compiled nodeagent's programs (%s) with %s", ", ".join(unit["programs"]), " ".join(build.cflags()[1:]))
+    return Compiled(
+        build,
+        unit["license"].encode(),
+        {name: bytes.fromhex(code) for name, code in unit["programs"].items()},
+        {int(fd): maps.MapInfo(**layout) for fd, layout in unit["layouts"].items()},
+        btf,
+    )
+
+
+def _compile_here(build: BuildConfig) -> dict[str, Any]:
+    """(In the child) compile with bcc and describe the result as JSON-able data for `_compile()`."""
     bcc = _import_bcc()
     try:
         module = bcc.BPF(text=source().encode(), cflags=build.cflags())
     except Exception as exc:
         hint = "" if kernel_headers() else " (no kernel headers: `sudo make setup`)"
         raise EbpfUnavailable(f"bcc could not compile nodeagent's programs: {exc}{hint}") from None
-    btf: dict[int, maps.Fd] = {}
-    try:
-        programs = {hook.function: bytes(module.dump_func(hook.function.encode())) for hook in pins.HOOKS}
-        placeholders = {fd for insns in programs.values() for fd in map_references(insns)}
-        layouts = {fd: maps.map_info(fd) for fd in placeholders}
-        pinned = sorted(map_pin(info.name) for info in layouts.values())
-        if pinned != sorted(MAPS):
-            raise EbpfUnavailable(f"the programs use maps {pinned}, but nodeagent pins {sorted(MAPS)}: build mismatch")
-        for btf_id in {info.btf_id for info in layouts.values() if info.btf_id}:
-            btf[btf_id] = maps.btf_fd_by_id(btf_id)
-        license = bytes(bcc.libbcc.lib.bpf_module_license(module.module))
-    except BaseException:
-        for fd in btf.values():
-            fd.close()
-        raise
-    finally:
-        with contextlib.suppress(Exception):
-            module.cleanup()  # closes bcc's own copies of the maps: every pod gets its own
-    log.info("compiled nodeagent's programs (%s) with %s", ", ".join(programs), " ".join(build.cflags()[1:]))
-    return Compiled(build, license, programs, layouts, btf)
+    programs = {hook.function: bytes(module.dump_func(hook.function.encode())) for hook in pins.HOOKS}
+    placeholders = {fd for insns in programs.values() for fd in map_references(insns)}
+    layouts = {fd: maps.map_info(fd) for fd in placeholders}
+    pinned = sorted(map_pin(info.name) for info in layouts.values())
+    if pinned != sorted(MAPS):
+        raise EbpfUnavailable(f"the programs use maps {pinned}, but nodeagent pins {sorted(MAPS)}: build mismatch")
+    btf_ids = {info.btf_id for info in layouts.values() if info.btf_id}
+    if len(btf_ids) > 1:
+        raise EbpfUnavailable(f"the programs' maps have {len(btf_ids)} BTF objects; nodeagent expects bcc's one")
+    btf = b""
+    for btf_id in btf_ids:
+        with maps.btf_fd_by_id(btf_id) as fd:
+            btf = maps.btf_raw(fd.fd)
+    return {
+        "license": bytes(bcc.libbcc.lib.bpf_module_license(module.module)).decode(),
+        "programs": {name: code.hex() for name, code in programs.items()},
+        "layouts": {str(fd): dataclasses.asdict(info) for fd, info in layouts.items()},
+        "btf": btf.hex(),
+    }
 
 
 # --- environment -------------------------------------------------------------------------------------------
@@ -291,14 +323,17 @@ def _mountpoint(path: str) -> bool:
         return any(line.split()[1] == path.rstrip("/") and line.split()[2] == "bpf" for line in mounts)
 
 
+_NO_BCC = (
+    "bcc's Python bindings are not importable: run `sudo make setup` (it installs Debian's python3-bpfcc and "
+    "links it into .venv); the PyPI package named bcc is unrelated"
+)
+
+
 def _import_bcc() -> Any:
     try:
         import bcc
     except ImportError as exc:
-        raise EbpfUnavailable(
-            f"bcc's Python bindings are not importable ({exc}): run `sudo make setup` (it installs Debian's "
-            "python3-bpfcc and links it into .venv); the PyPI package named bcc is unrelated"
-        ) from None
+        raise EbpfUnavailable(f"{_NO_BCC} ({exc})") from None
     return bcc
 
 
@@ -324,7 +359,8 @@ def check_environment(*, mount: bool = True) -> None:
         )
     if not Path("/sys/fs/cgroup").exists() or not _cgroup2_mounted():
         raise EbpfUnavailable("no cgroup v2 hierarchy is mounted: eBPF capture attaches to pods' cgroup v2 dirs")
-    _import_bcc()
+    if importlib.util.find_spec("bcc") is None:  # not imported here: compiled() runs bcc in a child
+        raise EbpfUnavailable(_NO_BCC)
     if mount:
         ensure_bpffs()
     elif not maps.is_bpffs(BPFFS):
@@ -386,7 +422,7 @@ def _ensure_maps(program: Compiled, directory: str) -> dict[int, maps.Fd]:
             path = os.path.join(directory, map_pin(layout.name))
             fd = _open_map(path, layout)
             if fd is None:
-                fd = opened[placeholder] = maps.map_create(layout, program.btf.get(layout.btf_id))
+                fd = opened[placeholder] = maps.map_create(layout, program.btf)
                 maps.obj_pin(fd.fd, path)
             opened[placeholder] = fd
     except BaseException:
@@ -565,3 +601,11 @@ def remove_fastpath(pin_root: str = PIN_ROOT) -> bool:
         return False
     shutil.rmtree(directory, ignore_errors=True)
     return True
+
+
+if __name__ == "__main__":  # the compile child of `compiled()`: one BuildConfig as JSON in, the unit as JSON out
+    try:
+        print(json.dumps(_compile_here(BuildConfig(**json.loads(sys.argv[1])))))
+    except EbpfUnavailable as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(1)

@@ -56,6 +56,7 @@ BPF_PROG_GET_FD_BY_ID = 13
 BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
+BPF_BTF_LOAD = 18
 BPF_BTF_GET_FD_BY_ID = 19
 BPF_LINK_CREATE = 28
 BPF_LINK_GET_FD_BY_ID = 30
@@ -258,6 +259,20 @@ class _MapCreateAttr(ctypes.Structure):
     )
 
 
+class _BtfInfo(ctypes.Structure):  # struct bpf_btf_info, prefix
+    _fields_ = (("btf", ctypes.c_uint64), ("btf_size", ctypes.c_uint32), ("id", ctypes.c_uint32))
+
+
+class _BtfLoadAttr(ctypes.Structure):
+    _fields_ = (
+        ("btf", ctypes.c_uint64),
+        ("btf_log_buf", ctypes.c_uint64),
+        ("btf_size", ctypes.c_uint32),
+        ("btf_log_size", ctypes.c_uint32),
+        ("btf_log_level", ctypes.c_uint32),
+    )
+
+
 class _ProgLoadAttr(ctypes.Structure):
     _fields_ = (
         ("prog_type", ctypes.c_uint32),
@@ -369,6 +384,22 @@ def map_create(like: MapInfo, btf: Fd | None = None) -> Fd:
         attr.btf_key_type_id = like.btf_key_type_id
         attr.btf_value_type_id = like.btf_value_type_id
     return Fd(bpf(BPF_MAP_CREATE, attr, f"MAP_CREATE {like.name}"))
+
+
+def btf_raw(fd: int) -> bytes:
+    """The BTF object's data as loaded (type and string sections), to load it again elsewhere."""
+    info = _BtfInfo()
+    bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info)), "btf")
+    data = ctypes.create_string_buffer(info.btf_size)
+    info = _BtfInfo(btf=ctypes.addressof(data), btf_size=len(data))
+    bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info)), "btf")
+    return data.raw[: info.btf_size]
+
+
+def btf_load(raw: bytes) -> Fd:
+    """A BTF object made from `btf_raw()` data (BPF_BTF_LOAD)."""
+    data = ctypes.create_string_buffer(raw, len(raw))
+    return Fd(bpf(BPF_BTF_LOAD, _BtfLoadAttr(btf=ctypes.addressof(data), btf_size=len(raw)), "BTF_LOAD"))
 
 
 def prog_load(prog_type: int, insns: bytes, name: str, license: bytes, expected_attach_type: int = 0) -> Fd:
