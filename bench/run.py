@@ -200,7 +200,8 @@ def measure_pod_ready(plan: Plan, res: Results, mesh: Mesh, capture: str = "ipta
     for node in mesh.nodes:
         res.add(
             "agent_rss_mb",
-            f"{node}, {len(mesh.lab.inventory.pods_on(node))} pods in the lab",
+            f"{node}, {len(mesh.lab.inventory.pods_on(node))} pods in the lab"
+            + ("" if capture == "iptables" else f", {capture} capture"),
             tools.rss_bytes(mesh.agent(node).pid) / 2**20,
         )
 
