@@ -205,7 +205,6 @@ class Compiled:
     process's copy of the BTF object describing the maps' types, held open so every pod's maps carry it.
     """
 
-    build: BuildConfig
     license: bytes
     programs: dict[str, bytes]  # function name -> instructions with placeholder map fds
     layouts: dict[int, maps.MapInfo]  # placeholder fd -> the map's layout, name and BTF type ids
@@ -244,7 +243,6 @@ def _compile(build: BuildConfig) -> Compiled:
     btf = maps.btf_load(bytes.fromhex(unit["btf"])) if unit["btf"] else None
     log.info("compiled nodeagent's programs (%s) with %s", ", ".join(unit["programs"]), " ".join(build.cflags()[1:]))
     return Compiled(
-        build,
         unit["license"].encode(),
         {name: bytes.fromhex(code) for name, code in unit["programs"].items()},
         {int(fd): maps.MapInfo(**layout) for fd, layout in unit["layouts"].items()},
@@ -421,10 +419,10 @@ def _ensure_maps(program: Compiled, directory: str) -> dict[int, maps.Fd]:
         for placeholder, layout in program.layouts.items():
             path = os.path.join(directory, map_pin(layout.name))
             fd = _open_map(path, layout)
-            if fd is None:
-                fd = opened[placeholder] = maps.map_create(layout, program.btf)
+            created = fd is None
+            fd = opened[placeholder] = fd or maps.map_create(layout, program.btf)
+            if created:
                 maps.obj_pin(fd.fd, path)
-            opened[placeholder] = fd
     except BaseException:
         for fd in opened.values():
             fd.close()
