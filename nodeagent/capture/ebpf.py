@@ -133,11 +133,11 @@ class EbpfBackend:
         return loader.PodConfig(pod.uid, pod.ip, pin_root=self.pin_root)
 
     async def install(self, pod: Pod, netns: str) -> tuple[str, ...]:
-        cgroup = self.cgroups.path(pod)
         self._pods[netns] = pod
         config = self._config(pod)
 
-        def work() -> tuple[str, ...]:
+        def work() -> tuple[str, ...]:  # in a thread: the cgroup lookup stats directories too
+            cgroup = self.cgroups.path(pod)
             if not os.path.isdir(cgroup):
                 raise CaptureError(f"pod {pod.key}: its cgroup {cgroup} does not exist (wrong --cgroup-pattern?)")
             with _kernel_lock:
@@ -168,10 +168,8 @@ class EbpfBackend:
             raise CaptureError(f"pod {pod.key}: {exc}") from None
 
     async def inspect_pod(self, pod: Pod, netns: str) -> CaptureState:
-        cgroup = self.cgroups.path(pod)
-
         def work() -> CaptureState:
-            observed = pins.observe(pod.uid, cgroup, netns, self.pin_root)
+            observed = pins.observe(pod.uid, self.cgroups.path(pod), netns, self.pin_root)
             routes = routing.read(netns)
             fwmark = _sysctl(netns, None) == "1"
             objects = observed.objects()
