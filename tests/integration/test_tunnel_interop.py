@@ -113,6 +113,28 @@ async def run_node_client(config: dict[str, Any], within: float = 120) -> dict[s
     return result
 
 
+async def node_client_to_server(
+    c: Cluster, tmp_path: Path, *, size: int, port: int = APP_PORT, expect: str = "server", within: float = 120
+) -> dict[str, Any]:
+    """Node's http2 client, as the client pod (its certificate and address), CONNECTs through the server pod's
+    :15008 to `server:port`, expecting the SPIFFE ID of `expect` from the TLS peer."""
+    server_pod, client_pod = c.pod("server"), c.pod("client")
+    assert server_pod.ip is not None and client_pod.ip is not None
+    pem = await issue(c.ca, c.identity("client"), NODE1_TOKEN, tmp_path / "node-client")
+    config = {
+        "host": str(server_pod.ip),
+        "port": sockets.HBONE_PORT,
+        "localAddress": str(client_pod.ip),
+        "authority": f"{server_pod.ip}:{port}",
+        "ca": str(pem.ca),
+        "cert": str(pem.cert),
+        "key": str(pem.key),
+        "expectId": c.identity(expect).uri,
+        "size": size,
+    }
+    return await run_node_client(config, within=within)
+
+
 @dataclass
 class NodeServer:
     proc: asyncio.subprocess.Process
@@ -198,23 +220,10 @@ async def test_node_http2_client_relays_through_inbound(
         t2 = await c.start_tunnel("node2")
         await c.wait_ready(t2)
         server_pod, client_pod = c.pod("server"), c.pod("client")
-        assert server_pod.ip is not None and client_pod.ip is not None
-        pem = await issue(c.ca, c.identity("client"), NODE1_TOKEN, tmp_path / "node-client")
+        assert server_pod.ip is not None
         app = ByteServer(server_pod.ip, size=size).start()
         try:
-            out = await run_node_client(
-                {
-                    "host": str(server_pod.ip),
-                    "port": sockets.HBONE_PORT,
-                    "localAddress": str(client_pod.ip),  # as if from the client pod
-                    "authority": f"{server_pod.ip}:{APP_PORT}",
-                    "ca": str(pem.ca),
-                    "cert": str(pem.cert),
-                    "key": str(pem.key),
-                    "expectId": c.identity("server").uri,
-                    "size": size,
-                }
-            )
+            out = await node_client_to_server(c, tmp_path, size=size)
             assert out["exit"] == 0 and "error" not in out, out
             await _until(lambda: app.received and not len(t2.table))
         finally:
@@ -260,23 +269,7 @@ async def test_node_http2_client_gets_documented_status(tmp_path: Path, port: in
     async with cluster(tmp_path) as c:
         t2 = await c.start_tunnel("node2")
         await c.wait_ready(t2)
-        server_pod, client_pod = c.pod("server"), c.pod("client")
-        assert server_pod.ip is not None and client_pod.ip is not None
-        pem = await issue(c.ca, c.identity("client"), NODE1_TOKEN, tmp_path / "node-client")
-        out = await run_node_client(
-            {
-                "host": str(server_pod.ip),
-                "port": sockets.HBONE_PORT,
-                "localAddress": str(client_pod.ip),
-                "authority": f"{server_pod.ip}:{port}",
-                "ca": str(pem.ca),
-                "cert": str(pem.cert),
-                "key": str(pem.key),
-                "expectId": c.identity("server").uri,
-                "size": 10,
-            },
-            within=30,
-        )
+        out = await node_client_to_server(c, tmp_path, size=10, port=port, within=30)
         assert (out["exit"], out["status"]) == (0, status), out
 
 
@@ -285,23 +278,7 @@ async def test_node_http2_client_checks_the_server_spiffe_id(tmp_path: Path) -> 
     async with cluster(tmp_path) as c:
         t2 = await c.start_tunnel("node2")
         await c.wait_ready(t2)
-        server_pod, client_pod = c.pod("server"), c.pod("client")
-        assert server_pod.ip is not None and client_pod.ip is not None
-        pem = await issue(c.ca, c.identity("client"), NODE1_TOKEN, tmp_path / "node-client")
-        out = await run_node_client(
-            {
-                "host": str(server_pod.ip),
-                "port": sockets.HBONE_PORT,
-                "localAddress": str(client_pod.ip),
-                "authority": f"{server_pod.ip}:{APP_PORT}",
-                "ca": str(pem.ca),
-                "cert": str(pem.cert),
-                "key": str(pem.key),
-                "expectId": c.identity("client").uri,  # not who listens there
-                "size": 10,
-            },
-            within=30,
-        )
+        out = await node_client_to_server(c, tmp_path, size=10, expect="client", within=30)  # not who listens
         assert out["exit"] == 1 and "is not spiffe://cluster.local/ns/shop/sa/client" in out["error"], out
 
 
