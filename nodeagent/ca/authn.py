@@ -6,7 +6,7 @@ it lets it impersonate that node's workloads. Two deployments, one interface (`A
   node directly and authenticates as the node-agent service account;
 - Kubernetes: a TokenReview (audience `istio-ca`) through the official client; the reviewed user
   `system:serviceaccount:<ns>:<sa>` and the pod binding in its `extra` (pod name, pod uid, node name)
-  describe the caller.
+  describe the caller. A token bound to no pod is refused: authorization checks the caller's pod.
 
 What it deliberately does not do: no authorization (whether the caller may have an identity is
 decided by authority.authorize), no caching of reviews, no kubeconfig loading (the caller passes a
@@ -128,6 +128,13 @@ class TokenReviewAuthenticator:
             values = extra.get(key) or []
             return values[0] if len(values) == 1 else None
 
-        return Caller(
-            identity=identity, node=one(EXTRA_NODE_NAME), pod_name=one(EXTRA_POD_NAME), pod_uid=one(EXTRA_POD_UID)
-        )
+        pod_name, pod_uid = one(EXTRA_POD_NAME), one(EXTRA_POD_UID)
+        if pod_name is None or pod_uid is None:
+            # REFERENCE.md: the caller's pod must exist with matching UID and SA. A token bound to no pod
+            # (a legacy Secret token, or one bound to a Secret or Node) names no pod to check.
+            raise AuthenticationError(
+                Reason.BAD_TOKEN,
+                f"the token of {username!r} is not bound to a pod; mount a projected service-account token "
+                f"with audience {self._audience!r}",
+            )
+        return Caller(identity=identity, node=one(EXTRA_NODE_NAME), pod_name=pod_name, pod_uid=pod_uid)

@@ -339,8 +339,10 @@ def _check_key(csr: x509.CertificateSigningRequest) -> None:
 
 def resolve_ttl(requested_seconds: int, default: dt.timedelta = DEFAULT_TTL) -> dt.timedelta:
     """The lifetime to issue: the request's if positive, else `default`; never more than MAX_TTL."""
-    ttl = dt.timedelta(seconds=requested_seconds) if requested_seconds > 0 else default
-    return min(ttl, MAX_TTL)
+    if requested_seconds <= 0:
+        return min(default, MAX_TTL)
+    # Compared in seconds first: any int64 is a valid request, and timedelta overflows near 10**14 s.
+    return MAX_TTL if requested_seconds >= MAX_TTL.total_seconds() else dt.timedelta(seconds=requested_seconds)
 
 
 @dataclass(frozen=True)

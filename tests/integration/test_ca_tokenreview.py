@@ -57,6 +57,12 @@ REVIEWS: dict[str, dict[str, Any]] = {
         "user": _user(AGENT_USER, "agent-abc", "agent-uid", "node1"),
     },
     "user-token": {"authenticated": True, "audiences": ["istio-ca"], "user": {"username": "alice"}},
+    # A legacy Secret token (or one bound to a Node): the right account, but no pod to check.
+    "unbound-agent-token": {
+        "authenticated": True,
+        "audiences": ["istio-ca"],
+        "user": {"username": AGENT_USER, "extra": {"authentication.kubernetes.io/node-name": ["node1"]}},
+    },
 }
 
 
@@ -127,6 +133,7 @@ def test_agent_token_maps_to_caller_with_pod_binding(apiserver: FakeAPIServer) -
         ("nonsense", Reason.BAD_TOKEN),
         ("other-audience-token", Reason.BAD_TOKEN),
         ("user-token", Reason.BAD_TOKEN),
+        ("unbound-agent-token", Reason.BAD_TOKEN),
     ],
 )
 def test_rejected_tokens(apiserver: FakeAPIServer, token: str, reason: Reason) -> None:
@@ -151,6 +158,7 @@ def test_unreachable_api_server_is_authn_unavailable() -> None:
         ("agent-token", True, "ok"),
         ("workload-token", False, "not_node_agent"),  # a non-node account
         ("stale-agent-token", False, "caller_pod_mismatch"),
+        ("unbound-agent-token", False, "bad_token"),
         ("nonsense", False, "bad_token"),
     ],
 )

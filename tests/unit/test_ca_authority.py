@@ -133,6 +133,8 @@ def test_weak_curve_is_refused(root: authority.Signer) -> None:
         (3600, dt.timedelta(hours=1)),
         (90 * 86400, dt.timedelta(days=90)),
         (365 * 86400, dt.timedelta(days=90)),
+        (10**14, dt.timedelta(days=90)),  # beyond timedelta's range: capped, not an error
+        (2**63 - 1, dt.timedelta(days=90)),
     ],
 )
 def test_ttl_resolution_and_cap(root: authority.Signer, requested: int, expected: dt.timedelta) -> None:
