@@ -115,6 +115,10 @@ def build_inputs(args: argparse.Namespace, ca_client: CaClientFactory) -> Tunnel
         inventory, policies = kube_tunnel_source(args.kubeconfig, args.context, args.trust_domain)
     else:
         inventory = file_source(str(args.inventory), load_inventory)
+        # Read it once now: a missing or invalid file is a start-up error with its reason, not a traceback
+        # (and never an empty inventory, which would plan every destination as plaintext passthrough).
+        if inventory() is None:
+            raise ValueError(f"the inventory file {args.inventory} does not exist; write it first or use --kubernetes")
     return TunnelInputs(
         node=args.node,
         socket_factory=NetnsSocketFactory(spoof=args.spoof),
