@@ -18,6 +18,7 @@ localhost), no keep-alive or HTTP/1.1 pipelining: one bounded request per connec
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST_HEAD = 8 * 1024
 REQUEST_TIMEOUT = 5.0
+BIND_RETRY_S = 5.0
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error"}
 
 
@@ -86,6 +88,23 @@ class AdminServer:
         bound = self._server.sockets[0].getsockname()
         log.info("admin endpoint on http://%s:%d", bound[0], bound[1])
         return bound[0], bound[1]
+
+    async def start_when_free(self, host: str, port: int, what: str, retry_s: float | None = None) -> tuple[str, int]:
+        """start(), retrying every `retry_s` (default BIND_RETRY_S) while the address is taken: on hostNetwork
+        a rolling update's old pod holds the node's ports until it stops, and an endpoint must never keep the
+        data plane from starting. Any other bind error is raised."""
+        retry_s = BIND_RETRY_S if retry_s is None else retry_s
+        warned = False
+        while True:
+            try:
+                return await self.start(host, port)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                if not warned:
+                    log.warning("%s %s:%d: %s; retrying every %.0f s", what, host, port, exc, retry_s)
+                    warned = True
+            await asyncio.sleep(retry_s)
 
     async def stop(self) -> None:
         if self._server is not None:

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from nodeagent.admin import CONFIG_DUMP, AdminServer
+from nodeagent.admin import BIND_RETRY_S, CONFIG_DUMP, AdminServer
 from nodeagent.agent.inspect import Layout, collect
 from nodeagent.agent.netns_resolver import NetnsResolver
 from nodeagent.model import Inventory
@@ -31,7 +31,6 @@ from nodeagent.model import Inventory
 log = logging.getLogger(__name__)
 
 DEFAULT_AGENT_ADMIN = "127.0.0.1:15002"
-BIND_RETRY_S = 5.0
 # The agent runs in the node's netns (hostNetwork): its own is the node's, for the kubelet-probe chain.
 OWN_NETNS = "/proc/self/ns/net"
 
@@ -65,16 +64,7 @@ def redirects_server(
 
 async def serve(server: AdminServer, address: tuple[str, int]) -> None:
     """Serve until cancelled; while the address is taken (a rolling update's old pod), retry."""
-    warned = False
-    while True:
-        try:
-            await server.start(*address)
-            break
-        except OSError as exc:
-            if not warned:
-                log.warning("agent admin endpoint %s:%d: %s; retrying every %.0f s", *address, exc, BIND_RETRY_S)
-                warned = True
-            await asyncio.sleep(BIND_RETRY_S)
+    await server.start_when_free(*address, what="agent admin endpoint", retry_s=BIND_RETRY_S)
     try:
         await asyncio.Event().wait()
     finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 from tunnel_harness import APP_PORT, ByteServer, Cluster, cluster, connect_captured
 
+from nodeagent import admin
 from nodeagent.agent.zds_server import ZdsServer
 from nodeagent.model import SocketAddress
 from nodeagent.ztunnel.zds_client import Backoff
@@ -97,3 +99,31 @@ async def test_drain_hands_over_to_a_successor(tmp_path: Path, zds_path: str) ->
             await app.close()
             await zds.close()
             os.close(netns_stand_in)
+
+
+async def test_endpoints_taken_by_an_old_tunnel_are_bound_once_free(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """hostNetwork rolling update: the old pod's tunnel holds :15020/:15021 until it stops. The new tunnel
+    must start anyway (serving pods), and take the ports as soon as they are free."""
+    monkeypatch.setattr(admin, "BIND_RETRY_S", 0.05)
+    holders = []
+    for _ in range(2):
+        holder = socket.socket()
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        holders.append(holder)
+    metrics, ready = (h.getsockname() for h in holders)
+    async with cluster(tmp_path) as c:
+        tunnel = await c.start_tunnel("node2", metrics=metrics, ready=ready)
+        await c.wait_ready(tunnel)  # the data plane is up while the endpoints wait
+        assert "metrics" not in tunnel.addresses and "ready" not in tunnel.addresses
+        for holder in holders:
+            holder.close()
+        async with asyncio.timeout(5):
+            while "ready" not in tunnel.addresses or "metrics" not in tunnel.addresses:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        reader, writer = await asyncio.open_connection(*ready)
+        writer.write(b"GET /healthz/ready HTTP/1.0\r\n\r\n")
+        assert (await reader.read()).startswith(b"HTTP/1.1 200 OK")
+        writer.close()

@@ -142,6 +142,13 @@ def test_daemonset_conventions() -> None:
     agent_mounts = {m["name"]: m for m in containers["agent"]["volumeMounts"]}
     assert agent_mounts[paths["/proc"]]["readOnly"] is True
     assert agent_mounts[paths["/var/run/netns"]]["mountPropagation"] == "HostToContainer"
+    tunnel_mounts = {m["name"]: m for m in containers["tunnel"]["volumeMounts"]}
+    assert paths["/sys/fs/bpf"] in tunnel_mounts, "eBPF-captured pods need the pins in the tunnel too"
+    # The tunnel drains until grace minus its own margin: its --grace is the pod's grace period.
+    assert "--grace=30" in containers["tunnel"]["args"]
+    # `command` replaces the image's ENTRYPOINT: the agent (bcc) must still run the kernel-header step.
+    entrypoint = re.search(r'^ENTRYPOINT \["([^"]+)"\]', (DAEMONSET / "Dockerfile").read_text(), re.M)
+    assert entrypoint is not None and containers["agent"]["command"][0] == entrypoint.group(1)
     token = next(v for v in pod["volumes"] if v["name"] == "ca-token")["projected"]["sources"][0]
     assert token["serviceAccountToken"]["audience"] == "istio-ca"
 

@@ -27,6 +27,7 @@ routing.py, policy.py), no capture rules (the node agent), no argument parsing (
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import resource
@@ -198,13 +199,22 @@ class Tunnel:
             ("ready", ready, self._in.ready),
         ):
             if endpoint is not None:
-                self.addresses[name] = await server.start(*endpoint)
                 self._servers.append(server)
+                try:
+                    self.addresses[name] = await server.start(*endpoint)
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE:
+                        raise
+                    # hostNetwork: a rolling update's old tunnel holds the node's port until it stops.
+                    self._tasks.spawn(self._bind_when_free(name, server, endpoint), name=f"bind the {name} endpoint")
         self.readiness = ready
         if self._in.zds_socket is not None:
             self._zds = ZdsClient(self, self._in.zds_socket, backoff=self._in.zds_backoff)
             self._zds.start()
         log.info("tunnel for node %s started", self._in.node)
+
+    async def _bind_when_free(self, name: str, server: AdminServer, endpoint: Endpoint) -> None:
+        self.addresses[name] = await server.start_when_free(*endpoint, what=f"tunnel {name} endpoint")
 
     async def run(self) -> None:
         """start(), serve until SIGTERM/SIGINT, drain, stop()."""
@@ -258,9 +268,9 @@ class Tunnel:
         self.pool.close_all()
         for served in list(self._pods.values()):
             self._drop(served)
+        await self._tasks.cancel_all()  # first: an endpoint still waiting for its port must not bind now
         for server in self._servers:
             await server.stop()
-        await self._tasks.cancel_all()
         await self._in.credentials.stop()
         self._stopped.set()
 
