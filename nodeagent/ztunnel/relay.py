@@ -204,6 +204,10 @@ class Relay:
             elif self._eof != 3:
                 other.close()  # closed from outside before both directions ended: finish gracefully
         if self._lost == 3 and not self.done.done():
+            # Both connections are gone: drop the sinks, which hold this relay through their legs, so the
+            # whole connection is freed by reference counting rather than left to the cyclic GC (whose
+            # full passes over 10 000 held connections took ~100 ms each in the tunnel).
+            self._sinks = [None, None]
             self.done.set_result(RelayResult(self._counts[DOWNSTREAM], self._counts[UPSTREAM], self._error))
 
 
@@ -414,7 +418,7 @@ class _Direction:
     """src socket -> pipe -> dst socket. Reads only when the pipe is empty, so it holds <= one pipe."""
 
     def __init__(self, relay: SpliceRelay, src: socket.socket, dst: socket.socket) -> None:
-        self._relay = relay
+        self._relay: SpliceRelay | None = relay  # None once stopped: no cycle outlives the relay
         self._loop = relay._loop
         self._src = src.fileno()
         self._dst = dst.fileno()
@@ -445,6 +449,11 @@ class _Direction:
             for fd in self._pipe:
                 os.close(fd)
             self._pipe = None
+        self._relay = None
+
+    def _fail(self, exc: OSError) -> None:
+        if self._relay is not None:
+            self._relay._fail(exc)
 
     def _read_on(self) -> None:
         if not self._reading:
@@ -480,14 +489,14 @@ class _Direction:
             try:
                 self._pipe = self._make_pipe()
             except OSError as exc:
-                self._relay._fail(exc)
+                self._fail(exc)
                 return
         try:
             n = os.splice(self._src, self._pipe[1], self._capacity, flags=_SPLICE_FLAGS)
         except BlockingIOError:
             return  # spurious wake-up
         except OSError as exc:
-            self._relay._fail(exc)
+            self._fail(exc)
             return
         if n == 0:
             self.eof = True
@@ -505,7 +514,7 @@ class _Direction:
                 self._write_on()
                 return
             except OSError as exc:
-                self._relay._fail(exc)
+                self._fail(exc)
                 return
             self.pending -= n
             self.count += n
@@ -517,9 +526,10 @@ class _Direction:
             try:
                 self._dst_sock.shutdown(socket.SHUT_WR)
             except OSError as exc:
-                self._relay._fail(exc)
+                self._fail(exc)
                 return
-            self._relay._direction_done()
+            if self._relay is not None:
+                self._relay._direction_done()
 
     def _writable(self) -> None:
         self._flush()
