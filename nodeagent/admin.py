@@ -11,8 +11,12 @@ localhost admin port (15000) serves /config_dump and /healthz/ready, the Prometh
 addresses) only /metrics, the readiness port (15021) only /healthz/ready. Anything else is a 404, so the
 config dump (workloads, certificates, connections) is never reachable on a pod-facing port.
 
-What it deliberately does not do: no writes (no /logging POST yet), no TLS or authentication (bind it to
-localhost), no keep-alive or HTTP/1.1 pipelining: one bounded request per connection, then close.
+The one write is ztunnel's `POST /logging?level=...` (localhost ports only): `level=debug` sets the
+process's level, `level=nodeagent.access=warn,nodeagent.ztunnel=debug` sets named loggers, `reset` puts
+back the levels the process started with; the answer lists the levels now in force.
+
+What it deliberately does not do: no other writes, no TLS or authentication (bind it to localhost), no
+keep-alive or HTTP/1.1 pipelining: one bounded request per connection, then close.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import asyncio
 import errno
 import json
 import logging
+import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -37,12 +42,71 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
 CONFIG_DUMP = "/config_dump"
 METRICS = "/metrics"
 READY = "/healthz/ready"
-ALL_ROUTES = frozenset({CONFIG_DUMP, METRICS, READY})
+LOGGING = "/logging"
+ALL_ROUTES = frozenset({CONFIG_DUMP, METRICS, READY, LOGGING})
+# ztunnel's level names (tracing's) and Python's; `trace` is Python's DEBUG, `off` silences.
+LOG_LEVELS = {
+    "trace": logging.DEBUG,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "off": logging.CRITICAL + 1,
+}
+RESET = "reset"
+
+
+class LogLevelError(ValueError):
+    pass
+
+
+def parse_log_levels(query: str) -> dict[str, int] | str:
+    """The levels a /logging query asks for (logger name -> level; "" is the root logger), or RESET.
+
+    `level=info`, `level=nodeagent.access=warn,nodeagent=debug` (names under `nodeagent` or the root), or
+    `reset`. Raises LogLevelError saying what is accepted."""
+    params = urllib.parse.parse_qs(query, keep_blank_values=True)
+    if set(params) == {RESET}:
+        return RESET
+    if set(params) != {"level"} or len(params["level"]) != 1:
+        raise LogLevelError("send level=LEVEL, level=LOGGER=LEVEL[,...] or reset")
+    levels: dict[str, int] = {}
+    for item in params["level"][0].split(","):
+        name, _, level = item.strip().rpartition("=")
+        if level.lower() not in LOG_LEVELS:
+            raise LogLevelError(f"unknown level {level!r}; use one of {', '.join(LOG_LEVELS)}")
+        if name and name != "nodeagent" and not name.startswith("nodeagent."):
+            raise LogLevelError(f"logger {name!r} is not nodeagent's; name one under nodeagent")
+        levels[name] = LOG_LEVELS[level.lower()]
+    return levels
+
+
+_initial_levels: dict[str, int] = {}  # levels before the first /logging change, for `reset`
+
+
+def apply_log_levels(request: dict[str, int] | str) -> str:
+    """Set (or reset) logger levels; returns the levels now in force, one `name=LEVEL` per line."""
+    if request == RESET:
+        for name, level in _initial_levels.items():
+            logging.getLogger(name or None).setLevel(level)
+    else:
+        assert not isinstance(request, str)
+        for name, level in request.items():
+            logger = logging.getLogger(name or None)
+            _initial_levels.setdefault(name, logger.level)
+            logger.setLevel(level)
+    names = sorted({"", *_initial_levels})
+    return "".join(
+        f"{name or 'root'}={logging.getLevelName(logging.getLogger(name or None).getEffectiveLevel())}\n"
+        for name in names
+    )
 
 
 class AdminServer:
     def __init__(self, registry: CollectorRegistry | None = None, routes: Iterable[str] = ALL_ROUTES) -> None:
-        """`routes`: which of CONFIG_DUMP, METRICS and READY this instance serves (others get 404)."""
+        """`routes`: which of CONFIG_DUMP, METRICS, READY and LOGGING this instance serves (others get 404)."""
         self.routes = frozenset(routes)
         unknown = self.routes - ALL_ROUTES
         if unknown:
@@ -134,13 +198,21 @@ class AdminServer:
                 pending.append(f"{name}: {problem}")
         return pending
 
-    def route(self, method: str, path: str) -> tuple[int, str, bytes]:
-        """Status, content type and body for one request (pure apart from the providers it calls)."""
-        if method != "GET":
-            return 405, "text/plain", b"only GET is supported\n"
-        path = path.split("?", 1)[0]
+    def route(self, method: str, target: str) -> tuple[int, str, bytes]:
+        """Status, content type and body for one request (pure apart from the providers it calls and, for
+        POST /logging, the logging levels it sets)."""
+        path, _, query = target.partition("?")
         if path not in self.routes:
             return 404, "text/plain", f"unknown path; this port serves {', '.join(sorted(self.routes))}\n".encode()
+        if path == LOGGING:
+            if method != "POST":
+                return 405, "text/plain", b"only POST is supported: POST /logging?level=LEVEL\n"
+            try:
+                return 200, "text/plain", apply_log_levels(parse_log_levels(query)).encode()
+            except LogLevelError as exc:
+                return 400, "text/plain", f"{exc}\n".encode()
+        if method != "GET":
+            return 405, "text/plain", b"only GET is supported\n"
         if path == CONFIG_DUMP:
             return 200, "application/json", json.dumps(self.config_dump(), indent=2, sort_keys=True).encode()
         if path == METRICS:

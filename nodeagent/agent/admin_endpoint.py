@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from nodeagent.admin import BIND_RETRY_S, CONFIG_DUMP, AdminServer
+from nodeagent.admin import BIND_RETRY_S, CONFIG_DUMP, LOGGING, AdminServer
 from nodeagent.agent.inspect import Layout, collect
 from nodeagent.agent.netns_resolver import NetnsResolver
 from nodeagent.model import Inventory
@@ -49,7 +49,7 @@ def redirects_server(
     resolver: NetnsResolver | None,
 ) -> AdminServer:
     """An AdminServer serving /config_dump {"redirects": ...} for `node` (pure construction, no I/O)."""
-    server = AdminServer(routes={CONFIG_DUMP})
+    server = AdminServer(routes={CONFIG_DUMP, LOGGING})
 
     async def redirects() -> dict[str, Any]:
         current = inventory()

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,16 +19,18 @@ from identity_support import CART, FRONTEND, NODE1_TOKEN, start_ca
 from prometheus_client import CollectorRegistry
 from tunnel_harness import cluster
 
-from nodeagent.admin import ALL_ROUTES, CONFIG_DUMP, METRICS, READY, AdminServer
+from nodeagent.admin import ALL_ROUTES, CONFIG_DUMP, LOGGING, METRICS, READY, AdminServer
 from nodeagent.ca import commands
 from nodeagent.ca.client import CAClient
 from nodeagent.metrics import CertManagerMetrics
 from nodeagent.ztunnel.certs import CertificateManager, CertManagerInputs
 
+GET_ROUTES = ALL_ROUTES - {LOGGING}  # /logging takes POST only
 
-def _get(url: str) -> tuple[int, str, str]:
+
+def _get(url: str, method: str = "GET") -> tuple[int, str, str]:
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=5) as response:
             return response.status, response.headers["Content-Type"], response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.headers["Content-Type"], exc.read().decode()
@@ -129,10 +132,10 @@ async def test_admin_serves_only_its_routes() -> None:
         bases[name] = f"http://{host}:{port}"
     try:
         served = {
-            name: {path for path in ALL_ROUTES if (await asyncio.to_thread(_get, base + path))[0] == 200}
+            name: {path for path in GET_ROUTES if (await asyncio.to_thread(_get, base + path))[0] == 200}
             for name, base in bases.items()
         }
-        assert served == {"config": {CONFIG_DUMP}, "metrics": {METRICS}, "all": set(ALL_ROUTES)}
+        assert served == {"config": {CONFIG_DUMP}, "metrics": {METRICS}, "all": set(GET_ROUTES)}
         status, _, body = await asyncio.to_thread(_get, bases["metrics"] + CONFIG_DUMP)
         assert status == 404 and "this port serves /metrics" in body
     finally:
@@ -155,10 +158,34 @@ async def test_tunnel_ports_serve_their_own_routes(tmp_path: Path) -> None:
         served = {}
         for name in ("admin", "metrics", "ready"):
             host, port = tunnel.addresses[name]
-            answers = {path: await asyncio.to_thread(_get, f"http://{host}:{port}{path}") for path in ALL_ROUTES}
+            answers = {path: await asyncio.to_thread(_get, f"http://{host}:{port}{path}") for path in GET_ROUTES}
             served[name] = {path for path, (status, _, _) in answers.items() if status == 200}
             assert {status for status, _, _ in answers.values()} <= {200, 404}, answers
+            # The one write, on the localhost admin port only.
+            status, _, _ = await asyncio.to_thread(_get, f"http://{host}:{port}{LOGGING}?level=info", "POST")
+            assert status == (200 if name == "admin" else 404)
         assert served == {"admin": {CONFIG_DUMP, READY}, "metrics": {METRICS}, "ready": {READY}}
         host, port = tunnel.addresses["admin"]
         dump = json.loads((await asyncio.to_thread(_get, f"http://{host}:{port}{CONFIG_DUMP}"))[2])
         assert {"workloads", "certificates", "policies", "connections", "localPods"} <= dump.keys()
+
+
+async def test_logging_post_sets_and_resets_levels() -> None:
+    """ztunnel's POST /logging?level=...: the process's level or named loggers; reset restores the start."""
+    admin = AdminServer(routes=[LOGGING])
+    host, port = await admin.start("127.0.0.1", 0)
+    base = f"http://{host}:{port}{LOGGING}"
+    access = logging.getLogger("nodeagent.access")
+    before = access.level
+    try:
+        status, _, body = await asyncio.to_thread(_get, base + "?level=nodeagent.access=warn", "POST")
+        assert status == 200 and "nodeagent.access=WARNING" in body.splitlines()
+        assert access.level == logging.WARNING
+        status, _, body = await asyncio.to_thread(_get, base + "?reset", "POST")
+        assert status == 200 and access.level == before
+        for bad in ("?level=loud", "?level=urllib3=debug", "", "?level=info&level=debug"):
+            status, _, body = await asyncio.to_thread(_get, base + bad, "POST")
+            assert status == 400, (bad, body)
+        assert (await asyncio.to_thread(_get, base + "?level=info"))[0] == 405  # GET
+    finally:
+        await admin.stop()

@@ -41,7 +41,7 @@ from typing import Any, Protocol
 import uvloop
 from prometheus_client import CollectorRegistry
 
-from nodeagent.admin import CONFIG_DUMP, METRICS, READY, AdminServer
+from nodeagent.admin import CONFIG_DUMP, LOGGING, METRICS, READY, AdminServer
 from nodeagent.model import Identity, Inventory, IPAddress
 from nodeagent.netns import NetnsError, in_netns
 from nodeagent.policy import PolicySet, revalidate
@@ -177,7 +177,7 @@ class Tunnel:
         self._tasks.spawn(self._watch(), name="tunnel-watch-inventory-and-policies")
         # Like ztunnel's ports: the config dump only on the (localhost) admin port, /metrics only on the
         # Prometheus port, readiness on its own port (and on the admin port, for operators).
-        admin = AdminServer(routes=(CONFIG_DUMP, READY))
+        admin = AdminServer(routes=(CONFIG_DUMP, READY, LOGGING))
         for name, provider in (
             ("workloads", self._dump_workloads),
             ("certificates", self._in.credentials.config_dump),
