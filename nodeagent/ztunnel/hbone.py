@@ -569,7 +569,15 @@ class _FrameReader(FrameBuffer):
         if len(buf) < end:
             # Direct receive only once 64 KiB of the payload are in: a peer cannot make us allocate a
             # max-size buffer for a bare 9-byte header (at most 16x what it sent, one frame at a time).
-            if kind == _DATA and len(buf) - 9 >= _DIRECT_PAYLOAD and not flags & _FLAG_PADDED and not self._block:
+            # Never on stream 0: that DATA frame is a connection error, refused below once complete
+            # (payload_received() builds its frame outside those checks).
+            if (
+                kind == _DATA
+                and stream_id
+                and len(buf) - 9 >= _DIRECT_PAYLOAD
+                and not flags & _FLAG_PADDED
+                and not self._block
+            ):
                 self._start_payload(buf, flags, stream_id, length)
             raise StopIteration
         if (

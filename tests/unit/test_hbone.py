@@ -943,3 +943,45 @@ def test_data_interrupting_a_header_block_is_still_refused_when_large() -> None:
     assert conn.receive_data(wire[:5000]) == []
     assert conn.receive_buffer() is None  # no direct receive inside a header block
     assert terminated(conn.receive_data(wire[5000:])).error_code == ErrorCodes.PROTOCOL_ERROR
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["receive_data", "receive_into"])
+def test_large_data_on_stream_0_split_across_reads_is_a_protocol_error(direct: bool) -> None:
+    """DATA on stream 0 is a connection error (RFC 9113 6.1) however it arrives: a large one split across
+    reads must not take the direct receive path, whose frame is built outside the reader's checks."""
+    conn, _peer, out = new_server()
+    events = _feed_in_pieces(conn, data(0, bytes(100 * 1024)), [70 * 1024], direct)
+    assert terminated(events).error_code == ErrorCodes.PROTOCOL_ERROR
+    sent = goaway(out.read(conn.data_to_send()))
+    assert sent is not None and sent.error_code == ErrorCodes.PROTOCOL_ERROR
+
+
+OK_200 = headers_frame(1, hpack.Encoder().encode([(b":status", b"200")]))  # lets a client's stream 1 take DATA
+large_data_frames = st.builds(
+    lambda stream_id, flags, size: frame(0x0, flags, stream_id, bytes(size)),
+    st.sampled_from([0, 1, 3, 5, 2**31 - 1]),
+    st.integers(min_value=0, max_value=255),
+    st.sampled_from([70_000, 100_000]),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.one_of(raw_frames, large_data_frames, st.sampled_from([Peer().request(1), OK_200, rst(1)])), max_size=8
+    ),
+    st.lists(st.integers(min_value=256, max_value=80 * 1024), min_size=1, max_size=4),  # not 100 KB a byte at a time
+    st.booleans(),
+)
+def test_fuzz_frames_split_anywhere(frames: list[bytes], cuts: list[int], direct: bool) -> None:
+    """Never raises on peer input, however the reads split it: large DATA frames cut across reads take the
+    direct receive path whatever their stream and flags (the other fuzz tests feed whole frames)."""
+    for role in (Role.SERVER, Role.CLIENT):
+        conn = HboneConnection(role, 0.0, local_addresses=LOCAL)
+        if role is Role.CLIENT:
+            conn.open_stream(ConnectRequest(SocketAddress(POD, 80)))
+        wire = (PREFACE if role is Role.SERVER else b"") + settings_frame() + b"".join(frames)
+        _feed_in_pieces(conn, wire, cuts, direct)
+        conn.tick(100.0)
+        conn.tick(200.0)
+        _check_bounded(conn, len(wire))
