@@ -4,16 +4,17 @@ Why this module exists: this is where the mesh's promises are kept for the desti
 client must complete TLS 1.3 with a certificate from our roots (OpenSSL, with the *destination pod's*
 certificate presented — one listener per pod, so the identity is known before the handshake) and be a
 workload of our trust domain (tls.verify_client_peer); every CONNECT is validated by the HBONE core
-(400s), authorized with Istio's L4 semantics (policy.evaluate: 401), and only then is the application
-connected — from the client's real IP when the socket factory spoofs — and answered 200 (503 when the
-workload is unknown or the app cannot be reached). Nothing the client sends reaches the app before the
-200: the core holds it and the relay starts only after accept(). On :15006 the same authorization runs
+(400s), must be for this pod's own address (400: never anywhere else from inside the pod's netns), is
+authorized with Istio's L4 semantics (policy.evaluate: 401), and only then is the application connected —
+from the client's real IP when the socket factory spoofs — and answered 200 (503 when the workload or its
+address is not known yet, or the app cannot be reached). Nothing the client sends reaches the app before
+the 200: the core holds it and the relay starts only after accept(). On :15006 the same authorization runs
 without a peer identity (so PeerAuthentication STRICT refuses it) and the bytes are spliced.
 
 Decide, then act: `authorize()` is a pure decision over the current ClusterView; the coroutines here
 carry it out. A CONNECT that the client resets while we are still connecting upstream cancels that work
 (rapid reset). Open inbound connections are registered with their policy view so the tunnel can close
-the ones a new policy denies.
+the ones that new policies, or new labels on the destination pod, deny.
 
 What it deliberately does not do: no listeners or pod lifecycle (the tunnel process owns them), no
 certificate fetching (the certificate manager), no outbound traffic.
@@ -80,10 +81,15 @@ class Refuse:
 def authorize(
     view: ClusterView, local: LocalPod, source: IPAddress, target: SocketAddress, peer: Identity | None
 ) -> Admit | Refuse:
-    """Decide one inbound connection to `local` (pure)."""
+    """Decide one inbound connection to `local` (pure): only to `local`'s own address, never elsewhere from
+    inside its netns."""
     pod = view.pod_of(local)
     if pod is None or pod.ip is None:
+        # 503 (no such local workload, yet), not 400: the request may well be right, but until the inventory
+        # has the pod's address nothing shows that its target is this pod, so nothing is admitted.
         return Refuse(503, Flags.NO_ROUTE, f"pod {local.key} is not in the inventory (yet); no address to serve")
+    if target.ip != pod.ip:
+        return Refuse(400, Flags.NO_ROUTE, f"{target} is not an address of pod {local.key} ({pod.ip})")
     if target.port in sockets.TUNNEL_PORTS:
         return Refuse(400, Flags.NO_ROUTE, f"{target} is a tunnel port; refusing a loop")
     conn = Connection(source, target, peer, pod.namespace, pod.labels)
@@ -172,6 +178,9 @@ class HboneInbound:
             log.warning("refusing an HBONE connection to %s: %s", pod.key, exc)
             reset_socket(sock)
             return
+        # With the pod's address already known, the core answers a CONNECT for another address with 400 itself
+        # (no task, and counted toward its limit of malformed streams); authorize() checks every stream
+        # against the current view either way, so a connection made before the address was known is held to it.
         view = deps.state.view
         local = view.pod_of(pod)
         addresses = frozenset({local.ip}) if local is not None and local.ip is not None else None

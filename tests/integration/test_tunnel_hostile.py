@@ -8,6 +8,7 @@ through the same tunnel works after every case.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import ssl
 import sys
@@ -134,6 +135,39 @@ async def test_bad_connect_is_400(rig, case: str) -> None:  # type: ignore[no-un
     out = await exchange(c, BAD_REQUESTS[case], has_status(1))
     assert out.statuses == {1: 400}, out
     assert not app.accepted.is_set()
+
+
+async def test_authority_is_checked_per_stream_when_the_pod_ip_comes_late(rig) -> None:  # type: ignore[no-untyped-def]
+    """The inventory may learn a pod's IP only after a client has connected to the pod's :15008, and the
+    client's pooled connection lives on: no CONNECT is admitted while the IP is unknown, and once it is
+    known a CONNECT on that same connection for another address is still a 400 (it would be connected from
+    inside the pod's netns, with the tunnel's mark)."""
+    c, _ = rig
+    known, server = c.inventory[0], c.pod("server")
+    address, good = server_addr(c), target(c)
+    elsewhere = ByteServer(c.net.ip(30)).start()  # reachable from the server pod, not the server pod
+    c.inventory[0] = dataclasses.replace(
+        known, pods=tuple(dataclasses.replace(p, ip=None) if p is server else p for p in known.pods)
+    )
+    await asyncio.sleep(0.2)  # the tunnel polls the inventory every 50 ms here
+    client = await asyncio.to_thread(RawClient, address, client_ctx(c))
+
+    def ask(stream: int, authority: str) -> int | None:
+        client.send(headers(c, connect_block(authority), stream))
+        return client.read_until(has_status(stream)).statuses.get(stream)
+
+    try:
+        await asyncio.to_thread(client.start)
+        assert await asyncio.to_thread(ask, 1, good) == 503  # not ready yet
+        c.inventory[0] = known
+        await asyncio.sleep(0.2)
+        assert await asyncio.to_thread(ask, 3, str(elsewhere.address)) == 400
+        assert await asyncio.to_thread(ask, 5, good) == 200
+    finally:
+        client.close()
+        c.inventory[0] = known
+        await elsewhere.close()
+    assert not elsewhere.accepted.is_set()
 
 
 async def test_data_before_200_is_never_forwarded_when_denied(rig) -> None:  # type: ignore[no-untyped-def]
