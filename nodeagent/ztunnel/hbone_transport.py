@@ -264,6 +264,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
         self.closed_callbacks: list[Callable[[HboneProtocol], None]] = [on_closed] if on_closed else []
         self._on_idle = on_idle
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0  # when _timer fires
         self._flush_pending = False
         self._reading = False  # inside buffer_updated: writes wait for its end
         self._pending_resets: dict[int, int] = {}  # stream -> error code, sent once its queue is framed
@@ -300,6 +301,10 @@ class HboneProtocol(asyncio.BufferedProtocol):
                 self._handle(self.core.receive_data(self._buf[:nbytes]))
         finally:
             self._reading = False
+        if self.core.next_deadline < self._deadline:
+            # A PING reply: the next PING is due an interval after the last one, before the reply deadline
+            # the timer waits for. One comparison per read; timers move only when the deadline does.
+            self._schedule()
         self._flush_now()  # what this read produced (WINDOW_UPDATEs, answers) leaves now, never a turn later
 
     def eof_received(self) -> bool:
@@ -486,7 +491,8 @@ class HboneProtocol(asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
         if not self.core.closed:
-            self._timer = self._loop.call_at(self.core.next_deadline, self._tick)
+            self._deadline = self.core.next_deadline
+            self._timer = self._loop.call_at(self._deadline, self._tick)
 
     def _tick(self) -> None:
         self._timer = None

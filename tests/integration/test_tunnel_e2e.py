@@ -17,6 +17,7 @@ import pytest
 from tunnel_harness import APP_PORT, ByteServer, cluster, connect_captured, pattern, recv_all, send_all, uri_san
 
 from nodeagent.model import SocketAddress
+from nodeagent.ztunnel import hbone
 
 MiB = 1 << 20
 
@@ -126,6 +127,36 @@ async def test_metrics_access_log_and_config_dump(tmp_path: Path, caplog: pytest
         assert "bytes_sent=300 bytes_recv=1000" in line
         assert f"dst.hbone_addr={server_pod.ip}:15008" in line
         assert "error=" not in line
+
+
+async def test_idle_connection_pings_every_interval(tmp_path: Path) -> None:
+    """Both ends of an idle HBONE connection PING every keepalive interval (REFERENCE.md: every 10 s, drop
+    after 20 s without a reply; shortened here). The timer waits for the reply deadline after each PING,
+    so the reply must bring it forward to the interval again, or PINGs go out only every timeout."""
+    limits = hbone.Limits(keepalive_interval=0.2, keepalive_timeout=1.0)
+    async with cluster(tmp_path) as c:
+        t1 = await c.start_tunnel("node1", limits=limits)
+        t2 = await c.start_tunnel("node2", limits=limits)
+        for tunnel in (t1, t2):
+            await c.wait_ready(tunnel)
+        server_pod, client_pod = c.pod("server"), c.pod("client")
+        assert server_pod.ip is not None
+        app = ByteServer(server_pod.ip).start()
+        try:
+            sock = await connect_captured(c.net, client_pod, SocketAddress(server_pod.ip, APP_PORT))
+            with sock:
+                async with asyncio.timeout(5):
+                    await app.accepted.wait()
+                [(_, client_conn)] = t1.pool.connections()
+                [server_conn] = next(iter(t2._pods.values())).hbone.connections  # type: ignore[union-attr]
+                ends = (client_conn.core, server_conn.core)
+                before = [core._pings for core in ends]
+                await asyncio.sleep(1.5)
+                pings = [core._pings - n for core, n in zip(ends, before, strict=True)]
+                assert not any(core.closed for core in ends)
+        finally:
+            await app.close()
+    assert min(pings) >= 5, pings  # 7 at 0.2 s; 1 or 2 when each PING waits for the previous one's deadline
 
 
 async def _get(endpoint: tuple[str, int], path: str) -> str:
