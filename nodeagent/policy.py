@@ -4,7 +4,7 @@ Why this module exists: the inbound side of the tunnel (:15008 HBONE and :15006 
 every connection, whether the destination workload accepts it, with exactly the answers Istio's ztunnel
 gives (src/rbac.rs, src/state.rs) for policies istiod would send it (pilot/.../ambient/authorization.go).
 Deciding here, as a pure function of plain values, lets the rules be tested with tables and lets the tunnel
-re-check open connections whenever the policy set changes (`revalidate`).
+re-check open connections whenever the policy set or a destination's labels change (`revalidate`).
 
 The evaluation order:
 
@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from collections.abc import Hashable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import TypeVar
 
-from nodeagent.model import Identity, IPAddress, SocketAddress
+from nodeagent.model import Identity, IPAddress, Pod, SocketAddress
 
 DEFAULT_ROOT_NAMESPACE = "istio-system"
 
@@ -403,11 +403,20 @@ def _describe(conn: Connection) -> str:
 K = TypeVar("K", bound=Hashable)
 
 
-def revalidate(connections: Mapping[K, Connection], policies: PolicySet) -> dict[K, Verdict]:
-    """The open connections that `policies` now deny, with the reason; the tunnel closes exactly these."""
+def revalidate(
+    connections: Mapping[K, Connection], policies: PolicySet, pod_at: Callable[[IPAddress], Pod | None]
+) -> dict[K, Verdict]:
+    """The open connections that `policies` now deny, with the reason; the tunnel closes exactly these.
+
+    Each is judged with its destination as it is now — `pod_at(destination ip)`, the pod it was authorized
+    for — since new labels can bring a pod under a selector policy or out of one; a destination no longer
+    known is judged as it was (its connections end when its pod leaves). The source end is the peer's
+    identity and IP, which a connection keeps for its life."""
     denied: dict[K, Verdict] = {}
-    for key, conn in connections.items():
-        verdict = evaluate(conn, policies)
+    for key, then in connections.items():
+        pod = pod_at(then.destination.ip)
+        now = then if pod is None else replace(then, destination_namespace=pod.namespace, destination_labels=pod.labels)
+        verdict = evaluate(now, policies)
         if not verdict.allowed:
             denied[key] = verdict
     return denied

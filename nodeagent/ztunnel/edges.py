@@ -364,6 +364,10 @@ class ClusterView:
     def workload_at(self, ip: IPAddress) -> Workload | None:
         return self.routing.workloads.get(ip)
 
+    def pod_at(self, ip: IPAddress) -> Pod | None:
+        workload = self.routing.workloads.get(ip)
+        return workload.pod if workload is not None else None
+
     def pod_of(self, local: LocalPod) -> Pod | None:
         """The inventory's view of a local pod (its IP and labels), by uid, else by namespace/name."""
         pod = self.pods_by_uid.get(local.uid)

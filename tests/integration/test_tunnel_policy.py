@@ -8,6 +8,8 @@ import asyncio
 import socket
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -197,19 +199,45 @@ def _fixed_labels(c: Cluster) -> dict[str, str]:
 
 DENY_SHOP = authz("DENY", "[{from: [{source: {namespaces: [shop]}}]}]")
 DENY_IPS = authz("DENY", "[{from: [{source: {ipBlocks: [127.0.0.0/8]}}]}]")
+DENY_DB = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: db, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  action: DENY
+  rules: [{}]
+"""
+
+
+def adding(text: str) -> Callable[[Cluster], None]:
+    return lambda c: c.set_policies(policies(text))
+
+
+def relabel_server_as_db(c: Cluster) -> None:
+    inventory = c.inventory[0]
+    pods = tuple(replace(p, labels={**p.labels, "app": "db"}) if p.name == "server" else p for p in inventory.pods)
+    c.inventory[0] = replace(inventory, pods=pods)
 
 
 @pytest.mark.parametrize(
-    ("via", "text"),
+    ("via", "before", "change"),
     [
-        (sockets.OUTBOUND_PORT, DENY_SHOP),
-        (sockets.INBOUND_PLAINTEXT_PORT, DENY_IPS),
-        (sockets.INBOUND_PLAINTEXT_PORT, STRICT),
+        (sockets.OUTBOUND_PORT, "", adding(DENY_SHOP)),
+        (sockets.INBOUND_PLAINTEXT_PORT, "", adding(DENY_IPS)),
+        (sockets.INBOUND_PLAINTEXT_PORT, "", adding(STRICT)),
+        (sockets.OUTBOUND_PORT, DENY_DB, relabel_server_as_db),
+        (sockets.INBOUND_PLAINTEXT_PORT, DENY_DB, relabel_server_as_db),
     ],
-    ids=["hbone-deny-namespace", "plaintext-deny-ip", "plaintext-strict"],
+    ids=["hbone-deny-namespace", "plaintext-deny-ip", "plaintext-strict", "hbone-relabel", "plaintext-relabel"],
 )
-async def test_policy_added_while_open_closes_within_a_second(tmp_path: Path, via: int, text: str) -> None:
+async def test_policy_or_label_change_while_open_closes_within_a_second(
+    tmp_path: Path, via: int, before: str, change: Callable[[Cluster], None]
+) -> None:
+    """A change that denies an open connection closes it: a new policy, or new labels on the destination pod
+    that bring it under a selector policy (the verdict is the destination's as it is now)."""
     async with cluster(tmp_path, three_pods) as c:
+        c.set_policies(policies(before) if before else PolicySet())
         apps = await start(c)
         server = c.pod("server")
         assert server.ip is not None
@@ -222,7 +250,7 @@ async def test_policy_added_while_open_closes_within_a_second(tmp_path: Path, vi
                 async with asyncio.timeout(5):
                     while len(got) < 5:  # the app's greeting: the connection is up end to end
                         got += await loop.sock_recv(sock, 5 - len(got))
-                c.set_policies(policies(text))
+                change(c)
                 began = time.monotonic()
                 try:
                     async with asyncio.timeout(3):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from types import MappingProxyType
 
 import pytest
 
-from nodeagent.model import Identity, SocketAddress
+from nodeagent.model import Identity, IPAddress, Pod, SocketAddress
 from nodeagent.policy import (
     Action,
     Clause,
@@ -401,6 +402,10 @@ def test_verdict_names_policy_and_rule() -> None:
     assert not no_match.allowed and "server-ns/narrow" in no_match.reason and CLIENT.uri in no_match.reason
 
 
+def no_pod(ip: IPAddress) -> Pod | None:
+    return None
+
+
 def test_revalidate_returns_exactly_the_now_denied() -> None:
     open_conns = {
         "a": conn(CLIENT, port=8080),
@@ -408,12 +413,26 @@ def test_revalidate_returns_exactly_the_now_denied() -> None:
         "c": conn(CLIENT, port=9090),
         "d": conn(None, port=8080),
     }
-    assert revalidate(open_conns, pset()) == {}
+    assert revalidate(open_conns, pset(), no_pod) == {}
     new = pset(deny(Match(principals=s(CLIENT.principal), destination_ports=(8080,))), pa=(MESH_STRICT,))
-    denied = revalidate(open_conns, new)
+    denied = revalidate(open_conns, new, no_pod)
     assert sorted(denied) == ["a", "d"]
     assert denied["a"].policy == "server-ns/p"
     assert "STRICT" in denied["d"].reason
+
+
+def test_revalidate_judges_the_destination_as_it_is_now() -> None:
+    """The destination pod's current labels decide, not those it had when the connection was authorized."""
+    open_conns = {"a": conn(labels={"app": "server"})}
+    deny_db = pset(deny(Match(principals=s("*")), scope=Scope.WORKLOAD_SELECTOR, selector={"app": "db"}))
+
+    def server(labels: dict[str, str]) -> Callable[[IPAddress], Pod | None]:
+        return lambda ip: Pod("server", "server-ns", "uid", "node", "sa", ip, MappingProxyType(labels))  # type: ignore[arg-type]
+
+    assert revalidate(open_conns, deny_db, server({"app": "server"})) == {}
+    assert revalidate(open_conns, deny_db, server({"app": "db"}))["a"].policy == "server-ns/p"
+    assert revalidate({"b": conn(labels={"app": "db"})}, deny_db, server({"app": "server"})) == {}
+    assert revalidate(open_conns, deny_db, no_pod) == {}  # no longer known: judged as it was
 
 
 def test_string_match_parse_round_trips() -> None:

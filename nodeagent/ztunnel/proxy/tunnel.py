@@ -9,7 +9,7 @@ A pod's listeners open only once its certificate is there (bounded wait), so a s
 accepts a connection it cannot serve; an Add for a pod already served in the same netns (a restarted
 agent's snapshot) keeps its listeners and open connections untouched.
 It keeps the cluster view (inventory + policies) current, re-checking open inbound connections when the
-policies change and closing those now denied. It serves three HTTP endpoints, each with only its own
+policies or a destination pod's labels change and closing those now denied. It serves three HTTP endpoints, each with only its own
 routes: admin (/config_dump and /healthz/ready, localhost), metrics (/metrics) and readiness
 (/healthz/ready). On SIGTERM it drains: listeners close at once (a successor bound to the same ports
 through SO_REUSEPORT takes new connections and receives the pods over ZDS, because Add goes to the newest
@@ -418,8 +418,9 @@ class Tunnel:
         if changed is None:
             return
         self._inventory, self._policies, self.state.view = changed
-        # New policies, but also new labels or namespaces in the inventory, can change verdicts.
-        denied = revalidate(self.table.inbound_views(), self._policies)
+        # New policies, but also new labels or namespaces in the inventory, can change verdicts: each open
+        # connection is judged with its destination pod as the new view has it.
+        denied = revalidate(self.table.inbound_views(), self._policies, self.state.view.pod_at)
         for record_id, verdict in denied.items():
             record = self.table.get(record_id)
             if record is not None and record.abort is not None:
