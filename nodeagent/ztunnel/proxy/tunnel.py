@@ -9,8 +9,9 @@ A pod's listeners open only once its certificate is there (bounded wait), so a s
 accepts a connection it cannot serve; an Add for a pod already served in the same netns (a restarted
 agent's snapshot) keeps its listeners and open connections untouched.
 It keeps the cluster view (inventory + policies) current, re-checking open inbound connections when the
-policies or a destination pod's labels change and closing those now denied. It serves three HTTP endpoints, each with only its own
-routes: admin (/config_dump and /healthz/ready, localhost), metrics (/metrics) and readiness
+policies or a destination pod's labels change and closing those now denied. It serves three HTTP
+endpoints, each with only its own routes: admin (/config_dump, /healthz/ready and POST /logging,
+localhost), metrics (/metrics) and readiness
 (/healthz/ready). On SIGTERM it drains: listeners close at once (a successor bound to the same ports
 through SO_REUSEPORT takes new connections and receives the pods over ZDS, because Add goes to the newest
 connection; tcp_migrate_req, set in each pod's netns, hands it the connections still queued on the closed
