@@ -26,6 +26,7 @@ MAX_SPIFFE_ID_BYTES = 2048
 DATAPLANE_MODE_LABEL = "istio.io/dataplane-mode"
 DATAPLANE_MODE_AMBIENT = "ambient"
 DATAPLANE_MODE_NONE = "none"
+REDIRECTION_ANNOTATION = "ambient.istio.io/redirection"  # the agent's record of a pod's capture (enabled|pending)
 
 # Kubernetes DNS-1123 label: what namespace, service-account and node names must look like.
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -128,10 +129,19 @@ class Pod:
     labels: Mapping[str, str] = field(default_factory=lambda: _frozen(None))
     host_network: bool = False
     phase: PodPhase = PodPhase.RUNNING
+    # REDIRECTION_ANNOTATION as the workload source last showed it (Kubernetes; None: absent), so that a
+    # restarted agent can correct what an earlier run left. Not compared: the agent's own status writes
+    # must not make the pod look changed (a changed pod is handed to the tunnel again).
+    redirection: str | None = field(default=None, compare=False)
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    @property
+    def terminated(self) -> bool:
+        """Succeeded or Failed: its sandbox is gone, but its status keeps the IP, which may be another pod's now."""
+        return self.phase in (PodPhase.SUCCEEDED, PodPhase.FAILED)
 
     def identity(self, trust_domain: str) -> Identity:
         return Identity(trust_domain, self.namespace, self.service_account)
@@ -222,7 +232,7 @@ DEFAULT_EXCLUDED_NAMESPACES = frozenset({"kube-system", "istio-system", "nodeage
 
 def enrolled(pod: Pod, namespace: Namespace | None, excluded: frozenset[str] = DEFAULT_EXCLUDED_NAMESPACES) -> bool:
     """Istio's ambient enrollment rule for one pod (REFERENCE.md, "Enrollment and status")."""
-    if pod.host_network or pod.namespace in excluded or pod.phase in (PodPhase.SUCCEEDED, PodPhase.FAILED):
+    if pod.host_network or pod.namespace in excluded or pod.terminated:
         return False
     pod_mode = pod.labels.get(DATAPLANE_MODE_LABEL)
     if pod_mode == DATAPLANE_MODE_NONE:

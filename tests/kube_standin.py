@@ -652,10 +652,13 @@ def pod(
     uid: str | None = None,
     phase: str = "Running",
     host_network: bool = False,
+    annotations: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     meta: dict[str, Any] = {"name": name, "namespace": ns, "labels": dict(labels or {})}
     if uid:
         meta["uid"] = uid
+    if annotations:
+        meta["annotations"] = dict(annotations)
     status: dict[str, Any] = {"phase": phase}
     if ip:
         status["podIP"] = ip

@@ -9,7 +9,8 @@ so this module swaps the two edges that differ and nothing else:
   before its namespace would look unenrolled and be swept), coalesces bursts of events, and on API
   errors keeps handing over nothing new: the last good inventory stays in force.
 - `KubeAgent` is the file-mode Agent with that source, plus the pod-status task (agent/kube_status.py)
-  fed from the same per-pod results the status file gets (kernel-verified, tunnel-acked).
+  fed from the same per-pod results the status file gets (kernel-verified, tunnel-acked), and with the
+  annotations the watch shows, so that what an earlier run left on the node's pods is corrected.
 
 Pods' netns are found by pod IP (agent/kube_netns.py: the CNI's bind mounts, else /proc), which works
 on real nodes and in the lab alike; `--kube-netns pattern` keeps the file mode's name pattern instead.
@@ -32,7 +33,7 @@ from nodeagent.agent import admin_endpoint
 from nodeagent.agent.enrollment import Status
 from nodeagent.agent.inspect import Layout
 from nodeagent.agent.kube_netns import ProcNetnsResolver
-from nodeagent.agent.kube_status import PodStatusWriter
+from nodeagent.agent.kube_status import PodAnnotation, PodStatusWriter
 from nodeagent.agent.service import Agent, AgentConfig
 from nodeagent.capture.iptables import Flavour
 from nodeagent.inventory.kube import KubeSource, api_client
@@ -169,4 +170,16 @@ class KubeAgent(Agent):
                 uid: (r.pod.namespace, r.pod.name, self.reconciler.status(uid))
                 for uid, r in self.reconciler.records.items()
             }
-            self.pod_status.publish(pods)
+            self.pod_status.publish(pods, self._seen_annotations())
+
+    def _seen_annotations(self) -> dict[str, PodAnnotation]:
+        """The annotation of this node's pods as the watch shows it, but for pods enrolled and not reconciled
+        yet (a restarted agent's first pass): their status is not known, so what they carry stays meanwhile."""
+        inventory = self.inventory.current
+        if inventory is None:
+            return {}
+        return {
+            p.uid: PodAnnotation(p.namespace, p.name, p.redirection)
+            for p in inventory.pods_on(self.config.node)
+            if p.uid in self.reconciler.records or not self.reconciler.wants(p.uid)
+        }

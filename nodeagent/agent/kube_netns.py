@@ -15,7 +15,8 @@ first time, then at most every `refresh_s` while it is not found) maps pod IP ->
 
 The mapping itself is a pure function (`map_addresses`): an IP held by two different namespaces (an old
 sandbox still alive after its IP was reused) maps to neither — capture waits rather than guessing — and
-the agent's own netns (the node's) is never a pod's.
+the agent's own netns (the node's) is never a pod's. A finished pod (Succeeded/Failed) is never resolved:
+its sandbox is gone but its status keeps its IP, which the node may have handed to a live pod.
 
 Needs: the host's mount namespace for `netns_dir`, the host's /proc (hostPID) for the process scan,
 CAP_SYS_ADMIN to enter namespaces and CAP_SYS_PTRACE to read other users' ns/net files. setns() happens
@@ -122,7 +123,7 @@ class ProcNetnsResolver:
         self._exclude = frozenset(i for i in own if i is not None)
 
     def resolve(self, pod: Pod) -> str | None:
-        if pod.ip is None or pod.host_network:
+        if pod.ip is None or pod.host_network or pod.terminated:
             return None
         found = self._found.get(pod.uid)
         if found is not None and found[0] == pod.ip and os.path.exists(found[1]):

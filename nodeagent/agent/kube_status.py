@@ -15,8 +15,12 @@ JSON merge patches that carry the pod's UID, so a pod recreated under the same n
 by mistake (the API server rejects the UID change). Failed writes are retried with backoff; a pod that is
 gone (404) is forgotten.
 
-What it deliberately does not do: no reading of pod state, no enrollment decisions, no status file
-(agent/status.py keeps writing that in every mode).
+What the API server holds is what this writer wrote, or, for a pod it has not written since it started,
+what the agent's pod watch shows (`seen`): so a restarted agent removes an `enabled` an earlier run left
+on a pod unenrolled meanwhile, and skips writes that would change nothing.
+
+What it deliberately does not do: no reading of pod state of its own (the agent passes what its watch
+saw), no enrollment decisions, no status file (agent/status.py keeps writing that in every mode).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import kubernetes.client
 import urllib3.exceptions
@@ -32,10 +37,10 @@ from kubernetes.client.exceptions import ApiException
 
 from nodeagent.agent.enrollment import Status
 from nodeagent.inventory.kube import describe
+from nodeagent.model import REDIRECTION_ANNOTATION
 
 log = logging.getLogger(__name__)
 
-REDIRECTION_ANNOTATION = "ambient.istio.io/redirection"
 MERGE_PATCH = "application/merge-patch+json"
 _VALUES = {Status.ENABLED: "enabled", Status.PENDING: "pending"}
 
@@ -67,24 +72,33 @@ class PodStatusWriter:
         self._retry_max = retry_max
         self._timeout = request_timeout
         self._desired: dict[str, PodAnnotation] = {}
+        self._seen: Mapping[str, PodAnnotation] = MappingProxyType({})
         self.written: dict[str, PodAnnotation] = {}  # uid -> what the API server has (as far as we know)
         self._wake = asyncio.Event()
         self.error: str | None = None
         self.patches = 0
 
-    def publish(self, pods: Mapping[str, tuple[str, str, Status]]) -> None:
-        """The agent's current view: uid -> (namespace, name, status). Pods absent lose the annotation."""
+    def publish(
+        self, pods: Mapping[str, tuple[str, str, Status]], seen: Mapping[str, PodAnnotation] = MappingProxyType({})
+    ) -> None:
+        """The agent's current view: uid -> (namespace, name, status). Pods absent lose the annotation.
+
+        `seen`: uid -> the annotation as the pod watch shows it, for the pods whose annotation is the agent's
+        to judge; it stands for what the API server has until this writer writes the pod.
+        """
         self._desired = {
             uid: PodAnnotation(ns, name, annotation_value(status)) for uid, (ns, name, status) in pods.items()
         }
+        self._seen = seen
         self._wake.set()
 
     def _todo(self) -> dict[str, PodAnnotation]:
         desired = dict(self._desired)
-        for uid, written in self.written.items():  # pods the agent no longer holds lose the annotation
-            if uid not in desired and written.value is not None:
-                desired[uid] = PodAnnotation(written.namespace, written.name, None)
-        return {uid: a for uid, a in desired.items() if self.written.get(uid) != a}
+        known = {**self._seen, **self.written}  # our own writes are newer than what the watch showed
+        for uid, current in known.items():  # pods the agent does not hold lose the annotation
+            if uid not in desired and current.value is not None:
+                desired[uid] = PodAnnotation(current.namespace, current.name, None)
+        return {uid: a for uid, a in desired.items() if known.get(uid) != a}
 
     async def run(self) -> None:
         """The guarded task: write whatever differs, retry failures with backoff (until cancelled)."""
@@ -97,9 +111,10 @@ class PodStatusWriter:
             if not todo:
                 continue
             results = await asyncio.gather(*(self._write(uid, a, slots) for uid, a in todo.items()))
-            # Removals that are done need no memory; pods still enrolled stay remembered.
+            # Removals that are done need no memory once the watch no longer shows the pod (until then, what
+            # it shows may predate the removal); pods still enrolled stay remembered.
             for uid, a in list(self.written.items()):
-                if a.value is None and uid not in self._desired:
+                if a.value is None and uid not in self._desired and uid not in self._seen:
                     del self.written[uid]
             if all(results):
                 delay = self._retry_initial

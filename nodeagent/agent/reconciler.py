@@ -13,6 +13,13 @@ refused - fail closed). For a pod that is no longer enrolled: remove capture, De
 the fd. Status is derived, never stored: FAILED while capture is incomplete, ENABLED when the tunnel's
 ack is recorded, PENDING otherwise.
 
+Removal is careful about whose netns it touches. A departed pod's netns is the one the agent holds, not
+looked up again: its IP may already be another pod's, and the Kubernetes resolver finds netns by IP. When
+that netns is gone, only what the backend keeps by uid outside it is removed (eBPF pins). Finished pods
+are never swept (their status keeps an IP the node may have handed on), and no netns of a pod the agent
+holds or wants is ever cleaned for another pod. At start-up the backend's per-uid state of pods that no
+longer exist (deleted while the agent was down) is removed too.
+
 What it deliberately does not do: no decisions about who is enrolled (enrollment.py), no kernel details
 (capture backend), no socket of its own (the ZDS server is injected), and it never flushes or re-applies
 a pod's rules that already agree with the desired state.
@@ -89,6 +96,7 @@ class Reconciler:
         self._urgent: set[str] = set()  # dirty because something changed, not just due for verification
         self._desired: dict[str, Pod] = {}
         self._strays: dict[str, Pod] = {}  # not enrolled, maybe captured by an earlier run: remove if so
+        self._orphans: set[str] = set()  # uids the backend keeps state for whose pods no longer exist
         self.records: dict[str, PodRecord] = {}
         self._dirty: set[str] = set()
         self._workers: dict[str, asyncio.Task[None]] = {}
@@ -107,11 +115,23 @@ class Reconciler:
         self._urgent |= changed
         self._kick(changed)
 
-    def sweep(self, pods: Iterable[Pod]) -> None:
-        """Remove capture an earlier run may have left in these (not enrolled) pods; once, at start-up."""
-        strays = {p.uid: p for p in pods if p.uid not in self._desired and not p.host_network}
+    def sweep(self, pods: Iterable[Pod], node: str) -> None:
+        """Remove what an earlier run may have left; once, at start-up. `pods`: every pod the workload
+        source knows. Capture goes from `node`'s live pods that are not enrolled, and the backend's per-uid
+        state from pods that are not alive: live pods of other nodes count as alive (the lab's nodes share
+        one bpffs, and another node's pins are its own agent's)."""
+        live = {p.uid: p for p in pods if not p.terminated}
+        strays = {
+            uid: p for uid, p in live.items() if p.node == node and uid not in self._desired and not p.host_network
+        }
+        orphans = set(self._backend.kept_uids()) - set(live) - set(self._desired)
         self._strays.update(strays)
-        self._kick(set(strays))
+        self._orphans |= orphans
+        self._kick(set(strays) | orphans)
+
+    def wants(self, uid: str) -> bool:
+        """Whether the pod is one to capture (in the last set_desired)."""
+        return uid in self._desired
 
     def use_resolver(self, resolver: NetnsResolver) -> None:
         """Find pods' netns with `resolver` from now on (Kubernetes mode: by pod IP); set it before the
@@ -185,6 +205,9 @@ class Reconciler:
             await self._remove(record, slots)
         elif uid in self._strays:
             await self._remove_stray(self._strays.pop(uid), slots)
+        elif uid in self._orphans:
+            self._orphans.discard(uid)
+            await self._forget_orphan(uid, slots)
         self._on_change()
 
     async def _ensure(self, record: PodRecord, pod: Pod, slots: asyncio.Semaphore) -> None:
@@ -242,15 +265,13 @@ class Reconciler:
 
     async def _remove(self, record: PodRecord, slots: asyncio.Semaphore) -> None:
         pod = record.pod
-        netns = self._resolver.resolve(pod)
-        if netns is not None:
-            try:
-                async with slots:
-                    await self._backend.remove(pod, netns)
-            except CaptureError as exc:
-                log.error("cannot remove the capture of %s: %s; retrying with the next verify", pod.key, exc)
-                record.error = str(exc)
-                return
+        try:
+            async with slots:
+                await self._release(pod, self._netns_to_clean(record))
+        except CaptureError as exc:
+            log.error("cannot remove the capture of %s: %s; retrying with the next verify", pod.key, exc)
+            record.error = str(exc)
+            return
         await self._tunnels.delete(pod.uid)
         _close(record)
         del self.records[pod.uid]
@@ -258,18 +279,75 @@ class Reconciler:
             self.probe_changed.set()
         log.info("%s released: capture removed", pod.key)
 
+    def _netns_to_clean(self, record: PodRecord) -> str | None:
+        """The departed pod's netns: the one the agent holds while its path still names it, else none (the
+        pod is gone); looked up only when the agent never held one."""
+        if record.fd is None:
+            return self._resolver.resolve(record.pod)
+        if record.netns is not None and _inode(record.netns) == record.fd_inode:
+            return record.netns
+        return None
+
     async def _remove_stray(self, pod: Pod, slots: asyncio.Semaphore) -> None:
-        netns = self._resolver.resolve(pod)
-        if netns is None:
-            return
         try:
             async with slots:
-                removed = await self._backend.remove(pod, netns)
+                removed = await self._release(pod, self._resolver.resolve(pod))
         except CaptureError as exc:
             log.error("cannot remove the leftover capture of %s: %s", pod.key, exc)
             return
         if removed:
             log.info("%s is not enrolled: removed capture left by an earlier run", pod.key)
+
+    async def _forget_orphan(self, uid: str, slots: asyncio.Semaphore) -> None:
+        try:
+            async with slots:
+                removed = await self._backend.forget(uid)
+        except CaptureError as exc:
+            log.error("cannot remove what an earlier run kept for the deleted pod %s: %s", uid, exc)
+            return
+        if removed:
+            log.info("pod uid %s no longer exists: removed the capture state an earlier run kept for it", uid)
+
+    async def _release(self, pod: Pod, netns: str | None) -> bool:
+        """Remove `pod`'s capture: in `netns` when it is the pod's own, and always its per-uid state."""
+        owner = self._owner(pod, netns) if netns is not None else None
+        if owner is not None:
+            log.warning(
+                "not removing capture for %s: %s is the network namespace of %s, which the agent captures "
+                "(was IP %s handed on to it?)",
+                pod.key,
+                netns,
+                owner.key,
+                pod.ip,
+            )
+            netns = None
+        return await (self._backend.remove(pod, netns) if netns is not None else self._backend.forget(pod.uid))
+
+    def _owner(self, pod: Pod, netns: str) -> Pod | None:
+        """Another pod the agent holds or wants whose netns `netns` is (None: no such pod).
+
+        Held pods are matched by the inode of the netns fd the agent holds; wanted pods not held yet by
+        looking up those with `pod`'s IP (the Kubernetes resolver finds netns by IP).
+        """
+        inode = _inode(netns)
+        if inode is None:
+            return None
+        for uid, record in self.records.items():
+            if uid != pod.uid and record.fd_inode == inode:
+                return record.pod
+        for uid, wanted in self._desired.items():
+            if uid != pod.uid and pod.ip is not None and wanted.ip == pod.ip:
+                found = self._resolver.resolve(wanted)
+                if found is not None and _inode(found) == inode:
+                    return wanted
+        return None
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
 
 
 def _close(record: PodRecord) -> None:

@@ -204,9 +204,9 @@ class Agent:
         desired = desired_pods(inventory, node, self.config.excluded_namespaces)
         log.info("inventory loaded: %d pods on %s, %d enrolled", len(inventory.pods_on(node)), node, len(desired))
         self.reconciler.set_desired(desired)
-        if not self._swept:  # capture left by an earlier run in pods that are no longer enrolled
+        if not self._swept:  # capture an earlier run left in pods no longer enrolled, or of pods deleted since
             self._swept = True
-            self.reconciler.sweep(inventory.pods_on(node))
+            self.reconciler.sweep(inventory.pods, node)
         self._status_changed()
 
     def _snapshot(self) -> list[tuple[Any, int | None]]:

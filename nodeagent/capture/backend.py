@@ -1,13 +1,19 @@
 """The capture backend interface: what the agent asks of "capture", whatever implements it.
 
 Why this module exists: the agent enrolls pods the same way whether their TCP is captured with iptables
-(nodeagent.capture.iptables) or, later, with eBPF programs. It only needs four verbs, each about one
-pod's network namespace (a path to a netns file) and each idempotent:
+(nodeagent.capture.iptables) or with eBPF programs (nodeagent.capture.ebpf). It needs four verbs, each
+about one pod's network namespace (a path to a netns file) and each idempotent:
 
     install(pod, netns) -> drift repaired     read the kernel, repair what differs, touch nothing that agrees
     remove(pod, netns)  -> removed anything   delete every object the backend owns there
     inspect(netns)      -> CaptureState       every owned kernel object, listed, plus the drift
     verify(netns)       -> drift              the drift alone; empty means capture is complete
+
+and two about what a backend may keep for a pod outside its netns, by pod uid (eBPF: the pinned programs,
+maps and links), which must not outlive the pod when its netns is gone before the agent looks:
+
+    forget(uid)         -> removed anything   delete that per-uid state (no netns needed)
+    kept_uids()         -> uids               the pods with such state, whichever run of the agent left it
 
 What it deliberately does not do: no implementation, no pod bookkeeping, no status - the agent decides
 enabled / pending from the tunnel's acks, and a backend only reports the kernel's truth.
@@ -52,3 +58,7 @@ class CaptureBackend(Protocol):
     async def inspect(self, netns: str) -> CaptureState: ...
 
     async def verify(self, netns: str) -> tuple[str, ...]: ...
+
+    async def forget(self, uid: str) -> bool: ...
+
+    def kept_uids(self) -> tuple[str, ...]: ...

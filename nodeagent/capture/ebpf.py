@@ -1,4 +1,4 @@
-"""The eBPF capture backend: the same four verbs as the iptables one, carried out with pinned BPF programs.
+"""The eBPF capture backend: the same verbs as the iptables one, carried out with pinned BPF programs.
 
 Why this module exists: the agent enrolls pods through `CaptureBackend`; this adapts nodeagent.ebpf (which
 knows programs, pins and links but nothing about pods) to it. For a pod it needs two kernel handles: the
@@ -9,6 +9,10 @@ install() is "ensure": it reads the pins and the kernel's attachments first and 
 so a restarted agent adopts the previous run's programs without recompiling or re-attaching, and a
 program detached by hand is re-attached on the next verify (the agent verifies every few seconds).
 There is no rule in the pod's iptables or nft tables in this mode.
+
+The pins are kept by pod uid under /sys/fs/bpf/nodeagent/<uid>/, not in the pod's netns, so they outlive
+a deleted pod unless removed: forget(uid) removes them once the netns is gone, and kept_uids() lists
+them for the agent's start-up sweep of pods deleted while it was down.
 
 Two non-BPF objects complete it, for the tunnel's connections to the app from the client's IP
 (IP_TRANSPARENT): the sysctl net.ipv4.tcp_fwmark_accept=1 in the pod (the app's socket takes the mark of
@@ -166,6 +170,22 @@ class EbpfBackend:
             return await asyncio.to_thread(work)
         except (loader.EbpfUnavailable, OSError) as exc:
             raise CaptureError(f"pod {pod.key}: {exc}") from None
+
+    async def forget(self, uid: str) -> bool:
+        """Detach and unpin the programs of a pod whose netns is gone (the sysctl and routing went with it)."""
+        self._pods = {netns: pod for netns, pod in self._pods.items() if pod.uid != uid}
+
+        def work() -> bool:
+            with _kernel_lock:
+                return loader.remove(uid, self.pin_root)
+
+        try:
+            return await asyncio.to_thread(work)
+        except (loader.EbpfUnavailable, OSError) as exc:
+            raise CaptureError(f"pod uid {uid}: {exc}") from None
+
+    def kept_uids(self) -> tuple[str, ...]:
+        return pins.pinned_uids(self.pin_root)
 
     async def inspect_pod(self, pod: Pod, netns: str) -> CaptureState:
         def work() -> CaptureState:

@@ -229,6 +229,14 @@ class IptablesBackend:
     async def verify(self, netns: str) -> tuple[str, ...]:
         return (await self.inspect(netns)).drift
 
+    async def forget(self, uid: str) -> bool:
+        """Nothing to do: every rule and route of this mode lives in the pod's netns and goes with it."""
+        return False
+
+    def kept_uids(self) -> tuple[str, ...]:
+        """None: this mode keeps nothing per pod outside the pod's netns."""
+        return ()
+
 
 class ProbeBypass:
     """The node's kubelet-probe SNAT chain (NODEAGENT_POSTRT), in `netns` (None: the agent's own, the node)."""

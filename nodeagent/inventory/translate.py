@@ -6,7 +6,8 @@ same `Inventory` and `PolicySet` the local YAML source produces, so the agent, t
 know which source fed them. Keeping the translation free of I/O lets a table of plain dicts test it.
 
 Rules applied:
-- Pod: metadata.{name,namespace,uid,labels}; spec.nodeName (empty: not scheduled yet), spec.hostNetwork,
+- Pod: metadata.{name,namespace,uid,labels}, the agent's own `ambient.istio.io/redirection` annotation
+  (so a restarted agent can correct it); spec.nodeName (empty: not scheduled yet), spec.hostNetwork,
   spec.serviceAccountName (Kubernetes' default is `default`); status.podIP (the IPv4 one of podIPs when
   the pod is dual-stack; none yet is fine); status.phase (missing -> Pending; `Unknown` -> Running, so a
   node that lost contact never unenrolls its pods).
@@ -36,6 +37,7 @@ from typing import Any
 from nodeagent.inventory.policies import PolicyError, parse_policies
 from nodeagent.model import (
     DEFAULT_TRUST_DOMAIN,
+    REDIRECTION_ANNOTATION,
     Inventory,
     Namespace,
     Node,
@@ -112,6 +114,9 @@ def pod(obj: Mapping[str, Any]) -> Pod:
     if not isinstance(node, str):
         raise TranslateError(f"{where}: spec.nodeName must be a string")
     account = spec.get("serviceAccountName") or spec.get("serviceAccount") or DEFAULT_SERVICE_ACCOUNT
+    redirection = _mapping(meta.get("annotations"), f"{where}: metadata.annotations").get(REDIRECTION_ANNOTATION)
+    if redirection is not None and not isinstance(redirection, str):
+        raise TranslateError(f"{where}: metadata.annotations[{REDIRECTION_ANNOTATION}] must be a string")
     return Pod(
         name=_string(meta.get("name"), f"{where}: metadata.name"),
         namespace=namespace,
@@ -122,6 +127,7 @@ def pod(obj: Mapping[str, Any]) -> Pod:
         labels=_labels(meta.get("labels"), f"{where}: metadata.labels"),
         host_network=host_network,
         phase=phase,
+        redirection=redirection,
     )
 
 

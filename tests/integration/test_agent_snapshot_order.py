@@ -47,6 +47,12 @@ class SlowCapture:
     async def verify(self, netns: str) -> tuple[str, ...]:
         return ()
 
+    async def forget(self, uid: str) -> bool:
+        return False
+
+    def kept_uids(self) -> tuple[str, ...]:
+        return ()
+
 
 class NoProbes:
     def __init__(self, *args: object) -> None:

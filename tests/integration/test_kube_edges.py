@@ -2,6 +2,7 @@
 
 - agent/kube_agent.KubeWorkloads: hands over this node's pods (and namespaces) only after a full sync;
 - agent/kube_status.PodStatusWriter: ambient.istio.io/redirection via pods/status, UID-guarded, retried;
+  and a restarted agent (agent/kube_agent.KubeAgent) corrects the annotations an earlier run left;
 - ca/kube.kubernetes_edges + TokenReview: a token bound to a pod on node 1 cannot get an identity that only
   runs on node 2;
 - `nodeagent enroll|unenroll`: the namespace label and the summary of pods that change.
@@ -20,13 +21,16 @@ import pytest
 from identity_support import NODE_AGENT, TD, make_csr, start_ca
 from kube_standin import KubeStandIn, namespace, pod
 
+from nodeagent.agent import service
 from nodeagent.agent.enrollment import Status, desired_pods
-from nodeagent.agent.kube_agent import KubeWorkloads
+from nodeagent.agent.kube_agent import KubeAgent, KubeSettings, KubeWorkloads
 from nodeagent.agent.kube_status import REDIRECTION_ANNOTATION, PodStatusWriter
 from nodeagent.ca.client import CAClient, CARequestError
 from nodeagent.ca.kube import kubernetes_edges
+from nodeagent.capture.backend import CaptureState
+from nodeagent.capture.iptables import Flavour
 from nodeagent.cli import main
-from nodeagent.model import Identity, Inventory
+from nodeagent.model import Identity, Inventory, Pod
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
 
@@ -100,8 +104,8 @@ async def test_kube_workloads_keep_state_when_the_api_fails(api: KubeStandIn) ->
 # --- agent: pod status ---------------------------------------------------------------------------------
 
 
-def annotation(api: KubeStandIn, name: str) -> str | None:
-    obj = api.get("Pod", name, "shop")
+def annotation(api: KubeStandIn, name: str, ns: str = "shop") -> str | None:
+    obj = api.get("Pod", name, ns)
     assert obj is not None
     return (obj["metadata"].get("annotations") or {}).get(REDIRECTION_ANNOTATION)
 
@@ -136,6 +140,85 @@ async def test_pod_status_writer(api: KubeStandIn) -> None:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+class Capture:
+    """A capture backend that always succeeds: what is under test is the pod status around it."""
+
+    name = "fake"
+
+    async def install(self, pod: Pod, netns: str) -> tuple[str, ...]:
+        return ()
+
+    async def remove(self, pod: Pod, netns: str) -> bool:
+        return False
+
+    async def inspect(self, netns: str) -> CaptureState:
+        return CaptureState(self.name, ("captured",), ())
+
+    async def verify(self, netns: str) -> tuple[str, ...]:
+        return ()
+
+    async def forget(self, uid: str) -> bool:
+        return False
+
+    def kept_uids(self) -> tuple[str, ...]:
+        return ()
+
+
+class NoProbes:
+    def __init__(self, *args: object) -> None:
+        pass
+
+    async def ensure(self, pods: object) -> tuple[str, ...]:
+        return ()
+
+    async def remove(self) -> bool:
+        return False
+
+
+@pytest.mark.timeout(60)
+async def test_a_restarted_agent_corrects_the_annotations_an_earlier_run_left(
+    api: KubeStandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pods unenrolled while no agent ran still say `enabled` (istio#61182's lie) until an agent reads the
+    annotation back: the new agent removes it from every pod of its node that is not enrolled, and makes
+    an enrolled pod's agree with its status (here pending: no tunnel)."""
+    monkeypatch.setattr(service, "IptablesBackend", lambda iptables: Capture())
+    monkeypatch.setattr(service, "ProbeBypass", NoProbes)
+    stale = {REDIRECTION_ANNOTATION: "enabled"}
+    api.apply(namespace("shop", AMBIENT))
+    api.apply(namespace("legacy"))
+    api.apply(pod("web-1", "shop", "node1", "10.1.0.5", sa="web", uid="uid-web-1", annotations=stale))
+    api.apply(
+        pod("opt-out", "shop", "node1", "10.1.0.7", labels={"istio.io/dataplane-mode": "none"}, annotations=stale)
+    )
+    api.apply(pod("batch", "legacy", "node1", "10.1.0.8", annotations=stale))
+    api.apply(pod("job", "shop", "node1", "10.1.0.9", phase="Succeeded", annotations=stale))
+    netns_dir = tmp_path / "netns"
+    netns_dir.mkdir()
+    (netns_dir / "na-node1.shop.web-1").touch()  # the resolver only needs a file to hold open
+    config = service.AgentConfig(
+        node="node1", inventory=tmp_path / "unused.yaml", zds_socket=str(tmp_path / "zds.sock"),
+        state_dir=tmp_path / "state", netns_dir=str(netns_dir), verify_interval=600,
+    )  # fmt: skip
+    settings = KubeSettings(client=api.api_client, netns="pattern", admin=None)
+    agent = KubeAgent(config, Flavour.NFT, settings=settings)
+    stop = asyncio.Event()
+    running = asyncio.ensure_future(agent.run(stop))
+    try:
+        await until(lambda: annotation(api, "web-1") == "pending", 10)
+        await until(
+            lambda: (
+                [annotation(api, "opt-out"), annotation(api, "job"), annotation(api, "batch", "legacy")] == [None] * 3
+            )
+        )
+        await asyncio.sleep(0.3)  # the watch brings the agent's own writes back: they must not be written again
+        assert sorted(path.split("/")[-2] for path, _ in api.patches) == ["batch", "job", "opt-out", "web-1"]
+        assert annotation(api, "web-2") is None  # another node's pod is never touched
+    finally:
+        stop.set()
+        assert await running == 0
 
 
 # --- CA: TokenReview + pods of the caller's node ------------------------------------------------------------

@@ -152,6 +152,12 @@ class Inventory:
         ns["labels"] = dict(AMBIENT) if enrolled else {}
         self.write()
 
+    def delete_pod(self, key: str) -> None:
+        """The pod is deleted as the kubelet does it: its sandbox (the netns) goes, then the pod object."""
+        sh("ip", "netns", "delete", netns_of(key))
+        self.data["pods"] = [p for p in self.data["pods"] if f"{p['namespace']}/{p['name']}" != key]
+        self.write()
+
 
 class Agent:
     def __init__(self, node: str, tmp: Path, inventory: Path, capture: str, extra: list[str]) -> None:
@@ -575,3 +581,55 @@ def test_status_is_pending_without_a_tunnel_and_enabled_once_one_acks(
         tunnel.wait()
     wait_for("pending again", lambda: agent.pod_status() == {"shop/frontend": "pending", "shop/payments": "pending"})
     assert captured(capture, "shop/frontend")  # the status changed, the kernel did not
+
+
+def bpf_gone(key: str, links: dict[str, tuple[int, int, str]]) -> bool:
+    """No pin of the pod's uid, no program on its cgroup, and none of its former `links` left in the kernel."""
+    alive = {link["id"] for link in oracles.bpftool("link", "show")}
+    cgroup = oracles.pod_cgroup(NODE_OF[key], key)
+    return (
+        not oracles.pins(oracles.pod_uid(key))
+        and not oracles.cgroup_progs(cgroup)
+        and not ({link_id for link_id, _, _ in links.values()} & alive)
+    )
+
+
+@pytest.mark.parametrize("capture", ["ebpf"])
+def test_a_deleted_pods_pins_go_though_its_netns_went_first(
+    inventory: Inventory, start_agent: Callable[..., Agent], capture: str
+) -> None:
+    """eBPF state lives under the pod's uid in bpffs, not in its netns: when the netns is already gone as
+    the pod leaves the inventory, the agent must still unpin and detach it."""
+    agent = start_agent("node1")
+    for key in ("shop/frontend", "shop/payments"):
+        wait_for(f"{key} captured", lambda key=key: captured(capture, key))
+    links = bpf_links("shop/frontend")
+    assert len(links) == 3
+
+    inventory.delete_pod("shop/frontend")
+    wait_for("frontend's BPF objects removed", lambda: bpf_gone("shop/frontend", links))
+    wait_for("status without frontend", lambda: agent.pod_status() == {"shop/payments": "pending"})
+    assert captured(capture, "shop/payments")
+    assert "ERROR" not in agent.log()
+
+
+@pytest.mark.parametrize("capture", ["ebpf"])
+def test_the_pins_of_a_pod_deleted_while_the_agent_was_down_go_at_its_start(
+    inventory: Inventory, start_agent: Callable[..., Agent], capture: str
+) -> None:
+    """The start-up sweep: pins whose uid is no live pod's are removed; those of live pods stay untouched,
+    including another node's (the lab's nodes share one bpffs)."""
+    agents = [start_agent("node1"), start_agent("node2")]
+    for key in ("shop/frontend", "shop/payments", "shop/checkout"):
+        wait_for(f"{key} captured", lambda key=key: captured(capture, key))
+    links = bpf_links("shop/payments")
+    before = {key: kernel_objects(capture, key) for key in ("shop/frontend", "shop/checkout")}
+
+    assert agents[0].stop(signal.SIGKILL) == -signal.SIGKILL
+    inventory.delete_pod("shop/payments")
+    assert oracles.pins(oracles.pod_uid("shop/payments"))  # nobody was there to remove them
+    agents[0].start()
+    wait_for("payments' BPF objects removed", lambda: bpf_gone("shop/payments", links))
+    assert {key: kernel_objects(capture, key) for key in before} == before
+    assert captured(capture, "shop/frontend") and captured(capture, "shop/checkout")
+    assert all("ERROR" not in agent.log() for agent in agents)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -82,6 +83,7 @@ class FakeBackend:
         self.fail: str | None = None
         self.active: dict[str, int] = {}
         self.max_parallel_per_netns: dict[str, int] = {}
+        self.pinned: set[str] = set()  # uids with state outside their netns (what eBPF pins are)
 
     async def install(self, pod: Pod, netns: str) -> tuple[str, ...]:
         self.calls.append(("install", pod.key))
@@ -93,11 +95,22 @@ class FakeBackend:
             raise CaptureError(self.fail)
         repaired = () if self.kernel.get(netns) else ("rules missing",)
         self.kernel[netns] = True
+        self.pinned.add(pod.uid)
         return repaired
 
     async def remove(self, pod: Pod, netns: str) -> bool:
         self.calls.append(("remove", pod.key))
+        self.pinned.discard(pod.uid)
         return self.kernel.pop(netns, False)
+
+    async def forget(self, uid: str) -> bool:
+        self.calls.append(("forget", uid))
+        removed = uid in self.pinned
+        self.pinned.discard(uid)
+        return removed
+
+    def kept_uids(self) -> tuple[str, ...]:
+        return tuple(sorted(self.pinned))
 
     async def inspect(self, netns: str) -> CaptureState:
         raise AssertionError("the reconciler never inspects")
@@ -211,11 +224,119 @@ async def test_a_pod_without_netns_waits_and_a_stray_capture_is_removed(netns_di
     ]
     inv = inventory({}, pods)
     rec.set_desired(desired_pods(inv, "node1"))
-    rec.sweep(inv.pods_on("node1"))
+    rec.sweep(inv.pods, "node1")
     await rec.wait_idle()
     assert backend.kernel == {str(netns_dir / "shop.a"): True}  # b was not enrolled: its capture removed
     gone = next(r for r in rec.records.values() if r.pod.name == "gone")
     assert gone.error is not None and "no network namespace" in gone.error
+    await rec.close()
+
+
+def uid_of(inv: Inventory, key: str) -> str:
+    return inv.pod(key).uid
+
+
+async def test_a_deleted_pod_loses_its_per_uid_state_though_its_netns_is_gone(netns_dir: Path) -> None:
+    """eBPF pins are keyed by pod uid, not netns: they must go with the pod even when its netns went first."""
+    backend, tunnels = FakeBackend(), FakeTunnels(connected=False)
+    rec = Reconciler(backend, Resolver(netns_dir), tunnels, on_change=lambda: None)
+    inv = inventory(AMBIENT)
+    rec.set_desired(desired_pods(inv, "node1"))
+    await rec.wait_idle()
+    a, b = uid_of(inv, "shop/a"), uid_of(inv, "shop/b")
+    assert backend.pinned == {a, b}
+
+    (netns_dir / "shop.a").unlink()  # the pod is deleted: its sandbox (and netns file) first
+    rec.set_desired({b: inv.pod("shop/b")})
+    await rec.wait_idle()
+    assert backend.pinned == {b} and ("forget", a) in backend.calls
+    assert set(rec.records) == {b} and tunnels.deleted == [a]
+    await rec.close()
+
+
+async def test_the_start_up_sweep_forgets_the_state_of_pods_no_longer_alive(netns_dir: Path) -> None:
+    backend = FakeBackend()
+    pods = [
+        {"name": "a", "namespace": "shop", "node": "node1", "service_account": "a", "labels": AMBIENT},
+        {"name": "b", "namespace": "shop", "node": "node1", "service_account": "b"},  # alive, not enrolled
+        {"name": "c", "namespace": "shop", "node": "node2", "service_account": "c", "labels": AMBIENT},
+        {"name": "job", "namespace": "shop", "node": "node1", "service_account": "j", "phase": "Succeeded"},
+    ]
+    inv = inventory({}, pods)
+    a, b, c, job = (uid_of(inv, f"shop/{name}") for name in ("a", "b", "c", "job"))
+    backend.pinned = {a, b, c, job, "uid-of-a-deleted-pod"}  # left by the previous run
+    rec = Reconciler(backend, Resolver(netns_dir), FakeTunnels(connected=False), on_change=lambda: None)
+    rec.set_desired(desired_pods(inv, "node1"))
+    rec.sweep(inv.pods, "node1")
+    await rec.wait_idle()
+    # b's capture is removed as a stray's; the finished job and the deleted pod are forgotten; c runs on
+    # another node (whose agent owns its state: the lab's nodes share one bpffs)
+    assert backend.pinned == {a, c}
+    assert ("forget", job) in backend.calls and ("forget", "uid-of-a-deleted-pod") in backend.calls
+    await rec.close()
+
+
+class IpResolver:
+    """Finds a netns by pod IP, whatever the pod's phase (the Kubernetes resolver's way of looking)."""
+
+    def __init__(self, by_ip: dict[str, Path]) -> None:
+        self.by_ip = by_ip
+
+    def resolve(self, pod: Pod) -> str | None:
+        path = self.by_ip.get(str(pod.ip))
+        return str(path) if path is not None and path.exists() else None
+
+
+def reused_ip_inventory(phase: str) -> Inventory:
+    """Enrolled pod b holds the IP that `old` (a pod of `phase`, not enrolled) still shows."""
+    inv = inventory(
+        {},
+        [
+            {"name": "b", "namespace": "shop", "node": "node1", "service_account": "b", "labels": AMBIENT},
+            {"name": "old", "namespace": "shop", "node": "node1", "service_account": "o", "phase": phase},
+        ],
+    )
+    b, old = inv.pod("shop/b"), inv.pod("shop/old")
+    return dataclasses.replace(inv, pods=(b, dataclasses.replace(old, ip=b.ip)))
+
+
+def by_b_ip(inv: Inventory, netns: Path) -> IpResolver:
+    return IpResolver({str(inv.pod("shop/b").ip): netns})
+
+
+async def test_the_sweep_never_resolves_a_finished_pod_whose_ip_an_enrolled_pod_now_holds(netns_dir: Path) -> None:
+    backend = FakeBackend()
+    inv = reused_ip_inventory("Succeeded")
+    rec = Reconciler(backend, by_b_ip(inv, netns_dir / "shop.b"), FakeTunnels(False), on_change=lambda: None)
+    rec.set_desired(desired_pods(inv, "node1"))
+    rec.sweep(inv.pods, "node1")
+    await rec.wait_idle()
+    assert backend.kernel == {str(netns_dir / "shop.b"): True}
+    assert ("remove", "shop/old") not in backend.calls
+    await rec.close()
+
+
+@pytest.mark.parametrize("held", [True, False], ids=["held", "wanted"])
+async def test_capture_is_never_removed_from_the_netns_of_an_enrolled_pod(
+    netns_dir: Path, caplog: pytest.LogCaptureFixture, held: bool
+) -> None:
+    """Defence in depth: a live pod's stale IP (or any resolver mistake) leads to enrolled b's netns."""
+    b_netns = netns_dir / "shop.b"
+    backend = FakeBackend()
+    inv = reused_ip_inventory("Running")
+    rec = Reconciler(backend, by_b_ip(inv, b_netns), FakeTunnels(False), on_change=lambda: None)
+    if not held:  # b is wanted but not held yet: its netns appears after its first look
+        b_netns.unlink()
+    rec.set_desired(desired_pods(inv, "node1"))
+    await rec.wait_idle()
+    if not held:
+        b_netns.touch()
+        backend.kernel[str(b_netns)] = True  # say an earlier run captured it
+    rec.sweep(inv.pods, "node1")
+    await rec.wait_idle()
+    assert backend.kernel == {str(b_netns): True}
+    assert ("remove", "shop/old") not in backend.calls
+    assert f"{b_netns} is the network namespace of shop/b" in caplog.text
     await rec.close()
 
 

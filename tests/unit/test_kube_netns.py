@@ -1,12 +1,15 @@
-"""agent/kube_netns: a pod's IPs from a fib_trie dump, and the IP -> netns mapping (pure)."""
+"""agent/kube_netns: a pod's IPs from a fib_trie dump, the IP -> netns mapping (pure), and the resolver over a
+stand-in /proc."""
 
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 import pytest
 
-from nodeagent.agent.kube_netns import NetnsSighting, local_ipv4s, map_addresses
+from nodeagent.agent.kube_netns import NetnsSighting, ProcNetnsResolver, local_ipv4s, map_addresses
+from nodeagent.model import Pod, PodPhase
 
 FIB_TRIE = """Main:
   +-- 0.0.0.0/0 3 0 5
@@ -81,3 +84,21 @@ def test_map_addresses(
     by_ip, twice = map_addresses([NetnsSighting(i, p, trie(*ips)) for i, p, ips in sightings], frozenset(exclude))
     assert {str(ip): path for ip, path in by_ip.items()} == mapped
     assert {str(ip) for ip in twice} == ambiguous
+
+
+def test_a_finished_pod_is_never_resolved_to_the_netns_that_holds_its_old_ip(tmp_path: Path) -> None:
+    """A Succeeded/Failed pod keeps its podIP in its status after its sandbox is gone; the node may have
+    handed that IP to a live pod, whose netns must not be taken for the finished pod's."""
+    proc = tmp_path / "proc"
+    (proc / "1" / "ns").mkdir(parents=True)
+    (proc / "1" / "ns" / "net").touch()  # the host's (a file with its own inode stands for a netns)
+    (proc / "42" / "ns").mkdir(parents=True)
+    (proc / "42" / "net").mkdir()
+    (proc / "42" / "ns" / "net").touch()
+    (proc / "42" / "net" / "fib_trie").write_text(trie("10.42.0.17"))
+    resolver = ProcNetnsResolver(proc=str(proc), netns_dir=str(tmp_path / "netns"))
+    ip = ipaddress.IPv4Address("10.42.0.17")
+    live = Pod("web", "shop", "uid-web", "node1", "web", ip)
+    assert resolver.resolve(live) == str(proc / "42" / "ns" / "net")
+    for phase in (PodPhase.SUCCEEDED, PodPhase.FAILED):
+        assert resolver.resolve(Pod("job", "shop", f"uid-job-{phase.value}", "node1", "job", ip, phase=phase)) is None

@@ -47,6 +47,8 @@ def _pod(**over: Any) -> dict[str, Any]:
         ({"status__phase": "Succeeded"}, "phase", PodPhase.SUCCEEDED),
         ({"spec__nodeName": None}, "node", ""),
         ({}, "uid", "u-1"),
+        ({}, "redirection", None),
+        ({"metadata__annotations": {"ambient.istio.io/redirection": "enabled", "x": "y"}}, "redirection", "enabled"),
     ],
 )
 def test_pod_fields(over: dict[str, Any], field: str, expected: object) -> None:
@@ -68,11 +70,18 @@ def test_pod_labels_are_frozen_strings() -> None:
         ({"spec__hostNetwork": "yes"}, "spec.hostNetwork"),
         ({"metadata__uid": None}, "metadata.uid"),
         ({"metadata__labels": {"a": 1}}, "metadata.labels"),
+        ({"metadata__annotations": {"ambient.istio.io/redirection": True}}, "metadata.annotations"),
     ],
 )
 def test_bad_pods_name_the_field(over: dict[str, Any], message: str) -> None:
     with pytest.raises(translate.TranslateError, match=message):
         translate.pod(_pod(**over))
+
+
+def test_the_redirection_annotation_is_read_but_does_not_make_the_pod_differ() -> None:
+    """The agent's own status writes come back through the watch; they must not look like a pod change."""
+    annotated = translate.pod(_pod(metadata__annotations={"ambient.istio.io/redirection": "pending"}))
+    assert annotated.redirection == "pending" and annotated == translate.pod(_pod())
 
 
 def test_namespace_and_enrollment() -> None:
