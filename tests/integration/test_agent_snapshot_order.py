@@ -17,52 +17,16 @@ import shutil
 from pathlib import Path
 
 import pytest
+from agent_fakes import FakeCapture, NoProbes
 
 from nodeagent.agent import service
-from nodeagent.capture.backend import CaptureState
 from nodeagent.capture.iptables import Flavour
 from nodeagent.lab.cluster import DEFAULT_TOPOLOGY
-from nodeagent.model import Pod, pod_uid
+from nodeagent.model import pod_uid
 from nodeagent.zds.codec import Workload
 from nodeagent.ztunnel.zds_client import Backoff, ZdsClient
 
 NODE1_PODS = ("shop/frontend", "shop/payments")
-
-
-class SlowCapture:
-    """A capture backend whose install takes a while, like eBPF adoption on a loaded node."""
-
-    name = "slow"
-
-    async def install(self, pod: Pod, netns: str) -> tuple[str, ...]:
-        await asyncio.sleep(0.3)
-        return ()
-
-    async def remove(self, pod: Pod, netns: str) -> bool:
-        return False
-
-    async def inspect(self, netns: str) -> CaptureState:
-        return CaptureState(self.name, ("slow capture",), ())
-
-    async def verify(self, netns: str) -> tuple[str, ...]:
-        return ()
-
-    async def forget(self, uid: str) -> bool:
-        return False
-
-    def kept_uids(self) -> tuple[str, ...]:
-        return ()
-
-
-class NoProbes:
-    def __init__(self, *args: object) -> None:
-        pass
-
-    async def ensure(self, pods: object) -> tuple[str, ...]:
-        return ()
-
-    async def remove(self) -> bool:
-        return False
 
 
 class Tunnel:
@@ -90,7 +54,7 @@ class Tunnel:
 async def test_a_tunnel_connecting_during_the_first_pass_gets_every_pod(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(service, "IptablesBackend", lambda iptables: SlowCapture())
+    monkeypatch.setattr(service, "IptablesBackend", lambda iptables: FakeCapture(install_delay=0.3))
     monkeypatch.setattr(service, "ProbeBypass", NoProbes)
     inventory = tmp_path / "inventory.yaml"
     shutil.copy(DEFAULT_TOPOLOGY, inventory)

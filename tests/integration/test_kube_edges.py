@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
+from agent_fakes import FakeCapture, NoProbes
 from identity_support import NODE_AGENT, TD, make_csr, start_ca
 from kube_standin import KubeStandIn, namespace, pod
 
@@ -27,10 +28,9 @@ from nodeagent.agent.kube_agent import KubeAgent, KubeSettings, KubeWorkloads
 from nodeagent.agent.kube_status import REDIRECTION_ANNOTATION, PodStatusWriter
 from nodeagent.ca.client import CAClient, CARequestError
 from nodeagent.ca.kube import kubernetes_edges
-from nodeagent.capture.backend import CaptureState
 from nodeagent.capture.iptables import Flavour
 from nodeagent.cli import main
-from nodeagent.model import Identity, Inventory, Pod
+from nodeagent.model import Identity, Inventory
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
 
@@ -142,41 +142,6 @@ async def test_pod_status_writer(api: KubeStandIn) -> None:
         await asyncio.gather(task, return_exceptions=True)
 
 
-class Capture:
-    """A capture backend that always succeeds: what is under test is the pod status around it."""
-
-    name = "fake"
-
-    async def install(self, pod: Pod, netns: str) -> tuple[str, ...]:
-        return ()
-
-    async def remove(self, pod: Pod, netns: str) -> bool:
-        return False
-
-    async def inspect(self, netns: str) -> CaptureState:
-        return CaptureState(self.name, ("captured",), ())
-
-    async def verify(self, netns: str) -> tuple[str, ...]:
-        return ()
-
-    async def forget(self, uid: str) -> bool:
-        return False
-
-    def kept_uids(self) -> tuple[str, ...]:
-        return ()
-
-
-class NoProbes:
-    def __init__(self, *args: object) -> None:
-        pass
-
-    async def ensure(self, pods: object) -> tuple[str, ...]:
-        return ()
-
-    async def remove(self) -> bool:
-        return False
-
-
 @pytest.mark.timeout(60)
 async def test_a_restarted_agent_corrects_the_annotations_an_earlier_run_left(
     api: KubeStandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -184,7 +149,7 @@ async def test_a_restarted_agent_corrects_the_annotations_an_earlier_run_left(
     """Pods unenrolled while no agent ran still say `enabled` (istio#61182's lie) until an agent reads the
     annotation back: the new agent removes it from every pod of its node that is not enrolled, and makes
     an enrolled pod's agree with its status (here pending: no tunnel)."""
-    monkeypatch.setattr(service, "IptablesBackend", lambda iptables: Capture())
+    monkeypatch.setattr(service, "IptablesBackend", lambda iptables: FakeCapture())
     monkeypatch.setattr(service, "ProbeBypass", NoProbes)
     stale = {REDIRECTION_ANNOTATION: "enabled"}
     api.apply(namespace("shop", AMBIENT))
