@@ -264,7 +264,9 @@ class HboneProtocol(asyncio.BufferedProtocol):
         self.closed_callbacks: list[Callable[[HboneProtocol], None]] = [on_closed] if on_closed else []
         self._on_idle = on_idle
         self._timer: asyncio.TimerHandle | None = None
-        self._deadline = 0.0  # when _timer fires
+        # When _timer fires, as asked: uvloop's TimerHandle.when() is rounded to the millisecond (up, too),
+        # so comparing the core's deadline with it would reschedule the timer on every read.
+        self._deadline = 0.0
         self._flush_pending = False
         self._reading = False  # inside buffer_updated: writes wait for its end
         self._pending_resets: dict[int, int] = {}  # stream -> error code, sent once its queue is framed
