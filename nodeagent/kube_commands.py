@@ -38,7 +38,6 @@ from nodeagent.model import (
     DEFAULT_EXCLUDED_NAMESPACES,
     Namespace,
     Pod,
-    PodPhase,
     enrolled,
 )
 
@@ -110,7 +109,7 @@ def _why(pod: Pod, after: bool, excluded: frozenset[str]) -> str:
         return "hostNetwork pods are never captured"
     if pod.namespace in excluded:
         return "namespace is excluded from the mesh"
-    if pod.phase in (PodPhase.SUCCEEDED, PodPhase.FAILED):
+    if pod.terminated:
         return f"pod has finished ({pod.phase.value})"
     if mode == DATAPLANE_MODE_NONE:
         return f"pod opts out ({DATAPLANE_MODE_LABEL}={DATAPLANE_MODE_NONE})"

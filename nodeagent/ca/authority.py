@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from nodeagent.model import Identity, IdentityError, Pod, PodPhase
+from nodeagent.model import Identity, IdentityError, Pod
 
 ROOT_VALIDITY = dt.timedelta(days=3650)
 DEFAULT_TTL = dt.timedelta(hours=24)
@@ -444,9 +444,6 @@ def parse_impersonated(text: str) -> Identity:
         raise AuthorizationError(Reason.BAD_IMPERSONATED_IDENTITY, f"{IMPERSONATED_IDENTITY_KEY}: {exc}") from exc
 
 
-_TERMINATED = (PodPhase.FAILED, PodPhase.SUCCEEDED)
-
-
 def authorize(
     caller: Caller,
     requested: Identity | None,
@@ -480,7 +477,7 @@ def authorize(
             and p.namespace == caller.identity.namespace
             and p.uid == caller.pod_uid
             and p.service_account == caller.identity.service_account
-            and p.phase not in _TERMINATED
+            and not p.terminated
         ]
         if not own:
             raise AuthorizationError(
@@ -499,7 +496,7 @@ def authorize(
         if (
             pod.namespace == requested.namespace
             and pod.service_account == requested.service_account
-            and pod.phase not in _TERMINATED
+            and not pod.terminated
         ):
             return requested
     raise AuthorizationError(
