@@ -10,8 +10,10 @@ bytes: `receive_data(bytes) -> events`, `data_to_send() -> bytes` (or `data_to_w
 What it deliberately does not do: no sockets, TLS, clocks or logging (the caller passes `now`); no policy
 or upstream connects — the server role reports a validated `StreamOpened` and the caller answers it with
 `accept()` (200) or `reject(401 | 503)`; only the 400 cases are answered here. It does not pool
-connections (pool.py). A GOAWAY in either direction ends the connection for h2, so graceful drain is
-"stop opening streams, then close", decided by the caller.
+connections (pool.py). Graceful shutdown (RFC 9113 6.8) is handled here, not by h2, which ends the
+connection on any GOAWAY (python-hyper/h2#1181): a peer's GOAWAY(NO_ERROR) is kept from h2 by the
+reader and reported as `GoingAway` — the streams it covers carry on, ours above it are refused — and
+`go_away()` sends one; a GOAWAY with an error code still ends the connection at once.
 
 How it uses h2 (4.4), and why in these places:
 - h2's receive path calls `repr(frame)` for every frame and hyperframe's repr hex-encodes the whole payload
@@ -90,6 +92,7 @@ KiB = 1 << 10
 
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _FRAME_HEADER = struct.Struct(">HBBBL")  # 24-bit length split as 16+8, type, flags, stream id
+_GOAWAY_BODY = struct.Struct(">LL")  # last stream id, error code (no debug data)
 _DATA, _HEADERS, _PRIORITY, _RST_STREAM, _SETTINGS, _PUSH_PROMISE, _PING, _GOAWAY, _WINDOW_UPDATE, _CONTINUATION = (
     range(10)
 )
@@ -364,6 +367,16 @@ class SendDrained:
 
 
 @dataclass(frozen=True, slots=True)
+class GoingAway:
+    """The peer sent a graceful GOAWAY (NO_ERROR): it takes no new streams on this connection. Streams up to
+    `last_stream_id` carry on to their end; ours above it were never processed (each reported as a remote
+    REFUSED_STREAM reset, so the caller may retry it elsewhere). Close the connection once the rest are done."""
+
+    last_stream_id: int
+    reason: str  # the GOAWAY's debug data, if any
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectionTerminated:
     """The connection is over: flush data_to_send() (it may hold our GOAWAY) and close the transport."""
 
@@ -381,6 +394,7 @@ Event = (
     | StreamEnded
     | StreamReset
     | SendDrained
+    | GoingAway
     | ConnectionTerminated
 )
 
@@ -433,6 +447,7 @@ class _FrameReader(FrameBuffer):
         self.fast_windows: Any = None  # h2's connection-level inbound window manager
         self._step_fast: bool | None = None  # None: no frame yet in this step
         self.more = False  # the step stopped early because the kind of frame changed
+        self.goaway: tuple[int, bytes] | None = None  # a graceful GOAWAY kept from h2: last stream, debug data
 
     def new_step(self, budget: int) -> None:
         self.budget = budget
@@ -601,6 +616,12 @@ class _FrameReader(FrameBuffer):
         except HyperframeError as e:
             raise _Abuse(f"malformed frame of type {kind}: {e}", ErrorCodes.PROTOCOL_ERROR) from None
         del buf[:end]
+        if kind == _GOAWAY and not stream_id and not frame.error_code and not self._block:  # type: ignore[attr-defined]
+            # Graceful: h2 would close the whole connection on it (python-hyper/h2#1181); the connection
+            # handles it instead, between this step's frames and the next (`more`), so events keep order.
+            self.goaway = (frame.last_stream_id, frame.additional_data)  # type: ignore[attr-defined]
+            self.more = True
+            raise StopIteration
         return self._assemble(frame, kind, flags, stream_id, length)
 
     def _data_frame(self, buf: bytearray, flags: int, stream_id: int, length: int) -> Frame:
@@ -759,6 +780,8 @@ class HboneConnection:
         self._pings = 0
         self._peer_streams = 0
         self._abusive_streams = 0
+        self._peer_last_stream: int | None = None  # the peer's graceful GOAWAY: no new streams from us
+        self._our_last_stream: int | None = None  # ours (go_away()): the peer opens no more here
 
     # -- I/O surface -------------------------------------------------------------------------------------
 
@@ -808,6 +831,9 @@ class HboneConnection:
                     if self._closed:
                         break
                     self._translate(event, batch, out)
+                if reader.goaway is not None and not self._closed:
+                    out.extend(self._peer_going_away(*reader.goaway))
+                reader.goaway = None
             except h2.exceptions.ProtocolError as e:  # h2 has usually queued GOAWAY with e.error_code already
                 fast.clear()
                 out.extend(self._terminated(int(e.error_code), str(e), remote=False))
@@ -893,6 +919,38 @@ class HboneConnection:
             return self._ping_sent_at + self.limits.keepalive_timeout
         return self._ping_due
 
+    def go_away(self) -> None:
+        """Stop taking new streams, gracefully (RFC 9113 6.8): a GOAWAY (NO_ERROR) naming the last stream the
+        peer has opened. Those streams carry on; the peer opens new ones on another connection (a CONNECT
+        that crossed the GOAWAY still arrives as StreamOpened: refuse it). close() ends the connection.
+        Flush data_to_send() afterwards. Why not h2's close_connection(): h2 treats any GOAWAY it sends or
+        receives as the end of the connection (python-hyper/h2#1181), so it is framed here."""
+        self._check_open()
+        if self._our_last_stream is not None:
+            return
+        last = self._our_last_stream = self._h2.highest_inbound_stream_id
+        frame = _FRAME_HEADER.pack(0, 8, _GOAWAY, 0, 0) + _GOAWAY_BODY.pack(last, ErrorCodes.NO_ERROR)
+        self._h2._data_to_send += frame
+
+    @property
+    def going_away(self) -> bool:
+        """Either end has sent a graceful GOAWAY: no new streams on this connection."""
+        return self._peer_last_stream is not None or self._our_last_stream is not None
+
+    def _peer_going_away(self, last_stream_id: int, debug: bytes) -> list[Event]:
+        """A graceful GOAWAY from the peer (kept from h2 by the reader). Repeats may only lower the id."""
+        if self._peer_last_stream is not None:
+            last_stream_id = min(last_stream_id, self._peer_last_stream)
+        self._peer_last_stream = last_stream_id
+        out: list[Event] = []
+        if self.role is Role.CLIENT:  # our streams above it were never processed: retryable elsewhere
+            for sid in [sid for sid in self._streams if sid > last_stream_id]:
+                self._forget(self._streams.pop(sid))
+                self._reset(sid, ErrorCodes.CANCEL)
+                out.append(StreamReset(sid, ErrorCodes.REFUSED_STREAM, remote=True))
+        out.append(GoingAway(last_stream_id, debug[:200].decode("latin-1")))
+        return out
+
     def close(self, error_code: int = ErrorCodes.NO_ERROR, reason: str = "") -> None:
         """Send GOAWAY and stop; every open stream is gone. Flush data_to_send() afterwards."""
         if not self._closed:
@@ -903,6 +961,8 @@ class HboneConnection:
     def open_stream(self, request: ConnectRequest) -> int:
         """Client: send a CONNECT; wait for StreamEstablished or ConnectFailed. Data may be queued meanwhile."""
         self._require(Role.CLIENT)
+        if self._peer_last_stream is not None:
+            raise HboneError("the peer is going away (GOAWAY); open another connection", ErrorCodes.REFUSED_STREAM)
         if self.available_streams <= 0:
             raise HboneError(
                 "the peer's concurrent stream limit is reached; open another connection",
@@ -926,8 +986,8 @@ class HboneConnection:
 
     @property
     def available_streams(self) -> int:
-        """Client: how many more streams the peer allows now (0 once closed)."""
-        if self._closed:
+        """Client: how many more streams the peer allows now (0 once closed or going away)."""
+        if self._closed or self.going_away:
             return 0
         return self._h2.remote_settings.max_concurrent_streams - self._h2.open_outbound_streams
 

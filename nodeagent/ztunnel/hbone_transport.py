@@ -72,8 +72,8 @@ class ConnectRefused(ConnectionError):
 
 
 class StreamRefused(ConnectionError):
-    """The server refused the stream before processing it (REFUSED_STREAM, e.g. while draining): retry on
-    another connection."""
+    """The server did not process the stream (REFUSED_STREAM, or above the last stream of its graceful GOAWAY,
+    e.g. while draining): retry on another connection."""
 
 
 class HboneStream:
@@ -389,8 +389,15 @@ class HboneProtocol(asyncio.BufferedProtocol):
         self._maybe_idle()
 
     def refuse_new_streams(self) -> None:
-        """Server, draining: reset every new CONNECT with REFUSED_STREAM; open streams carry on."""
+        """Server, draining: a graceful GOAWAY tells the client to open new streams elsewhere (a CONNECT that
+        crossed it is reset with REFUSED_STREAM); open streams carry on, and the connection closes once
+        they are done."""
         self.refusing = True
+        if self.core.closed:
+            return
+        self.core.go_away()
+        self._flush()
+        self._maybe_idle()
 
     def close(self, reason: str = "closed by the tunnel") -> None:
         """GOAWAY (NO_ERROR), then TLS close_notify and FIN once the queued bytes are written."""
@@ -453,7 +460,12 @@ class HboneProtocol(asyncio.BufferedProtocol):
             self._maybe_idle()
 
     def _maybe_idle(self) -> None:
-        if not self._streams and self._on_idle is not None and not self.closed.is_set():
+        if self._streams or self.closed.is_set():
+            return
+        if self.core.going_away:  # no stream will open here again: close once none is pending either
+            if not self.core.open_streams and not self._opening:
+                self._loop.call_soon(self.close, "graceful GOAWAY and no streams left")
+        elif self._on_idle is not None:
             self._on_idle(self)
 
     # -- internals ----------------------------------------------------------------------------------------
@@ -554,6 +566,11 @@ class HboneProtocol(asyncio.BufferedProtocol):
                 stream = streams.get(event.stream_id)
                 if stream is not None:
                     stream._check_pressure()
+            elif isinstance(event, hbone.GoingAway):
+                self.refusing = True
+                why = f" ({event.reason})" if event.reason else ""
+                self.close_reason = self.close_reason or f"the peer sent a graceful GOAWAY{why}"
+                self._maybe_idle()
             elif isinstance(event, hbone.ConnectionTerminated):
                 self.close_reason = self.close_reason or event.reason
                 self._flush_now()

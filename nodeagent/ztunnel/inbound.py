@@ -321,8 +321,8 @@ class HboneInbound:
             raise
 
     def refuse_new_streams(self) -> None:
-        """Draining: open streams carry on, new CONNECTs are refused so clients retry on a new connection
-        (which the successor tunnel accepts)."""
+        """Draining: a graceful GOAWAY on every connection; open streams carry on, new CONNECTs go to a new
+        connection (which the successor tunnel accepts)."""
         for proto in self._connections:
             proto.refuse_new_streams()
 

@@ -62,6 +62,7 @@ async def test_drain_hands_over_to_a_successor(tmp_path: Path, zds_path: str) ->
             await loop.sock_sendall(long, b"hi")
             assert await loop.sock_recv(long, 2)
             assert len(old.table) == 1
+            [(_, pooled)] = c.tunnels["node1"].pool.connections()  # node1 -> the old tunnel, carrying `long`
 
             old_registry = c.registries["node2"]
             new = c.tunnels["node2-new"] = await c.start_tunnel("node2", zds_socket=zds_path, zds_backoff=fast)
@@ -77,6 +78,10 @@ async def test_drain_hands_over_to_a_successor(tmp_path: Path, zds_path: str) ->
             # New connections succeed (served by the successor) while the old tunnel drains.
             for _ in range(5):
                 assert await roundtrip(c)
+            # The old tunnel said so with a graceful GOAWAY: node1 opened no stream there since (none was
+            # refused and retried) and keeps the connection only for `long`.
+            assert pooled.refusing and "graceful GOAWAY" in pooled.close_reason and not pooled.closed.is_set()
+            assert pooled.streams_opened == 1
             # The established connection still works during the drain ...
             await loop.sock_sendall(long, b"more")
             # ... and ends cleanly (EOF) once grace - margin (1 s) has passed.

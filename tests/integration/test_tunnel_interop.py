@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import shutil
 import socket
@@ -143,6 +144,11 @@ class NodeServer:
     def of(self, kind: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e["event"] == kind]
 
+    async def command(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        await self.proc.stdin.drain()
+
 
 @contextlib.asynccontextmanager
 async def node_connect_server(files: PemFiles, host: str, port: int) -> AsyncIterator[NodeServer]:
@@ -151,6 +157,7 @@ async def node_connect_server(files: PemFiles, host: str, port: int) -> AsyncIte
         node_binary(),
         str(INTEROP / "connect_server.cjs"),
         json.dumps(config),
+        stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -162,7 +169,7 @@ async def node_connect_server(files: PemFiles, host: str, port: int) -> AsyncIte
         if not first:
             raise AssertionError(f"the Node CONNECT server did not start: {(await proc.stderr.read()).decode()}")
         server.events.append(json.loads(first))
-        assert server.events[0] == {"event": "listening", "port": port}
+        assert server.events[0] == {"event": "listening", "port": port}, server.events
 
         async def read_events() -> None:
             assert proc.stdout is not None
@@ -343,6 +350,55 @@ async def test_outbound_relays_through_node_connect_server(tmp_path: Path, caplo
         assert _istio_sample(c, "node1", "istio_tcp_sent_bytes_total", labels) == size
         [line] = _access_lines(caplog, "outbound")
         assert f"dst.hbone_addr={server_pod.ip}:{sockets.HBONE_PORT}" in line and "error=" not in line
+
+
+async def test_outbound_streams_outlive_a_graceful_goaway_from_the_connect_server(tmp_path: Path) -> None:
+    """The peer drains as ztunnel does (GOAWAY NO_ERROR, open streams run to their end): the tunnel's
+    stream keeps relaying both ways after it and ends cleanly, and the next connection opens a new HBONE
+    connection. (python-h2 alone ends every stream on any GOAWAY: python-hyper/h2#1181.)"""
+    async with cluster(tmp_path) as c:
+        t1 = await c.start_tunnel("node1")
+        await c.wait_ready(t1)
+        server_pod, client_pod = c.pod("server"), c.pod("client")
+        assert server_pod.ip is not None and client_pod.ip is not None
+        pem = await issue(c.ca, c.identity("server"), NODE2_TOKEN, tmp_path / "node-server")
+        block = pattern(MiB)
+        app = ByteServer(server_pod.ip, size=2 * MiB).start()
+        try:
+            async with node_connect_server(pem, str(server_pod.ip), sockets.HBONE_PORT) as node:
+                target = SocketAddress(server_pod.ip, APP_PORT)
+                loop = asyncio.get_running_loop()
+                sock = await connect_captured(c.net, client_pod, target)
+                with sock:
+                    receiving = asyncio.ensure_future(recv_all(sock))
+                    await loop.sock_sendall(sock, block)
+                    await _until(lambda: node.of("connect"))
+                    [(_, conn)] = t1.pool.connections()
+                    await node.command("goaway")
+                    await _until(lambda: node.of("goaway") and conn.refusing)
+                    assert not conn.closed.is_set()
+                    await loop.sock_sendall(sock, block)  # after the GOAWAY, on the same stream
+                    sock.shutdown(socket.SHUT_WR)
+                    async with asyncio.timeout(30):
+                        got = await receiving
+                await _until(lambda: len(app.received) == 1 and node.of("closed"))
+                await _until(conn.closed.is_set)  # no streams left: the tunnel closed its side too
+                assert "graceful GOAWAY" in conn.close_reason
+                # A new connection: a new HBONE connection (the GOAWAY'd one takes no more streams).
+                second = await connect_captured(c.net, client_pod, target)
+                with second:
+                    second.shutdown(socket.SHUT_WR)
+                    async with asyncio.timeout(30):
+                        again = await recv_all(second)
+                assert again.nbytes == 2 * MiB
+                assert len(node.of("session")) == 2
+        finally:
+            await app.close()
+        assert node.of("goaway")[0]["sessions"] == 1
+        assert (app.received[0].nbytes, app.received[0].digest) == (2 * MiB, hashlib.sha256(block * 2).hexdigest())
+        assert (got.nbytes, got.digest, got.eof) == (2 * MiB, app.sent_digests[0], True)
+        first = node.of("closed")[0]
+        assert (first["up"], first["down"], first["rstCode"]) == (2 * MiB, 2 * MiB, 0)
 
 
 async def test_outbound_refuses_a_connect_server_with_the_wrong_identity(

@@ -28,6 +28,7 @@ from nodeagent.ztunnel.hbone import (
     ConnectionTerminated,
     ConnectRequest,
     DataReceived,
+    GoingAway,
     HboneConnection,
     Role,
     SendDrained,
@@ -683,9 +684,78 @@ def test_close_sends_goaway_and_the_peer_sees_it() -> None:
     p = Pair()
     p.server.close(reason="draining")
     p.pump()
-    [event] = p.take(p.client_events)
-    assert isinstance(event, ConnectionTerminated) and event.remote and "draining" in event.reason
+    assert p.take(p.client_events) == [GoingAway(0, "draining")]
     assert p.client.available_streams == 0
+    with pytest.raises(hbone.HboneError, match="going away"):
+        p.client.open_stream(ConnectRequest(SocketAddress(POD, 8080)))
+
+
+def goaway_frame(last_stream_id: int, code: int = ErrorCodes.NO_ERROR) -> bytes:
+    return frame(0x7, 0, 0, last_stream_id.to_bytes(4, "big") + int(code).to_bytes(4, "big"))
+
+
+def established(p: Pair, port: int = 8080) -> int:
+    sid = p.client.open_stream(ConnectRequest(SocketAddress(POD, port)))
+    p.pump()
+    p.take(p.server_events)
+    p.server.accept(sid)
+    p.pump()
+    assert p.take(p.client_events) == [StreamEstablished(sid)]
+    return sid
+
+
+def test_graceful_goaway_lets_the_streams_it_covers_finish() -> None:
+    """RFC 9113 6.8, as ztunnel drains (h2's graceful_shutdown): the streams up to the GOAWAY's last stream id
+    carry on to their end; a CONNECT that crossed it is refused, and the client may retry it elsewhere."""
+    p = Pair()
+    sid = established(p)
+    p.server.go_away()
+    crossing = p.client.open_stream(ConnectRequest(SocketAddress(POD, 8081)))  # before the GOAWAY arrives
+    [sent] = [f for f in parse_frames(p.server.data_to_send()) if isinstance(f, GoAwayFrame)]
+    assert (sent.last_stream_id, sent.error_code) == (sid, 0)
+    assert p.client.receive_data(goaway_frame(sid)) == [
+        StreamReset(crossing, ErrorCodes.REFUSED_STREAM, remote=True),
+        GoingAway(sid, ""),
+    ]
+    assert p.client.available_streams == 0 and p.client.going_away and p.server.going_away
+    p.pump()
+    assert p.take(p.server_events) == []  # the crossing CONNECT arrived with its reset: never surfaced
+    # The covered stream still carries bytes both ways and ends cleanly.
+    p.client.send_data(sid, b"up" * 1000, end_stream=True)
+    p.server.send_data(sid, b"down" * 1000, end_stream=True)
+    p.pump()
+    server_events, client_events = p.take(p.server_events), p.take(p.client_events)
+    assert received(server_events, sid) == b"up" * 1000 and StreamEnded(sid) in server_events
+    assert received(client_events, sid) == b"down" * 1000 and StreamEnded(sid) in client_events
+    assert p.client.open_streams == p.server.open_streams == 0
+    assert not p.client.closed and not p.server.closed
+    assert not any(isinstance(e, ConnectionTerminated) for e in server_events + client_events)
+
+
+def test_repeated_goaways_only_lower_the_last_stream() -> None:
+    """hyper's graceful shutdown sends GOAWAY(2^31-1), a PING, then GOAWAY(last processed)."""
+    p = Pair()
+    first, second = established(p), established(p)
+    events = p.client.receive_data(goaway_frame(2**31 - 1) + ping() + goaway_frame(first) + goaway_frame(second))
+    assert events == [
+        GoingAway(2**31 - 1, ""),
+        StreamReset(second, ErrorCodes.REFUSED_STREAM, remote=True),
+        GoingAway(first, ""),
+        GoingAway(first, ""),
+    ]
+    [pong] = [f for f in parse_frames(p.client.data_to_send()) if isinstance(f, PingFrame)]
+    assert pong.flags == {"ACK"}
+    p.client.send_data(first, b"still open")
+    p.pump()
+    assert received(p.take(p.server_events), first) == b"still open"
+
+
+def test_goaway_with_an_error_code_ends_the_connection() -> None:
+    p = Pair()
+    sid = established(p)
+    events = p.client.receive_data(goaway_frame(sid, ErrorCodes.ENHANCE_YOUR_CALM))
+    assert terminated(events).remote and terminated(events).error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert p.client.closed
 
 
 def test_client_refuses_data_before_the_response() -> None:

@@ -15,8 +15,9 @@ localhost), metrics (/metrics) and readiness
 (/healthz/ready). On SIGTERM it drains: listeners close at once (a successor bound to the same ports
 through SO_REUSEPORT takes new connections and receives the pods over ZDS, because Add goes to the newest
 connection; tcp_migrate_req, set in each pod's netns, hands it the connections still queued on the closed
-listeners instead of resetting them), established connections run on until `grace - drain_margin`, then
-close cleanly (HTTP/2 GOAWAY, TLS close_notify, TCP FIN).
+listeners instead of resetting them; a graceful HTTP/2 GOAWAY on each inbound HBONE connection tells
+peer tunnels to open new streams elsewhere, as ztunnel's own drain does), established connections run on
+until `grace - drain_margin`, then close cleanly (HTTP/2 GOAWAY, TLS close_notify, TCP FIN).
 
 Every edge is a field of `TunnelInputs`: socket factory, credentials (the certificate manager), the
 inventory and policy sources, the metrics registry, the clock, the ZDS socket and the endpoints.

@@ -7,8 +7,10 @@
 // other method or a bad authority) and pipes bytes both ways; END_STREAM and FIN map onto each other.
 //
 // Usage: node connect_server.cjs '<json>' with keys host, port, ca, cert, key (PEM file paths).
-// Prints JSON lines: {"event":"listening","port":N} once, then per stream {"event":"connect",...} and
-// {"event":"closed","up":N,"down":N}.
+// Prints JSON lines: {"event":"listening","port":N} once, {"event":"session"} per HTTP/2 connection, then
+// per stream {"event":"connect",...} and {"event":"closed","up":N,"down":N}. A line `goaway` on stdin
+// closes every session gracefully (http2session.close(): GOAWAY, open streams run to their end, no new
+// ones) and prints {"event":"goaway","sessions":N}.
 'use strict';
 
 const fs = require('node:fs');
@@ -34,6 +36,28 @@ const server = http2.createSecureServer({
   ALPNProtocols: ['h2'],
   minVersion: 'TLSv1.3',
   allowHTTP1: false,
+});
+
+const sessions = new Set();
+server.on('session', (session) => {
+  sessions.add(session);
+  session.on('close', () => sessions.delete(session));
+  emit({ event: 'session' });
+});
+
+process.stdin.setEncoding('utf8');
+let commands = '';
+process.stdin.on('data', (chunk) => {
+  commands += chunk;
+  let nl;
+  while ((nl = commands.indexOf('\n')) >= 0) {
+    const command = commands.slice(0, nl).trim();
+    commands = commands.slice(nl + 1);
+    if (command === 'goaway') {
+      for (const session of sessions) session.close();
+      emit({ event: 'goaway', sessions: sessions.size });
+    }
+  }
 });
 
 server.on('tlsClientError', (err) => emit({ event: 'tlsClientError', error: err.message }));
