@@ -22,9 +22,12 @@ keep-alive or HTTP/1.1 pipelining: one bounded request per connection, then clos
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
+import os
+import stat
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -117,7 +120,7 @@ class AdminServer:
         self._providers: dict[str, Callable[[], Any]] = {}
         self._async_providers: dict[str, Callable[[], Awaitable[Any]]] = {}
         self._checks: dict[str, Callable[[], str | None]] = {}
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
 
     def add_config_provider(self, name: str, provider: Callable[[], Any]) -> None:
         """`provider()` becomes the `name` section of /config_dump."""
@@ -148,10 +151,24 @@ class AdminServer:
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Listen on host:port (0 picks a port); returns the bound address."""
-        self._server = await asyncio.start_server(self._handle, host, port, limit=MAX_REQUEST_HEAD)
-        bound = self._server.sockets[0].getsockname()
+        server = await asyncio.start_server(self._handle, host, port, limit=MAX_REQUEST_HEAD)
+        self._servers.append(server)
+        bound = server.sockets[0].getsockname()
         log.info("admin endpoint on http://%s:%d", bound[0], bound[1])
         return bound[0], bound[1]
+
+    async def start_unix(self, path: str) -> None:
+        """Also serve the same routes on a unix socket at `path` (a stale socket there is replaced; any
+        other file is an error). Why: on hostNetwork the node's TCP ports are shared with a rolling
+        update's other pod, so only a file in the pod's own volume answers for this process alone — what
+        a kubelet exec probe (`curl --unix-socket`) needs."""
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise FileExistsError(f"{path} exists and is not a socket; remove it or choose another path")
+            os.unlink(path)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self._servers.append(await asyncio.start_unix_server(self._handle, path, limit=MAX_REQUEST_HEAD))
+        log.info("admin endpoint on unix:%s", path)
 
     async def start_when_free(self, host: str, port: int, what: str, retry_s: float | None = None) -> tuple[str, int]:
         """start(), retrying every `retry_s` (default BIND_RETRY_S) while the address is taken: on hostNetwork
@@ -171,10 +188,10 @@ class AdminServer:
             await asyncio.sleep(retry_s)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+        servers, self._servers = self._servers, []
+        for server in servers:
+            server.close()
+            await server.wait_closed()
 
     def config_dump(self) -> dict[str, Any]:
         dump: dict[str, Any] = {}

@@ -66,6 +66,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], ca
     p.add_argument("--admin", default="127.0.0.1:15000", help="admin endpoint (/config_dump)")
     p.add_argument("--metrics", default=":15020", help="Prometheus endpoint (/metrics)")
     p.add_argument("--ready", default=":15021", help="readiness endpoint (/healthz/ready)")
+    p.add_argument(
+        "--ready-socket",
+        metavar="PATH",
+        help="readiness on this unix socket too, for a per-pod exec probe (`curl -sf --unix-socket PATH "
+        "http://localhost/healthz/ready`): on hostNetwork the :15021 of a rolling update's old pod answers first",
+    )
     p.add_argument("--grace", type=float, default=DEFAULT_GRACE, help="termination grace period in seconds")
     p.add_argument(
         "--spoof",
@@ -130,6 +136,7 @@ def build_inputs(args: argparse.Namespace, ca_client: CaClientFactory) -> Tunnel
         admin=parse_endpoint(args.admin),
         metrics=parse_endpoint(args.metrics),
         ready=parse_endpoint(args.ready),
+        ready_socket=args.ready_socket,
         grace=args.grace,
         same_node_fast_path=args.same_node_fast_path == "on",
     )

@@ -15,12 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from tunnel_harness import APP_PORT, ByteServer, Cluster, cluster, connect_captured
 
 from nodeagent import admin
 from nodeagent.agent.zds_server import ZdsServer
 from nodeagent.model import SocketAddress
 from nodeagent.ztunnel.zds_client import Backoff
+
+DAEMONSET = Path(__file__).resolve().parents[2] / "daemonset" / "daemonset.yaml"
 
 
 @pytest.fixture
@@ -132,3 +135,54 @@ async def test_endpoints_taken_by_an_old_tunnel_are_bound_once_free(
         writer.write(b"GET /healthz/ready HTTP/1.0\r\n\r\n")
         assert (await reader.read()).startswith(b"HTTP/1.1 200 OK")
         writer.close()
+
+
+def tunnel_probe(socket_path: str) -> list[str]:
+    """The DaemonSet's readiness probe command for the tunnel, aimed at `socket_path` instead of the pod's."""
+    [ds] = [d for d in yaml.safe_load_all(DAEMONSET.read_text()) if d and d["kind"] == "DaemonSet"]
+    [tunnel] = [c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "tunnel"]
+    [arg] = [a for a in tunnel["args"] if a.startswith("--ready-socket=")]
+    return [
+        socket_path if part == arg.split("=", 1)[1] else part for part in tunnel["readinessProbe"]["exec"]["command"]
+    ]
+
+
+def probe_socket(command: list[str]) -> str:
+    return command[command.index("--unix-socket") + 1]
+
+
+async def run_probe(command: list[str]) -> int:
+    proc = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.DEVNULL)
+    return await proc.wait()
+
+
+async def test_the_readiness_probe_answers_for_its_own_tunnel_only(tmp_path: Path, zds_path: str) -> None:
+    """A rolling update on hostNetwork: the old pod's tunnel holds the node's :15021 and is ready. The new
+    pod's probe (the manifest's exec command, run as the kubelet would) must fail until the new tunnel is
+    ready itself — else the old pod is stopped while the new one serves nothing — and fail again when
+    it drains."""
+    old_ready = admin.AdminServer(routes=(admin.READY,))  # stands in for the old tunnel: ready
+    endpoint = await old_ready.start("127.0.0.1", 0)
+    probe = tunnel_probe(str(tmp_path / "run" / "ready.sock"))
+    old_port_probe = ["curl", "-sf", f"http://127.0.0.1:{endpoint[1]}/healthz/ready"]
+    async with cluster(tmp_path) as c:
+        server_pod = c.pod("server")
+        netns_stand_in = os.open("/dev/null", os.O_RDONLY)
+        try:
+            fast = Backoff(0.01, 0.05)
+            new = await c.start_tunnel(
+                "node2", zds_socket=zds_path, zds_backoff=fast, ready=endpoint, ready_socket=probe_socket(probe)
+            )
+            assert new.readiness.readiness() != []  # no agent yet: not ready
+            assert await run_probe(old_port_probe) == 0  # what an httpGet probe on :15021 would have seen
+            assert await run_probe(probe) != 0
+            async with ZdsServer(lambda: [(server_pod, netns_stand_in)], zds_path):
+                await c.wait_ready(new)
+                assert await run_probe(probe) == 0
+                draining = asyncio.ensure_future(new.drain())
+                await asyncio.sleep(0.1)
+                assert await run_probe(probe) != 0
+                await draining
+        finally:
+            os.close(netns_stand_in)
+            await old_ready.stop()

@@ -133,8 +133,17 @@ def test_daemonset_conventions() -> None:
     assert {"NET_ADMIN", "NET_RAW", "SYS_ADMIN", "BPF", "PERFMON"} <= set(
         containers["agent"]["securityContext"]["capabilities"]["add"]
     )
-    probe = containers["tunnel"]["readinessProbe"]["httpGet"]
-    assert probe == {"path": "/healthz/ready", "port": 15021}
+    # Readiness through the tunnel's own socket in a pod-private volume: the node's :15021 belongs to
+    # whichever tunnel bound it first (the old pod's, during a rolling update).
+    # tests/integration/test_tunnel_drain.py runs this command against real tunnels.
+    tunnel = containers["tunnel"]
+    [socket_arg] = [a for a in tunnel["args"] if a.startswith("--ready-socket=")]
+    ready_socket = socket_arg.split("=", 1)[1]
+    command = tunnel["readinessProbe"]["exec"]["command"]
+    assert command[:2] == ["curl", "-sf"] and ready_socket in command and command[-1].endswith("/healthz/ready")
+    [run_mount] = [m for m in tunnel["volumeMounts"] if ready_socket.startswith(m["mountPath"] + "/")]
+    assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == run_mount["name"])
+    assert re.search(r"\bcurl\b", (DAEMONSET / "Dockerfile").read_text()), "the probe needs curl in the image"
     volumes = {v["name"]: v for v in pod["volumes"]}
     paths = {v["hostPath"]["path"]: name for name, v in volumes.items() if "hostPath" in v}
     for needed in ("/proc", "/var/run/netns", "/sys/fs/bpf", "/sys/fs/cgroup", "/lib/modules", "/usr/src"):

@@ -101,6 +101,7 @@ class TunnelInputs:
     admin: Endpoint | None = ("127.0.0.1", 15000)
     metrics: Endpoint | None = ("0.0.0.0", 15020)
     ready: Endpoint | None = ("0.0.0.0", 15021)
+    ready_socket: str | None = None  # readiness on a unix socket too: the pod's own, for an exec probe
     grace: float = DEFAULT_GRACE
     drain_margin: float = DRAIN_MARGIN
     cert_wait: float = CERT_WAIT
@@ -209,6 +210,10 @@ class Tunnel:
                         raise
                     # hostNetwork: a rolling update's old tunnel holds the node's port until it stops.
                     self._tasks.spawn(self._bind_when_free(name, server, endpoint), name=f"bind the {name} endpoint")
+        if self._in.ready_socket is not None:
+            if ready not in self._servers:
+                self._servers.append(ready)
+            await ready.start_unix(self._in.ready_socket)
         self.readiness = ready
         if self._in.zds_socket is not None:
             self._zds = ZdsClient(self, self._in.zds_socket, backoff=self._in.zds_backoff)
