@@ -244,15 +244,22 @@ class _Reflector(Generic[T]):
     def _watch_once(self) -> bool:
         """One watch request from self.rv; True when it was a healthy stream (events, or open > 1 s)."""
         self.stats.watches += 1
-        resp = self._call(
-            watch=True,
-            resource_version=self.rv,
-            allow_watch_bookmarks=True,
-            timeout_seconds=self.owner.watch_timeout,
-            _preload_content=False,
-            _request_timeout=(self.owner.request_timeout, self.owner.watch_timeout + self.owner.request_timeout),
-            **self._selector,
-        )
+        try:
+            resp = self._call(
+                watch=True,
+                resource_version=self.rv,
+                allow_watch_bookmarks=True,
+                timeout_seconds=self.owner.watch_timeout,
+                _preload_content=False,
+                _request_timeout=(self.owner.request_timeout, self.owner.watch_timeout + self.owner.request_timeout),
+                **self._selector,
+            )
+        except ApiException as exc:
+            # The expiry may be the watch response's own status rather than an ERROR event in a 200 stream
+            # (client-go's reflector handles both); retrying the same version would only 410 again.
+            if exc.status == 410:
+                raise _Relist from None
+            raise
         self._resp = resp
         if self.error is not None:  # the API server answers again
             log.info("%s: watching again from resourceVersion %s", self.name, self.rv)
