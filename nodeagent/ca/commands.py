@@ -208,11 +208,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             edges = kubernetes_edges(trust_domain=trust_domain, kubeconfig=args.kubeconfig, context=args.context)
             authenticator: Authenticator = edges.authenticator
             pods_on_node: Callable[[str], Sequence[Pod]] = edges.pods_on_node
+            node_of_pod: Callable[[str, str, str], str | None] = edges.node_of_pod
         else:
             inventory = watch_file(args.inventory, load_inventory)
             trust_domain = inventory.current().trust_domain
             authenticator = LabTokenAuthenticator(inventory.current, node_account=accounts[0])
             pods_on_node = lambda node: inventory.current().pods_on(node)  # noqa: E731
+            node_of_pod = lambda namespace, name, uid: None  # noqa: E731  (lab tokens name their node)
         store = CAStore(args.state_dir, trust_domain)
         if store.init():
             print(f"created a new root in {store.state_dir}")
@@ -224,6 +226,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             store=store,
             authenticator=authenticator,
             pods_on_node=pods_on_node,
+            node_of_pod=node_of_pod,
             metrics=CAMetrics(registry),
             trusted_node_accounts=frozenset(Identity(trust_domain, ns, sa) for ns, sa in accounts),
             dns_names=(*DEFAULT_DNS_NAMES, *(args.dns_name or ())),

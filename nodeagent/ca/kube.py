@@ -4,7 +4,9 @@ Why this module exists: in a cluster, `nodeagent ca serve --kubernetes` authenti
 their projected service-account tokens (TokenReview, audience istio-ca: ca/authn.py) and authorizes
 them against the pods the API server says run on the caller's node — the token's bound pod must exist
 there with the same name and UID, and a requested identity must belong to a pod on that node
-(authority.authorize). The pods come from one cluster-wide watch (inventory/kube.KubeSource), so a
+(authority.authorize). The caller's node is the token's node-name claim, or where the bound pod (same
+UID) is scheduled when the token has none (Kubernetes < 1.30), as Istio's node authorizer does.
+The pods come from one cluster-wide watch (inventory/kube.KubeSource), so a
 certificate request costs no API call beyond the TokenReview.
 
 What it deliberately does not do: no authorization logic (authority.py), no caching of reviews.
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 class KubeCAEdges:
     authenticator: TokenReviewAuthenticator
     pods_on_node: Callable[[str], Sequence[Pod]]
+    node_of_pod: Callable[[str, str, str], str | None]
     source: KubeSource
 
 
@@ -51,5 +54,6 @@ def kubernetes_edges(
     return KubeCAEdges(
         TokenReviewAuthenticator(api, trust_domain, audience),
         source.pods_on,
+        source.node_of_pod,
         source,
     )

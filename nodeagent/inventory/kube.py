@@ -478,6 +478,13 @@ class KubeSource:
         with self.lock:
             return tuple(p for p in self._pods.items.values() if p.node == node)
 
+    def node_of_pod(self, namespace: str, name: str, uid: str) -> str | None:
+        """The node the pod `namespace/name` with this UID is scheduled on, or None (unknown, another UID,
+        not scheduled): the CA's caller node when the token does not name it (Kubernetes < 1.30)."""
+        with self.lock:
+            pod = self._pods.items.get(f"{namespace}/{name}")
+        return pod.node if pod is not None and pod.uid == uid else None
+
     @property
     def error(self) -> str | None:
         """Why the local copy may be stale (the last failed call of each resource), or None."""

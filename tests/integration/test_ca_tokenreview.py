@@ -22,17 +22,14 @@ from nodeagent.ca.client import CAClient, CARequestError
 AGENT_USER = "system:serviceaccount:nodeagent-system:nodeagent"
 
 
-def _user(username: str, pod_name: str, pod_uid: str, node: str) -> dict[str, Any]:
-    return {
-        "username": username,
-        "uid": "u-1",
-        "groups": ["system:serviceaccounts"],
-        "extra": {
-            "authentication.kubernetes.io/pod-name": [pod_name],
-            "authentication.kubernetes.io/pod-uid": [pod_uid],
-            "authentication.kubernetes.io/node-name": [node],
-        },
+def _user(username: str, pod_name: str, pod_uid: str, node: str | None) -> dict[str, Any]:
+    extra = {
+        "authentication.kubernetes.io/pod-name": [pod_name],
+        "authentication.kubernetes.io/pod-uid": [pod_uid],
     }
+    if node is not None:  # Kubernetes >= 1.30 (ServiceAccountTokenPodNodeInfo) names the pod's node too
+        extra["authentication.kubernetes.io/node-name"] = [node]
+    return {"username": username, "uid": "u-1", "groups": ["system:serviceaccounts"], "extra": extra}
 
 
 REVIEWS: dict[str, dict[str, Any]] = {
@@ -40,6 +37,17 @@ REVIEWS: dict[str, dict[str, Any]] = {
         "authenticated": True,
         "audiences": ["istio-ca"],
         "user": _user(AGENT_USER, "agent-abc", "agent-uid", "node1"),
+    },
+    # Kubernetes < 1.30: bound to the pod, but the node is not in the token.
+    "agent-token-without-node": {
+        "authenticated": True,
+        "audiences": ["istio-ca"],
+        "user": _user(AGENT_USER, "agent-abc", "agent-uid", None),
+    },
+    "stale-agent-token-without-node": {
+        "authenticated": True,
+        "audiences": ["istio-ca"],
+        "user": _user(AGENT_USER, "agent-abc", "old-uid", None),
     },
     "stale-agent-token": {
         "authenticated": True,
@@ -156,8 +164,10 @@ def test_unreachable_api_server_is_authn_unavailable() -> None:
     ("token", "granted", "reason"),
     [
         ("agent-token", True, "ok"),
+        ("agent-token-without-node", True, "ok"),  # the node is the bound pod's, from the CA's pod watch
         ("workload-token", False, "not_node_agent"),  # a non-node account
         ("stale-agent-token", False, "caller_pod_mismatch"),
+        ("stale-agent-token-without-node", False, "caller_node_unknown"),  # no pod with that UID
         ("unbound-agent-token", False, "bad_token"),
         ("nonsense", False, "bad_token"),
     ],
@@ -167,7 +177,13 @@ async def test_ca_with_tokenreview(
 ) -> None:
     pods = [*inventory().pods, pod("agent-abc", "node1", "nodeagent", ns="nodeagent-system", uid="agent-uid")]
     current = inventory(pods)
-    ca = start_ca(tmp_path / "ca", source=lambda: current, authenticator=_authenticator(apiserver.url))
+
+    def node_of_pod(namespace: str, name: str, uid: str) -> str | None:  # what KubeSource.node_of_pod answers
+        return next((p.node for p in current.pods if (p.namespace, p.name, p.uid) == (namespace, name, uid)), None)
+
+    ca = start_ca(
+        tmp_path / "ca", source=lambda: current, authenticator=_authenticator(apiserver.url), node_of_pod=node_of_pod
+    )
     client = CAClient(ca.target, token=lambda: token, bundle_pem=ca.bundle)
     try:
         if granted:

@@ -161,6 +161,16 @@ def test_410_as_the_watch_response_status_relists_at_once(
     assert src.stats()["pods"].relists_after_gone == 2
 
 
+def test_node_of_pod_needs_the_same_uid(api: KubeStandIn, source_factory: Callable[..., KubeSource]) -> None:
+    """The CA's caller node for tokens without the node-name claim: the bound pod's, if its UID matches."""
+    src = source_factory()
+    assert src.wait_synced(5)
+    [web] = [p for p in src.current().pods if p.key == "shop/web-1"]
+    assert web.uid and src.node_of_pod("shop", "web-1", web.uid) == web.node == "node1"
+    assert src.node_of_pod("shop", "web-1", "another-uid") is None  # deleted and re-created: not that pod
+    assert src.node_of_pod("shop", "nope", web.uid) is None
+
+
 def test_rbac_403_is_explained_and_retried(
     api: KubeStandIn, source_factory: Callable[..., KubeSource], caplog: pytest.LogCaptureFixture
 ) -> None:
