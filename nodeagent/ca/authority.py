@@ -208,13 +208,15 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
 def load_signer(ca_cert: bytes, ca_key: bytes, root_cert: bytes, cert_chain: bytes | None = None) -> Signer:
     """Load a signer from PEMs laid out like Istio's `cacerts` secret.
 
-    ca-cert.pem: the signing certificate; ca-key.pem: its key; root-cert.pem: the root;
-    cert-chain.pem: the chain from ca-cert up to the root (ca-cert and the root may be included or not).
-    For a self-signed root used directly, ca-cert.pem and root-cert.pem are the same certificate.
+    ca-cert.pem: the signing certificate; ca-key.pem: its key; root-cert.pem: the root, possibly followed or
+    preceded by other roots trusted alongside it (a root rotation; see `other_roots`) — the signer's root
+    is the one its chain ends at; cert-chain.pem: the chain from ca-cert up to the root (ca-cert and the
+    root may be included or not). For a self-signed root used directly, ca-cert.pem and root-cert.pem are
+    the same certificate.
     """
     try:
         cert = x509.load_pem_x509_certificate(ca_cert)
-        root = x509.load_pem_x509_certificate(root_cert)
+        roots = x509.load_pem_x509_certificates(root_cert)
         chain = x509.load_pem_x509_certificates(cert_chain) if cert_chain and cert_chain.strip() else []
         key = serialization.load_pem_private_key(ca_key, password=None)
     except (ValueError, TypeError) as exc:
@@ -225,20 +227,41 @@ def load_signer(ca_cert: bytes, ca_key: bytes, root_cert: bytes, cert_chain: byt
         raise CAMaterialError("ca-key.pem does not belong to ca-cert.pem; were they taken from different CAs?")
     if not _is_ca(cert):
         raise CAMaterialError("ca-cert.pem is not a CA certificate (basicConstraints CA:TRUE is required)")
-    if not _issued_by(root, root):
-        raise CAMaterialError("root-cert.pem is not a self-signed root certificate")
-    parents = [c for c in chain if c not in (cert, root)]
-    if cert != root:
-        parents.append(root)
+    for root in roots:
+        if not _issued_by(root, root):
+            raise CAMaterialError(
+                f"root-cert.pem holds {root.subject.rfc4514_string()!r}, which is not a self-signed root certificate"
+            )
+    errors = []
+    for root in roots:
+        parents = [c for c in chain if c not in (cert, *roots)]
+        if cert != root:
+            parents.append(root)
+        broken = _broken_link(cert, parents)
+        if broken is None:
+            return Signer(cert=cert, key=key, parents=tuple(parents))
+        errors.append(broken)
+    if len(roots) == 1:
+        raise CAMaterialError(f"cert-chain.pem is broken: {errors[0]}; list the chain from ca-cert up to the root")
+    raise CAMaterialError(
+        f"ca-cert.pem chains to none of the {len(roots)} roots in root-cert.pem ({'; '.join(errors)}); "
+        "list the chain from ca-cert up to one of them in cert-chain.pem"
+    )
+
+
+def other_roots(root_cert: bytes, signer: Signer) -> tuple[x509.Certificate, ...]:
+    """The roots in a cacerts root-cert.pem besides the signer's own: trusted alongside it (the roots of a
+    rotation in progress, as `nodeagent ca export` writes them)."""
+    return tuple(r for r in TrustBundle.from_pem(root_cert).roots if r != signer.root)
+
+
+def _broken_link(cert: x509.Certificate, parents: list[x509.Certificate]) -> str | None:
     child = cert
     for parent in parents:
         if not _issued_by(child, parent):
-            raise CAMaterialError(
-                f"cert-chain.pem is broken: {child.subject.rfc4514_string()!r} is not signed by "
-                f"{parent.subject.rfc4514_string()!r}; list the chain from ca-cert up to the root"
-            )
+            return f"{child.subject.rfc4514_string()!r} is not signed by {parent.subject.rfc4514_string()!r}"
         child = parent
-    return Signer(cert=cert, key=key, parents=tuple(parents))
+    return None
 
 
 @dataclass(frozen=True)

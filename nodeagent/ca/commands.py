@@ -64,6 +64,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     show.add_argument("-o", "--output", choices=("text", "json"), default="text")
     show.set_defaults(func=cmd_show)
 
+    export = ca_sub.add_parser(
+        "export", help="write the signer as Istio cacerts, root-cert.pem = every trusted root (cluster Secret)"
+    )
+    state_args(export)
+    export.add_argument("--out", type=Path, required=True, help="a new or empty directory")
+    export.set_defaults(func=cmd_export)
+
     rotate = ca_sub.add_parser("rotate", help="rotate the root: prepare, then activate, then finish")
     state_args(rotate)
     rotate.add_argument("step", choices=("prepare", "activate", "finish"))
@@ -164,6 +171,28 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"trust bundle:    {info['bundle_file']}")
     for root in info["trusted_roots"]:
         print(f"  root {root['subject']}  sha256 {root['sha256']}  expires {root['not_after']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    store = _store(args)
+    try:
+        bundle = store.export_cacerts(args.out)
+    except (StoreError, authority.AuthorityError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    out = args.out
+    print(f"wrote {out}/{{ca-cert,ca-key,cert-chain,root-cert}}.pem; root-cert.pem trusts {len(bundle.roots)} root(s)")
+    print("in a cluster (daemonset/README.md, root rotation):")
+    print(
+        "  kubectl -n nodeagent-system create configmap nodeagent-trust-bundle "
+        f"--from-file=root-cert.pem={out}/root-cert.pem --dry-run=client -o yaml | kubectl apply -f -"
+    )
+    print(
+        f"  kubectl -n nodeagent-system create secret generic nodeagent-ca-root --from-file={out} "
+        "--dry-run=client -o yaml | kubectl apply -f -"
+    )
+    print("  kubectl -n nodeagent-system rollout restart deployment/nodeagent-ca")
     return 0
 
 

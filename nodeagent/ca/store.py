@@ -11,7 +11,8 @@ Layout (the active signer uses Istio's `cacerts` file names, so an operator can 
     <state>/ca/ca-cert.pem, ca-key.pem (0600), root-cert.pem, cert-chain.pem   the active signer
     <state>/next/...                     a new root prepared by `rotate prepare`, trusted, not signing
     <state>/previous/root-cert.pem       the old root after `rotate activate`, trusted until `finish`
-    <state>/trust-bundle.pem             every trusted root (ca, next, previous), written atomically
+    <state>/trusted/root-cert.pem        roots imported with cacerts besides the signer's (see below)
+    <state>/trust-bundle.pem             every trusted root (ca, next, previous, trusted), written atomically
 
 Root rotation, with A the current root:
   1. `nodeagent ca rotate prepare`   creates root B in next/; bundle = A + B; A still signs.
@@ -24,6 +25,13 @@ Root rotation, with A the current root:
 Peers keep verifying throughout because at every step each certificate in use chains to a root that
 every agent trusts. Operator-supplied intermediates (`ca init --cacerts DIR`) are rotated by replacing
 them with `init --cacerts --force` when their root stays the same.
+
+In a cluster the CA pod's state is an emptyDir imported at start from the Secret nodeagent-ca-root, and
+the tunnels trust the ConfigMap nodeagent-trust-bundle: the operator keeps this state directory (it
+holds the keys) and runs the same three steps on it, each followed by `nodeagent ca export --out DIR`,
+which writes the cacerts layout with root-cert.pem = the whole bundle (the signer's root first). DIR
+becomes the Secret, DIR/root-cert.pem the ConfigMap, and the CA is restarted; its import keeps the
+roots besides the signer's in trusted/, so the CA's bundle matches the tunnels' (daemonset/README.md).
 
 What it deliberately does not do: no signing policy (ca.authority), no serving (ca.server), no locking
 between concurrent operators: run one rotation command at a time.
@@ -116,9 +124,29 @@ class CAStore:
         if self.exists() and not force:
             raise StoreError(f"{self._dir('ca')} already holds a signer; pass --force to replace it")
         signer = self._read_signer(source)
+        others = authority.other_roots((source / ROOT_CERT).read_bytes(), signer)
         self._ensure_state_dir()
         self._write_signer(self._dir("ca"), signer)
+        trusted = self._dir("trusted")
+        if others:
+            trusted.mkdir(mode=0o700, exist_ok=True)
+            write_atomic(trusted / ROOT_CERT, TrustBundle.of(others).to_pem().encode())
+        elif trusted.exists():
+            shutil.rmtree(trusted)
         self.publish()
+
+    def export_cacerts(self, target: Path) -> TrustBundle:
+        """Write the active signer in Istio's cacerts layout into `target` (a new or empty directory), with
+        root-cert.pem = every trusted root, the signer's first: what the cluster's Secret and ConfigMap need
+        (`import_cacerts` of it gives the same signer and bundle)."""
+        state = self.load()
+        target.mkdir(mode=0o700, parents=True, exist_ok=True)
+        stray = sorted(p.name for p in target.iterdir() if p.name not in (CA_CERT, CA_KEY, ROOT_CERT, CERT_CHAIN))
+        if stray:
+            raise StoreError(f"{target} holds other files ({', '.join(stray)}); export into an empty directory")
+        self._write_signer(target, state.signer)
+        write_atomic(target / ROOT_CERT, state.bundle.to_pem().encode())
+        return state.bundle
 
     def _ensure_state_dir(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -161,6 +189,8 @@ class CAStore:
         if (self._dir("previous") / ROOT_CERT).is_file():
             roots.append(TrustBundle.from_pem((self._dir("previous") / ROOT_CERT).read_bytes()).roots[0])
             rotation = "activated"
+        if (self._dir("trusted") / ROOT_CERT).is_file():
+            roots.extend(TrustBundle.from_pem((self._dir("trusted") / ROOT_CERT).read_bytes()).roots)
         return CAState(signer=signer, bundle=TrustBundle.of(roots), rotation=rotation)
 
     def publish(self) -> TrustBundle:

@@ -354,6 +354,21 @@ class CertificateManager:
             )
         return out
 
+    def trust_bundle_dump(self) -> list[dict[str, str]]:
+        """The `trustBundle` section of /config_dump: the roots this tunnel verifies peers with now (what a
+        root rotation waits on before its next step)."""
+        out = []
+        for root in x509.load_pem_x509_certificates(self._bundle_pem.encode()) if self._bundle_pem else ():
+            out.append(
+                {
+                    "subject": root.subject.rfc4514_string(),
+                    "sha256": root.fingerprint(hashes.SHA256()).hex(),
+                    "validFrom": _rfc3339(root.not_valid_before_utc),
+                    "expirationTime": _rfc3339(root.not_valid_after_utc),
+                }
+            )
+        return out
+
     # --- trust bundle -----------------------------------------------------------------------------
 
     def reload_bundle(self) -> bool:

@@ -167,7 +167,7 @@ async def test_tunnel_ports_serve_their_own_routes(tmp_path: Path) -> None:
         assert served == {"admin": {CONFIG_DUMP, READY}, "metrics": {METRICS}, "ready": {READY}}
         host, port = tunnel.addresses["admin"]
         dump = json.loads((await asyncio.to_thread(_get, f"http://{host}:{port}{CONFIG_DUMP}"))[2])
-        assert {"workloads", "certificates", "policies", "connections", "localPods"} <= dump.keys()
+        assert {"workloads", "certificates", "trustBundle", "policies", "connections", "localPods"} <= dump.keys()
 
 
 async def test_logging_post_sets_and_resets_levels() -> None:

@@ -10,7 +10,9 @@ each side checks the other's SPIFFE ID with tls.py's verifiers.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import shutil
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -23,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from identity_support import CART, FRONTEND, NODE1_TOKEN, RunningCA, start_ca, uri_sans
 from prometheus_client import CollectorRegistry
 
+from nodeagent import cli
 from nodeagent.ca.client import CAClient
 from nodeagent.metrics import CertManagerMetrics
 from nodeagent.model import Identity
@@ -233,3 +236,100 @@ async def test_a_leaf_from_a_dropped_root_does_not_verify(tmp_path: Path, teardo
     finally:
         server.close()
         await server.wait_closed()
+
+
+class ClusterCA:
+    """The CA as daemonset/ runs it: an emptyDir state imported from the Secret at every start (`ca init
+    --cacerts --force`), tunnels trusting the ConfigMap. The operator's state directory holds the keys."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
+        self.admin = tmp_path / "operator-state"
+        self.secret = tmp_path / "secret"
+        self.configmap = tmp_path / "configmap" / "root-cert.pem"
+        self.configmap.parent.mkdir()
+        self.starts = 0
+        self.ca: RunningCA | None = None
+        self.port = 0
+
+    def ca_cli(self, *args: str) -> None:
+        assert cli.main(["ca", *args]) == 0, args
+
+    def publish(self) -> None:
+        """`ca export`, then what `kubectl apply` of the Secret and ConfigMap and a CA restart do."""
+        shutil.rmtree(self.secret, ignore_errors=True)
+        self.ca_cli("export", "--state-dir", str(self.admin), "--out", str(self.secret))
+        fresh = self.configmap.with_suffix(".new")
+        shutil.copyfile(self.secret / "root-cert.pem", fresh)
+        fresh.replace(self.configmap)  # the kubelet swaps ConfigMap volumes atomically too
+        if self.ca is not None:
+            self.ca.stop()
+        self.starts += 1
+        pod_state = self.tmp / f"ca-pod-{self.starts}"  # a fresh emptyDir
+        self.ca_cli("init", "--cacerts", str(self.secret), "--state-dir", str(pod_state), "--force")
+        self.ca = start_ca(pod_state, port=self.port, reload_interval=0.1)
+        self.port = self.ca.port
+        # The CA's own bundle is the tunnels' bundle.
+        assert self.ca.store.bundle_path.read_bytes() == self.configmap.read_bytes()
+
+
+async def test_root_rotation_in_a_cluster_through_the_secret_and_configmap(tmp_path: Path) -> None:
+    """The procedure of daemonset/README.md, with the real CLI: each step on the operator's state, then
+    export -> Secret + ConfigMap -> CA restarted from the Secret. Connections verify throughout."""
+    cluster_ca = ClusterCA(tmp_path)
+    cluster_ca.ca_cli("init", "--state-dir", str(cluster_ca.admin))
+    cluster_ca.publish()
+    assert cluster_ca.ca is not None
+    client = CAClient(
+        cluster_ca.ca.target, token=lambda: NODE1_TOKEN, bundle_pem=cluster_ca.configmap.read_text, ttl_seconds=4
+    )
+    registry = CollectorRegistry()
+    manager = CertificateManager(
+        CertManagerInputs(
+            fetch=client.fetch,
+            bundle_path=cluster_ca.configmap,
+            metrics=CertManagerMetrics(registry),
+            bundle_poll_interval=0.1,
+        )
+    )
+    manager.set_local_workloads([FRONTEND, CART])
+    await manager.start()
+    contexts = TlsContexts(manager)
+    try:
+        for identity in (FRONTEND, CART):
+            await asyncio.wait_for(manager.wait_available(identity), 10)
+
+        async def both_ways() -> None:
+            await _handshake(contexts, FRONTEND, CART)
+            await _handshake(contexts, CART, FRONTEND)
+
+        await both_ways()
+        [root_a] = _roots(manager.bundle_pem)
+
+        cluster_ca.ca_cli("rotate", "prepare", "--state-dir", str(cluster_ca.admin))
+        cluster_ca.publish()  # Secret: A signs, root-cert.pem = A + B; ConfigMap = A + B
+        await _until(lambda: len(_roots(manager.bundle_pem)) == 2, 5, both_ways)
+        [root_b] = [r for r in _roots(manager.bundle_pem) if r != root_a]
+        # What the operator checks on each node before the next step (:15000/config_dump, `trustBundle`),
+        # in the form `nodeagent ca show` prints the roots.
+        shown = [r["sha256"] for r in manager.trust_bundle_dump()]
+        assert sorted(shown) == sorted(hashlib.sha256(r).hexdigest() for r in (root_a, root_b))
+        await both_ways()
+        assert _root_of(manager, FRONTEND) == root_a  # A still signs
+
+        cluster_ca.ca_cli("rotate", "activate", "--state-dir", str(cluster_ca.admin))
+        cluster_ca.publish()  # Secret: B signs, root-cert.pem = B + A
+        assert _roots(cluster_ca.configmap.read_text()) == [root_b, root_a]
+        await both_ways()
+        await _until(lambda: {_root_of(manager, FRONTEND), _root_of(manager, CART)} == {root_b}, 10, both_ways)
+
+        cluster_ca.ca_cli("rotate", "finish", "--state-dir", str(cluster_ca.admin))
+        cluster_ca.publish()  # B only, everywhere
+        await _until(lambda: _roots(manager.bundle_pem) == [root_b], 5, both_ways)
+        await both_ways()
+        assert (registry.get_sample_value("nodeagent_cert_fetches_total", {"result": "ok"}) or 0) >= 4
+    finally:
+        await manager.stop()
+        await client.close()
+        if cluster_ca.ca is not None:
+            cluster_ca.ca.stop()

@@ -89,3 +89,62 @@ def test_version_changes_with_the_bundle(tmp_path: Path) -> None:
     before = store.version()
     store.rotate_prepare()
     assert store.version() != before
+
+
+@pytest.mark.parametrize("step", ["none", "prepared", "activated", "finished"])
+def test_export_then_import_gives_the_same_signer_and_bundle(tmp_path: Path, step: str) -> None:
+    """The cluster's path (Secret and ConfigMap from `ca export`, the CA pod importing the Secret): at each
+    rotation step the pod signs with the operator's signer and trusts exactly the operator's bundle."""
+    admin = CAStore(tmp_path / "admin", TD, clock=lambda: NOW)
+    admin.init()
+    steps = {"none": [], "prepared": [admin.rotate_prepare], "activated": [admin.rotate_prepare, admin.rotate_activate]}
+    for action in steps.get(step, [admin.rotate_prepare, admin.rotate_activate, admin.rotate_finish]):
+        action()
+    state = admin.load()
+    exported = admin.export_cacerts(tmp_path / "secret")
+    assert exported == state.bundle
+    root_cert = x509.load_pem_x509_certificates((tmp_path / "secret" / "root-cert.pem").read_bytes())
+    assert root_cert[0] == state.signer.root and set(root_cert) == set(state.bundle.roots)
+    assert stat.S_IMODE((tmp_path / "secret" / "ca-key.pem").stat().st_mode) == 0o600
+
+    pod = CAStore(tmp_path / "pod", TD)
+    pod.import_cacerts(tmp_path / "secret")
+    imported = pod.load()
+    assert imported.signer.cert == state.signer.cert and imported.signer.root == state.signer.root
+    assert set(imported.bundle.roots) == set(state.bundle.roots)
+    assert set(_bundle_roots(pod)) == set(state.bundle.roots)
+
+
+def test_import_force_replaces_the_roots_trusted_alongside(tmp_path: Path) -> None:
+    admin = CAStore(tmp_path / "admin", TD, clock=lambda: NOW)
+    admin.init()
+    admin.rotate_prepare()
+    admin.export_cacerts(tmp_path / "during")
+    admin.rotate_activate()
+    admin.rotate_finish()
+    admin.export_cacerts(tmp_path / "after")
+    pod = CAStore(tmp_path / "pod", TD)
+    pod.import_cacerts(tmp_path / "during")
+    assert len(pod.load().bundle.roots) == 2
+    pod.import_cacerts(tmp_path / "after", force=True)  # a restart with the finished rotation's Secret
+    assert pod.load().bundle.roots == admin.load().bundle.roots
+    assert not (tmp_path / "pod" / "trusted").exists()
+
+
+def test_export_refuses_a_directory_with_other_files(tmp_path: Path) -> None:
+    store = CAStore(tmp_path / "state", TD)
+    store.init()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("keep me")
+    with pytest.raises(StoreError, match="empty directory"):
+        store.export_cacerts(tmp_path / "out")
+
+
+def test_a_signer_that_chains_to_none_of_the_roots_is_refused(tmp_path: Path) -> None:
+    store = CAStore(tmp_path / "state", TD, clock=lambda: NOW)
+    store.init()
+    store.export_cacerts(tmp_path / "secret")
+    strangers = authority.TrustBundle.of([authority.generate_root(NOW, TD).root, authority.generate_root(NOW, TD).root])
+    (tmp_path / "secret" / "root-cert.pem").write_text(strangers.to_pem())
+    with pytest.raises(authority.CAMaterialError, match="none of the 2 roots"):
+        CAStore(tmp_path / "pod", TD).import_cacerts(tmp_path / "secret")
