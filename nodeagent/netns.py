@@ -22,6 +22,9 @@ from typing import TypeVar
 
 CLONE_NEWNET = 0x40000000
 NETNS_RUN_DIR = "/var/run/netns"
+# Where the net sysctls are: any mount of the kernel's /proc/sys/net acts on the netns of the thread that
+# opens the file, so a container (whose /proc/sys is read-only) writes through a hostPath mount of it.
+SYSCTL_NET = "/proc/sys/net"
 
 T = TypeVar("T")
 

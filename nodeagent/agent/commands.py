@@ -29,7 +29,7 @@ from nodeagent.agent.workloads import DEFAULT_POLL_S
 from nodeagent.capture.ebpf import KUBELET_CGROUPS, LAB_CGROUP_PATTERN
 from nodeagent.inventory.local import InventoryError, load_inventory
 from nodeagent.model import Inventory
-from nodeagent.netns import NETNS_RUN_DIR
+from nodeagent.netns import NETNS_RUN_DIR, SYSCTL_NET
 from nodeagent.zds.wire import DEFAULT_SOCKET_PATH
 
 LAB_INVENTORY = Path("/run/nodeagent/lab/inventory.yaml")
@@ -77,6 +77,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "{name} and {uid}, or `kubelet` (the kubelet's layout, either cgroup driver, found by pod uid; "
         "`kubelet:DIR` for a kubelet run with --cgroup-root=DIR). Default: kubelet with --kubernetes, else "
         f"the lab's {LAB_CGROUP_PATTERN}",
+    )
+    agent.add_argument(
+        "--sysctl-net",
+        default=SYSCTL_NET,
+        metavar="DIR",
+        help="a read-write mount of the kernel's /proc/sys/net, for --capture ebpf (it sets "
+        "net.ipv4.tcp_fwmark_accept in each pod's netns); in a container, where /proc/sys is read-only, a "
+        "hostPath mount of /proc/sys/net (default: %(default)s)",
     )
     agent.add_argument(
         "--verify-interval",
@@ -176,6 +184,7 @@ def _agent(args: argparse.Namespace) -> int:
         netns_dir=args.netns_dir,
         netns_pattern=args.netns_pattern,
         cgroup_pattern=args.cgroup_pattern or (KUBELET_CGROUPS if args.kubernetes else LAB_CGROUP_PATTERN),
+        sysctl_net=args.sysctl_net,
         verify_interval=args.verify_interval,
         inventory_poll=args.inventory_poll,
     )

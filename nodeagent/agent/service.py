@@ -42,6 +42,7 @@ from nodeagent.capture.backend import CaptureBackend
 from nodeagent.capture.ebpf import LAB_CGROUP_PATTERN, CgroupResolver, EbpfBackend, unavailable_reason
 from nodeagent.capture.iptables import Flavour, Iptables, IptablesBackend, ProbeBypass, detect_flavour
 from nodeagent.model import DEFAULT_EXCLUDED_NAMESPACES, Inventory
+from nodeagent.netns import SYSCTL_NET
 from nodeagent.zds.wire import DEFAULT_SOCKET_PATH
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class AgentConfig:
     netns_dir: str = "/var/run/netns"
     netns_pattern: str = "na-{node}.{namespace}.{name}"
     cgroup_pattern: str = LAB_CGROUP_PATTERN  # under the cgroup2 mount (eBPF mode); or KUBELET_CGROUPS
+    sysctl_net: str = SYSCTL_NET  # a read-write mount of /proc/sys/net (eBPF mode sets a sysctl in pods)
     excluded_namespaces: frozenset[str] = field(default_factory=lambda: DEFAULT_EXCLUDED_NAMESPACES)
     verify_interval: float = DEFAULT_VERIFY_S
     inventory_poll: float = DEFAULT_POLL_S
@@ -76,7 +78,9 @@ class Agent:
         self.flavour = flavour
         ebpf = config.capture == "ebpf"
         self.backend: CaptureBackend = (
-            EbpfBackend(CgroupResolver(config.cgroup_pattern)) if ebpf else IptablesBackend(iptables)
+            EbpfBackend(CgroupResolver(config.cgroup_pattern), sysctl_net=config.sysctl_net)
+            if ebpf
+            else IptablesBackend(iptables)
         )
         self.probes = ProbeBypass(iptables)  # the agent runs in the node's netns: its own
         self.zds = ZdsServer(self._snapshot, config.zds_socket, on_event=self._on_zds_event)

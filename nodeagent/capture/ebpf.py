@@ -28,6 +28,7 @@ iptables ProbeBypass on the node's own tables), no IPv6.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import threading
 from dataclasses import dataclass
@@ -37,30 +38,42 @@ from nodeagent.capture.backend import CaptureError, CaptureState
 from nodeagent.ebpf import loader, pins
 from nodeagent.ebpf.structs import PIN_ROOT
 from nodeagent.model import Pod
-from nodeagent.netns import NetnsError, in_netns
+from nodeagent.netns import SYSCTL_NET, NetnsError, in_netns
 
 LAB_CGROUP_PATTERN = "nodeagent-lab/{node}/{namespace}.{name}"  # nodeagent/lab/plan.py's layout
 KUBELET_CGROUPS = "kubelet"  # a --cgroup-pattern: the kubelet's layout, found by pod uid ("kubelet:DIR": under DIR)
 _QOS = ("", "burstable", "besteffort")  # Guaranteed pods sit at the top of kubepods
 
 _kernel_lock = threading.Lock()  # one pod's BPF objects changed at a time (install and remove of a pod race)
-FWMARK_ACCEPT = "/proc/sys/net/ipv4/tcp_fwmark_accept"
+FWMARK_ACCEPT = "ipv4/tcp_fwmark_accept"  # under SYSCTL_NET
 
 
-def _sysctl(netns: str, value: str | None) -> str:
-    """Read (value None) or write tcp_fwmark_accept inside `netns`; returns the value before."""
+def _sysctl(netns: str, value: str | None, sysctl_net: str = SYSCTL_NET) -> str:
+    """Read (value None) or write tcp_fwmark_accept inside `netns`; returns the value before.
+
+    `sysctl_net`: where the net sysctls are mounted (nodeagent.netns.SYSCTL_NET): a container whose own
+    /proc/sys is read-only (every non-privileged one) writes through a hostPath mount of /proc/sys/net."""
+    path = os.path.join(sysctl_net, FWMARK_ACCEPT)
 
     def work() -> str:
-        with open(FWMARK_ACCEPT) as f:  # /proc/sys/net follows the opening thread's netns
+        with open(path) as f:
             before = f.read().strip()
         if value is not None and before != value:
-            with open(FWMARK_ACCEPT, "w") as f:
+            with open(path, "w") as f:
                 f.write(value)
         return before
 
     try:
         return in_netns(netns, work)
-    except (NetnsError, OSError) as exc:
+    except OSError as exc:
+        hint = ""
+        if exc.errno == errno.EROFS:
+            hint = (
+                f"; {sysctl_net} is read-only here (a container's /proc/sys is): mount the host's /proc/sys/net "
+                "read-write and pass its path with --sysctl-net (daemonset/daemonset.yaml does)"
+            )
+        raise CaptureError(f"net.ipv4.tcp_fwmark_accept in {netns}: {exc}{hint}") from None
+    except NetnsError as exc:
         raise CaptureError(f"net.ipv4.tcp_fwmark_accept in {netns}: {exc}") from None
 
 
@@ -126,9 +139,12 @@ class EbpfBackend:
 
     name = "ebpf"
 
-    def __init__(self, cgroups: CgroupResolver | None = None, pin_root: str = PIN_ROOT) -> None:
+    def __init__(
+        self, cgroups: CgroupResolver | None = None, pin_root: str = PIN_ROOT, sysctl_net: str = SYSCTL_NET
+    ) -> None:
         self.cgroups = cgroups or CgroupResolver()
         self.pin_root = pin_root
+        self.sysctl_net = sysctl_net
         self._pods: dict[str, Pod] = {}  # netns path -> pod, for inspect(netns)
 
     def _config(self, pod: Pod) -> loader.PodConfig:
@@ -146,7 +162,7 @@ class EbpfBackend:
                 raise CaptureError(f"pod {pod.key}: its cgroup {cgroup} does not exist (wrong --cgroup-pattern?)")
             with _kernel_lock:
                 repaired = loader.ensure(config, cgroup, netns)
-            if _sysctl(netns, "1") != "1":
+            if _sysctl(netns, "1", self.sysctl_net) != "1":
                 repaired += ("net.ipv4.tcp_fwmark_accept was 0: set it to 1",)
             return repaired + routing.ensure(netns)
 
@@ -162,7 +178,7 @@ class EbpfBackend:
             with _kernel_lock:
                 removed = loader.remove(pod.uid, self.pin_root)
             if os.path.exists(netns):
-                removed = _sysctl(netns, "0") == "1" or removed
+                removed = _sysctl(netns, "0", self.sysctl_net) == "1" or removed
                 removed = routing.remove(netns) or removed
             return removed
 
@@ -191,7 +207,7 @@ class EbpfBackend:
         def work() -> CaptureState:
             observed = pins.observe(pod.uid, self.cgroups.path(pod), netns, self.pin_root)
             routes = routing.read(netns)
-            fwmark = _sysctl(netns, None) == "1"
+            fwmark = _sysctl(netns, None, self.sysctl_net) == "1"
             objects = observed.objects()
             if not observed.present:  # no BPF object of ours: not captured (any routing left is listed)
                 return CaptureState(self.name, routes.objects(), observed.drift())

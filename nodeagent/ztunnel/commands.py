@@ -26,6 +26,7 @@ from nodeagent.inventory.local import load_inventory
 from nodeagent.inventory.policies import load_policies
 from nodeagent.metrics import CertManagerMetrics
 from nodeagent.model import Identity
+from nodeagent.netns import SYSCTL_NET
 from nodeagent.policy import PolicySet
 from nodeagent.zds import wire
 from nodeagent.ztunnel.certs import CertificateManager, CertManagerInputs
@@ -71,6 +72,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], ca
         metavar="PATH",
         help="readiness on this unix socket too, for a per-pod exec probe (`curl -sf --unix-socket PATH "
         "http://localhost/healthz/ready`): on hostNetwork the :15021 of a rolling update's old pod answers first",
+    )
+    p.add_argument(
+        "--sysctl-net",
+        default=SYSCTL_NET,
+        metavar="DIR",
+        help="a writable mount of the kernel's /proc/sys/net, to set net.ipv4.tcp_migrate_req in each pod's netns "
+        "(hand-over of queued connections); in a container a hostPath mount of /proc/sys/net (default: %(default)s)",
     )
     p.add_argument("--grace", type=float, default=DEFAULT_GRACE, help="termination grace period in seconds")
     p.add_argument(
@@ -137,6 +145,7 @@ def build_inputs(args: argparse.Namespace, ca_client: CaClientFactory) -> Tunnel
         metrics=parse_endpoint(args.metrics),
         ready=parse_endpoint(args.ready),
         ready_socket=args.ready_socket,
+        sysctl_net=args.sysctl_net,
         grace=args.grace,
         same_node_fast_path=args.same_node_fast_path == "on",
     )

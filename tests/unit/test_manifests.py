@@ -153,6 +153,12 @@ def test_daemonset_conventions() -> None:
     assert agent_mounts[paths["/var/run/netns"]]["mountPropagation"] == "HostToContainer"
     tunnel_mounts = {m["name"]: m for m in containers["tunnel"]["volumeMounts"]}
     assert paths["/sys/fs/bpf"] in tunnel_mounts, "eBPF-captured pods need the pins in the tunnel too"
+    # Both set sysctls in pod netns (eBPF capture, hand-over) through a writable mount of /proc/sys/net:
+    # their own /proc/sys is read-only.
+    for name in ("agent", "tunnel"):
+        [arg] = [a for a in containers[name]["args"] if a.startswith("--sysctl-net=")]
+        [mount] = [m for m in containers[name]["volumeMounts"] if m["mountPath"] == arg.split("=", 1)[1]]
+        assert not mount.get("readOnly") and volumes[mount["name"]]["hostPath"]["path"] == "/proc/sys/net"
     # The tunnel drains until grace minus its own margin: its --grace is the pod's grace period.
     assert "--grace=30" in containers["tunnel"]["args"]
     # `command` replaces the image's ENTRYPOINT: the agent (bcc) must still run the kernel-header step.

@@ -45,7 +45,7 @@ from prometheus_client import CollectorRegistry
 
 from nodeagent.admin import CONFIG_DUMP, LOGGING, METRICS, READY, AdminServer
 from nodeagent.model import Identity, Inventory, IPAddress
-from nodeagent.netns import NetnsError, in_netns
+from nodeagent.netns import SYSCTL_NET, NetnsError, in_netns
 from nodeagent.policy import PolicySet, revalidate
 from nodeagent.zds.codec import Workload
 from nodeagent.zds.tasks import TaskSet
@@ -66,7 +66,7 @@ DRAIN_MARGIN = 5.0
 # How long a pod's Add waits for the pod's certificate before listening anyway; below the agent's 5 s ZDS
 # deadline for the ack.
 CERT_WAIT = 3.0
-MIGRATE_REQ_SYSCTL = "/proc/sys/net/ipv4/tcp_migrate_req"
+MIGRATE_REQ_SYSCTL = "ipv4/tcp_migrate_req"  # under TunnelInputs.sysctl_net
 
 
 class CertSource(Protocol):
@@ -103,6 +103,7 @@ class TunnelInputs:
     metrics: Endpoint | None = ("0.0.0.0", 15020)
     ready: Endpoint | None = ("0.0.0.0", 15021)
     ready_socket: str | None = None  # readiness on a unix socket too: the pod's own, for an exec probe
+    sysctl_net: str = SYSCTL_NET  # a writable mount of /proc/sys/net (a container's own is read-only)
     grace: float = DEFAULT_GRACE
     drain_margin: float = DRAIN_MARGIN
     cert_wait: float = CERT_WAIT
@@ -357,7 +358,7 @@ class Tunnel:
             # factory makes them right there, without a thread of its own, when it is already in the netns).
             entered.append(True)
             if pod.netns_fd is not None:
-                _migrate_on_close(pod)
+                _migrate_on_close(pod, self._in.sysctl_net)
             for port, transparent in ports:
                 served.listeners.append(self._in.socket_factory.listener(pod, ip, port, transparent=transparent))
 
@@ -509,17 +510,18 @@ class Tunnel:
         ]
 
 
-def _migrate_on_close(pod: LocalPod) -> None:
+def _migrate_on_close(pod: LocalPod, sysctl_net: str) -> None:
     """Set net.ipv4.tcp_migrate_req=1 in the pod's netns (kernel >= 5.14; call it on a thread inside that
     netns): when a draining tunnel closes its listeners, connections already queued on them (handshake
     done, not yet accepted) move to the successor's listener of the same SO_REUSEPORT group instead of
     being reset. Per netns, and it only affects SO_REUSEPORT groups, so the app is untouched. Best
     effort: without it hand-over still works, minus those few queued connections."""
+    path = os.path.join(sysctl_net, MIGRATE_REQ_SYSCTL)
     try:
-        with open(MIGRATE_REQ_SYSCTL, "w") as f:  # the caller runs this on a thread inside the pod's netns
+        with open(path, "w") as f:  # the caller runs this on a thread inside the pod's netns
             f.write("1")
     except OSError as exc:
-        log.debug("pod %s: cannot set %s: %s", pod.key, MIGRATE_REQ_SYSCTL, exc)
+        log.debug("pod %s: cannot set %s: %s", pod.key, path, exc)
 
 
 def _same_netns(a: int | None, b: int | None) -> bool:
