@@ -42,9 +42,10 @@ from tunnel_harness import (
 )
 
 from nodeagent.ca.client import CAClient
-from nodeagent.model import Identity, SocketAddress
+from nodeagent.model import Identity, Pod, SocketAddress
 from nodeagent.ztunnel import sockets
 from nodeagent.ztunnel.certs import CertMaterial, make_csr
+from nodeagent.ztunnel.proxy.tunnel import Tunnel
 from nodeagent.ztunnel.tls import CIPHER_SUITES
 
 MiB = 1 << 20
@@ -292,14 +293,21 @@ async def test_node_http2_client_checks_the_server_spiffe_id(tmp_path: Path) -> 
 # -- b: app -> the tunnel's outbound -> Node's http2 CONNECT server -> app -----------------------------------
 
 
+async def outbound_only(c: Cluster) -> tuple[Tunnel, Pod, Pod]:
+    """node1's tunnel, ready, and no tunnel on node2 (Node.js stands in for it); the server and client pods,
+    both with addresses."""
+    t1 = await c.start_tunnel("node1")
+    await c.wait_ready(t1)
+    server_pod, client_pod = c.pod("server"), c.pod("client")
+    assert server_pod.ip is not None and client_pod.ip is not None
+    return t1, server_pod, client_pod
+
+
 async def test_outbound_relays_through_node_connect_server(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("INFO", logger="nodeagent.access")
     size = 4 * MiB
     async with cluster(tmp_path) as c:
-        t1 = await c.start_tunnel("node1")  # no tunnel on node2: Node.js stands in for it
-        await c.wait_ready(t1)
-        server_pod, client_pod = c.pod("server"), c.pod("client")
-        assert server_pod.ip is not None and client_pod.ip is not None
+        t1, server_pod, client_pod = await outbound_only(c)
         pem = await issue(c.ca, c.identity("server"), NODE2_TOKEN, tmp_path / "node-server")
         app = ByteServer(server_pod.ip, size=size).start()
         try:
@@ -357,10 +365,7 @@ async def test_outbound_streams_outlive_a_graceful_goaway_from_the_connect_serve
     stream keeps relaying both ways after it and ends cleanly, and the next connection opens a new HBONE
     connection. (python-h2 alone ends every stream on any GOAWAY: python-hyper/h2#1181.)"""
     async with cluster(tmp_path) as c:
-        t1 = await c.start_tunnel("node1")
-        await c.wait_ready(t1)
-        server_pod, client_pod = c.pod("server"), c.pod("client")
-        assert server_pod.ip is not None and client_pod.ip is not None
+        t1, server_pod, client_pod = await outbound_only(c)
         pem = await issue(c.ca, c.identity("server"), NODE2_TOKEN, tmp_path / "node-server")
         block = pattern(MiB)
         app = ByteServer(server_pod.ip, size=2 * MiB).start()
@@ -407,10 +412,7 @@ async def test_outbound_refuses_a_connect_server_with_the_wrong_identity(
     """A CA-issued certificate of the same trust domain, but not the destination's SPIFFE ID: no relay."""
     caplog.set_level("INFO", logger="nodeagent.access")
     async with cluster(tmp_path) as c:
-        t1 = await c.start_tunnel("node1")
-        await c.wait_ready(t1)
-        server_pod, client_pod = c.pod("server"), c.pod("client")
-        assert server_pod.ip is not None and client_pod.ip is not None
+        t1, server_pod, client_pod = await outbound_only(c)
         impostor = await issue(c.ca, c.identity("client"), NODE1_TOKEN, tmp_path / "impostor")
         app = ByteServer(server_pod.ip, size=100).start()
         try:
