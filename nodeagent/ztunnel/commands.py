@@ -31,6 +31,7 @@ from nodeagent.policy import PolicySet
 from nodeagent.zds import wire
 from nodeagent.ztunnel.certs import CertificateManager, CertManagerInputs
 from nodeagent.ztunnel.edges import NetnsSocketFactory
+from nodeagent.ztunnel.metrics import DEFAULT_CLUSTER_DOMAIN
 from nodeagent.ztunnel.proxy.tunnel import DEFAULT_GRACE, Endpoint, TunnelInputs, file_source, run_tunnel
 
 # Like ztunnel's settings, also from the environment: the benchmark turns it off to measure HBONE same-node.
@@ -79,6 +80,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], ca
         metavar="DIR",
         help="a writable mount of the kernel's /proc/sys/net, to set net.ipv4.tcp_migrate_req in each pod's netns "
         "(hand-over of queued connections); in a container a hostPath mount of /proc/sys/net (default: %(default)s)",
+    )
+    p.add_argument(
+        "--cluster-domain",
+        default=DEFAULT_CLUSTER_DOMAIN,
+        help="the cluster's DNS domain (the kubelet's --cluster-domain): destination_service in the Istio metrics "
+        "is <service>.<namespace>.svc.<domain> (default: %(default)s)",
     )
     p.add_argument("--grace", type=float, default=DEFAULT_GRACE, help="termination grace period in seconds")
     p.add_argument(
@@ -146,6 +153,7 @@ def build_inputs(args: argparse.Namespace, ca_client: CaClientFactory) -> Tunnel
         ready=parse_endpoint(args.ready),
         ready_socket=args.ready_socket,
         sysctl_net=args.sysctl_net,
+        cluster_domain=args.cluster_domain,
         grace=args.grace,
         same_node_fast_path=args.same_node_fast_path == "on",
     )

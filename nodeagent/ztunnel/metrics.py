@@ -36,6 +36,7 @@ from nodeagent.policy import Connection
 access_log = logging.getLogger("nodeagent.access")
 
 UNKNOWN = "unknown"
+DEFAULT_CLUSTER_DOMAIN = "cluster.local"  # the kubelet's --cluster-domain: Service names end in .svc.<it>
 
 ISTIO_LABELS = (
     "reporter",
@@ -191,7 +192,7 @@ class ConnectionRecord:
         """Everything `labels(flags)` depends on: connections with equal keys share metric children."""
         return (self.direction, self.src, self.dst, self.service, self.mutual_tls, flags)
 
-    def labels(self, flags: Flags) -> dict[str, str]:
+    def labels(self, flags: Flags, cluster_domain: str = DEFAULT_CLUSTER_DOMAIN) -> dict[str, str]:
         namespace, _, name = (self.service or "").partition("/")
         return {
             "reporter": self.direction.reporter,
@@ -203,7 +204,7 @@ class ConnectionRecord:
             "source_app": self.src.app,
             "source_version": self.src.version,
             "source_cluster": self.src.cluster,
-            "destination_service": f"{name}.{namespace}.svc.cluster.local" if self.service else UNKNOWN,
+            "destination_service": f"{name}.{namespace}.svc.{cluster_domain}" if self.service else UNKNOWN,
             "destination_service_namespace": namespace or UNKNOWN,
             "destination_service_name": name or UNKNOWN,
             "destination_workload": self.dst.workload,
@@ -297,8 +298,9 @@ class _Children:
 class ConnectionTable:
     """The open connections: gauges, metrics at open/close, the access log, and the admin dump."""
 
-    def __init__(self, metrics: TunnelMetrics) -> None:
+    def __init__(self, metrics: TunnelMetrics, cluster_domain: str = DEFAULT_CLUSTER_DOMAIN) -> None:
         self.metrics = metrics
+        self.cluster_domain = cluster_domain
         self._open: dict[int, ConnectionRecord] = {}
         # Children resolved once: per direction (gauges) and per label set (counters).
         self._pending = {d: metrics.pending.labels(d.value) for d in Direction}
@@ -311,7 +313,7 @@ class ConnectionTable:
         if children is None:
             if len(self._children) >= _CHILDREN_MAX:
                 self._children.clear()
-            children = self._children[key] = _Children(self.metrics, record.labels(flags))
+            children = self._children[key] = _Children(self.metrics, record.labels(flags, self.cluster_domain))
         return children
 
     def pending(self, record: ConnectionRecord) -> None:

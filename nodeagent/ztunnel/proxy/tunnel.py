@@ -54,7 +54,7 @@ from nodeagent.ztunnel.certs import CertMaterial
 from nodeagent.ztunnel.edges import ClusterView, LocalPod, ProxyState, SocketFactory, TlsContexts
 from nodeagent.ztunnel.inbound import HboneInbound, PlaintextInbound, ProxyDeps
 from nodeagent.ztunnel.local import SameNodePath
-from nodeagent.ztunnel.metrics import ConnectionTable, TunnelMetrics
+from nodeagent.ztunnel.metrics import DEFAULT_CLUSTER_DOMAIN, ConnectionTable, TunnelMetrics
 from nodeagent.ztunnel.outbound import HboneConnector, Outbound
 from nodeagent.ztunnel.pool import HbonePool
 from nodeagent.ztunnel.zds_client import Backoff, ZdsClient
@@ -104,6 +104,7 @@ class TunnelInputs:
     ready: Endpoint | None = ("0.0.0.0", 15021)
     ready_socket: str | None = None  # readiness on a unix socket too: the pod's own, for an exec probe
     sysctl_net: str = SYSCTL_NET  # a writable mount of /proc/sys/net (a container's own is read-only)
+    cluster_domain: str = DEFAULT_CLUSTER_DOMAIN  # destination_service = <name>.<namespace>.svc.<this>
     grace: float = DEFAULT_GRACE
     drain_margin: float = DRAIN_MARGIN
     cert_wait: float = CERT_WAIT
@@ -142,7 +143,7 @@ class Tunnel:
         self._in = inputs
         self._tasks = TaskSet(log)
         self._metrics = TunnelMetrics(inputs.registry)
-        self.table = ConnectionTable(self._metrics)
+        self.table = ConnectionTable(self._metrics, inputs.cluster_domain)
         self._inventory = inputs.inventory()
         self._policies = inputs.policies()
         self.state = ProxyState(ClusterView.build(self._inventory, self._policies))
