@@ -22,7 +22,7 @@ import hashlib
 import json
 import shutil
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,7 +92,15 @@ def _write_pem(material: CertMaterial, bundle: str, directory: Path) -> PemFiles
     return files
 
 
-async def run_node_client(config: dict[str, Any], within: float = 120) -> dict[str, Any]:
+async def run_node_client(
+    config: dict[str, Any], within: float = 120, on_pause: Callable[[], Awaitable[None]] | None = None
+) -> dict[str, Any]:
+    """Run hbone_client.cjs; with `on_pause`, it pauses after config["pauseAt"] bytes and resumes once
+    on_pause() has returned."""
+    resume = None
+    if on_pause is not None:
+        resume = Path(config["key"]).parent / "resume"
+        config = {**config, "resumeWhen": str(resume)}
     proc = await asyncio.create_subprocess_exec(
         node_binary(),
         str(INTEROP / "hbone_client.cjs"),
@@ -102,6 +110,12 @@ async def run_node_client(config: dict[str, Any], within: float = 120) -> dict[s
     )
     try:
         async with asyncio.timeout(within):
+            if on_pause is not None and resume is not None:
+                assert proc.stdout is not None
+                first = await proc.stdout.readline()
+                assert json.loads(first) == {"event": "paused"}, first
+                await on_pause()
+                resume.touch()
             out, err = await proc.communicate()
     except TimeoutError:
         proc.kill()
@@ -116,7 +130,15 @@ async def run_node_client(config: dict[str, Any], within: float = 120) -> dict[s
 
 
 async def node_client_to_server(
-    c: Cluster, tmp_path: Path, *, size: int, port: int = APP_PORT, expect: str = "server", within: float = 120
+    c: Cluster,
+    tmp_path: Path,
+    *,
+    size: int,
+    port: int = APP_PORT,
+    expect: str = "server",
+    within: float = 120,
+    pause_at: int | None = None,
+    on_pause: Callable[[], Awaitable[None]] | None = None,
 ) -> dict[str, Any]:
     """Node's http2 client, as the client pod (its certificate and address), CONNECTs through the server pod's
     :15008 to `server:port`, expecting the SPIFFE ID of `expect` from the TLS peer."""
@@ -134,7 +156,9 @@ async def node_client_to_server(
         "expectId": c.identity(expect).uri,
         "size": size,
     }
-    return await run_node_client(config, within=within)
+    if pause_at is not None:
+        config["pauseAt"] = pause_at
+    return await run_node_client(config, within=within, on_pause=on_pause)
 
 
 @dataclass
@@ -266,6 +290,37 @@ async def test_node_http2_client_relays_through_inbound(
         assert f"src.addr={client_pod.ip}:" in line
         assert f"bytes_sent={size} bytes_recv={size}" in line
         assert "error=" not in line
+
+
+async def test_node_http2_client_keeps_its_stream_through_the_tunnels_drain(tmp_path: Path) -> None:
+    """The tunnel drains with a graceful GOAWAY (framed by hand, not by h2): nghttp2 must parse it as one,
+    name the stream it covers, and let that stream finish both ways."""
+    size = 2 * MiB
+    async with cluster(tmp_path) as c:
+        t2 = await c.start_tunnel("node2", grace=10.0, drain_margin=2.0)  # connections may run 8 s into a drain
+        await c.wait_ready(t2)
+        server_pod = c.pod("server")
+        assert server_pod.ip is not None
+        app = ByteServer(server_pod.ip, size=size).start()
+        draining: list[asyncio.Future[None]] = []
+
+        async def drain_meanwhile() -> None:
+            await _until(lambda: len(t2.table) == 1)
+            draining.append(asyncio.ensure_future(t2.drain()))
+            await asyncio.sleep(0.2)  # the GOAWAY reaches the client while it is paused
+
+        try:
+            out = await node_client_to_server(c, tmp_path, size=size, pause_at=MiB, on_pause=drain_meanwhile)
+            await draining[0]
+            await _until(lambda: bool(app.received))
+        finally:
+            await app.close()
+        assert out["exit"] == 0 and "error" not in out, out
+        assert out["goaway"] == {"code": 0, "lastStreamID": 1}  # NO_ERROR, covering the client's stream 1
+        assert (out["status"], out["sent"], out["received"]) == (200, size, size)
+        got = app.received[0]
+        assert (got.nbytes, got.digest, got.eof) == (size, out["sentSha256"], True)
+        assert out["receivedSha256"] == app.sent_digests[0]
 
 
 @pytest.mark.parametrize(

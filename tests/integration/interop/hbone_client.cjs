@@ -6,8 +6,10 @@
 // while reading everything that comes back until the server's END_STREAM.
 //
 // Usage: node hbone_client.cjs '<json>' with keys host, port, localAddress, authority, ca, cert, key
-// (PEM file paths), expectId, size. Prints one JSON line: status, sent/received byte counts and SHA-256
-// digests, the server's URI SAN, the negotiated ALPN, TLS version and cipher; or {"error": ...} and exit 1.
+// (PEM file paths), expectId, size; optional pauseAt (bytes) and resumeWhen (a file path): after pauseAt
+// bytes it prints {"event":"paused"} and sends the rest once that file exists. Prints one JSON line:
+// status, sent/received byte counts and SHA-256 digests, the server's URI SAN, the negotiated ALPN, TLS
+// version and cipher, and any GOAWAY received ({code, lastStreamID}); or {"error": ...} and exit 1.
 'use strict';
 
 const crypto = require('node:crypto');
@@ -49,6 +51,9 @@ const client = http2.connect(`https://${cfg.host}:${cfg.port}`, {
   },
 });
 client.on('error', (err) => fail(`session: ${err.message}`));
+client.on('goaway', (code, lastStreamID) => {
+  result.goaway = { code, lastStreamID };
+});
 client.on('connect', (session, socket) => {
   result.peerId = uriSans(socket.getPeerCertificate()).join(',');
   result.alpn = socket.alpnProtocol;
@@ -76,20 +81,36 @@ req.on('data', (chunk) => {
   recvHash.update(chunk);
   result.received += chunk.length;
 });
+function done() {
+  process.stdout.write(JSON.stringify(result) + '\n');
+  process.exit(0);
+}
 req.on('end', () => {
   result.receivedSha256 = recvHash.digest('hex');
-  client.close(() => {
-    process.stdout.write(JSON.stringify(result) + '\n');
-    process.exit(0);
-  });
+  // The server may have closed the session already (it does once a GOAWAY'd connection has no streams
+  // left): then close()'s callback never runs.
+  if (client.closed || client.destroyed) done();
+  else client.close(done);
 });
 
 function send() {
   const sendHash = crypto.createHash('sha256');
   let left = cfg.size;
+  let paused = cfg.pauseAt === undefined;
   const write = () => {
     while (left > 0) {
-      const chunk = crypto.randomBytes(Math.min(left, 64 * 1024));
+      if (!paused && result.sent >= cfg.pauseAt) {
+        paused = true;
+        process.stdout.write(JSON.stringify({ event: 'paused' }) + '\n');
+        const poll = setInterval(() => {
+          if (fs.existsSync(cfg.resumeWhen)) {
+            clearInterval(poll);
+            write();
+          }
+        }, 10);
+        return;
+      }
+      const chunk = crypto.randomBytes(Math.min(left, 64 * 1024, paused ? left : cfg.pauseAt - result.sent));
       left -= chunk.length;
       sendHash.update(chunk);
       result.sent += chunk.length;
