@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -92,3 +93,24 @@ def in_netns(target: str | int, fn: Callable[[], T]) -> T:
     if error:
         raise error[0]
     return result[0]
+
+
+def net_sysctl(name: str, value: str | None = None, sysctl_net: str = SYSCTL_NET) -> str:
+    """Read the net sysctl `name` (e.g. "ipv4/tcp_fwmark_accept") of the calling thread's netns and, with
+    `value`, set it when it differs; returns the value before. Call it on a thread inside the target netns
+    (in_netns). An EROFS says what to mount: a container's own /proc/sys is read-only."""
+    path = os.path.join(sysctl_net, name)
+    try:
+        with open(path) as f:
+            before = f.read().strip()
+        if value is not None and before != value:
+            with open(path, "w") as f:
+                f.write(value)
+    except OSError as exc:
+        if exc.errno == errno.EROFS:
+            exc.strerror = (
+                f"{exc.strerror}; {sysctl_net} is read-only here (a container's /proc/sys is): mount the host's "
+                "/proc/sys/net read-write and pass its path with --sysctl-net (daemonset/daemonset.yaml does)"
+            )
+        raise
+    return before

@@ -28,7 +28,6 @@ iptables ProbeBypass on the node's own tables), no IPv6.
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import threading
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from nodeagent.capture.backend import CaptureError, CaptureState
 from nodeagent.ebpf import loader, pins
 from nodeagent.ebpf.structs import PIN_ROOT
 from nodeagent.model import Pod
-from nodeagent.netns import SYSCTL_NET, NetnsError, in_netns
+from nodeagent.netns import SYSCTL_NET, in_netns, net_sysctl
 
 LAB_CGROUP_PATTERN = "nodeagent-lab/{node}/{namespace}.{name}"  # nodeagent/lab/plan.py's layout
 KUBELET_CGROUPS = "kubelet"  # a --cgroup-pattern: the kubelet's layout, found by pod uid ("kubelet:DIR": under DIR)
@@ -49,31 +48,11 @@ FWMARK_ACCEPT = "ipv4/tcp_fwmark_accept"  # under SYSCTL_NET
 
 
 def _sysctl(netns: str, value: str | None, sysctl_net: str = SYSCTL_NET) -> str:
-    """Read (value None) or write tcp_fwmark_accept inside `netns`; returns the value before.
-
-    `sysctl_net`: where the net sysctls are mounted (nodeagent.netns.SYSCTL_NET): a container whose own
-    /proc/sys is read-only (every non-privileged one) writes through a hostPath mount of /proc/sys/net."""
-    path = os.path.join(sysctl_net, FWMARK_ACCEPT)
-
-    def work() -> str:
-        with open(path) as f:
-            before = f.read().strip()
-        if value is not None and before != value:
-            with open(path, "w") as f:
-                f.write(value)
-        return before
-
+    """Read (value None) or write tcp_fwmark_accept inside `netns` through `sysctl_net` (netns.net_sysctl);
+    returns the value before."""
     try:
-        return in_netns(netns, work)
-    except OSError as exc:
-        hint = ""
-        if exc.errno == errno.EROFS:
-            hint = (
-                f"; {sysctl_net} is read-only here (a container's /proc/sys is): mount the host's /proc/sys/net "
-                "read-write and pass its path with --sysctl-net (daemonset/daemonset.yaml does)"
-            )
-        raise CaptureError(f"net.ipv4.tcp_fwmark_accept in {netns}: {exc}{hint}") from None
-    except NetnsError as exc:
+        return in_netns(netns, lambda: net_sysctl(FWMARK_ACCEPT, value, sysctl_net))
+    except OSError as exc:  # NetnsError included
         raise CaptureError(f"net.ipv4.tcp_fwmark_accept in {netns}: {exc}") from None
 
 

@@ -45,7 +45,7 @@ from prometheus_client import CollectorRegistry
 
 from nodeagent.admin import CONFIG_DUMP, LOGGING, METRICS, READY, AdminServer
 from nodeagent.model import Identity, Inventory, IPAddress
-from nodeagent.netns import SYSCTL_NET, NetnsError, in_netns
+from nodeagent.netns import SYSCTL_NET, NetnsError, in_netns, net_sysctl
 from nodeagent.policy import PolicySet, revalidate
 from nodeagent.zds.codec import Workload
 from nodeagent.zds.tasks import TaskSet
@@ -517,12 +517,10 @@ def _migrate_on_close(pod: LocalPod, sysctl_net: str) -> None:
     done, not yet accepted) move to the successor's listener of the same SO_REUSEPORT group instead of
     being reset. Per netns, and it only affects SO_REUSEPORT groups, so the app is untouched. Best
     effort: without it hand-over still works, minus those few queued connections."""
-    path = os.path.join(sysctl_net, MIGRATE_REQ_SYSCTL)
     try:
-        with open(path, "w") as f:  # the caller runs this on a thread inside the pod's netns
-            f.write("1")
+        net_sysctl(MIGRATE_REQ_SYSCTL, "1", sysctl_net)  # the caller runs this on a thread inside the pod's netns
     except OSError as exc:
-        log.debug("pod %s: cannot set %s: %s", pod.key, path, exc)
+        log.debug("pod %s: cannot set net.ipv4.tcp_migrate_req: %s", pod.key, exc)
 
 
 def _same_netns(a: int | None, b: int | None) -> bool:
