@@ -307,10 +307,14 @@ async def test_1000_concurrent_requests_are_bounded(ca_process: tuple[int, int, 
     try:
         for _ in range(3):
             await batch()  # warm up: threads, connections, allocator arenas
-        before = _rss_mib(pid)
-        for _ in range(4):
-            results = await batch()
-        after = _rss_mib(pid)
+        # Two windows of 4000 requests: a leak grows RSS in both, a one-off (an allocator arena or a gRPC
+        # thread's cache settling, seen up to ~10 MiB once on a busy CI machine) in one only.
+        growth = []
+        for _ in range(2):
+            before = _rss_mib(pid)
+            for _ in range(4):
+                results = await batch()
+            growth.append(_rss_mib(pid) - before)
         codes = {r.code() for r in results if isinstance(r, grpc.aio.AioRpcError)}
         assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes  # the concurrency bound was hit
         issued = [r for r in results if isinstance(r, ca_pb2.IstioCertificateResponse)]
@@ -325,8 +329,8 @@ async def test_1000_concurrent_requests_are_bounded(ca_process: tuple[int, int, 
         assert grpc.StatusCode.INVALID_ARGUMENT in codes
         assert issued, "no request got through"
         assert not [r for r in results if not isinstance(r, grpc.aio.AioRpcError | ca_pb2.IstioCertificateResponse)]
-        # A leak of even 5 KiB per request would show as 20 MiB over these 4000 requests.
-        assert after - before < 10, f"the CA's RSS grew {after - before:.1f} MiB over 4000 more requests"
+        # A leak of even 5 KiB per request would show as 20 MiB in each window of 4000 requests.
+        assert min(growth) < 10, f"the CA's RSS grew {growth[0]:.1f} then {growth[1]:.1f} MiB per 4000 more requests"
         for channel in channels:  # every connection is still served
             assert (await _create(channel, good)).cert_chain
     finally:
