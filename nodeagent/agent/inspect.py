@@ -149,7 +149,7 @@ async def _collect_node(
     else:
         flavour = await asyncio.to_thread(_detect, node_netns)
     iptables = Iptables(flavour)
-    backend = IptablesBackend(iptables)
+    backend = IptablesBackend.for_host(flavour)
     ebpf = None  # eBPF capture: the pod's programs read from the kernel, its cgroup found as the agent finds it
     if status is not None and status.get("capture") == "ebpf":
         ebpf = EbpfBackend(CgroupResolver(str(status.get("cgroup_pattern") or LAB_CGROUP_PATTERN)))

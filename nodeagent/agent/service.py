@@ -80,7 +80,7 @@ class Agent:
         self.backend: CaptureBackend = (
             EbpfBackend(CgroupResolver(config.cgroup_pattern), sysctl_net=config.sysctl_net)
             if ebpf
-            else IptablesBackend(iptables)
+            else IptablesBackend.for_host(flavour)
         )
         self.probes = ProbeBypass(iptables)  # the agent runs in the node's netns: its own
         self.zds = ZdsServer(self._snapshot, config.zds_socket, on_event=self._on_zds_event)

@@ -22,7 +22,8 @@ of sending them out of eth0. The iptables mode gets the same mark onto replies w
 
 What it deliberately does not do: no bcc import (loader.py has it, compiles once per process and loads a
 pod's programs only when a program pin is missing), no kubelet-probe handling on the node (that stays the
-iptables ProbeBypass on the node's own tables), no IPv6.
+iptables ProbeBypass on the node's own tables), no IPv6 capture (sk_lookup refuses new inbound IPv6 TCP instead:
+nothing may reach the app around the tunnel).
 """
 
 from __future__ import annotations

@@ -9,11 +9,13 @@ agent's own netns - the node; when neither does, what `iptables --version` says)
 Commands run as subprocesses started from a worker thread that entered the pod's netns (the same as
 `nsenter --net=<netns file> -- iptables-...`, which is what messages show, so an operator can paste it):
 the event loop's thread never changes namespace and a child that hangs is killed.
-`IptablesBackend` is the capture backend built from these pieces plus nodeagent.capture.routing;
+`IptablesBackend` is the capture backend built from these pieces plus nodeagent.capture.routing, with
+the IPv6 guard (rules.pod_ruleset6) through ip6tables of the same flavour wherever the kernel has IPv6;
 `ProbeBypass` keeps the node's kubelet-probe SNAT chain.
 
 What it deliberately does not do: no rule text of its own (rules.py), no retries (the agent's periodic
-verify is the retry), no `iptables -A/-D` one rule at a time (never atomic), no IPv6.
+verify is the retry), no `iptables -A/-D` one rule at a time (never atomic), no IPv6 capture (the guard
+refuses IPv6 TCP; it captures nothing).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import functools
 import ipaddress
 import logging
 import shutil
+import socket
 import subprocess
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -39,6 +42,7 @@ from nodeagent.capture.rules import (
     drift,
     parse_save,
     pod_ruleset,
+    pod_ruleset6,
     probe_ruleset,
     removal_payload,
 )
@@ -62,6 +66,10 @@ class Flavour(enum.Enum):
     @property
     def restore(self) -> str:
         return f"iptables-{self.value}-restore"
+
+    def tool(self, verb: str, family: int) -> str:
+        """iptables-nft-save, ip6tables-legacy-restore, ...: `verb` (save|restore) for IPv`family`."""
+        return f"{'ip6tables' if family == 6 else 'iptables'}-{self.value}-{verb}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,15 +152,28 @@ def detect_flavour(netns: str | None = None) -> Flavour:
     return next(iter(counts))
 
 
-class Iptables:
-    """iptables-save / iptables-restore of one flavour, in any netns."""
+def ipv6_available() -> bool:
+    """Whether this kernel has IPv6 at all: booted with ipv6.disable=1 it has no IPv6 sockets, no IPv6
+    traffic to guard and no ip6tables tables (ip6tables-restore would fail every pod's install)."""
+    try:
+        socket.socket(socket.AF_INET6, socket.SOCK_STREAM).close()
+    except OSError:
+        return False
+    return True
 
-    def __init__(self, flavour: Flavour, run: Runner = run_command) -> None:
+
+class Iptables:
+    """iptables-save / iptables-restore of one flavour (ip6tables-* with family 6), in any netns."""
+
+    def __init__(self, flavour: Flavour, run: Runner = run_command, *, family: int = 4) -> None:
+        if family not in (4, 6):
+            raise ValueError(f"family must be 4 or 6, not {family}")
         self.flavour = flavour
+        self.family = family
         self._run = run
 
     async def save(self, netns: str | None) -> Saved:
-        done = await self._run([self.flavour.save], netns, None)
+        done = await self._run([self.flavour.tool("save", self.family)], netns, None)
         if done.returncode != 0:
             raise CaptureError(f"`{' '.join(done.argv)}` failed: {_why(done, netns)}")
         try:
@@ -161,7 +182,8 @@ class Iptables:
             raise CaptureError(f"could not read `{' '.join(done.argv)}`: {exc}") from None
 
     async def restore(self, netns: str | None, payload: str) -> None:
-        done = await self._run([self.flavour.restore, "--noflush", "-w", XTABLES_LOCK_WAIT_S], netns, payload)
+        restore = self.flavour.tool("restore", self.family)
+        done = await self._run([restore, "--noflush", "-w", XTABLES_LOCK_WAIT_S], netns, payload)
         if done.returncode != 0:
             raise CaptureError(f"`{' '.join(done.argv)}` failed: {_why(done, netns)}\npayload:\n{payload}")
 
@@ -189,7 +211,8 @@ def _why(done: Completed, netns: str | None) -> str:
 
 
 class IptablesBackend:
-    """The in-pod capture with iptables REDIRECT plus the policy routing of spoofed replies.
+    """The in-pod capture with iptables REDIRECT plus the policy routing of spoofed replies, and the IPv6
+    guard through `iptables6` (None: this kernel has no IPv6, see `ipv6_available`).
 
     install() is "ensure": it reads the kernel first and only writes when something differs, which is
     also how the agent adopts a pod captured by its previous run without disturbing its traffic.
@@ -197,33 +220,53 @@ class IptablesBackend:
 
     name = "iptables"
 
-    def __init__(self, iptables: Iptables) -> None:
+    def __init__(self, iptables: Iptables, iptables6: Iptables | None) -> None:
         self.iptables = iptables
+        self.iptables6 = iptables6
         self.ruleset = pod_ruleset()
+        self.ruleset6 = pod_ruleset6()
+
+    @classmethod
+    def for_host(cls, flavour: Flavour, run: Runner = run_command) -> IptablesBackend:
+        """The backend for this kernel: with the IPv6 guard wherever it has IPv6."""
+        return cls(Iptables(flavour, run), Iptables(flavour, run, family=6) if ipv6_available() else None)
 
     async def install(self, pod: Pod, netns: str) -> tuple[str, ...]:
-        # The rules and the routing are independent kernel objects, so both go in at once (the caller hands
-        # the pod to a tunnel only after both are in; nothing can use the routing before that).
-        rules, routes = await asyncio.gather(
-            self.iptables.ensure(netns, self.ruleset), asyncio.to_thread(routing.ensure, netns), return_exceptions=True
-        )
-        for outcome in (rules, routes):
+        # The rules, the IPv6 guard and the routing are independent kernel objects, so all go in at once (the
+        # caller hands the pod to a tunnel only after all are in; nothing can use the routing before that).
+        jobs: list[Awaitable[tuple[str, ...]]] = [
+            self.iptables.ensure(netns, self.ruleset),
+            asyncio.to_thread(routing.ensure, netns),
+        ]
+        if self.iptables6 is not None:
+            jobs.append(self._ensure6(self.iptables6, netns))
+        outcomes = await asyncio.gather(*jobs, return_exceptions=True)
+        for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
-        assert isinstance(rules, tuple) and isinstance(routes, tuple)
-        return rules + routes
+        return tuple(problem for outcome in outcomes if isinstance(outcome, tuple) for problem in outcome)
+
+    async def _ensure6(self, iptables6: Iptables, netns: str) -> tuple[str, ...]:
+        return tuple(f"ip6tables: {problem}" for problem in await iptables6.ensure(netns, self.ruleset6))
 
     async def remove(self, pod: Pod, netns: str) -> bool:
         removed = await self.iptables.remove(netns, self.ruleset)
+        if self.iptables6 is not None:
+            removed = await self.iptables6.remove(netns, self.ruleset6) or removed
         return await asyncio.to_thread(routing.remove, netns) or removed
 
     async def inspect(self, netns: str) -> CaptureState:
         saved = await self.iptables.save(netns)
+        objects, problems = list(saved.owned_lines()), list(drift(self.ruleset, saved))
+        if self.iptables6 is not None:
+            saved6 = await self.iptables6.save(netns)
+            objects += [f"(ip6tables) {line}" for line in saved6.owned_lines()]
+            problems += [f"ip6tables: {problem}" for problem in drift(self.ruleset6, saved6)]
         routes = await asyncio.to_thread(routing.read, netns)
         return CaptureState(
             backend=f"{self.name} ({self.iptables.flavour.value})",
-            objects=(*saved.owned_lines(), *routes.objects()),
-            drift=(*drift(self.ruleset, saved), *routes.drift()),
+            objects=(*objects, *routes.objects()),
+            drift=(*problems, *routes.drift()),
         )
 
     async def verify(self, netns: str) -> tuple[str, ...]:

@@ -20,11 +20,23 @@ each entered from exactly one builtin-chain jump carrying a `nodeagent: ...` com
     nat    POSTROUTING -> NODEAGENT_POSTRT        (node netns) node-originated TCP to an enrolled pod ->
                                                   SNAT 169.254.7.127, one commented rule per pod
 
+and, with ip6tables, the IPv6 guard (`pod_ruleset6`):
+
+    filter INPUT      -> NODEAGENT_IN6            loopback returned; every other TCP SYN -> REJECT tcp-reset
+
+The capture is IPv4-only, but a pod's interface has an IPv6 link-local address wherever the kernel has
+IPv6 (and a global one on dual-stack clusters), and an app listening on `::` (Go's default, nginx's) took
+plaintext TCP over it from any neighbour on the node's bridge — around the tunnel, STRICT and every DENY
+(measured in the lab, both capture modes). So an enrolled pod refuses new inbound IPv6 TCP, as Istio's
+sidecar iptables do when IPv6 is not enabled; the pod's own outbound IPv6 connections (their SYN-ACKs are
+no SYN) and loopback keep working.
+
 Rules are written in the canonical form `iptables-save` prints (both the legacy and the nft flavour,
 checked by tests/privileged), so desired and actual compare as strings.
 
 What it deliberately does not do: no subprocesses and no netns (iptables.py), no routing (routing.py),
-no IPv6 (the lab and the inventory are IPv4-only), no DNS capture (15053), and it never touches a chain
+no IPv6 capture (the lab and the inventory are IPv4-only; IPv6 is refused, not captured), no DNS
+capture (15053), and it never touches a chain
 that is not ours: a payload only declares, flushes or deletes NODEAGENT_* chains and deletes jumps into
 them.
 """
@@ -51,6 +63,7 @@ COMMENT_PREFIX = "nodeagent: "
 
 NAT = "nat"
 MANGLE = "mangle"
+FILTER = "filter"
 
 _TUNNEL = f"{TUNNEL_MARK:#x}/{MARK_MASK:#x}"
 _CAPTURED = f"{CAPTURE_MARK:#x}/{MARK_MASK:#x}"
@@ -126,6 +139,23 @@ def pod_ruleset() -> Ruleset:
             Jump(MANGLE, "PREROUTING", "NODEAGENT_MANGLE_PRERT", "connmark the tunnel connections"),
             Jump(MANGLE, "OUTPUT", "NODEAGENT_MANGLE_OUTPUT", "restore the tunnel mark on replies"),
         ),
+    )
+
+
+def pod_ruleset6() -> Ruleset:
+    """The in-pod IPv6 guard (ip6tables; see the module docstring): new inbound TCP is refused with a reset,
+    so a client sees "connection refused" at once rather than a timeout. `RETURN`, not `ACCEPT`, for
+    loopback: other INPUT rules of the pod still apply."""
+    return Ruleset(
+        chains=_chains(
+            {
+                (FILTER, "NODEAGENT_IN6"): (
+                    "-i lo -j RETURN",
+                    "-p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j REJECT --reject-with tcp-reset",
+                ),
+            }
+        ),
+        jumps=(Jump(FILTER, "INPUT", "NODEAGENT_IN6", "no IPv6 TCP around the mesh"),),
     )
 
 

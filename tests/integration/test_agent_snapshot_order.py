@@ -54,7 +54,7 @@ class Tunnel:
 async def test_a_tunnel_connecting_during_the_first_pass_gets_every_pod(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(service, "IptablesBackend", lambda iptables: FakeCapture(install_delay=0.3))
+    monkeypatch.setattr(service.IptablesBackend, "for_host", lambda flavour: FakeCapture(install_delay=0.3))
     monkeypatch.setattr(service, "ProbeBypass", NoProbes)
     inventory = tmp_path / "inventory.yaml"
     shutil.copy(DEFAULT_TOPOLOGY, inventory)

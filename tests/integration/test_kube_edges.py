@@ -149,7 +149,7 @@ async def test_a_restarted_agent_corrects_the_annotations_an_earlier_run_left(
     """Pods unenrolled while no agent ran still say `enabled` (istio#61182's lie) until an agent reads the
     annotation back: the new agent removes it from every pod of its node that is not enrolled, and makes
     an enrolled pod's agree with its status (here pending: no tunnel)."""
-    monkeypatch.setattr(service, "IptablesBackend", lambda iptables: FakeCapture())
+    monkeypatch.setattr(service.IptablesBackend, "for_host", lambda flavour: FakeCapture())
     monkeypatch.setattr(service, "ProbeBypass", NoProbes)
     stale = {REDIRECTION_ANNOTATION: "enabled"}
     api.apply(namespace("shop", AMBIENT))

@@ -84,10 +84,19 @@ def iptables_save(netns: str, flavour: str = "nft", counters: bool = False) -> s
     return sh("ip", "netns", "exec", netns, f"iptables-{flavour}-save", *(["-c"] if counters else []))
 
 
+RULE_TOOLS = (
+    ["iptables-nft-save"],
+    ["iptables-legacy-save"],
+    ["ip6tables-nft-save"],
+    ["ip6tables-legacy-save"],
+    ["nft", "list", "ruleset"],
+)
+
+
 def rules_of_ours(netns: str) -> dict[str, list[str]]:
-    """Lines that mention nodeagent in `iptables-nft-save`, `iptables-legacy-save` and `nft list ruleset`."""
+    """Lines that mention nodeagent in `ip(6)tables-{nft,legacy}-save` and `nft list ruleset`."""
     found = {}
-    for tool in (["iptables-nft-save"], ["iptables-legacy-save"], ["nft", "list", "ruleset"]):
+    for tool in RULE_TOOLS:
         text = sh("ip", "netns", "exec", netns, *tool)
         found[" ".join(tool)] = [line for line in text.splitlines() if "nodeagent" in line.lower()]
     return found

@@ -58,6 +58,15 @@ POD_RULES = sorted(
         "-j REDIRECT --to-ports 15006",
     ]
 )
+# ... and its ip6tables (iptables mode): the IPv6 guard, Istio's sidecar answer to "IPv6 is not captured".
+POD_RULES6 = sorted(
+    [
+        ":NODEAGENT_IN6 - [0:0]",
+        '-A INPUT -m comment --comment "nodeagent: no IPv6 TCP around the mesh" -j NODEAGENT_IN6',
+        "-A NODEAGENT_IN6 -i lo -j RETURN",
+        "-A NODEAGENT_IN6 -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j REJECT --reject-with tcp-reset",
+    ]
+)
 POD_ROUTING = {
     "rules": [{"priority": 32764, "src": "all", "fwmark": "0x111", "fwmask": "0xfff", "table": "100"}],
     "routes": [{"type": "local", "dst": "default", "dev": "lo", "protocol": "static", "scope": "host", "flags": []}],
@@ -82,10 +91,14 @@ def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 30.0) -> 
 # --- oracles ------------------------------------------------------------------------------------------
 
 
-def ours(netns: str, flavour: str = "nft", counters: bool = False) -> list[str]:
-    """Our chain declarations and rules in `netns`, from iptables-save of `flavour`, sorted."""
-    text = sh("ip", "netns", "exec", netns, f"iptables-{flavour}-save", *(["-c"] if counters else []))
+def ours(netns: str, flavour: str = "nft", counters: bool = False, tool: str = "iptables") -> list[str]:
+    """Our chain declarations and rules in `netns`, from iptables-save (or `tool`-save) of `flavour`, sorted."""
+    text = sh("ip", "netns", "exec", netns, f"{tool}-{flavour}-save", *(["-c"] if counters else []))
     return sorted(line for line in text.splitlines() if "NODEAGENT" in line)
+
+
+def ours6(netns: str, flavour: str = "nft") -> list[str]:
+    return ours(netns, flavour, tool="ip6tables")
 
 
 def routing(netns: str) -> dict[str, list[Any]]:
@@ -239,7 +252,11 @@ def captured(mode: str, key: str, flavour: str = "nft") -> bool:
     if routing(netns) != POD_ROUTING:
         return False
     if mode == "iptables":
-        return ours(netns, flavour) == POD_RULES and oracles.ebpf_nothing(NODE_OF[key], key, netns)
+        return (
+            ours(netns, flavour) == POD_RULES
+            and ours6(netns, flavour) == POD_RULES6
+            and oracles.ebpf_nothing(NODE_OF[key], key, netns)
+        )
     return (
         not oracles.ebpf_problems(NODE_OF[key], key, netns)
         and fwmark_accept(key) == "1"
@@ -253,6 +270,8 @@ def untouched(key: str) -> bool:
     return (
         ours(netns, "nft") == []
         and ours(netns, "legacy") == []
+        and ours6(netns, "nft") == []
+        and ours6(netns, "legacy") == []
         and routing(netns) == NO_ROUTING
         and oracles.ebpf_nothing(NODE_OF[key], key, netns)
         and fwmark_accept(key) == "0"
@@ -418,6 +437,78 @@ def test_fail_closed_without_a_tunnel_and_kubelet_probes_bypass_capture(
     dump = sh("tcpdump", "-r", str(pcap), "-n", "-A")
     assert plain_marker in dump
     assert captured_marker not in dump and "10.10.1.10." not in dump  # not even a SYN from the enrolled pod
+
+
+SERVER6 = """
+import socket
+s = socket.socket(socket.AF_INET6)  # on ::, dual-stack: how Go's net.Listen(":8080") and nginx listen
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("::", 8080))
+s.listen()
+print("listening", flush=True)
+while True:
+    conn, peer = s.accept()
+    conn.sendall(b"hello from the app")
+    conn.close()
+"""
+
+
+def link_local(netns: str, dev: str = "eth0") -> str:
+    """`dev`'s IPv6 link-local address once duplicate address detection has passed (ip -j): until then the
+    address can be neither reached nor used as a source (EADDRNOTAVAIL)."""
+
+    def usable() -> str | None:
+        for link in json.loads(sh("ip", "-n", netns, "-j", "addr", "show", dev)):
+            for addr in link["addr_info"]:
+                if addr["family"] == "inet6" and addr["scope"] == "link" and not addr.get("tentative"):
+                    return str(addr["local"])
+        return None
+
+    return str(wait_for(f"the IPv6 link-local address of {dev} in {netns}", usable))
+
+
+def connect6(netns: str, host: str) -> str:
+    return sh("ip", "netns", "exec", netns, sys.executable, "-c", CLIENT, host, "v6").strip()
+
+
+def test_ipv6_cannot_reach_an_enrolled_pods_app_around_the_mesh(
+    inventory: Inventory, start_agent: Callable[..., Agent], capture: str
+) -> None:
+    """Capture is IPv4-only, but every pod's eth0 has an IPv6 link-local address: an app on :: took
+    plaintext from any neighbour on the node's bridge, around the tunnel and every policy. Enrolled, the
+    pod refuses new inbound IPv6 TCP (RST: refused at once); its own IPv6 and loopback keep working."""
+    inventory.label("shop", enrolled=False)
+    start_agent("node2")
+    batch, checkout_ns = netns_of("legacy/batch"), netns_of("shop/checkout")
+    checkout = f"{link_local(checkout_ns)}%eth0"
+    from_node = f"{link_local(checkout_ns)}%br0"
+    batch_ll = f"{link_local(batch)}%eth0"
+    link_local("na-node2", "br0")  # the node's own source address
+    apps = [
+        subprocess.Popen([*LAB, "exec", key, "--", sys.executable, "-c", SERVER6], stdout=subprocess.PIPE, text=True)
+        for key in ("shop/checkout", "legacy/batch")
+    ]
+    try:
+        for app in apps:
+            assert app.stdout is not None and app.stdout.readline().strip() == "listening"
+        # Not enrolled: the neighbour pod and the node reach the app over IPv6 (what enrolment must stop).
+        assert connect6(batch, checkout) == "connected hello from the app"
+        assert connect6("na-node2", from_node) == "connected hello from the app"
+
+        inventory.label("shop", enrolled=True)
+        wait_for("checkout captured", lambda: captured(capture, "shop/checkout"))
+        assert connect6(batch, checkout) == "failed ConnectionRefusedError"
+        assert connect6("na-node2", from_node) == "failed ConnectionRefusedError"
+        assert connect6(checkout_ns, "::1") == "connected hello from the app"  # the pod itself, over loopback
+        assert connect6(checkout_ns, batch_ll) == "connected hello from the app"  # its own outbound IPv6
+
+        inventory.label("shop", enrolled=False)
+        wait_for("checkout released", lambda: untouched("shop/checkout"))
+        assert connect6(batch, checkout) == "connected hello from the app"
+    finally:
+        for app in apps:
+            app.kill()
+            app.wait()
 
 
 def chain_counters(key: str) -> list[str]:

@@ -434,7 +434,7 @@ def test_pod_to_pod_through_capture_and_both_tunnels(start_mesh: Callable[..., E
     assert all(captured(env.mode, pod) for pod in ENROLLED)
     if env.mode == "ebpf":  # the point of the mode: no rule of ours in iptables (either flavour) or nft
         assert {pod: oracles.rules_of_ours(NETNS[pod]) for pod in ENROLLED} == {
-            pod: {"iptables-nft-save": [], "iptables-legacy-save": [], "nft list ruleset": []} for pod in ENROLLED
+            pod: {" ".join(tool): [] for tool in oracles.RULE_TOOLS} for pod in ENROLLED
         }
     # legacy is not enrolled: nothing of ours in its netns, no tunnel listeners, no policy routing, no BPF.
     assert ours(NETNS[BATCH]) == [] and not (TUNNEL_PORTS & listeners(NETNS[BATCH]))

@@ -12,6 +12,7 @@ from nodeagent.capture.rules import (
     drift,
     parse_save,
     pod_ruleset,
+    pod_ruleset6,
     probe_ruleset,
     removal_payload,
 )
@@ -35,15 +36,28 @@ POD_RULES = [
     "-j REDIRECT --to-ports 15006",
 ]
 
+# The IPv6 guard: Istio's sidecar answer to "IPv6 is not captured" (refuse it inbound), TCP-only like the capture.
+POD_RULES6 = [
+    '-t filter -A INPUT -m comment --comment "nodeagent: no IPv6 TCP around the mesh" -j NODEAGENT_IN6',
+    "-t filter -A NODEAGENT_IN6 -i lo -j RETURN",
+    "-t filter -A NODEAGENT_IN6 -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j REJECT --reject-with tcp-reset",
+]
+
 
 def save_text(rules: list[str], extra: dict[str, list[str]] | None = None) -> str:
     """An iptables-save document holding `rules` (`-t TABLE -A CHAIN SPEC` lines) and extra chain names."""
+    builtin = {
+        "mangle": {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"},
+        "nat": {"PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"},
+        "filter": {"INPUT", "FORWARD", "OUTPUT"},
+    }
     tables: dict[str, tuple[set[str], list[str]]] = {
-        "mangle": ({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}, []),
-        "nat": ({"PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"}, []),
+        "mangle": (set(builtin["mangle"]), []),
+        "nat": (set(builtin["nat"]), []),
     }
     for line in rules:
         _, table, _, chain, spec = line.split(" ", 4)
+        tables.setdefault(table, (set(builtin[table]), []))
         tables[table][0].add(chain)
         tables[table][1].append(f"-A {chain} {spec}")
     for table, chains in (extra or {}).items():
@@ -58,6 +72,30 @@ def save_text(rules: list[str], extra: dict[str, list[str]] | None = None) -> st
 
 def test_pod_ruleset_is_the_reference_capture() -> None:
     assert sorted(pod_ruleset().lines()) == sorted(POD_RULES)
+
+
+def test_pod_ruleset6_is_the_ipv6_guard() -> None:
+    assert sorted(pod_ruleset6().lines()) == sorted(POD_RULES6)
+
+
+def test_the_ipv6_guard_goes_in_beside_other_input_rules_and_comes_out_alone() -> None:
+    foreign = ["-t filter -A INPUT -p tcp -m tcp --dport 22 -j ACCEPT"]
+    saved = parse_save(save_text(foreign))
+    payload = apply_payload(pod_ruleset6(), saved)
+    assert payload == (
+        "*filter\n:NODEAGENT_IN6 - [0:0]\n"
+        '-A INPUT -m comment --comment "nodeagent: no IPv6 TCP around the mesh" -j NODEAGENT_IN6\n'
+        "-A NODEAGENT_IN6 -i lo -j RETURN\n"
+        "-A NODEAGENT_IN6 -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j REJECT --reject-with tcp-reset\nCOMMIT\n"
+    )
+    after = apply_to(foreign, {}, payload)
+    assert drift(pod_ruleset6(), parse_save(save_text(after))) == ()
+    assert apply_payload(pod_ruleset6(), parse_save(save_text(after))) == ""
+    removed = apply_to(after, {}, removal_payload(pod_ruleset6(), parse_save(save_text(after))))
+    assert removed == foreign
+    # The IPv4 capture's chains are not the guard's business, nor the other way round.
+    assert drift(pod_ruleset6(), parse_save(save_text([*POD_RULES, *POD_RULES6]))) == ()
+    assert removal_payload(pod_ruleset6(), parse_save(save_text(POD_RULES))) == ""
 
 
 def test_probe_ruleset_one_commented_snat_per_pod_sorted_by_address() -> None:

@@ -79,6 +79,7 @@ enum na_stat {
     NA_STAT_IN_STEERED = 3,     /* sk_lookup: SYN handed to the tunnel's :15006 listener */
     NA_STAT_IN_REFUSED = 4,     /* sk_lookup: no tunnel listener, refused (fail closed) */
     NA_STAT_IN_BYPASSED = 5,    /* sk_lookup: the tunnel's own connection to the app (client's IP) */
+    NA_STAT_IN6_REFUSED = 6,    /* sk_lookup: IPv6 TCP from elsewhere, refused (nothing captures IPv6) */
     NA_STAT_MAX = 8,
 };
 
