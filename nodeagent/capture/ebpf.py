@@ -6,8 +6,9 @@ pod's netns (given) and the pod's cgroup v2 directory (found by `CgroupResolver`
 which programs, where they attach, what counts as drift - is nodeagent.ebpf's (pins.HOOKS, pins.observe).
 
 install() is "ensure": it reads the pins and the kernel's attachments first and touches only what differs,
-so a restarted agent adopts the previous run's programs without recompiling or re-attaching, and a
-program detached by hand is re-attached on the next verify (the agent verifies every few seconds).
+so a restarted agent adopts the previous run's programs without reloading or re-attaching them when they
+are this build's (an upgraded agent swaps its own into the pod's links in place), and a program
+detached by hand is re-attached on the next verify (the agent verifies every few seconds).
 There is no rule in the pod's iptables or nft tables in this mode.
 
 The pins are kept by pod uid under /sys/fs/bpf/nodeagent/<uid>/, not in the pod's netns, so they outlive
@@ -21,7 +22,7 @@ local default route), which delivers the app's replies to the client's IP to the
 of sending them out of eth0. The iptables mode gets the same mark onto replies with connmark rules.
 
 What it deliberately does not do: no bcc import (loader.py has it, compiles once per process and loads a
-pod's programs only when a program pin is missing), no kubelet-probe handling on the node (that stays the
+pod's programs only when a program pin is missing or another build's), no kubelet-probe handling on the node (that stays the
 iptables ProbeBypass on the node's own tables), no IPv6 capture (sk_lookup refuses new inbound IPv6 TCP instead:
 nothing may reach the app around the tunnel).
 """

@@ -28,8 +28,10 @@ code is the same for all. Every object is pinned under /sys/fs/bpf/nodeagent/<po
 re-opened when their layout is the compiled one, so a reload keeps their contents), programs
 (prog_<hook>) and links (link_<hook>; the link is the attachment, so a pinned link keeps capture working
 while no agent runs). `ensure()` reads what the kernel has first and loads only when a program pin is
-missing or uses maps that are not the pinned ones; links that were detached or unpinned are re-created
-from the pinned program. `remove()` detaches and unpins everything, idempotently.
+missing, uses maps that are not the pinned ones, or is another build's (its kernel tag differs from this
+build's, read once from a reference load: an upgraded agent); a reloaded program goes into the pod's
+existing link in place (BPF_LINK_UPDATE, never a moment without capture); links that were detached or
+unpinned are re-created from the pinned program. `remove()` detaches and unpins everything, idempotently.
 
 - SOURCE-IP PRESERVATION (the tunnel connects to the app from the client's IP): sk_lookup cannot see
   socket marks, so the tunnel names its transparent upstream socket's address in map_bypass before
@@ -209,6 +211,7 @@ class Compiled:
     programs: dict[str, bytes]  # function name -> instructions with placeholder map fds
     layouts: dict[int, maps.MapInfo]  # placeholder fd -> the map's layout, name and BTF type ids
     btf: maps.Fd | None
+    tags: dict[str, str] = dataclasses.field(default_factory=dict)  # hook name -> the kernel's tag of its program
 
 
 _compile_lock = threading.Lock()  # one compile at a time in this process
@@ -242,12 +245,45 @@ def _compile(build: BuildConfig) -> Compiled:
     unit = json.loads(done.stdout)
     btf = maps.btf_load(bytes.fromhex(unit["btf"])) if unit["btf"] else None
     log.info("compiled nodeagent's programs (%s) with %s", ", ".join(unit["programs"]), " ".join(build.cflags()[1:]))
-    return Compiled(
+    program = Compiled(
         unit["license"].encode(),
         {name: bytes.fromhex(code) for name, code in unit["programs"].items()},
         {int(fd): maps.MapInfo(**layout) for fd, layout in unit["layouts"].items()},
         btf,
     )
+    return dataclasses.replace(program, tags=_reference_tags(program))
+
+
+def _reference_tags(program: Compiled) -> dict[str, str]:
+    """The kernel's tag of each of this build's programs (hook name -> tag), from one load on throwaway maps.
+
+    How `ensure()` tells a pinned program of another build (an agent upgrade, a changed source) from this
+    one's: the kernel hashes a program's instructions with its map references blanked (bpf_prog_calc_tag),
+    so every pod's copy of one build has the same tag. It hashes them after its own rewrites, though: the
+    tag is not the SHA-1 of the compiled bytes (measured), so it is read back from a load.
+    """
+    made = {placeholder: maps.map_create(layout, program.btf) for placeholder, layout in program.layouts.items()}
+    try:
+        targets = {placeholder: fd.fd for placeholder, fd in made.items()}
+        tags = {}
+        for hook in pins.HOOKS:
+            with _load_program(hook, relocate(program.programs[hook.function], targets), program.license) as fd:
+                tags[hook.name] = maps.prog_info(fd.fd).tag
+        return tags
+    finally:
+        for fd in made.values():
+            fd.close()
+
+
+def _load_program(hook: pins.Hook, insns: bytes, license: bytes) -> maps.Fd:
+    try:
+        return maps.prog_load(int(hook.prog_type), insns, hook.function, license, int(hook.attach_type))
+    except maps.BpfError as exc:
+        raise EbpfUnavailable(
+            f"the kernel refused program {hook.function} ({hook.prog_type.name.lower()}, attach "
+            f"{hook.attach_type.name.lower()}): {exc}; the kernel is too old or built without this program "
+            "type - use --capture iptables"
+        ) from None
 
 
 def _compile_here(build: BuildConfig) -> dict[str, Any]:
@@ -387,15 +423,7 @@ def load(config: PodConfig) -> dict[str, maps.Fd]:
     try:
         targets = {placeholder: fd.fd for placeholder, fd in pod_maps.items()}
         for hook in pins.HOOKS:
-            insns = relocate(program.programs[hook.function], targets)
-            try:
-                fd = maps.prog_load(int(hook.prog_type), insns, hook.function, program.license, int(hook.attach_type))
-            except maps.BpfError as exc:
-                raise EbpfUnavailable(
-                    f"the kernel refused program {hook.function} ({hook.prog_type.name.lower()}, attach "
-                    f"{hook.attach_type.name.lower()}): {exc}; the kernel is too old or built without this program "
-                    "type - use --capture iptables"
-                ) from None
+            fd = _load_program(hook, relocate(program.programs[hook.function], targets), program.license)
             fds[hook.name] = fd
             path = os.path.join(config.pin_dir, hook.prog_pin)
             with contextlib.suppress(FileNotFoundError):
@@ -472,20 +500,29 @@ def _open_target(path: str) -> Iterator[maps.Fd]:
 def ensure(config: PodConfig, cgroup: str, netns: str) -> tuple[str, ...]:
     """Make the kernel hold the pod's programs, pinned and attached; return what was repaired (empty: nothing).
 
-    Adopts what exists: a program pin that uses the pod's pinned maps is reused (nothing loaded), a link
-    that is pinned and attached to the right cgroup/netns is left alone, and map_config is rewritten
-    only when it does not hold the pod's IP.
+    Adopts what exists: a program pin of this build (its kernel tag is this build's, see `_reference_tags`)
+    that uses the pod's pinned maps is reused (nothing loaded), a link that is pinned and attached to the
+    right cgroup/netns is left alone, and map_config is rewritten only when it does not hold the pod's IP.
+    A pinned program of another build (the agent was upgraded) is reloaded and swapped into its link in
+    place (BPF_LINK_UPDATE), so the pod is never without capture while its programs change.
     """
+    program = compiled(config.build)  # known before adopting anything: the pins may hold another build's
     os.makedirs(config.pin_dir, exist_ok=True)
     targets = {"cgroup": cgroup, "netns": netns}
     observed = pins.observe(config.uid, cgroup, netns, config.pin_root)
     repaired: list[str] = []
     fresh: dict[str, maps.Fd] = {}
     try:
-        stale = [h for h in observed.hooks if h.prog is None or h.stray_maps]
+        stale = [h.problem for h in observed.hooks if h.prog is None or h.stray_maps]
+        stale += [
+            f"{h.hook.name}: program {h.prog.id} is another build's (tag {h.prog.tag}, this agent's "
+            f"{program.tags[h.hook.name]})"
+            for h in observed.hooks
+            if h.prog is not None and not h.stray_maps and h.prog.tag != program.tags[h.hook.name]
+        ]
         if stale or any(m.info is None for m in observed.maps):
             fresh = load(config)
-            why = "; ".join(h.problem for h in stale) or "a map was not pinned"
+            why = "; ".join(stale) or "a map was not pinned"
             repaired.append(f"{why}: loaded and pinned the programs again")
         note = _configure(config)
         if note and not fresh:  # a fresh load reports itself
@@ -495,6 +532,12 @@ def ensure(config: PodConfig, cgroup: str, netns: str) -> tuple[str, ...]:
             if hook.name not in fresh and state.ok:
                 continue
             link_path = os.path.join(config.pin_dir, hook.link_pin)
+            if hook.name in fresh and state.linked and state.prog is not None and state.link is not None:
+                # Attached where it belongs: swap the program inside the link; the hook never runs empty.
+                with maps.obj_get(link_path) as link, maps.prog_fd_by_id(state.prog.id) as old:
+                    maps.link_update(link.fd, fresh[hook.name].fd, old.fd)
+                repaired.append(f"{hook.name}: swapped the reloaded program into link {state.link.id} in place")
+                continue
             _unpin_link(link_path)
             prog = fresh.get(hook.name) or maps.obj_get(os.path.join(config.pin_dir, hook.prog_pin))
             try:

@@ -59,6 +59,7 @@ BPF_PROG_QUERY = 16
 BPF_BTF_LOAD = 18
 BPF_BTF_GET_FD_BY_ID = 19
 BPF_LINK_CREATE = 28
+BPF_LINK_UPDATE = 29
 BPF_LINK_GET_FD_BY_ID = 30
 BPF_LINK_DETACH = 34
 
@@ -191,6 +192,18 @@ class _LinkCreateAttr(ctypes.Structure):
         ("flags", ctypes.c_uint32),
         ("reserved", ctypes.c_uint64 * 4),
     )
+
+
+class _LinkUpdateAttr(ctypes.Structure):
+    _fields_ = (
+        ("link_fd", ctypes.c_uint32),
+        ("new_prog_fd", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("old_prog_fd", ctypes.c_uint32),
+    )
+
+
+BPF_F_REPLACE = 1 << 2
 
 
 class _DetachAttr(ctypes.Structure):
@@ -548,6 +561,13 @@ def link_create(prog_fd: int, target_fd: int, attach_type: int) -> Fd:
     """Attach a program to a cgroup or netns through a link (BPF_LINK_CREATE); the link owns the attachment."""
     attr = _LinkCreateAttr(prog_fd=prog_fd, target_fd=target_fd, attach_type=attach_type)
     return Fd(bpf(BPF_LINK_CREATE, attr, f"LINK_CREATE attach type {attach_type}"))
+
+
+def link_update(link_fd: int, new_prog_fd: int, old_prog_fd: int) -> None:
+    """Swap the program a link runs, atomically (BPF_LINK_UPDATE with BPF_F_REPLACE): the attach point is never
+    without a program, and the swap fails (EPERM) unless the link still runs `old_prog_fd`'s program."""
+    attr = _LinkUpdateAttr(link_fd=link_fd, new_prog_fd=new_prog_fd, flags=BPF_F_REPLACE, old_prog_fd=old_prog_fd)
+    bpf(BPF_LINK_UPDATE, attr, "LINK_UPDATE")
 
 
 def link_detach(link_fd: int) -> None:

@@ -58,6 +58,7 @@ class HookState:
     attached: tuple[int, ...] | None  # program ids the kernel lists on the target for this attach type
     problem: str
     stray_maps: tuple[int, ...] = ()  # ids of maps the pinned program uses that are not the pod's pinned maps
+    linked: bool = False  # the pinned link is attached to the right target and runs the pinned program
 
     @property
     def ok(self) -> bool:
@@ -178,7 +179,7 @@ def observe(uid: str, cgroup: str, netns: str, pin_root: str = PIN_ROOT) -> PodB
             problem = f"the kernel lists no program {prog.id} on {target} for {hook.attach_type.name.lower()}"
         else:
             problem = ""
-        states.append(HookState(hook, target, prog, link, attached, problem))
+        states.append(HookState(hook, target, prog, link, attached, problem, linked=not problem))
     map_states = tuple(MapState(name, _map(os.path.join(directory, name))) for name in MAPS)
     pinned_maps = {m.info.id for m in map_states if m.info}
     for i, state in enumerate(states):

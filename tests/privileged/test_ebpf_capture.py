@@ -372,6 +372,46 @@ def test_a_replaced_map_pin_reloads_the_programs_onto_the_pinned_maps(captured: 
     assert pins.observe(uid, cgroup, netns).drift() == ()
 
 
+def test_programs_of_another_build_are_swapped_into_their_links_in_place(
+    captured: dict[str, str], ebpf: Any, standin: subprocess.Popen[str]
+) -> None:
+    """An agent upgrade: the pod's pinned programs are another build's (here: the same sources built for another
+    tunnel mark, so other instructions and another kernel tag). ensure() must replace them - a restarted agent
+    that adopted them as they are would never roll out a fixed program - and without a moment of no capture:
+    the links stay (same ids, never detached), only the programs inside them change."""
+    loader, pins = ebpf
+    cgroup, netns, uid = captured["cgroup"], captured["netns"], captured["uid"]
+    import ipaddress
+
+    ip = ipaddress.IPv4Address(POD_IP)
+    current = loader.PodConfig(uid, ip)
+    older = loader.PodConfig(uid, ip, build=loader.BuildConfig(tunnel_mark=0x540))
+    assert loader.compiled(older.build).tags != loader.compiled(current.build).tags
+    for prog in ("prog_connect4", "prog_sockops", "prog_sk_lookup"):
+        os.unlink(PIN_ROOT / uid / prog)  # the fixture's programs go; the links keep running them
+    repaired = loader.ensure(older, cgroup, netns)
+    assert repaired and "loaded" in repaired[0]
+    links = links_of(cgroup, netns)
+    old_tags = {hook: bpftool("prog", "show", "id", str(link["prog_id"]))["tag"] for hook, link in links.items()}
+
+    repaired = loader.ensure(current, cgroup, netns)
+    assert "another build's" in repaired[0] and "loaded" in repaired[0], repaired
+    assert sum("in place" in line for line in repaired) == 3, repaired
+    after = links_of(cgroup, netns)
+    assert {hook: link["id"] for hook, link in after.items()} == {hook: link["id"] for hook, link in links.items()}
+    new_tags = {hook: bpftool("prog", "show", "id", str(link["prog_id"]))["tag"] for hook, link in after.items()}
+    assert sorted(new_tags.values()) == sorted(loader.compiled(current.build).tags.values())
+    assert new_tags != old_tags  # the mark is in some programs only; all three are reloaded together
+    for hook in ("connect4", "sockops", "sk_lookup"):  # the pins name the programs the links run
+        pinned = bpftool("prog", "show", "pinned", str(PIN_ROOT / uid / f"prog_{hook}"))
+        assert pinned["tag"] == loader.compiled(current.build).tags[hook]
+    assert pins.observe(uid, cgroup, netns).drift() == ()
+    assert loader.ensure(current, cgroup, netns) == ()  # this build's programs are adopted as they are
+    # ... and capture works through them: an inbound connection still reaches the tunnel's :15006.
+    seen = json.loads(lab_exec("shop/payments", CLIENT, POD_IP, "8080"))
+    assert seen["listener"] == 15006 and seen["local"] == [POD_IP, 8080]
+
+
 def test_pods_are_loaded_from_one_compile_with_their_ip_as_data(
     captured: dict[str, str], ebpf: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
