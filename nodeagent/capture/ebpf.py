@@ -22,9 +22,9 @@ local default route), which delivers the app's replies to the client's IP to the
 of sending them out of eth0. The iptables mode gets the same mark onto replies with connmark rules.
 
 What it deliberately does not do: no bcc import (loader.py has it, compiles once per process and loads a
-pod's programs only when a program pin is missing or another build's), no kubelet-probe handling on the node (that stays the
-iptables ProbeBypass on the node's own tables), no IPv6 capture (sk_lookup refuses new inbound IPv6 TCP instead:
-nothing may reach the app around the tunnel).
+pod's programs only when a program pin is missing or another build's), no kubelet-probe handling on the
+node (that stays the iptables ProbeBypass on the node's own tables), no IPv6 capture (sk_lookup refuses
+new inbound IPv6 TCP instead: nothing may reach the app around the tunnel).
 """
 
 from __future__ import annotations

@@ -509,20 +509,14 @@ def ensure(config: PodConfig, cgroup: str, netns: str) -> tuple[str, ...]:
     program = compiled(config.build)  # known before adopting anything: the pins may hold another build's
     os.makedirs(config.pin_dir, exist_ok=True)
     targets = {"cgroup": cgroup, "netns": netns}
-    observed = pins.observe(config.uid, cgroup, netns, config.pin_root)
+    observed = pins.observe(config.uid, cgroup, netns, config.pin_root, program.tags)
     repaired: list[str] = []
     fresh: dict[str, maps.Fd] = {}
     try:
-        stale = [h.problem for h in observed.hooks if h.prog is None or h.stray_maps]
-        stale += [
-            f"{h.hook.name}: program {h.prog.id} is another build's (tag {h.prog.tag}, this agent's "
-            f"{program.tags[h.hook.name]})"
-            for h in observed.hooks
-            if h.prog is not None and not h.stray_maps and h.prog.tag != program.tags[h.hook.name]
-        ]
+        stale = [h for h in observed.hooks if h.prog is None or h.stray_maps or h.outdated]
         if stale or any(m.info is None for m in observed.maps):
             fresh = load(config)
-            why = "; ".join(stale) or "a map was not pinned"
+            why = "; ".join(f"{h.hook.name}: {h.problem}" for h in stale) or "a map was not pinned"
             repaired.append(f"{why}: loaded and pinned the programs again")
         note = _configure(config)
         if note and not fresh:  # a fresh load reports itself

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import errno
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from nodeagent.ebpf import maps
@@ -59,6 +60,7 @@ class HookState:
     problem: str
     stray_maps: tuple[int, ...] = ()  # ids of maps the pinned program uses that are not the pod's pinned maps
     linked: bool = False  # the pinned link is attached to the right target and runs the pinned program
+    outdated: bool = False  # the pinned program is another build's (its kernel tag is not the expected one)
 
     @property
     def ok(self) -> bool:
@@ -151,7 +153,12 @@ def attached_programs(path: str, attach_type: int) -> tuple[int, ...] | None:
         return maps.prog_query(fd, attach_type)
 
 
-def observe(uid: str, cgroup: str, netns: str, pin_root: str = PIN_ROOT) -> PodBpf:
+def observe(
+    uid: str, cgroup: str, netns: str, pin_root: str = PIN_ROOT, tags: Mapping[str, str] | None = None
+) -> PodBpf:
+    """The pod's BPF objects as the kernel has them, and what is wrong with them. `tags` (hook name -> kernel
+    tag of this build's program, loader.Compiled.tags): a pinned program with another tag is drift too (an
+    agent upgrade left it); without them, which build a program is from is not judged (no bcc here)."""
     directory = pin_dir(uid, pin_root)
     targets = {"cgroup": cgroup, "netns": netns}
     states: list[HookState] = []
@@ -185,9 +192,14 @@ def observe(uid: str, cgroup: str, netns: str, pin_root: str = PIN_ROOT) -> PodB
     for i, state in enumerate(states):
         prog = state.prog
         stray = tuple(sorted(set(prog.map_ids) - pinned_maps)) if prog else ()
-        if prog and stray:  # the program would read and write maps nobody else sees (a map pin was replaced)
+        want = tags.get(state.hook.name) if tags is not None else None
+        problem = state.problem
+        if prog and stray and not problem:  # it would read and write maps nobody else sees (a map pin was replaced)
             problem = f"program {prog.id} uses maps {list(stray)} that are not pinned in {directory}"
-            states[i] = dataclasses.replace(state, problem=state.problem or problem, stray_maps=stray)
+        outdated = bool(prog and want and prog.tag != want)
+        if prog and outdated and not problem:
+            problem = f"program {prog.id} is another build's (tag {prog.tag}, this agent's {want})"
+        states[i] = dataclasses.replace(state, problem=problem, stray_maps=stray, outdated=outdated)
     return PodBpf(uid, directory, tuple(states), map_states)
 
 

@@ -393,6 +393,12 @@ def test_programs_of_another_build_are_swapped_into_their_links_in_place(
     assert repaired and "loaded" in repaired[0]
     links = links_of(cgroup, netns)
     old_tags = {hook: bpftool("prog", "show", "id", str(link["prog_id"]))["tag"] for hook, link in links.items()}
+    # Which build a program is from is judged with this build's tags (ensure(), which the agent's periodic pass
+    # runs: an older agent overlapping a rolling update may swap its own back until it exits); `inspect`
+    # reads the kernel without compiling, so without tags, and does not judge it.
+    assert pins.observe(uid, cgroup, netns).drift() == ()
+    drift = pins.observe(uid, cgroup, netns, tags=loader.compiled(current.build).tags).drift()
+    assert drift and all("is another build's" in line for line in drift), drift
 
     repaired = loader.ensure(current, cgroup, netns)
     assert "another build's" in repaired[0] and "loaded" in repaired[0], repaired
