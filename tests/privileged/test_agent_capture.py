@@ -392,10 +392,8 @@ except OSError as exc:
 """
 
 
-def start_server(key: str) -> subprocess.Popen[str]:
-    server = subprocess.Popen(
-        [*LAB, "exec", key, "--", sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True
-    )
+def start_server(key: str, code: str = SERVER) -> subprocess.Popen[str]:
+    server = subprocess.Popen([*LAB, "exec", key, "--", sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert server.stdout is not None and server.stdout.readline().strip() == "listening"
     return server
 
@@ -439,18 +437,8 @@ def test_fail_closed_without_a_tunnel_and_kubelet_probes_bypass_capture(
     assert captured_marker not in dump and "10.10.1.10." not in dump  # not even a SYN from the enrolled pod
 
 
-SERVER6 = """
-import socket
-s = socket.socket(socket.AF_INET6)  # on ::, dual-stack: how Go's net.Listen(":8080") and nginx listen
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("::", 8080))
-s.listen()
-print("listening", flush=True)
-while True:
-    conn, peer = s.accept()
-    conn.sendall(b"hello from the app")
-    conn.close()
-"""
+# On ::, dual-stack: how Go's net.Listen(":8080") and nginx listen.
+SERVER6 = SERVER.replace("socket.socket()", "socket.socket(socket.AF_INET6)").replace('"0.0.0.0"', '"::"')
 
 
 def link_local(netns: str, dev: str = "eth0") -> str:
@@ -484,13 +472,8 @@ def test_ipv6_cannot_reach_an_enrolled_pods_app_around_the_mesh(
     from_node = f"{link_local(checkout_ns)}%br0"
     batch_ll = f"{link_local(batch)}%eth0"
     link_local("na-node2", "br0")  # the node's own source address
-    apps = [
-        subprocess.Popen([*LAB, "exec", key, "--", sys.executable, "-c", SERVER6], stdout=subprocess.PIPE, text=True)
-        for key in ("shop/checkout", "legacy/batch")
-    ]
+    apps = [start_server(key, SERVER6) for key in ("shop/checkout", "legacy/batch")]
     try:
-        for app in apps:
-            assert app.stdout is not None and app.stdout.readline().strip() == "listening"
         # Not enrolled: the neighbour pod and the node reach the app over IPv6 (what enrolment must stop).
         assert connect6(batch, checkout) == "connected hello from the app"
         assert connect6("na-node2", from_node) == "connected hello from the app"
