@@ -316,7 +316,7 @@ def _table(report: redirects.Redirects, *, show_problems: bool) -> str:
         for d in r.drift if r.rules == "drift" else []:
             out.append(f"  {r.namespace}/{r.pod}: {d}")
     for n in report.nodes:
-        state = "ok" if not n.probe_drift else "; ".join(n.probe_drift)
+        state = "; ".join(n.probe_drift) if n.probe_drift else ("ok" if n.probe_bypass else "none (no pod captured)")
         out.append(f"node {n.node}: agent {n.agent}, iptables {n.iptables}, kubelet-probe bypass {state}")
     if show_problems:
         problems: list[tuple[str, Any]] = [(f"{r.namespace}/{r.pod}", p) for r in report.rows for p in r.problems]

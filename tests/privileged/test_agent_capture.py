@@ -543,6 +543,24 @@ def inspect_redirects(inventory: Inventory, agent: Agent) -> dict[str, Any]:
     return {f"{r['namespace']}/{r['pod']}": r for r in json.loads(out)["rows"]}
 
 
+def test_inspect_verify_finds_nothing_wrong_on_a_node_with_nothing_enrolled(
+    inventory: Inventory, start_agent: Callable[..., Agent]
+) -> None:
+    """No pod captured: the agent keeps no probe-bypass chain, and that is the healthy state, not a missing
+    chain (the demo's first `inspect redirects` printed it as one, and --verify failed)."""
+    inventory.label("shop", enrolled=False)
+    agent = start_agent("node1")
+    wait_for("node1's probe chain gone", lambda: probe_chain() == [])
+    argv = [
+        sys.executable, "-m", "nodeagent.agent", "inspect", "redirects", "--node", "node1", "--verify",
+        "--inventory", str(inventory.path), "--state-dir", str(agent.state_dir),
+    ]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "kubelet-probe bypass none (no pod captured)" in done.stdout
+    assert "verified: no problems found" in done.stdout
+
+
 def test_drift_is_shown_by_inspect_and_repaired(
     inventory: Inventory, start_agent: Callable[..., Agent], capture: str
 ) -> None:

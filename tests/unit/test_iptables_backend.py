@@ -1,19 +1,22 @@
-"""nodeagent.capture.iptables.IptablesBackend and the IPv6 guard: which commands run, with a fake runner.
+"""nodeagent.capture.iptables: IptablesBackend with the IPv6 guard, and ProbeBypass's idea of healthy, with a
+fake runner.
 
 The guard's rules are tested as values in test_capture_rules.py and in a pod's netns by the privileged
 tests (both flavours, real connections refused); here: that the backend runs ip6tables of the host's flavour
 beside iptables, says which of the two a problem or a line belongs to, and runs no ip6tables at all on a
-kernel without IPv6 (ipv6.disable=1: ip6tables-restore would fail every pod's install).
+kernel without IPv6 (ipv6.disable=1: ip6tables-restore would fail every pod's install). And that a node
+with no captured pod needs no probe-bypass chain (the agent removes it then).
 """
 
 from __future__ import annotations
 
+import ipaddress
 from types import SimpleNamespace
 
 import pytest
 
 from nodeagent.capture import iptables as iptables_mod
-from nodeagent.capture.iptables import Completed, Flavour, IptablesBackend
+from nodeagent.capture.iptables import Completed, Flavour, Iptables, IptablesBackend, ProbeBypass
 from nodeagent.model import Pod
 
 EMPTY = {
@@ -27,6 +30,7 @@ GUARDED = (
     "-A NODEAGENT_IN6 -i lo -j RETURN\n"
     "-A NODEAGENT_IN6 -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j REJECT --reject-with tcp-reset\nCOMMIT\n"
 )
+POD_IP = ipaddress.IPv4Address("10.10.1.10")
 POD = Pod(uid="u1", name="web", namespace="shop", node="node1", service_account="web", ip=None)
 
 
@@ -96,3 +100,19 @@ async def test_a_kernel_without_ipv6_gets_no_ip6tables_command(monkeypatch: pyte
     await b.inspect("/run/netns/pod")
     await b.remove(POD, "/run/netns/pod")
     assert kernel.commands and not [argv for argv in kernel.commands if argv[0].startswith("ip6tables")]
+
+
+async def test_the_probe_bypass_of_a_node_with_no_captured_pod_is_no_chain_at_all() -> None:
+    """The agent removes the chain when no pod is captured: its absence is not drift, a leftover rule is."""
+    leftover = (
+        "*nat\n:POSTROUTING ACCEPT [0:0]\n:NODEAGENT_POSTRT - [0:0]\n"
+        '-A POSTROUTING -m comment --comment "nodeagent: kubelet probes to enrolled pods" -j NODEAGENT_POSTRT\n'
+        "-A NODEAGENT_POSTRT -d 10.10.1.10/32 -p tcp -m owner --socket-exists -m comment --comment "
+        '"nodeagent: probe shop/a" -j SNAT --to-source 169.254.7.127\nCOMMIT\n'
+    )
+    clean = await ProbeBypass(Iptables(Flavour.NFT, FakeKernel(dict(EMPTY)))).inspect({})
+    assert clean.drift == () and clean.objects == ()
+    stale = await ProbeBypass(Iptables(Flavour.NFT, FakeKernel({**EMPTY, "iptables": leftover}))).inspect({})
+    assert stale.drift == ("1 probe rules although no pod is captured (left by an agent run)",)
+    missing = await ProbeBypass(Iptables(Flavour.NFT, FakeKernel(dict(EMPTY)))).inspect({"shop/a": POD_IP})
+    assert "nat chain NODEAGENT_POSTRT is missing" in missing.drift  # with a captured pod, absence is drift
