@@ -12,7 +12,10 @@ translator sits between them, with the rules istiod applies when it sends ztunne
 - HTTP-only attributes (hosts, methods, paths, requestPrincipals, remoteIpBlocks, request.* keys): an
   ALLOW rule using any is dropped whole (it can never match at L4, so it must not allow), a DENY rule
   loses only those parts (so it still denies at least as much);
-- PeerAuthentication: mtls.mode and portLevelMtls.
+- PeerAuthentication: mtls.mode and portLevelMtls;
+- a policy with `targetRef`/`targetRefs` is for a waypoint or gateway, not the node tunnel: left out, as
+  istiod leaves it out of ztunnel's policies (it would otherwise bind a whole namespace, or the mesh);
+- an empty list or null is an unset field (the API is protobuf): `methods: []` is not an HTTP attribute.
 
 A document of another kind is an error rather than silently ignored, so a typo cannot disable a policy.
 
@@ -100,12 +103,19 @@ def parse_policies(docs: list[Any], root_namespace: str = DEFAULT_ROOT_NAMESPACE
         where = f"{kind} {namespace}/{name}"
         spec = _mapping(doc.get("spec", {}), f"{where}.spec")
         if kind == "AuthorizationPolicy":
+            if _set(spec) & {"targetRef", "targetRefs"}:
+                continue  # a waypoint's or a gateway's policy
             authz.append(_authorization(name, namespace, spec, root_namespace, where))
         elif kind == "PeerAuthentication":
             peer.append(_peer_authentication(name, namespace, spec, where))
         else:
             raise PolicyError(f"{where}: unsupported kind {kind!r}; expected AuthorizationPolicy or PeerAuthentication")
     return PolicySet(tuple(authz), tuple(peer), root_namespace)
+
+
+def _set(fields: Mapping[str, Any]) -> set[str]:
+    """The fields that carry a value: null and empty lists or mappings are unset, as in the API's protobuf."""
+    return {k for k, v in fields.items() if v is not None and not (isinstance(v, list | dict) and not v)}
 
 
 def _mapping(value: Any, where: str) -> Mapping[str, Any]:
@@ -163,8 +173,8 @@ def _rule(raw: Mapping[str, Any], namespace: str, action: Action, where: str) ->
             unknown = set(source) - _L4_SOURCE - _HTTP_SOURCE
             if unknown:
                 raise PolicyError(f"{where}.from[{j}].source: unknown fields {sorted(unknown)}")
-            http |= bool(set(source) & _HTTP_SOURCE)
-            if set(source) & _HTTP_SOURCE and not set(source) & _L4_SOURCE:
+            http |= bool(_set(source) & _HTTP_SOURCE)
+            if _set(source) & _HTTP_SOURCE and not _set(source) & _L4_SOURCE:
                 continue  # only HTTP parts: dropped (for DENY; an ALLOW rule is dropped whole below)
             groups.append(_source_match(source, namespace, f"{where}.from[{j}].source"))
         if groups:
@@ -177,8 +187,8 @@ def _rule(raw: Mapping[str, Any], namespace: str, action: Action, where: str) ->
             unknown = set(op) - _HTTP_OPERATION - {"ports", "notPorts"}
             if unknown:
                 raise PolicyError(f"{where}.to[{j}].operation: unknown fields {sorted(unknown)}")
-            http |= bool(set(op) & _HTTP_OPERATION)
-            if set(op) & _HTTP_OPERATION and not set(op) & {"ports", "notPorts"}:
+            http |= bool(_set(op) & _HTTP_OPERATION)
+            if _set(op) & _HTTP_OPERATION and not _set(op) & {"ports", "notPorts"}:
                 continue
             groups.append(
                 Match(

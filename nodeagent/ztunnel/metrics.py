@@ -11,8 +11,10 @@ connection also gets exactly one access-log line when it ends, and sits in `Conn
 is open — the admin's `connections` section and the set that policy changes are re-checked against.
 
 Byte directions follow Istio: *received* is what the client sent (towards the destination), *sent* is
-what came back; in the access log `bytes_sent` is what the tunnel forwarded towards the destination and
-`bytes_recv` what it forwarded back.
+what came back. The access log reads like ztunnel's (proxy/metrics.rs), so log tooling written for it
+works: `bytes_sent`/`bytes_recv` are what the reporting tunnel sent/received on its peer's side — the
+outbound side sent the request, the inbound side the response — and `dst.addr` is the address the
+connection went to (the destination's :15008 for HBONE), `dst.hbone_addr` the CONNECT target inside.
 
 What it deliberately does not do: no HTTP (nodeagent.admin serves the registry), no global registry,
 no decisions — callers say what happened through `ConnectionRecord` and the methods here.
@@ -117,20 +119,29 @@ class Peer:
         principal = identity.uri if identity is not None else UNKNOWN
         if pod is None:
             return cls(principal=principal, namespace=identity.namespace if identity else UNKNOWN)
-        labels = pod.labels
-        app = labels.get("app") or labels.get("app.kubernetes.io/name") or UNKNOWN
-        version = labels.get("version") or labels.get("app.kubernetes.io/version") or UNKNOWN
+        service = _first_label(pod.labels, _CANONICAL_NAME_LABELS, pod.name)
+        revision = _first_label(pod.labels, _CANONICAL_REVISION_LABELS, "latest")
+        # ztunnel reports app and version as the canonical service and revision (proxy/metrics.rs).
         return cls(
             workload=pod.name,
             namespace=pod.namespace,
             principal=principal,
-            app=app,
-            version=version,
-            canonical_service=labels.get("service.istio.io/canonical-name") or (app if app != UNKNOWN else pod.name),
-            canonical_revision=labels.get("service.istio.io/canonical-revision")
-            or (version if version != UNKNOWN else "latest"),
+            app=service,
+            version=revision,
+            canonical_service=service,
+            canonical_revision=revision,
             cluster=cluster,
         )
+
+
+# Istio's canonical service and revision (pkg/config/labels CanonicalService): the first of these labels
+# the pod has, even if empty; else the workload name and "latest".
+_CANONICAL_NAME_LABELS = ("service.istio.io/canonical-name", "app.kubernetes.io/name", "app")
+_CANONICAL_REVISION_LABELS = ("service.istio.io/canonical-revision", "app.kubernetes.io/version", "version")
+
+
+def _first_label(labels: Mapping[str, str], keys: tuple[str, ...], default: str) -> str:
+    return next((labels[key] for key in keys if key in labels), default)
 
 
 # Peer.of's memo: (id(pod), identity, cluster) -> (pod, peer); the pod is kept so its id stays its own.
@@ -384,14 +395,17 @@ def _quote(value: str) -> str:
 
 
 def format_access_log(record: ConnectionRecord, bytes_in: int, bytes_out: int, error: str) -> str:
+    """One access-log line. `bytes_in`: what the client sent (the request side), `bytes_out`: what came back."""
     duration_ms = (time.monotonic() - record.started) * 1000
     src, dst = record.src, record.dst
+    sent, recv = (bytes_in, bytes_out) if record.direction is Direction.OUTBOUND else (bytes_out, bytes_in)
+    addr, inner = (record.hbone_addr, record.dst_addr) if record.hbone_addr else (record.dst_addr, "-")
     line = (
         f"connection complete src.addr={record.src_addr} src.workload={_quote(src.workload)}"
         f" src.namespace={_quote(src.namespace)} src.identity={_quote(src.principal)}"
-        f" dst.addr={record.dst_addr} dst.hbone_addr={record.hbone_addr or '-'}"
+        f" dst.addr={addr} dst.hbone_addr={inner}"
         f" dst.workload={_quote(dst.workload)} dst.identity={_quote(dst.principal)}"
-        f' direction="{record.direction.value}" bytes_sent={bytes_in} bytes_recv={bytes_out}'
+        f' direction="{record.direction.value}" bytes_sent={sent} bytes_recv={recv}'
         f' duration="{duration_ms:.0f}ms"'
     )
     return f"{line} error={_quote(error)}" if error else line

@@ -124,9 +124,12 @@ async def test_metrics_access_log_and_config_dump(tmp_path: Path, caplog: pytest
     for line in (outbound, inbound):
         assert 'src.workload="client"' in line and 'dst.workload="server"' in line
         assert f'src.identity="{c.identity("client").uri}"' in line
-        assert "bytes_sent=300 bytes_recv=1000" in line
-        assert f"dst.hbone_addr={server_pod.ip}:15008" in line
+        # As ztunnel logs it: the L4 address (the destination's HBONE port), then the CONNECT target inside.
+        assert f"dst.addr={server_pod.ip}:15008 dst.hbone_addr={server_pod.ip}:{APP_PORT}" in line
         assert "error=" not in line
+    # ... and each side's own bytes: the client's tunnel sent the request, the server's sent the response.
+    assert "bytes_sent=300 bytes_recv=1000" in outbound
+    assert "bytes_sent=1000 bytes_recv=300" in inbound
 
 
 async def test_idle_connection_pings_every_interval(tmp_path: Path) -> None:

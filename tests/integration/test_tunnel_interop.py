@@ -412,7 +412,8 @@ async def test_outbound_relays_through_node_connect_server(tmp_path: Path, caplo
         assert _istio_sample(c, "node1", "istio_tcp_received_bytes_total", labels) == size
         assert _istio_sample(c, "node1", "istio_tcp_sent_bytes_total", labels) == size
         [line] = _access_lines(caplog, "outbound")
-        assert f"dst.hbone_addr={server_pod.ip}:{sockets.HBONE_PORT}" in line and "error=" not in line
+        assert f"dst.addr={server_pod.ip}:{sockets.HBONE_PORT} dst.hbone_addr={server_pod.ip}:{APP_PORT}" in line
+        assert "error=" not in line
 
 
 async def test_outbound_streams_outlive_a_graceful_goaway_from_the_connect_server(tmp_path: Path) -> None:

@@ -44,6 +44,21 @@ def ap(spec: str, ns: str = "shop") -> str:
             True,
             False,
         ),
+        # An empty list is an unset field (protobuf): `methods: []` does not make the rule an HTTP rule.
+        ("{rules: [{to: [{operation: {ports: ['8080'], methods: []}}]}]}", True, True),
+        (
+            "{rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client], requestPrincipals: []}}]}]}",
+            True,
+            False,
+        ),
+        # A waypoint's (targetRefs) or gateway's (targetRef) policy is not the node tunnel's: an ALLOW that would
+        # bind the whole namespace with its HTTP rule dropped, i.e. deny everything, is left out instead.
+        (
+            "{targetRefs: [{kind: Service, group: '', name: wp}], rules: [{to: [{operation: {methods: [GET]}}]}]}",
+            True,
+            True,
+        ),
+        ("{targetRef: {kind: Gateway, group: gateway.networking.k8s.io, name: gw}, action: DENY}", True, True),
     ],
 )
 def test_authorization_translation(spec: str, client: bool, other: bool) -> None:
@@ -58,6 +73,8 @@ def test_ports_and_selector_scope() -> None:
     assert allowed(text, CLIENT, 8080, labels={"app": "unselected"})  # the policy does not apply there
     [root] = parse_policies(list(yaml.safe_load_all(ap("{}", ns="istio-system")))).authorization
     assert root.scope is Scope.GLOBAL
+    gateway = ap("{targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: gw}]}", ns="istio-system")
+    assert parse_policies(list(yaml.safe_load_all(gateway))).authorization == ()  # not a mesh-wide deny-all
 
 
 def test_peer_authentication_strict_with_port_exception() -> None:
