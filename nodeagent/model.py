@@ -28,7 +28,8 @@ DATAPLANE_MODE_AMBIENT = "ambient"
 DATAPLANE_MODE_NONE = "none"
 REDIRECTION_ANNOTATION = "ambient.istio.io/redirection"  # the agent's record of a pod's capture (enabled|pending)
 
-# Kubernetes DNS-1123 label: what namespace, service-account and node names must look like.
+# Kubernetes DNS-1123 label: what namespace, service-account and node names must look like. Matched with
+# fullmatch: `$` would also match before a trailing newline.
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # DNS-1123 subdomain: pod and service names may contain dots.
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
@@ -40,11 +41,11 @@ class IdentityError(ValueError):
 
 
 def is_dns_label(value: str) -> bool:
-    return len(value) <= 63 and bool(_DNS_LABEL.match(value))
+    return len(value) <= 63 and bool(_DNS_LABEL.fullmatch(value))
 
 
 def is_dns_subdomain(value: str) -> bool:
-    return len(value) <= 253 and bool(_DNS_SUBDOMAIN.match(value))
+    return len(value) <= 253 and bool(_DNS_SUBDOMAIN.fullmatch(value))
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -56,7 +57,7 @@ class Identity:
     service_account: str
 
     def __post_init__(self) -> None:
-        if not self.trust_domain or not _TRUST_DOMAIN.match(self.trust_domain):
+        if not self.trust_domain or not _TRUST_DOMAIN.fullmatch(self.trust_domain):
             raise IdentityError(
                 f"trust domain {self.trust_domain!r} must be non-empty lowercase letters, digits, "
                 "dots, dashes or underscores"
@@ -79,6 +80,13 @@ class Identity:
                 f"{text!r} is not a workload identity; expected spiffe://<trust-domain>/ns/<namespace>/sa/<account>"
             )
         return cls(trust_domain=parts[0], namespace=parts[2], service_account=parts[4])
+
+    @classmethod
+    def parse_uri(cls, text: str) -> Identity:
+        """Parse a SPIFFE ID as certificates, CSRs and the CA API carry it: the `spiffe://` scheme is required."""
+        if not text.startswith(SPIFFE_SCHEME):
+            raise IdentityError(f"{text[:100]!r} is not a SPIFFE ID: it must start with {SPIFFE_SCHEME}")
+        return cls.parse(text)
 
     @property
     def uri(self) -> str:

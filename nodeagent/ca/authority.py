@@ -329,7 +329,7 @@ def verify_csr(csr_pem: bytes, identity: Identity) -> x509.CertificateSigningReq
             f"CSR has {len(uris)} URI SANs; an X.509-SVID request carries exactly one: {identity.uri}",
         )
     try:
-        requested = Identity.parse(uris[0])
+        requested = Identity.parse_uri(uris[0])
     except IdentityError as exc:
         raise CSRError(Reason.CSR_IDENTITY_MISMATCH, f"CSR URI SAN is not a workload identity: {exc}") from exc
     if requested != identity:
@@ -444,7 +444,7 @@ def svid_identity(cert: x509.Certificate) -> Identity:
     uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
     if len(uris) != 1:
         raise ValueError(f"certificate has {len(uris)} URI SANs; an X.509-SVID has exactly one")
-    return Identity.parse(uris[0])
+    return Identity.parse_uri(uris[0])
 
 
 # --- node authorization ---------------------------------------------------------------------------
@@ -462,7 +462,7 @@ class Caller:
 
 def parse_impersonated(text: str) -> Identity:
     try:
-        return Identity.parse(text)
+        return Identity.parse_uri(text)
     except IdentityError as exc:
         raise AuthorizationError(Reason.BAD_IMPERSONATED_IDENTITY, f"{IMPERSONATED_IDENTITY_KEY}: {exc}") from exc
 

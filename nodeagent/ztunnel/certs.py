@@ -463,6 +463,7 @@ class CertificateManager:
                 finally:
                     self._in.metrics.in_flight.dec()
             material = CertMaterial.from_response(identity, chain, key)
+            _check_window(material, self._in.clock())
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -502,6 +503,23 @@ class CertificateManager:
             delay,
         )
         return delay
+
+
+def _check_window(material: CertMaterial, now: float) -> None:
+    """ValueError unless the CA's answer is valid now: a certificate that is not (yet) valid would replace the
+    one held for nothing (peers reject it too), and an expired one would be re-requested at once, in a loop
+    (its half-life is already past). As a failed fetch it keeps the held certificate and backs off."""
+    if material.not_after <= now:
+        when = _rfc3339(dt.datetime.fromtimestamp(material.not_after, dt.UTC))
+        raise ValueError(
+            f"CA issued a certificate that expired at {when}: its signing certificate has expired or its clock "
+            "is behind this node's"
+        )
+    if material.not_before > now:
+        when = _rfc3339(dt.datetime.fromtimestamp(material.not_before, dt.UTC))
+        raise ValueError(
+            f"CA issued a certificate valid only from {when}: the CA's clock is ahead of this node's (check NTP)"
+        )
 
 
 def _describe(cert: x509.Certificate, pem: str) -> dict[str, str]:

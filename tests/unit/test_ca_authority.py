@@ -87,6 +87,7 @@ CSR_REFUSALS = [
     ("two URI SANs", lambda: make_csr([FRONTEND.uri, CART.uri]), Reason.CSR_URI_SAN_COUNT),
     ("another identity", lambda: make_csr([CHECKOUT.uri]), Reason.CSR_IDENTITY_MISMATCH),
     ("not a SPIFFE workload id", lambda: make_csr(["https://example.com/x"]), Reason.CSR_IDENTITY_MISMATCH),
+    ("no spiffe:// scheme", lambda: make_csr([FRONTEND.principal]), Reason.CSR_IDENTITY_MISMATCH),
     ("bad signature", _tampered_signature, Reason.CSR_BAD_SIGNATURE),
     (
         "RSA 1024",
@@ -280,7 +281,17 @@ def test_authorization(case: str, caller: Caller, requested: Identity | None, ex
         assert decide() == expected
 
 
-@pytest.mark.parametrize("text", ["", "spiffe://cluster.local/ns/x", "spiffe://UPPER/ns/a/sa/b", "x" * 3000])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "spiffe://cluster.local/ns/x",
+        "spiffe://UPPER/ns/a/sa/b",
+        "x" * 3000,
+        "cluster.local/ns/shop/sa/frontend",  # a policy principal, not a SPIFFE ID (REFERENCE: spiffe://...)
+        "spiffe://cluster.local\n/ns/shop/sa/frontend",  # `$` matched before a trailing newline
+    ],
+)
 def test_bad_impersonated_identity(text: str) -> None:
     with pytest.raises(authority.AuthorizationError) as info:
         authority.parse_impersonated(text)

@@ -71,13 +71,14 @@ class FakeCA:
         self.ttl = ttl
         self.fail: str | None = None
         self.calls = 0
+        self.skew = 0.0  # seconds the CA's clock is ahead of the node's
 
     async def fetch(self, identity: Identity, csr: bytes) -> Sequence[str]:
         self.calls += 1
         await asyncio.sleep(0)
         if self.fail:
             raise ConnectionError(self.fail)
-        now = dt.datetime.fromtimestamp(self.time.now, dt.UTC)
+        now = dt.datetime.fromtimestamp(self.time.now + self.skew, dt.UTC)
         return authority.sign_csr(self.signer, csr, identity, now, self.ttl).chain_pem
 
 
@@ -227,6 +228,37 @@ async def test_wrong_identity_from_ca_is_not_accepted(tmp_path: Path) -> None:
     await time.next_sleep()
     status = manager.status(FRONTEND)
     assert status.state is CertState.UNAVAILABLE and "not the requested" in status.reason
+    await manager.stop()
+
+
+@pytest.mark.parametrize(
+    ("skew", "reason"),
+    [
+        (dt.timedelta(hours=2), "the CA's clock is ahead"),  # notBefore (backdated 60 s) still in the future
+        (dt.timedelta(seconds=-200), "expired at"),  # a 100 s certificate, already over
+    ],
+)
+async def test_a_certificate_not_valid_now_is_a_failed_fetch(tmp_path: Path, skew: dt.timedelta, reason: str) -> None:
+    """REFERENCE: keep the still-valid certificate, back off from 500 ms. An answer not valid now replaced the
+    held certificate (a CA clock ahead made the identity unavailable), and an expired one was asked for
+    again at once - no sleep at all, a hot loop against the CA (its signer had expired, say)."""
+    time = FakeTime(NOW.timestamp())
+    ca = FakeCA(time, ttl=100)
+    manager, _ = _manager(tmp_path, ca.fetch, time, ca.signer)
+    manager.set_local_workloads([FRONTEND])
+    await manager.start()
+    await time.next_sleep()
+    first = manager.material(FRONTEND)
+
+    ca.skew = skew.total_seconds()
+    await time.release()  # the refresh: its answer is refused
+    delays = [await time.release() for _ in range(3)]
+    assert [round(d / b, 1) for d, b in zip(delays, [0.5, 1, 2], strict=True)] == pytest.approx([1.0] * 3, abs=0.11)
+    assert ca.calls == 5  # one per attempt: backing off, not looping
+    assert manager.material(FRONTEND) is first  # the held certificate is kept while valid
+    time.now = first.not_after + 1
+    status = manager.status(FRONTEND)
+    assert status.state is CertState.UNAVAILABLE and reason in status.reason, status
     await manager.stop()
 
 
