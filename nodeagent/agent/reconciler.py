@@ -100,6 +100,7 @@ class Reconciler:
         self.records: dict[str, PodRecord] = {}
         self._dirty: set[str] = set()
         self._workers: dict[str, asyncio.Task[None]] = {}
+        self._closed = False  # close() ran: events that arrive later (a tunnel leaving) start no worker
         self._tasks = TaskSet(log)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -151,13 +152,29 @@ class Reconciler:
         return status_of(record.error, record.delivered and uid in self._tunnels.acked_uids())
 
     def snapshot(self) -> list[SnapshotEntry]:
-        """For a newly connected tunnel: every captured pod and its netns fd (ZdsServer's snapshot())."""
-        return [(r.pod, r.fd) for r in self.records.values() if r.captured and r.fd is not None]
+        """For a newly connected tunnel (ZdsServer's snapshot()): every captured pod with its netns fd (Add),
+        and every other pod still enrolled as a Keep (REFERENCE.md: Keep when the agent has no netns to give):
+        its netns is not found right now, or its capture is being repaired. Left out, it would be dropped by
+        a tunnel that serves it - no traffic until the agent's next pass - though it is still enrolled."""
+        return [(r.pod, r.fd if r.captured else None) for uid, r in self.records.items() if uid in self._desired]
 
     def on_tunnel_ready(self, acked: frozenset[str]) -> None:
         """A tunnel acked its snapshot: the pods in it are delivered."""
         for uid, record in self.records.items():
             record.delivered = record.captured and uid in acked
+        self._on_change()
+
+    def on_tunnel_dropped(self) -> None:
+        """A tunnel went away. An Add goes to the newest tunnel only, so pods added while a newer tunnel ran
+        beside an older one (a hand-over) were given to the newer alone: if that one leaves, they go to the
+        one that is now the newest, at once (or to the next tunnel's snapshot when none is left)."""
+        served = self._tunnels.acked_uids()
+        lost = {uid for uid, record in self.records.items() if record.delivered and uid not in served}
+        for uid in lost:
+            self.records[uid].delivered = False
+        if lost:
+            log.info("a tunnel left; %d pods only it served go to the newest tunnel", len(lost))
+            self._kick(lost)
         self._on_change()
 
     def probe_targets(self) -> dict[str, ipaddress.IPv4Address]:
@@ -166,6 +183,7 @@ class Reconciler:
 
     async def close(self) -> None:
         """Stop every worker and close every netns fd; capture stays in the kernel (it survives restarts)."""
+        self._closed = True
         await self._tasks.cancel_all()
         for record in self.records.values():
             _close(record)
@@ -173,6 +191,8 @@ class Reconciler:
     # --- workers ------------------------------------------------------------------------------------------
 
     def _kick(self, uids: set[str]) -> None:
+        if self._closed:
+            return
         self._dirty |= uids
         for uid in uids:
             if uid not in self._workers:

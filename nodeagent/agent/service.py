@@ -37,7 +37,7 @@ from nodeagent.agent.netns_resolver import DirectoryNetnsResolver
 from nodeagent.agent.reconciler import DEFAULT_CONCURRENCY, Reconciler
 from nodeagent.agent.status import DEFAULT_STATE_DIR, run_writer, status_path, write_status
 from nodeagent.agent.workloads import DEFAULT_POLL_S, InventoryFile
-from nodeagent.agent.zds_server import ServerEvent, TunnelReady, ZdsServer
+from nodeagent.agent.zds_server import ServerEvent, TunnelDropped, TunnelReady, ZdsServer
 from nodeagent.capture.backend import CaptureBackend
 from nodeagent.capture.ebpf import LAB_CGROUP_PATTERN, CgroupResolver, EbpfBackend, unavailable_reason
 from nodeagent.capture.iptables import Flavour, Iptables, IptablesBackend, ProbeBypass, detect_flavour
@@ -219,6 +219,8 @@ class Agent:
     def _on_zds_event(self, event: ServerEvent) -> None:
         if isinstance(event, TunnelReady):
             self.reconciler.on_tunnel_ready(event.acked)
+        elif isinstance(event, TunnelDropped):
+            self.reconciler.on_tunnel_dropped()
         self._status_changed()
 
     def _status_changed(self) -> None:
