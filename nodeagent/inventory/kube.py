@@ -174,8 +174,10 @@ class _Reflector(Generic[T]):
                     self._list()
                 if self._watch_once():
                     delay = self.owner.backoff_initial
-                elif self.owner.stopping.wait(delay * random.random()):  # a stream that ended at once
-                    return
+                else:  # the stream ended at once, eventless (a proxy, a sick API server): back off as after errors
+                    if self.owner.stopping.wait(delay * random.random()):
+                        return
+                    delay = min(delay * 2, self.owner.backoff_max)
             except _Stopped:
                 return
             except _Relist:

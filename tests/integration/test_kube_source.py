@@ -200,6 +200,22 @@ def test_garbage_and_outage_keep_the_last_good_state(
     eventually(lambda: src.error is None, what="error cleared")
 
 
+def test_watches_that_end_at_once_are_retried_with_a_growing_backoff(
+    api: KubeStandIn, source_factory: Callable[..., KubeSource]
+) -> None:
+    """A 200 that ends at once without an event (a proxy in front of a sick API server) is no error, but
+    retrying it at the initial delay forever is a request storm: it backs off like an error does."""
+    src = source_factory(backoff_initial=0.4, backoff_max=30)
+    assert src.wait_synced(5)
+    eventually(lambda: api.watch_count("Pod") == 1)
+    api.fail(r"^/api/v1/pods\?.*watch=", 200, b"", times=1000)
+    api.drop_watches()
+    before = sum(1 for _, path in api.requests if "watch=" in path and "/pods" in path)
+    time.sleep(4)
+    tries = sum(1 for _, path in api.requests if "watch=" in path and "/pods" in path) - before
+    assert 1 <= tries <= 8, tries  # delays ~0.2, 0.4, 0.8, 1.6 s on average (jittered); 11-16 without backoff
+
+
 def test_api_server_down_keeps_state(api: KubeStandIn, source_factory: Callable[..., KubeSource]) -> None:
     src = source_factory()
     assert src.wait_synced(5)
