@@ -166,20 +166,24 @@ class KubeAgent(Agent):
     def _write_status(self, *, running: bool) -> None:
         super()._write_status(running=running)
         if self.pod_status is not None and running:
+            settled = self.statuses_settled
             pods: dict[str, tuple[str, str, Status]] = {
                 uid: (r.pod.namespace, r.pod.name, self.reconciler.status(uid))
                 for uid, r in self.reconciler.records.items()
+                if settled
             }
-            self.pod_status.publish(pods, self._seen_annotations())
+            self.pod_status.publish(pods, self._seen_annotations(settled))
 
-    def _seen_annotations(self) -> dict[str, PodAnnotation]:
+    def _seen_annotations(self, settled: bool) -> dict[str, PodAnnotation]:
         """The annotation of this node's pods as the watch shows it, but for pods enrolled and not reconciled
-        yet (a restarted agent's first pass): their status is not known, so what they carry stays meanwhile."""
+        yet (a restarted agent's first pass), or not `settled` (no tunnel could ack them yet): their status is
+        not known, so what they carry stays meanwhile - an `enabled` pod is not flipped to `pending` and back
+        while the tunnel that serves it reconnects to a restarted agent."""
         inventory = self.inventory.current
         if inventory is None:
             return {}
         return {
             p.uid: PodAnnotation(p.namespace, p.name, p.redirection)
             for p in inventory.pods_on(self.config.node)
-            if p.uid in self.reconciler.records or not self.reconciler.wants(p.uid)
+            if (settled and p.uid in self.reconciler.records) or not self.reconciler.wants(p.uid)
         }

@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_VERIFY_S = 3.0
 STATUS_COALESCE_S = 0.05
+# After the ZDS socket opens, how long pods' `pending` waits for a tunnel to reconnect and ack them (a running
+# tunnel retries its connection every second or so) before it is published to the API server.
+STATUS_SETTLE_S = 5.0
 PROBE_COALESCE_S = 0.1
 CAPTURE_CHOICES = ("iptables", "ebpf", "auto")
 
@@ -99,6 +102,10 @@ class Agent:
         )
         self.ready = False
         self._reconciled = asyncio.Event()  # set once every pod has been reconciled after start
+        # Pod statuses mean something to others (pods/status) only once a tunnel could have acked them: until
+        # then a restarted agent knows of no ack, though its tunnel kept serving every pod throughout.
+        self.statuses_settled = False
+        self._tunnel_acked = asyncio.Event()
         self._status_dirty = asyncio.Event()
         self._status_path = status_path(config.state_dir, config.node)
         self._tasks: list[asyncio.Task[None]] = []
@@ -167,6 +174,10 @@ class Agent:
         self._reconciled.set()
         log.info("ready: %d pods of node %s reconciled", len(self.reconciler.records), self.config.node)
         self._status_changed()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._tunnel_acked.wait(), STATUS_SETTLE_S)
+        self.statuses_settled = True
+        self._status_changed()
 
     async def _verifier(self) -> None:
         while True:
@@ -219,6 +230,7 @@ class Agent:
     def _on_zds_event(self, event: ServerEvent) -> None:
         if isinstance(event, TunnelReady):
             self.reconciler.on_tunnel_ready(event.acked)
+            self._tunnel_acked.set()
         elif isinstance(event, TunnelDropped):
             self.reconciler.on_tunnel_dropped()
         self._status_changed()

@@ -31,6 +31,7 @@ from nodeagent.ca.kube import kubernetes_edges
 from nodeagent.capture.iptables import Flavour
 from nodeagent.cli import main
 from nodeagent.model import Identity, Inventory
+from nodeagent.ztunnel.zds_client import Backoff, ZdsClient
 
 AMBIENT = {"istio.io/dataplane-mode": "ambient"}
 
@@ -184,6 +185,53 @@ async def test_a_restarted_agent_corrects_the_annotations_an_earlier_run_left(
     finally:
         stop.set()
         assert await running == 0
+
+
+class ServingTunnel:
+    """A tunnel that served the pods before the agent restarted and acks whatever it is given."""
+
+    async def on_add(self, workload: object, netns_fd: int) -> None: ...
+
+    async def on_keep(self, uid: str) -> None: ...
+
+    async def on_del(self, uid: str) -> None: ...
+
+    async def on_snapshot_done(self, known: frozenset[str]) -> None: ...
+
+
+@pytest.mark.timeout(60)
+async def test_a_restarted_agent_leaves_enabled_pods_enabled_while_their_tunnel_reconnects(
+    api: KubeStandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tunnel serves every pod across an agent restart. The new agent knows of no ack until the tunnel
+    reconnects to its socket (opened after its first pass), so its pods were all `pending` for that moment,
+    and the annotation went enabled -> pending -> enabled: two pods/status writes per pod and a lie."""
+    monkeypatch.setattr(service.IptablesBackend, "for_host", lambda flavour: FakeCapture())
+    monkeypatch.setattr(service, "ProbeBypass", NoProbes)
+    api.apply(namespace("shop", AMBIENT))
+    enabled = {REDIRECTION_ANNOTATION: "enabled"}
+    api.apply(pod("web-1", "shop", "node1", "10.1.0.5", sa="web", uid="uid-web-1", annotations=enabled))
+    (tmp_path / "netns").mkdir()
+    (tmp_path / "netns" / "na-node1.shop.web-1").touch()
+    sock = str(tmp_path / "zds.sock")
+    config = service.AgentConfig(
+        node="node1", inventory=tmp_path / "unused.yaml", zds_socket=sock,
+        state_dir=tmp_path / "state", netns_dir=str(tmp_path / "netns"), verify_interval=600,
+    )  # fmt: skip
+    tunnel = ZdsClient(ServingTunnel(), sock, backoff=Backoff(0.05, 0.2))  # reconnects once the socket is there
+    tunnel.start()
+    agent = KubeAgent(config, Flavour.NFT, settings=KubeSettings(client=api.api_client, netns="pattern", admin=None))
+    stop = asyncio.Event()
+    running = asyncio.ensure_future(agent.run(stop))
+    try:
+        await until(lambda: "uid-web-1" in agent.reconciler.records, 10)
+        await until(lambda: agent.reconciler.status("uid-web-1") is Status.ENABLED, 10)
+        await asyncio.sleep(0.5)  # what the agent publishes now reaches the API server
+        assert api.patches == []  # enabled before, enabled after, served throughout: nothing to write
+    finally:
+        stop.set()
+        assert await running == 0
+        await tunnel.close()
 
 
 # --- CA: TokenReview + pods of the caller's node ------------------------------------------------------------
