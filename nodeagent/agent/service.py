@@ -182,6 +182,9 @@ class Agent:
     async def _verifier(self) -> None:
         while True:
             await asyncio.sleep(self.config.verify_interval)
+            # Rounds never overlap: one that outlasts the interval (many pods, slow installs) must still leave
+            # the reconciler idle in between, or readiness, which waits for an idle moment, never comes.
+            await self.reconciler.wait_idle()
             self.reconciler.verify_all()
             self.reconciler.probe_changed.set()
 

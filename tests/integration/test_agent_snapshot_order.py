@@ -82,3 +82,40 @@ async def test_a_tunnel_connecting_during_the_first_pass_gets_every_pod(
         await client.close()
     expected = frozenset(pod_uid(*key.split("/")) for key in NODE1_PODS)
     assert tunnel.snapshots[0] == expected, "the first snapshot must name every pod the agent captures"
+
+
+@pytest.mark.timeout(60)
+async def test_an_agent_whose_verify_rounds_outlast_the_interval_still_becomes_ready(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Readiness (and so the ZDS socket) waits for the reconciler to be idle after the first pass. A verify
+    round re-checks every pod in a narrow lane; when a round took longer than the verify interval, the next
+    one was queued before it ended, the reconciler was never idle, and no tunnel ever got a pod (seen with
+    many pods and slow installs; here two pods at 0.3 s each against a 0.05 s interval)."""
+    monkeypatch.setattr(service.IptablesBackend, "for_host", lambda flavour: FakeCapture(install_delay=0.3))
+    monkeypatch.setattr(service, "ProbeBypass", NoProbes)
+    inventory = tmp_path / "inventory.yaml"
+    shutil.copy(DEFAULT_TOPOLOGY, inventory)
+    netns_dir = tmp_path / "netns"
+    netns_dir.mkdir()
+    for key in NODE1_PODS:
+        (netns_dir / f"na-node1.{key.replace('/', '.')}").touch()
+    socket_path = str(tmp_path / "zds.sock")
+    config = service.AgentConfig(
+        node="node1", inventory=inventory, zds_socket=socket_path, state_dir=tmp_path / "state",
+        netns_dir=str(netns_dir), verify_interval=0.05,
+    )  # fmt: skip
+    tunnel = Tunnel()
+    client = ZdsClient(tunnel, socket_path, backoff=Backoff(initial=0.01, maximum=0.01))
+    client.start()
+    agent = service.Agent(config, Flavour.NFT)
+    stop = asyncio.Event()
+    running = asyncio.ensure_future(agent.run(stop))
+    try:
+        async with asyncio.timeout(10):
+            await tunnel.got_one.wait()
+        assert agent.ready
+    finally:
+        stop.set()
+        assert await running == 0
+        await client.close()
