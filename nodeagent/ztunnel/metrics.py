@@ -78,10 +78,11 @@ class Direction(enum.Enum):
 
 
 class Flags(enum.Enum):
-    """Istio/Envoy response flags for the ways a connection can fail; NONE is "-"."""
+    """Response flags for the ways a connection can fail; NONE is "-". DENY and CONNECT are ztunnel's values
+    (proxy/metrics.rs), so dashboards built for it match; NR and DC (Envoy's) say more than ztunnel does."""
 
     NONE = "-"
-    UPSTREAM_FAILURE = "UF"  # the destination (app or remote tunnel) could not be reached
+    UPSTREAM_FAILURE = "CONNECT"  # the destination (app or remote tunnel) could not be reached
     NO_ROUTE = "NR"  # no such workload here, or a loop target
     DENIED = "DENY"  # refused by authorization (401 on HBONE, reset on :15006)
     DOWNSTREAM_CLOSED = "DC"  # the client went away before the tunnel was up

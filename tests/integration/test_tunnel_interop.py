@@ -334,6 +334,9 @@ async def test_node_http2_client_gets_documented_status(tmp_path: Path, port: in
         await c.wait_ready(t2)
         out = await node_client_to_server(c, tmp_path, size=10, port=port, within=30)
         assert (out["exit"], out["status"]) == (0, status), out
+        if status == 503:  # the app could not be reached: ztunnel's response flag for it is CONNECT
+            labels = {"reporter": "destination", "response_flags": "CONNECT"}
+            assert _istio_sample(c, "node2", "istio_tcp_connections_closed_total", labels) == 1
 
 
 async def test_node_http2_client_checks_the_server_spiffe_id(tmp_path: Path) -> None:
