@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -50,10 +52,12 @@ class Tunnel:
         self.got_one.set()
 
 
-@pytest.mark.timeout(60)
-async def test_a_tunnel_connecting_during_the_first_pass_gets_every_pod(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@asynccontextmanager
+async def agent_and_tunnel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, verify_interval: float
+) -> AsyncIterator[tuple[service.Agent, Tunnel]]:
+    """node1's agent running for real, with a capture backend that takes 0.3 s per pod, and a tunnel-side
+    ZdsClient retrying every 10 ms from before the agent starts (it connects the moment the agent accepts)."""
     monkeypatch.setattr(service.IptablesBackend, "for_host", lambda flavour: FakeCapture(install_delay=0.3))
     monkeypatch.setattr(service, "ProbeBypass", NoProbes)
     inventory = tmp_path / "inventory.yaml"
@@ -65,21 +69,28 @@ async def test_a_tunnel_connecting_during_the_first_pass_gets_every_pod(
     socket_path = str(tmp_path / "zds.sock")
     config = service.AgentConfig(
         node="node1", inventory=inventory, zds_socket=socket_path, state_dir=tmp_path / "state",
-        netns_dir=str(netns_dir), verify_interval=600,
+        netns_dir=str(netns_dir), verify_interval=verify_interval,
     )  # fmt: skip
     tunnel = Tunnel()
     client = ZdsClient(tunnel, socket_path, backoff=Backoff(initial=0.01, maximum=0.01))
-    client.start()  # retrying before the agent listens: it connects the moment the agent accepts
+    client.start()
     agent = service.Agent(config, Flavour.NFT)
     stop = asyncio.Event()
     running = asyncio.ensure_future(agent.run(stop))
     try:
-        async with asyncio.timeout(20):
-            await tunnel.got_one.wait()
+        yield agent, tunnel
     finally:
         stop.set()
         assert await running == 0
         await client.close()
+
+
+@pytest.mark.timeout(60)
+async def test_a_tunnel_connecting_during_the_first_pass_gets_every_pod(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with agent_and_tunnel(tmp_path, monkeypatch, verify_interval=600) as (_, tunnel), asyncio.timeout(20):
+        await tunnel.got_one.wait()
     expected = frozenset(pod_uid(*key.split("/")) for key in NODE1_PODS)
     assert tunnel.snapshots[0] == expected, "the first snapshot must name every pod the agent captures"
 
@@ -92,30 +103,7 @@ async def test_an_agent_whose_verify_rounds_outlast_the_interval_still_becomes_r
     round re-checks every pod in a narrow lane; when a round took longer than the verify interval, the next
     one was queued before it ended, the reconciler was never idle, and no tunnel ever got a pod (seen with
     many pods and slow installs; here two pods at 0.3 s each against a 0.05 s interval)."""
-    monkeypatch.setattr(service.IptablesBackend, "for_host", lambda flavour: FakeCapture(install_delay=0.3))
-    monkeypatch.setattr(service, "ProbeBypass", NoProbes)
-    inventory = tmp_path / "inventory.yaml"
-    shutil.copy(DEFAULT_TOPOLOGY, inventory)
-    netns_dir = tmp_path / "netns"
-    netns_dir.mkdir()
-    for key in NODE1_PODS:
-        (netns_dir / f"na-node1.{key.replace('/', '.')}").touch()
-    socket_path = str(tmp_path / "zds.sock")
-    config = service.AgentConfig(
-        node="node1", inventory=inventory, zds_socket=socket_path, state_dir=tmp_path / "state",
-        netns_dir=str(netns_dir), verify_interval=0.05,
-    )  # fmt: skip
-    tunnel = Tunnel()
-    client = ZdsClient(tunnel, socket_path, backoff=Backoff(initial=0.01, maximum=0.01))
-    client.start()
-    agent = service.Agent(config, Flavour.NFT)
-    stop = asyncio.Event()
-    running = asyncio.ensure_future(agent.run(stop))
-    try:
+    async with agent_and_tunnel(tmp_path, monkeypatch, verify_interval=0.05) as (agent, tunnel):
         async with asyncio.timeout(10):
             await tunnel.got_one.wait()
         assert agent.ready
-    finally:
-        stop.set()
-        assert await running == 0
-        await client.close()

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import ipaddress
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 from test_zds import FAST, Recorder, agent, eventually, tunnel
 
 from nodeagent.agent.reconciler import Reconciler
-from nodeagent.agent.zds_server import TunnelDropped, TunnelReady, ZdsServer
+from nodeagent.agent.zds_server import TunnelDropped, TunnelReady
 from nodeagent.model import Pod
 from nodeagent.ztunnel.zds_client import ZdsClient
 
@@ -53,26 +54,30 @@ class Snapshot:
         return self.rec.snapshot()
 
 
-def wire(server: ZdsServer, rec: Reconciler, events: list[object]) -> None:
-    """What nodeagent.agent.service.Agent does with the server's events."""
+@asynccontextmanager
+async def reconciler(sock_path: str, resolver: Resolver) -> AsyncIterator[Reconciler]:
+    """A reconciler behind a ZDS server, wired as nodeagent.agent.service.Agent wires them."""
+    snapshot = Snapshot()
+    async with agent(sock_path, snapshot) as (server, _):
+        rec = snapshot.rec = Reconciler(FakeCapture(), resolver, server, on_change=lambda: None)
 
-    def on_event(event: object) -> None:
-        events.append(event)
-        if isinstance(event, TunnelReady):
-            rec.on_tunnel_ready(event.acked)
-        elif isinstance(event, TunnelDropped):
-            rec.on_tunnel_dropped()
+        def on_event(event: object) -> None:
+            if isinstance(event, TunnelReady):
+                rec.on_tunnel_ready(event.acked)
+            elif isinstance(event, TunnelDropped):
+                rec.on_tunnel_dropped()
 
-    server._on_event = on_event
+        server._on_event = on_event
+        try:
+            yield rec
+        finally:
+            await rec.close()
 
 
 async def test_a_pod_whose_netns_is_missing_for_now_is_kept_by_a_reconnecting_tunnel(
     sock_path: str, resolver: Resolver
 ) -> None:
-    snapshot = Snapshot()
-    async with agent(sock_path, snapshot) as (server, events):
-        rec = snapshot.rec = Reconciler(FakeCapture(), resolver, server, on_change=lambda: None)
-        wire(server, rec, events)
+    async with reconciler(sock_path, resolver) as rec:
         rec.set_desired({POD.uid: POD})
         await rec.wait_idle()
         resolver.visible = False  # the next pass cannot find its netns
@@ -84,16 +89,12 @@ async def test_a_pod_whose_netns_is_missing_for_now_is_kept_by_a_reconnecting_tu
             await client.wait_ready()
             assert handler.keeps == [POD.uid] and handler.snapshots == [frozenset({POD.uid})]
             assert handler.pods == {POD.uid}  # not dropped: still enrolled
-        await rec.close()
 
 
 async def test_a_pod_only_the_newest_tunnel_had_goes_to_the_older_one_when_it_leaves(
     sock_path: str, resolver: Resolver
 ) -> None:
-    snapshot = Snapshot()
-    async with agent(sock_path, snapshot) as (server, events):
-        rec = snapshot.rec = Reconciler(FakeCapture(), resolver, server, on_change=lambda: None)
-        wire(server, rec, events)
+    async with reconciler(sock_path, resolver) as rec:
         old, new = Recorder(), Recorder()
         async with tunnel(sock_path, old) as first:
             await first.wait_ready()
@@ -107,4 +108,3 @@ async def test_a_pod_only_the_newest_tunnel_had_goes_to_the_older_one_when_it_le
             await eventually(lambda: POD.uid in old.pods)
             await rec.wait_idle()
             assert rec.status(POD.uid).value == "enabled"
-        await rec.close()
