@@ -225,7 +225,9 @@ class _Reflector(Generic[T]):
             meta = doc.get("metadata") or {}
             for obj in doc["items"]:
                 if isinstance(obj, dict):
-                    key, value = self._translate(obj, previous=None)
+                    # As the watch does: an object that no longer translates keeps its previous version. A
+                    # relist after 410 Gone that dropped it instead would unenroll a pod (capture removed).
+                    key, value = self._translate(obj, previous=self.items)
                     if key is not None and value is not None:
                         fresh[key] = value
             cont = meta.get("continue") or None

@@ -124,6 +124,26 @@ def test_410_on_open_watch_relists(api: KubeStandIn, source_factory: Callable[..
     assert src.stats()["pods"].relists_after_gone >= 1
 
 
+def test_a_relist_keeps_the_previous_version_of_an_object_that_no_longer_translates(
+    api: KubeStandIn, source_factory: Callable[..., KubeSource]
+) -> None:
+    """The watch keeps the last good version of an object whose new version cannot be read; a relist after
+    410 Gone dropped it instead - for a pod, an unenrollment (its capture removed) caused by bad data."""
+    src = source_factory()
+    assert src.wait_synced(5)
+    eventually(lambda: api.watch_count("Pod") == 1)
+    broken = pod("web-1", "shop", "node1", "10.1.0.5", sa="web", labels={"app": "web"})
+    broken["status"]["podIP"] = "not-an-ip"
+    events = src.stats()["pods"].events
+    api.apply(broken)
+    eventually(lambda: src.stats()["pods"].events > events, what="the watch to see the change (it keeps the pod)")
+    api.compact(expire_open_watches=True)  # 410 Gone: the pods are listed again, the broken version with them
+    eventually(lambda: src.stats()["pods"].relists_after_gone >= 1, what="a relist")
+    eventually(lambda: src.stats()["pods"].lists >= 2, what="the relist to finish")
+    web = next(p for p in src.current().pods if p.key == "shop/web-1")
+    assert str(web.ip) == "10.1.0.5"  # the last good version, not gone
+
+
 def test_410_when_resuming_from_a_compacted_version(
     api: KubeStandIn, source_factory: Callable[..., KubeSource]
 ) -> None:
