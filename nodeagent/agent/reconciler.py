@@ -172,8 +172,9 @@ class Reconciler:
         lost = {uid for uid, record in self.records.items() if record.delivered and uid not in served}
         for uid in lost:
             self.records[uid].delivered = False
-        if lost:
+        if lost and self._tunnels.tunnels:  # (none left: the next tunnel's snapshot brings them)
             log.info("a tunnel left; %d pods only it served go to the newest tunnel", len(lost))
+            self._urgent |= lost  # they pass no traffic meanwhile: the wide lane, not the verify lane
             self._kick(lost)
         self._on_change()
 

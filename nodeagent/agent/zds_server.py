@@ -4,7 +4,7 @@ Why this module exists: the agent decides which pods are enrolled, but only the 
 and a pod counts as `enabled` only once a tunnel has acked it (`pending` otherwise: captured, no
 traffic). Tunnels come and go (restart, upgrade, hand-over with two running at once), so per connection
 this server: waits for the tunnel's hello (version 1, within the deadline); sends the current snapshot,
-an Add with the netns fd for every pod the agent has a netns for and a Keep for the others, each acked
+an Add with the netns fd for every pod the agent hands over and a Keep for the others, each acked
 within the deadline, then SnapshotSent. Afterwards `add()` goes to the newest connection only (a
 starting tunnel takes over new pods) and `delete()` to all. A connection that breaks, times out or
 breaks the protocol is dropped and reported; the listening socket stays up.
@@ -75,7 +75,7 @@ class TunnelDropped:
 
 ServerEvent = TunnelReady | TunnelDropped
 # One pod and the netns fd the agent holds for it (borrowed for the duration of the snapshot() call),
-# or None when it has none (the tunnel then gets a Keep).
+# or None when it has none to give now (the tunnel then gets a Keep: it keeps what it has).
 SnapshotEntry = tuple[Pod, int | None]
 
 

@@ -61,11 +61,7 @@ class Flavour(enum.Enum):
 
     @property
     def save(self) -> str:
-        return f"iptables-{self.value}-save"
-
-    @property
-    def restore(self) -> str:
-        return f"iptables-{self.value}-restore"
+        return self.tool("save", 4)
 
     def tool(self, verb: str, family: int) -> str:
         """iptables-nft-save, ip6tables-legacy-restore, ...: `verb` (save|restore) for IPv`family`."""

@@ -168,7 +168,7 @@ def probe_ruleset(pods: Mapping[str, ipaddress.IPv4Address]) -> Ruleset:
     rules = []
     for key, ip in sorted(pods.items(), key=lambda item: (item[1], item[0])):
         comment = f"{COMMENT_PREFIX}probe {key}"
-        if not _SAFE_COMMENT.match(comment):
+        if not _SAFE_COMMENT.fullmatch(comment):
             raise ValueError(f"pod key {key!r} cannot be written into an iptables comment")
         rules.append(
             f'-d {ip}/32 -p tcp -m owner --socket-exists -m comment --comment "{comment}" '

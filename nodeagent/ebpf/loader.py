@@ -124,7 +124,7 @@ class PodConfig:
     build: BuildConfig = BuildConfig()
 
     def __post_init__(self) -> None:
-        if not _UID.match(self.uid) or self.uid == FASTPATH_DIR:
+        if not _UID.fullmatch(self.uid) or self.uid == FASTPATH_DIR:
             raise ValueError(f"pod uid {self.uid!r} cannot name a pin directory")
 
     @property
@@ -262,14 +262,18 @@ def _reference_tags(program: Compiled) -> dict[str, str]:
     so every pod's copy of one build has the same tag. It hashes them after its own rewrites, though: the
     tag is not the SHA-1 of the compiled bytes (measured), so it is read back from a load.
     """
-    made = {placeholder: maps.map_create(layout, program.btf) for placeholder, layout in program.layouts.items()}
+    made: dict[int, maps.Fd] = {}
     try:
+        for placeholder, layout in program.layouts.items():
+            made[placeholder] = maps.map_create(layout, program.btf)
         targets = {placeholder: fd.fd for placeholder, fd in made.items()}
         tags = {}
         for hook in pins.HOOKS:
             with _load_program(hook, relocate(program.programs[hook.function], targets), program.license) as fd:
                 tags[hook.name] = maps.prog_info(fd.fd).tag
         return tags
+    except maps.BpfError as exc:
+        raise EbpfUnavailable(f"loading nodeagent's programs once to read their tags failed: {exc}") from None
     finally:
         for fd in made.values():
             fd.close()
@@ -526,11 +530,18 @@ def ensure(config: PodConfig, cgroup: str, netns: str) -> tuple[str, ...]:
             if hook.name not in fresh and state.ok:
                 continue
             link_path = os.path.join(config.pin_dir, hook.link_pin)
-            if hook.name in fresh and state.linked and state.prog is not None and state.link is not None:
-                # Attached where it belongs: swap the program inside the link; the hook never runs empty.
-                with maps.obj_get(link_path) as link, maps.prog_fd_by_id(state.prog.id) as old:
-                    maps.link_update(link.fd, fresh[hook.name].fd, old.fd)
-                repaired.append(f"{hook.name}: swapped the reloaded program into link {state.link.id} in place")
+            runs_other = state.link is not None and (state.prog is None or state.link.prog_id != state.prog.id)
+            if state.in_place and state.link is not None and (hook.name in fresh or runs_other):
+                # Attached where it belongs, with a program to replace (reloaded here, or another agent's
+                # during a rolling update): swap it inside the link, so the hook never runs empty.
+                new = fresh.get(hook.name) or maps.obj_get(os.path.join(config.pin_dir, hook.prog_pin))
+                try:
+                    with maps.obj_get(link_path) as link, maps.prog_fd_by_id(state.link.prog_id) as old:
+                        maps.link_update(link.fd, new.fd, old.fd)
+                finally:
+                    if hook.name not in fresh:
+                        new.close()
+                repaired.append(f"{hook.name}: swapped the program in link {state.link.id} in place")
                 continue
             _unpin_link(link_path)
             prog = fresh.get(hook.name) or maps.obj_get(os.path.join(config.pin_dir, hook.prog_pin))

@@ -59,7 +59,7 @@ class HookState:
     attached: tuple[int, ...] | None  # program ids the kernel lists on the target for this attach type
     problem: str
     stray_maps: tuple[int, ...] = ()  # ids of maps the pinned program uses that are not the pod's pinned maps
-    linked: bool = False  # the pinned link is attached to the right target and runs the pinned program
+    in_place: bool = False  # the pinned link is attached to the right target (whichever program it runs)
     outdated: bool = False  # the pinned program is another build's (its kernel tag is not the expected one)
 
     @property
@@ -186,7 +186,8 @@ def observe(
             problem = f"the kernel lists no program {prog.id} on {target} for {hook.attach_type.name.lower()}"
         else:
             problem = ""
-        states.append(HookState(hook, target, prog, link, attached, problem, linked=not problem))
+        in_place = link is not None and link.attached and expected_target is not None and link.target == expected_target
+        states.append(HookState(hook, target, prog, link, attached, problem, in_place=in_place))
     map_states = tuple(MapState(name, _map(os.path.join(directory, name))) for name in MAPS)
     pinned_maps = {m.info.id for m in map_states if m.info}
     for i, state in enumerate(states):

@@ -341,6 +341,9 @@ class _Reflector(Generic[T]):
             value = self._convert(obj)
         except (translate.TranslateError, ValueError) as exc:
             kept = previous.get(key) if previous is not None else None
+            uid = (obj.get("metadata") or {}).get("uid")
+            if kept is not None and uid and getattr(kept, "uid", uid) != uid:
+                kept = None  # deleted and made again under the same name: the old one's version is no stand-in
             self._report(key, f"{exc}; {'keeping its previous version' if kept is not None else 'ignored'}")
             return key, kept
         return key, value

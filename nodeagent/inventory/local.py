@@ -491,7 +491,7 @@ def _labels(value: object, path: str) -> Mapping[str, str]:
 
 
 def _is_label_name(text: str) -> bool:
-    return len(text) <= _MAX_LABEL_NAME and bool(_LABEL_NAME.match(text))
+    return len(text) <= _MAX_LABEL_NAME and bool(_LABEL_NAME.fullmatch(text))
 
 
 # --- YAML ------------------------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def parse_policies(docs: list[Any], root_namespace: str = DEFAULT_ROOT_NAMESPACE
         where = f"{kind} {namespace}/{name}"
         spec = _mapping(doc.get("spec", {}), f"{where}.spec")
         if kind == "AuthorizationPolicy":
-            if _set(spec) & {"targetRef", "targetRefs"}:
+            if bound_to_target(spec):
                 continue  # a waypoint's or a gateway's policy
             authz.append(_authorization(name, namespace, spec, root_namespace, where))
         elif kind == "PeerAuthentication":
@@ -111,6 +111,12 @@ def parse_policies(docs: list[Any], root_namespace: str = DEFAULT_ROOT_NAMESPACE
         else:
             raise PolicyError(f"{where}: unsupported kind {kind!r}; expected AuthorizationPolicy or PeerAuthentication")
     return PolicySet(tuple(authz), tuple(peer), root_namespace)
+
+
+def bound_to_target(spec: Mapping[str, Any]) -> bool:
+    """An AuthorizationPolicy spec bound with targetRef(s) to a waypoint or a gateway (not the node tunnel's);
+    an empty `targetRefs: []` or a null `targetRef` binds nothing, as in the API's protobuf."""
+    return bool(_set(spec) & {"targetRef", "targetRefs"})
 
 
 def _set(fields: Mapping[str, Any]) -> set[str]:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from nodeagent.inventory.policies import PolicyError, parse_policies
+from nodeagent.inventory.policies import PolicyError, bound_to_target, parse_policies
 from nodeagent.model import (
     DEFAULT_TRUST_DOMAIN,
     REDIRECTION_ANNOTATION,
@@ -224,7 +224,7 @@ def policy(obj: Mapping[str, Any], root_namespace: str = DEFAULT_ROOT_NAMESPACE)
             root=root_namespace,
             problem=f"{where}: unknown spec fields {unknown} (known: {sorted(known)})",
         )
-    if kind == "AuthorizationPolicy" and ("targetRef" in spec or "targetRefs" in spec):
+    if kind == "AuthorizationPolicy" and bound_to_target(spec):
         return TranslatedPolicy(None, f"{where}: bound with targetRef(s) to a waypoint or gateway; not enforced at L4")
     doc = {"kind": kind, "metadata": {"name": name, "namespace": ns}, "spec": dict(spec)}
     try:

@@ -144,6 +144,25 @@ def test_a_relist_keeps_the_previous_version_of_an_object_that_no_longer_transla
     assert str(web.ip) == "10.1.0.5"  # the last good version, not gone
 
 
+def test_a_relist_does_not_stand_an_old_pod_in_for_a_new_one_of_the_same_name(
+    api: KubeStandIn, source_factory: Callable[..., KubeSource]
+) -> None:
+    """... but only the same object's: a pod deleted and made again under its name (a StatefulSet's) while
+    the watch was gone is another pod, and the old one's uid and IP must not stand in for it."""
+    src = source_factory()
+    assert src.wait_synced(5)
+    eventually(lambda: api.watch_count("Pod") == 1)
+    api.compact(expire_open_watches=True)  # from here the source learns by relisting
+    api.delete("Pod", "web-1", "shop")
+    again = pod("web-1", "shop", "node1", "10.1.0.5", sa="web", uid="uid-web-1-again")
+    again["status"]["podIP"] = "not-an-ip"
+    api.apply(again)
+    relists = src.stats()["pods"].lists
+    api.compact(expire_open_watches=True)
+    eventually(lambda: src.stats()["pods"].lists > relists, what="a relist with the new pod")
+    assert "shop/web-1" not in pod_names(src)  # unreadable, and not the old pod either
+
+
 def test_410_when_resuming_from_a_compacted_version(
     api: KubeStandIn, source_factory: Callable[..., KubeSource]
 ) -> None:

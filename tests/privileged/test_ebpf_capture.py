@@ -418,6 +418,37 @@ def test_programs_of_another_build_are_swapped_into_their_links_in_place(
     assert seen["listener"] == 15006 and seen["local"] == [POD_IP, 8080]
 
 
+def test_a_link_running_another_program_than_its_pin_is_repaired_in_place(
+    captured: dict[str, str], ebpf: Any, standin: subprocess.Popen[str]
+) -> None:
+    """Two agents overlapping in a rolling update: one has re-pinned its programs while the links still run
+    the other's. The repair swaps the pinned program into each link (same link ids) rather than detaching
+    and re-creating the links, which would leave the hooks empty for a moment."""
+    loader, pins = ebpf
+    cgroup, netns, uid = captured["cgroup"], captured["netns"], captured["uid"]
+    import ipaddress
+
+    current = loader.PodConfig(uid, ipaddress.IPv4Address(POD_IP))
+    older = loader.PodConfig(uid, ipaddress.IPv4Address(POD_IP), build=loader.BuildConfig(tunnel_mark=0x540))
+    links = {hook: link["id"] for hook, link in links_of(cgroup, netns).items()}
+    for fd in loader.load(older).values():  # the pins now name the other build's programs; the links run ours
+        fd.close()
+    repaired = loader.ensure(current, cgroup, netns)
+    assert sum("in place" in line for line in repaired) == 3, repaired
+    after = links_of(cgroup, netns)
+    assert {hook: link["id"] for hook, link in after.items()} == links
+    for hook in ("connect4", "sockops", "sk_lookup"):
+        pinned = bpftool("prog", "show", "pinned", str(PIN_ROOT / uid / f"prog_{hook}"))
+        assert pinned["tag"] == loader.compiled(current.build).tags[hook]
+    assert sorted(link["prog_id"] for link in after.values()) == sorted(
+        bpftool("prog", "show", "pinned", str(PIN_ROOT / uid / f"prog_{hook}"))["id"]
+        for hook in ("connect4", "sockops", "sk_lookup")
+    )
+    assert pins.observe(uid, cgroup, netns).drift() == () and loader.ensure(current, cgroup, netns) == ()
+    seen = json.loads(lab_exec("shop/payments", CLIENT, POD_IP, "8080"))
+    assert seen["listener"] == 15006
+
+
 def test_pods_are_loaded_from_one_compile_with_their_ip_as_data(
     captured: dict[str, str], ebpf: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -111,9 +111,10 @@ def test_probe_ruleset_one_commented_snat_per_pod_sorted_by_address() -> None:
     )
 
 
-def test_a_pod_key_that_would_break_the_comment_is_refused() -> None:
+@pytest.mark.parametrize("key", ['shop/a"b', "shop/a\n"])  # a newline would split the restore payload
+def test_a_pod_key_that_would_break_the_comment_is_refused(key: str) -> None:
     with pytest.raises(ValueError, match="cannot be written into an iptables comment"):
-        probe_ruleset({'shop/a"b': ipaddress.IPv4Address("10.10.1.3")})
+        probe_ruleset({key: ipaddress.IPv4Address("10.10.1.3")})
 
 
 def test_parse_save_reads_tables_chains_and_rules() -> None:

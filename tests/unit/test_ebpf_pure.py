@@ -27,7 +27,7 @@ def test_a_pods_settings_are_its_na_config_value() -> None:
     assert structs.NaConfig.from_buffer_copy(bytes(8)).pod_ip is None
 
 
-@pytest.mark.parametrize("uid", ["", "../etc", "a/b", ".hidden", "x" * 300])
+@pytest.mark.parametrize("uid", ["", "../etc", "a/b", ".hidden", "x" * 300, "uid\n"])
 def test_uids_that_cannot_name_a_pin_directory_are_refused(uid: str) -> None:
     with pytest.raises(ValueError):
         loader.PodConfig(uid, None)
@@ -110,3 +110,20 @@ def test_relocate_refuses_what_it_cannot_map() -> None:
     # The second slot of an LD_IMM64 is data: an imm there that looks like an LD_IMM64 opcode is skipped.
     tricky = _insn(0x18, 0, 0) + _insn(0x18, 1, 3)
     assert loader.relocate(tricky, {}) == tricky
+
+
+def test_a_kernel_refusing_the_reference_maps_is_unavailable_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tags are read from one load on throwaway maps at start-up; a refusal there (EPERM under a memlock
+    limit, say) must be EbpfUnavailable, which `--capture auto` turns into iptables, not an escaping error."""
+    import errno
+
+    from nodeagent.ebpf import maps
+
+    def refuse(*args: object, **kwargs: object) -> object:
+        raise maps.BpfError(errno.EPERM, "MAP_CREATE refused")
+
+    monkeypatch.setattr(maps, "map_create", refuse)
+    layout = maps.MapInfo(id=0, type=2, name="na_config", key_size=4, value_size=8, max_entries=1, flags=0)
+    program = loader.Compiled(b"GPL", {}, {3: layout}, None)
+    with pytest.raises(loader.EbpfUnavailable, match="MAP_CREATE refused"):
+        loader._reference_tags(program)

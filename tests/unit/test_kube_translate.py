@@ -154,6 +154,11 @@ def test_untranslatable_policies_fail_closed(spec: Any, action: Action, rules: i
 def test_waypoint_bound_policies_are_ignored() -> None:
     result = translate.policy(_authz({"targetRefs": [{"kind": "Gateway", "name": "wp"}], "action": "DENY"}))
     assert result.value is None and result.problem is not None and "waypoint" in result.problem
+    # An empty targetRefs (templates emit it; the API server keeps it) or a null targetRef binds nothing: the
+    # policy is the node tunnel's, in this path as in the file path (a DENY was dropped here before).
+    for unbound in ({"targetRefs": []}, {"targetRef": None}):
+        result = translate.policy(_authz({**unbound, "action": "DENY"}))
+        assert isinstance(result.value, Policy) and result.value.action is Action.DENY, result
 
 
 def test_peer_authentication_and_fail_closed_strict() -> None:
