@@ -95,8 +95,6 @@ class Peer:
     workload: str = UNKNOWN
     namespace: str = UNKNOWN
     principal: str = UNKNOWN
-    app: str = UNKNOWN
-    version: str = UNKNOWN
     canonical_service: str = UNKNOWN
     canonical_revision: str = UNKNOWN
     cluster: str = UNKNOWN
@@ -120,17 +118,12 @@ class Peer:
         principal = identity.uri if identity is not None else UNKNOWN
         if pod is None:
             return cls(principal=principal, namespace=identity.namespace if identity else UNKNOWN)
-        service = _first_label(pod.labels, _CANONICAL_NAME_LABELS, pod.name)
-        revision = _first_label(pod.labels, _CANONICAL_REVISION_LABELS, "latest")
-        # ztunnel reports app and version as the canonical service and revision (proxy/metrics.rs).
         return cls(
             workload=pod.name,
             namespace=pod.namespace,
             principal=principal,
-            app=service,
-            version=revision,
-            canonical_service=service,
-            canonical_revision=revision,
+            canonical_service=_first_label(pod.labels, _CANONICAL_NAME_LABELS, pod.name),
+            canonical_revision=_first_label(pod.labels, _CANONICAL_REVISION_LABELS, "latest"),
             cluster=cluster,
         )
 
@@ -213,8 +206,9 @@ class ConnectionRecord:
             "source_canonical_revision": self.src.canonical_revision,
             "source_workload_namespace": self.src.namespace,
             "source_principal": self.src.principal,
-            "source_app": self.src.app,
-            "source_version": self.src.version,
+            # ztunnel reports app and version as the canonical service and revision (proxy/metrics.rs).
+            "source_app": self.src.canonical_service,
+            "source_version": self.src.canonical_revision,
             "source_cluster": self.src.cluster,
             "destination_service": f"{name}.{namespace}.svc.{cluster_domain}" if self.service else UNKNOWN,
             "destination_service_namespace": namespace or UNKNOWN,
@@ -224,8 +218,8 @@ class ConnectionRecord:
             "destination_canonical_revision": self.dst.canonical_revision,
             "destination_workload_namespace": self.dst.namespace,
             "destination_principal": self.dst.principal,
-            "destination_app": self.dst.app,
-            "destination_version": self.dst.version,
+            "destination_app": self.dst.canonical_service,
+            "destination_version": self.dst.canonical_revision,
             "destination_cluster": self.dst.cluster,
             "request_protocol": "tcp",
             "response_flags": flags.value,

@@ -42,7 +42,7 @@ from typing import Protocol
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from nodeagent.model import MAX_SPIFFE_ID_BYTES, SPIFFE_SCHEME, Identity, IdentityError
+from nodeagent.model import MAX_SPIFFE_ID_BYTES, Identity, IdentityError
 
 HBONE_ALPN = "h2"
 CIPHER_SUITES = ("TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384")
@@ -257,10 +257,8 @@ def svid_identity(cert: x509.Certificate) -> Identity:
     uri = uris[0]
     if len(uri.encode("utf-8", "surrogatepass")) > MAX_SPIFFE_ID_BYTES:
         raise PeerVerificationError(PeerFailure.ID_TOO_LONG, f"SPIFFE ID longer than {MAX_SPIFFE_ID_BYTES} bytes")
-    if not uri.startswith(SPIFFE_SCHEME):
-        raise PeerVerificationError(PeerFailure.INVALID_ID, f"URI SAN {uri[:100]!r} is not a spiffe:// ID")
     try:
-        return Identity.parse(uri)
+        return Identity.parse_uri(uri)
     except IdentityError as exc:
         raise PeerVerificationError(PeerFailure.INVALID_ID, str(exc)) from None
 

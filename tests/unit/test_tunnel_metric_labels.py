@@ -55,4 +55,11 @@ def test_canonical_service_and_revision_follow_istio(labels: dict[str, str], ser
     pod = Pod("web-7d9f", "shop", "uid-1", "node1", "web", ipaddress.IPv4Address("10.0.0.2"), labels=labels)
     peer = Peer.of(pod, None, "lab")
     assert (peer.canonical_service, peer.canonical_revision) == (service, revision)
-    assert (peer.app, peer.version) == (service, revision)  # ztunnel reports app/version as the canonical pair
+    # ztunnel reports app/version as the canonical pair: so do the metric labels.
+    registry = CollectorRegistry()
+    table = ConnectionTable(TunnelMetrics(registry))
+    record = ConnectionRecord(Direction.INBOUND, "10.0.0.1:40000", "10.0.0.2:8080", dst=peer)
+    table.pending(record)
+    table.established(record)
+    [sample] = [s for m in registry.collect() for s in m.samples if s.name == "istio_tcp_connections_opened_total"]
+    assert (sample.labels["destination_app"], sample.labels["destination_version"]) == (service, revision)
