@@ -170,11 +170,11 @@ class AdminServer:
         self._servers.append(await asyncio.start_unix_server(self._handle, path, limit=MAX_REQUEST_HEAD))
         log.info("admin endpoint on unix:%s", path)
 
-    async def start_when_free(self, host: str, port: int, what: str, retry_s: float | None = None) -> tuple[str, int]:
-        """start(), retrying every `retry_s` (default BIND_RETRY_S) while the address is taken: on hostNetwork
-        a rolling update's old pod holds the node's ports until it stops, and an endpoint must never keep the
-        data plane from starting. Any other bind error is raised."""
-        retry_s = BIND_RETRY_S if retry_s is None else retry_s
+    async def start_when_free(self, host: str, port: int, what: str) -> tuple[str, int]:
+        """start(), retrying every BIND_RETRY_S while the address is taken: on hostNetwork a rolling update's
+        old pod holds the node's ports until it stops, and an endpoint must never keep the data plane from
+        starting. Any other bind error is raised."""
+        retry_s = BIND_RETRY_S
         warned = False
         while True:
             try:

@@ -44,6 +44,14 @@ def setns(fd: int, nstype: int = CLONE_NEWNET) -> None:
         raise NetnsError(err, f"setns failed: {os.strerror(err)} (needs root / CAP_SYS_ADMIN)")
 
 
+def netns_inode(path: str) -> int | None:
+    """The inode of a netns file (what identifies the namespace), or None when it cannot be read (gone)."""
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
 def netns_path(name_or_path: str) -> str:
     """`/var/run/netns/<name>` for a bare name; paths (/proc/PID/ns/net, bind mounts) pass through."""
     return name_or_path if "/" in name_or_path else os.path.join(NETNS_RUN_DIR, name_or_path)

@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from nodeagent.admin import BIND_RETRY_S, CONFIG_DUMP, LOGGING, AdminServer
+from nodeagent.admin import CONFIG_DUMP, LOGGING, AdminServer
 from nodeagent.agent.inspect import Layout, collect
 from nodeagent.agent.netns_resolver import NetnsResolver
 from nodeagent.model import Inventory
@@ -64,7 +64,7 @@ def redirects_server(
 
 async def serve(server: AdminServer, address: tuple[str, int]) -> None:
     """Serve until cancelled; while the address is taken (a rolling update's old pod), retry."""
-    await server.start_when_free(*address, what="agent admin endpoint", retry_s=BIND_RETRY_S)
+    await server.start_when_free(*address, what="agent admin endpoint")
     try:
         await asyncio.Event().wait()
     finally:

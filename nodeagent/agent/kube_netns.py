@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from nodeagent.model import Pod
-from nodeagent.netns import setns
+from nodeagent.netns import netns_inode, setns
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class ProcNetnsResolver:
         self._missed: dict[str, float] = {}  # pod uid -> when it was last scanned for in vain
         self._mounts: dict[int, NetnsSighting] = {}  # inode -> a mount read once, with addresses
         self.scans = 0
-        own = {_inode(os.path.join(proc, "1", "ns", "net")), _inode("/proc/self/ns/net")}
+        own = {netns_inode(os.path.join(proc, "1", "ns", "net")), netns_inode("/proc/self/ns/net")}
         self._exclude = frozenset(i for i in own if i is not None)
 
     def resolve(self, pod: Pod) -> str | None:
@@ -167,7 +167,7 @@ class ProcNetnsResolver:
         paths = []
         for name in names:
             path = os.path.join(self.netns_dir, name)
-            inode = _inode(path)
+            inode = netns_inode(path)
             cached = self._mounts.get(inode) if inode is not None else None
             if cached is not None and cached.path == path:
                 known[cached.inode] = cached
@@ -210,7 +210,7 @@ class ProcNetnsResolver:
         seen = set(known) | self._exclude
         for pid in pids:
             ns = os.path.join(self.proc, pid, "ns", "net")
-            inode = _inode(ns)
+            inode = netns_inode(ns)
             if inode is None or inode in seen:
                 continue
             seen.add(inode)
@@ -220,10 +220,3 @@ class ProcNetnsResolver:
             except OSError:
                 continue
             yield NetnsSighting(inode, ns, text)
-
-
-def _inode(path: str) -> int | None:
-    try:
-        return os.stat(path).st_ino
-    except OSError:
-        return None

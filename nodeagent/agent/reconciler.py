@@ -41,6 +41,7 @@ from nodeagent.agent.netns_resolver import NetnsResolver
 from nodeagent.agent.zds_server import Delivery, SnapshotEntry
 from nodeagent.capture.backend import CaptureBackend, CaptureError
 from nodeagent.model import Pod
+from nodeagent.netns import netns_inode
 from nodeagent.zds.tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -305,7 +306,7 @@ class Reconciler:
         pod is gone); looked up only when the agent never held one."""
         if record.fd is None:
             return self._resolver.resolve(record.pod)
-        if record.netns is not None and _inode(record.netns) == record.fd_inode:
+        if record.netns is not None and netns_inode(record.netns) == record.fd_inode:
             return record.netns
         return None
 
@@ -350,7 +351,7 @@ class Reconciler:
         Held pods are matched by the inode of the netns fd the agent holds; wanted pods not held yet by
         looking up those with `pod`'s IP (the Kubernetes resolver finds netns by IP).
         """
-        inode = _inode(netns)
+        inode = netns_inode(netns)
         if inode is None:
             return None
         for uid, record in self.records.items():
@@ -359,15 +360,8 @@ class Reconciler:
         for uid, wanted in self._desired.items():
             if uid != pod.uid and pod.ip is not None and wanted.ip == pod.ip:
                 found = self._resolver.resolve(wanted)
-                if found is not None and _inode(found) == inode:
+                if found is not None and netns_inode(found) == inode:
                     return wanted
-        return None
-
-
-def _inode(path: str) -> int | None:
-    try:
-        return os.stat(path).st_ino
-    except OSError:
         return None
 
 

@@ -32,7 +32,9 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from nodeagent.capture import routing
 from nodeagent.capture.backend import CaptureError, CaptureState
@@ -45,6 +47,7 @@ LAB_CGROUP_PATTERN = "nodeagent-lab/{node}/{namespace}.{name}"  # nodeagent/lab/
 KUBELET_CGROUPS = "kubelet"  # a --cgroup-pattern: the kubelet's layout, found by pod uid ("kubelet:DIR": under DIR)
 _QOS = ("", "burstable", "besteffort")  # Guaranteed pods sit at the top of kubepods
 
+T = TypeVar("T")
 _kernel_lock = threading.Lock()  # one pod's BPF objects changed at a time (install and remove of a pod race)
 FWMARK_ACCEPT = "ipv4/tcp_fwmark_accept"  # under SYSCTL_NET
 
@@ -147,39 +150,28 @@ class EbpfBackend:
                 repaired += ("net.ipv4.tcp_fwmark_accept was 0: set it to 1",)
             return repaired + routing.ensure(netns)
 
-        try:
-            return await asyncio.to_thread(work)
-        except (loader.EbpfUnavailable, OSError) as exc:
-            raise CaptureError(f"pod {pod.key}: {exc}") from None
+        return await _kernel_work(f"pod {pod.key}", work)
 
     async def remove(self, pod: Pod, netns: str) -> bool:
         self._pods.pop(netns, None)
 
         def work() -> bool:
-            with _kernel_lock:
-                removed = loader.remove(pod.uid, self.pin_root)
+            removed = self._unpin(pod.uid)
             if os.path.exists(netns):
                 removed = _sysctl(netns, "0", self.sysctl_net) == "1" or removed
                 removed = routing.remove(netns) or removed
             return removed
 
-        try:
-            return await asyncio.to_thread(work)
-        except (loader.EbpfUnavailable, OSError) as exc:
-            raise CaptureError(f"pod {pod.key}: {exc}") from None
+        return await _kernel_work(f"pod {pod.key}", work)
 
     async def forget(self, uid: str) -> bool:
         """Detach and unpin the programs of a pod whose netns is gone (the sysctl and routing went with it)."""
         self._pods = {netns: pod for netns, pod in self._pods.items() if pod.uid != uid}
+        return await _kernel_work(f"pod uid {uid}", lambda: self._unpin(uid))
 
-        def work() -> bool:
-            with _kernel_lock:
-                return loader.remove(uid, self.pin_root)
-
-        try:
-            return await asyncio.to_thread(work)
-        except (loader.EbpfUnavailable, OSError) as exc:
-            raise CaptureError(f"pod uid {uid}: {exc}") from None
+    def _unpin(self, uid: str) -> bool:
+        with _kernel_lock:
+            return loader.remove(uid, self.pin_root)
 
     def kept_uids(self) -> tuple[str, ...]:
         return pins.pinned_uids(self.pin_root)
@@ -211,6 +203,15 @@ class EbpfBackend:
 
     async def verify(self, netns: str) -> tuple[str, ...]:
         return (await self.inspect(netns)).drift
+
+
+async def _kernel_work(who: str, work: Callable[[], T]) -> T:
+    """`work` on a worker thread (bpf(2), netns entry and file system calls block), its kernel errors as
+    CaptureError naming `who`."""
+    try:
+        return await asyncio.to_thread(work)
+    except (loader.EbpfUnavailable, OSError) as exc:
+        raise CaptureError(f"{who}: {exc}") from None
 
 
 def unavailable_reason() -> str | None:

@@ -197,7 +197,7 @@ class ConnectionRecord:
         """Everything `labels(flags)` depends on: connections with equal keys share metric children."""
         return (self.direction, self.src, self.dst, self.service, self.mutual_tls, flags)
 
-    def labels(self, flags: Flags, cluster_domain: str = DEFAULT_CLUSTER_DOMAIN) -> dict[str, str]:
+    def labels(self, flags: Flags, cluster_domain: str) -> dict[str, str]:
         namespace, _, name = (self.service or "").partition("/")
         return {
             "reporter": self.direction.reporter,

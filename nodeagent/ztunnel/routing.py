@@ -83,7 +83,7 @@ class RoutingSnapshot:
         workloads: dict[IPAddress, Workload] = {}
         identities: dict[tuple[str, str], Identity] = {}  # pods share a few accounts: validate each once
         for pod in inventory.pods:
-            if pod.ip is None or pod.host_network or pod.phase in (PodPhase.SUCCEEDED, PodPhase.FAILED):
+            if pod.ip is None or pod.host_network or pod.terminated:
                 continue
             in_mesh = enrolled(pod, namespaces.get(pod.namespace), excluded)
             account = (pod.namespace, pod.service_account)

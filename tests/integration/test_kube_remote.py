@@ -25,6 +25,7 @@ import yaml
 from kube_standin import KubeStandIn, forbidden, namespace, pod, status_body
 from tunnel_harness import APP_PORT, ByteServer, cluster, connect_captured, recv_all, send_all
 
+from nodeagent import admin
 from nodeagent.agent import admin_endpoint
 from nodeagent.agent.admin_endpoint import redirects_server
 from nodeagent.agent.inspect import Layout
@@ -225,7 +226,7 @@ async def test_errors_say_what_to_do(tmp_path: Path, standin: tuple[KubeStandIn,
 async def test_agent_endpoint_waits_for_its_port_and_says_when_it_has_no_pods(monkeypatch: pytest.MonkeyPatch) -> None:
     """A rolling update's surge agent finds the port taken: it retries (never stops the agent) and serves
     once the old one is gone; before its first list it answers with what is missing, not an empty report."""
-    monkeypatch.setattr(admin_endpoint, "BIND_RETRY_S", 0.05)
+    monkeypatch.setattr(admin, "BIND_RETRY_S", 0.05)
     layout = Layout()
     old = redirects_server("node1", lambda: None, layout, None)
     address = await old.start("127.0.0.1", 0)
