@@ -922,7 +922,8 @@ class HboneConnection:
     def go_away(self) -> None:
         """Stop taking new streams, gracefully (RFC 9113 6.8): a GOAWAY (NO_ERROR) naming the last stream the
         peer has opened. Those streams carry on; the peer opens new ones on another connection (a CONNECT
-        that crossed the GOAWAY still arrives as StreamOpened: refuse it). close() ends the connection.
+        that crossed the GOAWAY is reset with REFUSED_STREAM here, never surfaced: the client retries it
+        elsewhere). close() ends the connection.
         Flush data_to_send() afterwards. Why not h2's close_connection(): h2 treats any GOAWAY it sends or
         receives as the end of the connection (python-hyper/h2#1181), so it is framed here."""
         self._check_open()
@@ -1239,6 +1240,9 @@ class HboneConnection:
         stream_id = event.stream_id
         assert stream_id is not None
         self._peer_streams += 1
+        if self._our_last_stream is not None and stream_id > self._our_last_stream:
+            self._reset(stream_id, ErrorCodes.REFUSED_STREAM)  # it crossed our graceful GOAWAY (RFC 9113 6.8)
+            return
         try:
             request = parse_connect_request(list(event.headers or ()), self._local_addresses)
         except BadConnectRequest as e:

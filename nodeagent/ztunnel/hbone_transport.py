@@ -271,7 +271,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
         self._reading = False  # inside buffer_updated: writes wait for its end
         self._pending_resets: dict[int, int] = {}  # stream -> error code, sent once its queue is framed
         self.write_paused = False
-        self.refusing = False  # client: the peer refuses new streams here (draining); server: we do
+        self._refused = False  # client: the peer reset a stream with REFUSED_STREAM (it is draining)
         self.closed = asyncio.Event()
         self.close_reason = ""
         self.streams_opened = 0
@@ -333,6 +333,11 @@ class HboneProtocol(asyncio.BufferedProtocol):
         return len(self._streams)
 
     @property
+    def refusing(self) -> bool:
+        """No new stream here: the peer refused one, or either end sent a graceful GOAWAY (draining)."""
+        return self._refused or self.core.going_away
+
+    @property
     def available_streams(self) -> int:
         if self.core.closed or self.closed.is_set() or self.refusing:
             return 0
@@ -392,7 +397,6 @@ class HboneProtocol(asyncio.BufferedProtocol):
         """Server, draining: a graceful GOAWAY tells the client to open new streams elsewhere (a CONNECT that
         crossed it is reset with REFUSED_STREAM); open streams carry on, and the connection closes once
         they are done."""
-        self.refusing = True
         if self.core.closed:
             return
         self.core.go_away()
@@ -524,9 +528,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
                 else:
                     stream._on_data(event.data)
             elif isinstance(event, hbone.StreamOpened):
-                if self.refusing:  # draining: a successor tunnel serves new streams; the client retries there
-                    self.core.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
-                elif self._on_stream is None:
+                if self._on_stream is None:
                     self.core.reject(event.stream_id, 503)
                 else:
                     self._on_stream(self, event)
@@ -546,7 +548,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
             elif isinstance(event, hbone.StreamReset):
                 self._pending_resets.pop(event.stream_id, None)
                 if event.remote and event.error_code == ErrorCodes.REFUSED_STREAM:
-                    self.refusing = True
+                    self._refused = True
                     exc: ConnectionError = StreamRefused(f"HBONE stream {event.stream_id} refused by the peer")
                 else:
                     exc = ConnectionResetError(
@@ -567,7 +569,6 @@ class HboneProtocol(asyncio.BufferedProtocol):
                 if stream is not None:
                     stream._check_pressure()
             elif isinstance(event, hbone.GoingAway):
-                self.refusing = True
                 why = f" ({event.reason})" if event.reason else ""
                 self.close_reason = self.close_reason or f"the peer sent a graceful GOAWAY{why}"
                 self._maybe_idle()

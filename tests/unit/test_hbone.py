@@ -732,6 +732,24 @@ def test_graceful_goaway_lets_the_streams_it_covers_finish() -> None:
     assert not any(isinstance(e, ConnectionTerminated) for e in server_events + client_events)
 
 
+def test_a_connect_that_crosses_our_goaway_is_refused_by_the_core() -> None:
+    """The client sent a CONNECT before it saw our graceful GOAWAY: the core resets it with REFUSED_STREAM
+    (never processed, so retryable elsewhere) and never reports it as opened."""
+    p = Pair()
+    sid = established(p)
+    p.server.go_away()
+    goaway = p.server.data_to_send()
+    crossing = p.client.open_stream(ConnectRequest(SocketAddress(POD, 8081)))
+    assert p.server.receive_data(p.client.data_to_send()) == []  # no StreamOpened for the crossing CONNECT
+    resets = [f for f in parse_frames(p.server.data_to_send()) if isinstance(f, RstStreamFrame)]
+    assert [(f.stream_id, f.error_code) for f in resets] == [(crossing, ErrorCodes.REFUSED_STREAM)]
+    assert p.client.receive_data(goaway) == [  # the client learns why, and may retry elsewhere
+        StreamReset(crossing, ErrorCodes.REFUSED_STREAM, remote=True),
+        GoingAway(sid, ""),
+    ]
+    assert p.server.open_streams == 1  # the covered stream carries on
+
+
 def test_repeated_goaways_only_lower_the_last_stream() -> None:
     """hyper's graceful shutdown sends GOAWAY(2^31-1), a PING, then GOAWAY(last processed)."""
     p = Pair()
