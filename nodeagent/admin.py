@@ -8,12 +8,21 @@ assembles and serves them.
 
 Each instance serves the routes it is built with (`routes=`), like ztunnel's ports: the tunnel's
 localhost admin port (15000) serves /config_dump and /healthz/ready, the Prometheus port (15020, on all
-addresses) only /metrics, the readiness port (15021) only /healthz/ready. Anything else is a 404, so the
-config dump (workloads, certificates, connections) is never reachable on a pod-facing port.
+addresses) only /metrics (also as /stats/prometheus, the path Istio's scrape configurations use), the
+readiness port (15021) only /healthz/ready. Anything else is a 404, so the config dump (workloads,
+certificates, connections) is never reachable on a pod-facing port.
+
+/metrics is reachable from every pod on the node and shares the event loop with the data plane, so a
+render never runs on the loop: scrape hooks (e.g. the tunnel adding the bytes of open connections to its
+counters) run first, the text is rendered on a worker thread, concurrent requests share one render and
+a render younger than METRICS_CACHE_S is served again. A pod asking in a loop costs the loop almost
+nothing.
 
 The one write is ztunnel's `POST /logging?level=...` (localhost ports only): `level=debug` sets the
-process's level, `level=nodeagent.access=warn,nodeagent.ztunnel=debug` sets named loggers, `reset` puts
-back the levels the process started with; the answer lists the levels now in force.
+process's level for every logger — as in ztunnel, a bare level replaces the named ones too, so
+`level=off` also silences the access log, which the tunnel otherwise keeps at INFO —,
+`level=nodeagent.access=warn,nodeagent.ztunnel=debug` sets named loggers, `reset` puts back the levels
+the process started with; the answer lists the levels now in force.
 
 What it deliberately does not do: no other writes, no TLS or authentication (bind it to localhost), no
 keep-alive or HTTP/1.1 pipelining: one bounded request per connection, then close.
@@ -30,6 +39,7 @@ import os
 import stat
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -44,6 +54,8 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
 
 CONFIG_DUMP = "/config_dump"
 METRICS = "/metrics"
+METRICS_ALIAS = "/stats/prometheus"  # Istio's scrape path; served wherever METRICS is
+METRICS_CACHE_S = 1.0
 READY = "/healthz/ready"
 LOGGING = "/logging"
 ALL_ROUTES = frozenset({CONFIG_DUMP, METRICS, READY, LOGGING})
@@ -96,6 +108,11 @@ def apply_log_levels(request: dict[str, int] | str) -> str:
             logging.getLogger(name or None).setLevel(level)
     else:
         assert not isinstance(request, str)
+        if "" in request:  # the process's level: named loggers follow it unless named here too
+            for name, logger in list(logging.root.manager.loggerDict.items()):
+                if isinstance(logger, logging.Logger) and name.startswith("nodeagent") and logger.level:
+                    _initial_levels.setdefault(name, logger.level)
+                    logger.setLevel(logging.NOTSET)
         for name, level in request.items():
             logger = logging.getLogger(name or None)
             _initial_levels.setdefault(name, logger.level)
@@ -120,6 +137,10 @@ class AdminServer:
         self._providers: dict[str, Callable[[], Any]] = {}
         self._async_providers: dict[str, Callable[[], Awaitable[Any]]] = {}
         self._checks: dict[str, Callable[[], str | None]] = {}
+        self._scrape_hooks: list[Callable[[], None]] = []
+        self._render: asyncio.Future[bytes] | None = None  # the render in flight
+        self._rendered: tuple[float, bytes] | None = None  # (loop time, text) of the last render
+        self._executor: ThreadPoolExecutor | None = None
         self._servers: list[asyncio.Server] = []
 
     def add_config_provider(self, name: str, provider: Callable[[], Any]) -> None:
@@ -144,6 +165,33 @@ class AdminServer:
                 log.exception("config_dump provider %s failed", name)
                 dump[name] = {"error": f"{type(exc).__name__}: {exc}"}
         return dump
+
+    def add_scrape_hook(self, hook: Callable[[], None]) -> None:
+        """`hook()` runs on the event loop before each /metrics render: bring counters up to date."""
+        self._scrape_hooks.append(hook)
+
+    async def metrics_text(self) -> bytes:
+        """The registry in Prometheus' text format: rendered off the loop, shared, cached METRICS_CACHE_S."""
+        assert self._registry is not None  # checked in __init__
+        loop = asyncio.get_running_loop()
+        if self._rendered is not None and loop.time() - self._rendered[0] < METRICS_CACHE_S:
+            return self._rendered[1]
+        if self._render is None:
+            for hook in self._scrape_hooks:
+                try:
+                    hook()
+                except Exception:
+                    log.exception("metrics scrape hook %r failed", hook)
+            if self._executor is None:  # its own thread: the default executor may be busy with slow work
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics-render")
+            self._render = loop.run_in_executor(self._executor, generate_latest, self._registry)
+            self._render.add_done_callback(self._rendered_done)
+        return await asyncio.shield(self._render)
+
+    def _rendered_done(self, render: asyncio.Future[bytes]) -> None:
+        self._render = None
+        if not render.cancelled() and render.exception() is None:
+            self._rendered = (asyncio.get_running_loop().time(), render.result())
 
     def add_readiness_check(self, name: str, check: Callable[[], str | None]) -> None:
         """`check()` returns None when ready, else a short description of what is pending."""
@@ -192,6 +240,9 @@ class AdminServer:
         for server in servers:
             server.close()
             await server.wait_closed()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
 
     def config_dump(self) -> dict[str, Any]:
         dump: dict[str, Any] = {}
@@ -215,10 +266,23 @@ class AdminServer:
                 pending.append(f"{name}: {problem}")
         return pending
 
+    async def respond(self, method: str, target: str) -> tuple[int, str, bytes]:
+        """route(), plus the answers built with awaits: /metrics and a config dump with async sections."""
+        path = target.partition("?")[0]
+        if method == "GET" and path in (METRICS, METRICS_ALIAS) and METRICS in self.routes:
+            return 200, CONTENT_TYPE_LATEST, await self.metrics_text()
+        if method == "GET" and path == CONFIG_DUMP and path in self.routes and self._async_providers:
+            dump = await self.config_dump_async()
+            return 200, "application/json", json.dumps(dump, indent=2, sort_keys=True).encode()
+        return self.route(method, target)
+
     def route(self, method: str, target: str) -> tuple[int, str, bytes]:
         """Status, content type and body for one request (pure apart from the providers it calls and, for
-        POST /logging, the logging levels it sets)."""
+        POST /logging, the logging levels it sets). /metrics renders on the caller's thread: the server
+        uses respond()."""
         path, _, query = target.partition("?")
+        if path == METRICS_ALIAS and METRICS in self.routes:
+            path = METRICS
         if path not in self.routes:
             return 404, "text/plain", f"unknown path; this port serves {', '.join(sorted(self.routes))}\n".encode()
         if path == LOGGING:
@@ -247,15 +311,8 @@ class AdminServer:
             parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
             if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
                 status, ctype, body = 400, "text/plain", b"malformed request line\n"
-            elif (
-                self._async_providers
-                and CONFIG_DUMP in self.routes
-                and (parts[0], parts[1].split("?", 1)[0]) == ("GET", CONFIG_DUMP)
-            ):
-                dump = await self.config_dump_async()
-                status, ctype, body = 200, "application/json", json.dumps(dump, indent=2, sort_keys=True).encode()
             else:
-                status, ctype, body = self.route(parts[0], parts[1])
+                status, ctype, body = await self.respond(parts[0], parts[1])
             writer.write(
                 f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()

@@ -141,10 +141,18 @@ class Pod:
     # restarted agent can correct what an earlier run left. Not compared: the agent's own status writes
     # must not make the pod look changed (a changed pod is handed to the tunnel again).
     redirection: str | None = field(default=None, compare=False)
+    # The workload the pod belongs to as Istio names it — a Deployment's name for the pods of its
+    # ReplicaSets, a CronJob's for its Jobs' pods, else the controller's — for metric labels, which must
+    # not grow a series per pod; "" when it has no controller (then `workload` is the pod's own name).
+    workload_name: str = ""
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    @property
+    def workload(self) -> str:
+        return self.workload_name or self.name
 
     @property
     def terminated(self) -> bool:

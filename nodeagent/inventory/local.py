@@ -28,6 +28,8 @@ The schema (every field not listed is rejected, so a typo never silently means "
         uid: <string>            # optional, default model.pod_uid(namespace, name)
         host_network: false      # optional; a host-network pod has its node's fabric address as IP
         phase: Running           # optional: Pending | Running | Succeeded | Failed
+        workload: frontend       # optional: the Deployment (or other controller) it belongs to; metrics
+                                 # label it so; default: the pod's own name
     services:
       - name: checkout           # DNS-1035 label, unique within its namespace
         namespace: shop
@@ -85,7 +87,18 @@ _TOP_FIELDS = {"cluster", "nodes", "namespaces", "pods", "services"}
 _CLUSTER_FIELDS = {"name", "trust_domain", "fabric_cidr"}
 _NODE_FIELDS = {"name", "pod_cidr", "address", "token"}
 _NAMESPACE_FIELDS = {"name", "labels"}
-_POD_FIELDS = {"name", "namespace", "node", "service_account", "labels", "ip", "uid", "host_network", "phase"}
+_POD_FIELDS = {
+    "name",
+    "namespace",
+    "node",
+    "service_account",
+    "labels",
+    "ip",
+    "uid",
+    "host_network",
+    "phase",
+    "workload",
+}
 _SERVICE_FIELDS = {"name", "namespace", "selector", "ports", "vip"}
 _PORT_FIELDS = {"port", "target_port", "name"}
 
@@ -251,6 +264,7 @@ def _parse_pods(value: object, nodes: Mapping[str, Node], namespaces: set[str]) 
             labels=_labels(f.get("labels", {}), f"{path}.labels"),
             host_network=host_network,
             phase=_phase(f.get("phase", PodPhase.RUNNING.value), f"{path}.phase"),
+            workload_name=_dns_subdomain(f["workload"], f"{path}.workload") if "workload" in f else "",
         )
         drafts.append((path, pod))
 

@@ -29,6 +29,7 @@ carries placeholder CIDR/address values (UNKNOWN_NETWORK, UNKNOWN_ADDRESS) that 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -128,7 +129,35 @@ def pod(obj: Mapping[str, Any]) -> Pod:
         host_network=host_network,
         phase=phase,
         redirection=redirection,
+        workload_name=workload_name(meta, where),
     )
+
+
+# A Job a CronJob made is named <cronjob>-<scheduled time in minutes>.
+_CRONJOB_JOB = re.compile(r"(.+)-\d{8,10}")
+
+
+def workload_name(meta: Mapping[str, Any], where: str) -> str:
+    """The pod's workload name by Istio's heuristic (pkg/kube GetDeployMetaFromPod): only for a pod with a
+    generated name, from its controller reference — the Deployment of a ReplicaSet (its name minus the
+    pod-template-hash), the CronJob of a Job (minus the schedule suffix), else the controller itself;
+    "" when there is none."""
+    if not meta.get("generateName"):
+        return ""
+    for item in _list(meta.get("ownerReferences"), f"{where}: metadata.ownerReferences"):
+        ref = _mapping(item, f"{where}: metadata.ownerReferences[]")
+        if ref.get("controller") is not True:
+            continue
+        name = _string(ref.get("name"), f"{where}: metadata.ownerReferences[].name")
+        kind = ref.get("kind")
+        if kind == "ReplicaSet":
+            template_hash = _labels(meta.get("labels"), f"{where}: metadata.labels").get("pod-template-hash", "")
+            if template_hash and name.endswith(template_hash):
+                return name.removesuffix(f"-{template_hash}")
+        elif kind == "Job" and (cron := _CRONJOB_JOB.fullmatch(name)):
+            return cron[1]
+        return name
+    return ""
 
 
 def _pod_ip(status: Mapping[str, Any], where: str) -> ipaddress.IPv4Address | None:

@@ -334,9 +334,14 @@ class CertificateManager:
         return self._bundle_pem
 
     def ready(self) -> str | None:
-        """None when every local identity has a valid certificate, else what is pending."""
-        pending = [f"{i} ({self.status(i)})" for i in self.identities() if self.status(i).state != CertState.AVAILABLE]
-        return f"certificates pending: {', '.join(pending)}" if pending else None
+        """None once every local identity's first fetch has ended, else the identities still waiting for it.
+
+        A failed fetch does not hold readiness: one pod the CA refuses (a wrong service account, the CA's
+        view of the node lagging behind) must not take the node's tunnel out of service for every other
+        pod, nor stall a DaemonSet rollout. It retries with backoff, its state shows in /config_dump
+        (`nodeagent inspect certificates`) and its failures in the fetch metrics."""
+        pending = [str(i) for i in self.identities() if self.status(i).state == CertState.INITIALIZING]
+        return f"certificates pending (first fetch): {', '.join(pending)}" if pending else None
 
     def config_dump(self) -> list[dict[str, Any]]:
         """The `certificates` section of /config_dump, shaped like ztunnel's."""

@@ -11,7 +11,10 @@ connection also gets exactly one access-log line when it ends, and sits in `Conn
 is open — the admin's `connections` section and the set that policy changes are re-checked against.
 
 Byte directions follow Istio: *received* is what the client sent (towards the destination), *sent* is
-what came back. The access log reads like ztunnel's (proxy/metrics.rs), so log tooling written for it
+what came back. Like ztunnel's, the byte counters move while a connection is open, not only when it
+ends: `flush_bytes()` (run before every scrape) adds what open connections moved since the last one,
+so a database connection open for hours shows its traffic in `rate()` and a crash loses at most one
+scrape interval of it. The access log reads like ztunnel's (proxy/metrics.rs), so log tooling written for it
 works: `bytes_sent`/`bytes_recv` are what the reporting tunnel sent/received on its peer's side — the
 outbound side sent the request, the inbound side the response — and `dst.addr` is the address the
 connection went to (the destination's :15008 for HBONE), `dst.hbone_addr` the CONNECT target inside.
@@ -76,6 +79,11 @@ class Direction(enum.Enum):
     def reporter(self) -> str:
         return "source" if self is Direction.OUTBOUND else "destination"
 
+    @property
+    def reporter_side(self) -> str:
+        """ztunnel's access-log direction: "inbound" for both inbound listeners."""
+        return "outbound" if self is Direction.OUTBOUND else "inbound"
+
 
 class Flags(enum.Enum):
     """Response flags for the ways a connection can fail; NONE is "-". DENY and CONNECT are ztunnel's values
@@ -90,9 +98,12 @@ class Flags(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Peer:
-    """One end of a connection as the labels and the log see it."""
+    """One end of a connection as the labels and the log see it: metrics label the workload (a
+    Deployment's name, not its pods': a series per pod would grow with every rollout), the access log and
+    the connection table name the pod, as ztunnel's do."""
 
     workload: str = UNKNOWN
+    pod: str = UNKNOWN
     namespace: str = UNKNOWN
     principal: str = UNKNOWN
     canonical_service: str = UNKNOWN
@@ -119,11 +130,12 @@ class Peer:
         if pod is None:
             return cls(principal=principal, namespace=identity.namespace if identity else UNKNOWN)
         return cls(
-            workload=pod.name,
+            workload=pod.workload,
+            pod=pod.name,
             namespace=pod.namespace,
             principal=principal,
-            canonical_service=_first_label(pod.labels, _CANONICAL_NAME_LABELS, pod.name),
-            canonical_revision=_first_label(pod.labels, _CANONICAL_REVISION_LABELS, "latest"),
+            canonical_service=canonical_service(pod),
+            canonical_revision=canonical_revision(pod),
             cluster=cluster,
         )
 
@@ -136,6 +148,14 @@ _CANONICAL_REVISION_LABELS = ("service.istio.io/canonical-revision", "app.kubern
 
 def _first_label(labels: Mapping[str, str], keys: tuple[str, ...], default: str) -> str:
     return next((labels[key] for key in keys if key in labels), default)
+
+
+def canonical_service(pod: Pod) -> str:
+    return _first_label(pod.labels, _CANONICAL_NAME_LABELS, pod.workload)
+
+
+def canonical_revision(pod: Pod) -> str:
+    return _first_label(pod.labels, _CANONICAL_REVISION_LABELS, "latest")
 
 
 # Peer.of's memo: (id(pod), identity, cluster) -> (pod, peer); the pod is kept so its id stays its own.
@@ -176,6 +196,9 @@ class ConnectionRecord:
     relay: RelayHandle | None = None
     # Inbound only: what authorization saw, so a policy change can re-check it.
     policy_view: Connection | None = None
+    # Bytes already added to the counters while open (flush_bytes); finished() adds the rest.
+    counted_in: int = 0
+    counted_out: int = 0
 
     def bytes_in(self) -> int:
         return self.relay.bytes_in if self.relay is not None else 0
@@ -346,12 +369,27 @@ class ConnectionTable:
         if not record.established:
             children.opened.inc()
         children.closed.inc()
-        if bytes_in:
-            children.received.inc(bytes_in)
-        if bytes_out:
-            children.sent.inc(bytes_out)
+        if bytes_in > record.counted_in:
+            children.received.inc(bytes_in - record.counted_in)
+        if bytes_out > record.counted_out:
+            children.sent.inc(bytes_out - record.counted_out)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info("%s", format_access_log(record, bytes_in, bytes_out, error))
+
+    def flush_bytes(self) -> None:
+        """Add what the open connections moved since the last flush to the byte counters (they count under
+        the labels of an established connection, response_flags "-", as finished() does for them)."""
+        for record in self._open.values():
+            moved_in, moved_out = record.bytes_in(), record.bytes_out()
+            if moved_in == record.counted_in and moved_out == record.counted_out:
+                continue
+            children = self._counters(record, Flags.NONE)
+            if moved_in > record.counted_in:
+                children.received.inc(moved_in - record.counted_in)
+                record.counted_in = moved_in
+            if moved_out > record.counted_out:
+                children.sent.inc(moved_out - record.counted_out)
+                record.counted_out = moved_out
 
     def __iter__(self) -> Iterator[ConnectionRecord]:
         return iter(list(self._open.values()))
@@ -374,8 +412,8 @@ class ConnectionTable:
                 "originalDst": r.dst_addr,
                 "actualDst": r.hbone_addr or r.dst_addr,
                 "protocol": "HBONE" if r.mutual_tls else "TCP",
-                "srcWorkload": f"{r.src.workload}.{r.src.namespace}",
-                "dstWorkload": f"{r.dst.workload}.{r.dst.namespace}",
+                "srcWorkload": f"{r.src.pod}.{r.src.namespace}",
+                "dstWorkload": f"{r.dst.pod}.{r.dst.namespace}",
                 "srcIdentity": r.src.principal,
                 "dstIdentity": r.dst.principal,
                 "bytesIn": r.bytes_in(),
@@ -396,11 +434,11 @@ def format_access_log(record: ConnectionRecord, bytes_in: int, bytes_out: int, e
     sent, recv = (bytes_in, bytes_out) if record.direction is Direction.OUTBOUND else (bytes_out, bytes_in)
     addr, inner = (record.hbone_addr, record.dst_addr) if record.hbone_addr else (record.dst_addr, "-")
     line = (
-        f"connection complete src.addr={record.src_addr} src.workload={_quote(src.workload)}"
+        f"connection complete src.addr={record.src_addr} src.workload={_quote(src.pod)}"
         f" src.namespace={_quote(src.namespace)} src.identity={_quote(src.principal)}"
         f" dst.addr={addr} dst.hbone_addr={inner}"
-        f" dst.workload={_quote(dst.workload)} dst.identity={_quote(dst.principal)}"
-        f' direction="{record.direction.value}" bytes_sent={sent} bytes_recv={recv}'
+        f" dst.workload={_quote(dst.pod)} dst.identity={_quote(dst.principal)}"
+        f' direction="{record.direction.reporter_side}" bytes_sent={sent} bytes_recv={recv}'
         f' duration="{duration_ms:.0f}ms"'
     )
     return f"{line} error={_quote(error)}" if error else line

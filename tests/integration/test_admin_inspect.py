@@ -9,17 +9,30 @@ import contextlib
 import io
 import json
 import logging
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 from identity_support import CART, FRONTEND, NODE1_TOKEN, start_ca
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
 from tunnel_harness import cluster
 
-from nodeagent.admin import ALL_ROUTES, CONFIG_DUMP, LOGGING, METRICS, READY, AdminServer
+from nodeagent import admin as admin_module
+from nodeagent.admin import (
+    ALL_ROUTES,
+    CONFIG_DUMP,
+    LOGGING,
+    METRICS,
+    METRICS_ALIAS,
+    METRICS_CACHE_S,
+    READY,
+    AdminServer,
+)
 from nodeagent.ca import commands
 from nodeagent.ca.client import CAClient
 from nodeagent.metrics import CertManagerMetrics
@@ -65,7 +78,7 @@ async def test_admin_serves_config_dump_metrics_and_readiness(tmp_path: Path) ->
     try:
         manager.set_local_workloads([FRONTEND, CART])
         status, _, body = await asyncio.to_thread(_get, base + "/healthz/ready")
-        assert status == 500 and "Initializing" in body  # not started yet: pending
+        assert status == 500 and "first fetch" in body  # not started yet: pending
 
         await manager.start()
         for identity in (FRONTEND, CART):
@@ -143,6 +156,54 @@ async def test_admin_serves_only_its_routes() -> None:
             await server.stop()
 
 
+class _SlowCollector:
+    """A registry collector that takes `delay` seconds to collect, and counts how often it is asked."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.calls = 0
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        self.calls += 1
+        time.sleep(self.delay)
+        yield GaugeMetricFamily("slow_collector_calls", "How often the slow collector was collected.", self.calls)
+
+
+async def test_metrics_render_off_the_event_loop_once_for_concurrent_scrapes() -> None:
+    """/metrics shares the tunnel's event loop and any pod can ask for it: a render never runs on the loop,
+    concurrent scrapes share one render, a fresh render is served again; /stats/prometheus is an alias."""
+    registry = CollectorRegistry()
+    slow = _SlowCollector(0.3)
+    registry.register(slow)
+    hooks: list[int] = []
+    server = AdminServer(registry, routes=[METRICS])
+    server.add_scrape_hook(lambda: hooks.append(slow.calls))
+    host, port = await server.start("127.0.0.1", 0)
+    loop = asyncio.get_running_loop()
+    lags: list[float] = []
+
+    async def ticker() -> None:
+        while True:
+            before = loop.time()
+            await asyncio.sleep(0.01)
+            lags.append(loop.time() - before - 0.01)
+
+    tick = asyncio.create_task(ticker())
+    try:
+        paths = [METRICS, METRICS_ALIAS] * 4
+        answers = await asyncio.gather(*(asyncio.to_thread(_get, f"http://{host}:{port}{p}") for p in paths))
+        assert {(status, body) for status, _, body in answers} == {(200, answers[0][2])}
+        assert "slow_collector_calls 1.0" in answers[0][2]
+        assert (slow.calls, hooks) == (1, [0])  # one render for eight scrapes; the hook ran before it
+        assert max(lags) < 0.2, f"the event loop stalled {max(lags):.3f} s during a 0.3 s render"
+        await asyncio.sleep(METRICS_CACHE_S)
+        await asyncio.to_thread(_get, f"http://{host}:{port}{METRICS}")
+        assert slow.calls == 2  # older than METRICS_CACHE_S: rendered again
+    finally:
+        tick.cancel()
+        await server.stop()
+
+
 def test_admin_route_configuration_errors() -> None:
     with pytest.raises(ValueError, match="unknown admin routes"):
         AdminServer(CollectorRegistry(), routes=["/debug"])
@@ -170,12 +231,15 @@ async def test_tunnel_ports_serve_their_own_routes(tmp_path: Path) -> None:
         assert {"workloads", "certificates", "trustBundle", "policies", "connections", "localPods"} <= dump.keys()
 
 
-async def test_logging_post_sets_and_resets_levels() -> None:
+async def test_logging_post_sets_and_resets_levels(monkeypatch: pytest.MonkeyPatch) -> None:
     """ztunnel's POST /logging?level=...: the process's level or named loggers; reset restores the start."""
     admin = AdminServer(routes=[LOGGING])
     host, port = await admin.start("127.0.0.1", 0)
     base = f"http://{host}:{port}{LOGGING}"
     access = logging.getLogger("nodeagent.access")
+    monkeypatch.setattr(admin_module, "_initial_levels", {})  # a fresh process...
+    levels = access.level, logging.root.level
+    access.setLevel(logging.INFO)  # ...as `nodeagent tunnel` starts
     before = access.level
     try:
         status, _, body = await asyncio.to_thread(_get, base + "?level=nodeagent.access=warn", "POST")
@@ -183,9 +247,17 @@ async def test_logging_post_sets_and_resets_levels() -> None:
         assert access.level == logging.WARNING
         status, _, body = await asyncio.to_thread(_get, base + "?reset", "POST")
         assert status == 200 and access.level == before
+        # A bare level is the whole process's, as in ztunnel: named loggers follow it (off: no access log).
+        status, _, body = await asyncio.to_thread(_get, base + "?level=off", "POST")
+        assert status == 200 and not access.isEnabledFor(logging.CRITICAL)
+        assert "nodeagent.access=Level 51" in body.splitlines()
+        status, _, body = await asyncio.to_thread(_get, base + "?reset", "POST")
+        assert access.level == logging.INFO and access.isEnabledFor(logging.INFO)
         for bad in ("?level=loud", "?level=urllib3=debug", "", "?level=info&level=debug"):
             status, _, body = await asyncio.to_thread(_get, base + bad, "POST")
             assert status == 400, (bad, body)
         assert (await asyncio.to_thread(_get, base + "?level=info"))[0] == 405  # GET
     finally:
+        access.setLevel(levels[0])
+        logging.root.setLevel(levels[1])
         await admin.stop()

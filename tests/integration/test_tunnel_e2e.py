@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from tunnel_harness import APP_PORT, ByteServer, cluster, connect_captured, pattern, recv_all, send_all, uri_san
 
 from nodeagent.model import SocketAddress
@@ -75,7 +76,13 @@ async def test_metrics_access_log_and_config_dump(tmp_path: Path, caplog: pytest
                 dump = await _get_json(t1.addresses["admin"], "/config_dump")
                 assert [e["originalDst"] for e in dump["connections"]["outbound"]] == [f"{server_pod.ip}:{APP_PORT}"]
                 assert {w["name"] for w in dump["workloads"]} == {"client", "server"}
+                assert {w["workloadName"] for w in dump["workloads"]} == {"client", "server"}
                 assert [e["identity"] for e in dump["certificates"]] == [c.identity("client").uri]
+                # Byte counters move while the connection is open (a scrape brings them up to date).
+                for tunnel in (t1, t2):
+                    async with asyncio.timeout(5):
+                        while _received_bytes(await _get(tunnel.addresses["metrics"], "/metrics")) != 300:  # noqa: ASYNC110
+                            await asyncio.sleep(0.05)
                 sock.shutdown(socket.SHUT_WR)
                 async with asyncio.timeout(10):
                     await receiving
@@ -130,6 +137,15 @@ async def test_metrics_access_log_and_config_dump(tmp_path: Path, caplog: pytest
     # ... and each side's own bytes: the client's tunnel sent the request, the server's sent the response.
     assert "bytes_sent=300 bytes_recv=1000" in outbound
     assert "bytes_sent=1000 bytes_recv=300" in inbound
+
+
+def _received_bytes(metrics_text: str) -> float:
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(metrics_text)
+        for s in family.samples
+        if s.name == "istio_tcp_received_bytes_total"
+    )
 
 
 async def test_idle_connection_pings_every_interval(tmp_path: Path) -> None:

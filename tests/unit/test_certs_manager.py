@@ -300,3 +300,29 @@ async def test_config_dump_and_table(tmp_path: Path) -> None:
         assert column in header
     assert len(table.splitlines()) == 1 + len(rows)
     await manager.stop()
+
+
+async def test_readiness_waits_for_first_fetches_not_for_failing_identities(tmp_path: Path) -> None:
+    """One identity the CA refuses must not keep the node's tunnel unready for every other pod (nor stall a
+    rollout): readiness waits only for identities whose first fetch has not ended."""
+    time = FakeTime(NOW.timestamp())
+    ca = FakeCA(time)
+
+    async def refuses_checkout(identity: Identity, csr: bytes) -> Sequence[str]:
+        if identity == CHECKOUT:
+            raise PermissionError("the CA refuses checkout on this node")
+        return await ca.fetch(identity, csr)
+
+    manager, _ = _manager(tmp_path, refuses_checkout, time, ca.signer)
+    manager.set_local_workloads([FRONTEND, CHECKOUT])
+    pending = manager.ready()
+    assert pending is not None and FRONTEND.uri in pending and CHECKOUT.uri in pending  # first fetches not run
+    await manager.start()
+    for _ in range(1000):  # until both first fetches have ended (each task then sleeps)
+        if CertState.INITIALIZING not in {manager.status(i).state for i in (FRONTEND, CHECKOUT)}:
+            break
+        await asyncio.sleep(0)
+    assert manager.status(FRONTEND).state is CertState.AVAILABLE
+    assert manager.status(CHECKOUT).state is CertState.UNAVAILABLE  # retrying with backoff, shown in config_dump
+    assert manager.ready() is None
+    await manager.stop()

@@ -125,6 +125,7 @@ BAD = [
     ("duplicate pod", setter("pods", 1, "name", value="frontend"), "pods[1].name", "duplicate pod 'shop/frontend'"),
     ("pod unknown field", setter("pods", 0, "image", value="x"), "pods[0].image", "unknown field"),
     ("phase", setter("pods", 0, "phase", value="Crashing"), "pods[0].phase", "Running"),
+    ("workload name", setter("pods", 0, "workload", value="Web_UI"), "pods[0].workload", "DNS"),
     ("host_network string", setter("pods", 0, "host_network", value="yes"), "pods[0].host_network", "true or false"),
     ("ip outside cidr", setter("pods", 0, "ip", value="10.10.2.5"), "pods[0].ip", "outside"),
     ("ip = network", setter("pods", 0, "ip", value="10.10.1.0"), "pods[0].ip", "network"),
@@ -211,6 +212,7 @@ def test_valid_inventory() -> None:
     data = valid()
     data["pods"][0]["labels"] = {"app": "frontend"}
     data["pods"][1]["labels"] = {"app": "checkout"}
+    data["pods"][1]["workload"] = "checkout-v2"
     inv = parse_inventory(data)
     assert inv.cluster_name == "lab"
     assert inv.trust_domain == "cluster.local"
@@ -221,6 +223,7 @@ def test_valid_inventory() -> None:
     assert frontend.ip == ipaddress.IPv4Address("10.10.1.2")
     assert frontend.phase is PodPhase.RUNNING
     assert dict(frontend.labels) == {"app": "frontend"}
+    assert (frontend.workload, inv.pod("shop/checkout").workload) == ("frontend", "checkout-v2")  # default: itself
     assert [p.ip for p in inv.pods_on("node2")] == [ipaddress.IPv4Address(a) for a in ("10.10.2.2", "10.10.2.3")]
     (svc,) = inv.services
     assert svc.ports[0].target_port == 80

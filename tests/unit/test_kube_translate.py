@@ -55,6 +55,51 @@ def test_pod_fields(over: dict[str, Any], field: str, expected: object) -> None:
     assert getattr(translate.pod(_pod(**over)), field) == expected
 
 
+def _owned(kind: str, name: str, controller: object = True) -> dict[str, Any]:
+    return {"apiVersion": "apps/v1", "kind": kind, "name": name, "uid": "o-1", "controller": controller}
+
+
+_RS = "web-7d9f8c6b5"  # a Deployment "web"'s ReplicaSet, pod-template-hash 7d9f8c6b5
+
+
+@pytest.mark.parametrize(
+    ("meta", "expected"),
+    [
+        # Istio's GetDeployMetaFromPod: a Deployment's pods carry the Deployment's name...
+        (
+            {
+                "generateName": f"{_RS}-",
+                "labels": {"pod-template-hash": "7d9f8c6b5"},
+                "ownerReferences": [_owned("ReplicaSet", _RS)],
+            },
+            "web",
+        ),
+        # ...a bare ReplicaSet's (no hash label, or one its name does not end with) the ReplicaSet's.
+        ({"generateName": f"{_RS}-", "ownerReferences": [_owned("ReplicaSet", _RS)]}, _RS),
+        (
+            {
+                "generateName": f"{_RS}-",
+                "labels": {"pod-template-hash": "other"},
+                "ownerReferences": [_owned("ReplicaSet", _RS)],
+            },
+            _RS,
+        ),
+        # A CronJob's Job is named <cronjob>-<8..10 digits>; any other Job is its own workload.
+        ({"generateName": "backup-29012345-", "ownerReferences": [_owned("Job", "backup-29012345")]}, "backup"),
+        ({"generateName": "migrate-", "ownerReferences": [_owned("Job", "migrate")]}, "migrate"),
+        ({"generateName": "db-", "ownerReferences": [_owned("StatefulSet", "db")]}, "db"),
+        # Only the controller counts; without one, or without a generated name, the pod is its own workload.
+        ({"generateName": "x-", "ownerReferences": [_owned("ReplicaSet", "rs", controller=False)]}, "web-1"),
+        ({"generateName": "x-"}, "web-1"),
+        ({"ownerReferences": [_owned("StatefulSet", "db")]}, "web-1"),
+    ],
+)
+def test_pod_workload_name_follows_istio(meta: dict[str, Any], expected: str) -> None:
+    obj = _pod()
+    obj["metadata"].update(meta)
+    assert translate.pod(obj).workload == expected
+
+
 def test_pod_labels_are_frozen_strings() -> None:
     p = translate.pod(_pod())
     assert dict(p.labels) == {"app": "web"}
@@ -71,6 +116,8 @@ def test_pod_labels_are_frozen_strings() -> None:
         ({"metadata__uid": None}, "metadata.uid"),
         ({"metadata__labels": {"a": 1}}, "metadata.labels"),
         ({"metadata__annotations": {"ambient.istio.io/redirection": True}}, "metadata.annotations"),
+        ({"metadata__generateName": "w-", "metadata__ownerReferences": {"kind": "Job"}}, "ownerReferences"),
+        ({"metadata__generateName": "w-", "metadata__ownerReferences": [{"controller": True}]}, "ownerReferences"),
     ],
 )
 def test_bad_pods_name_the_field(over: dict[str, Any], message: str) -> None:

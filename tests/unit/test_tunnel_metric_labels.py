@@ -13,7 +13,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from nodeagent.model import Pod
-from nodeagent.ztunnel.metrics import ConnectionRecord, ConnectionTable, Direction, Peer, TunnelMetrics
+from nodeagent.ztunnel.metrics import (
+    ConnectionRecord,
+    ConnectionTable,
+    Direction,
+    Peer,
+    TunnelMetrics,
+    format_access_log,
+)
 
 
 @pytest.mark.parametrize(
@@ -63,3 +70,79 @@ def test_canonical_service_and_revision_follow_istio(labels: dict[str, str], ser
     table.established(record)
     [sample] = [s for m in registry.collect() for s in m.samples if s.name == "istio_tcp_connections_opened_total"]
     assert (sample.labels["destination_app"], sample.labels["destination_version"]) == (service, revision)
+
+
+def _samples(registry: CollectorRegistry, name: str) -> list[tuple[dict[str, str], float]]:
+    return [(s.labels, s.value) for m in registry.collect() for s in m.samples if s.name == name]
+
+
+def test_pods_of_one_workload_share_series_and_the_log_names_the_pod(caplog: pytest.LogCaptureFixture) -> None:
+    """source_/destination_workload is the workload (Istio's), so a rollout adds no series; the access log
+    and the connection table keep the pod's name, as ztunnel's do."""
+    registry = CollectorRegistry()
+    table = ConnectionTable(TunnelMetrics(registry))
+    for i, name in enumerate(("web-7d9f8c-abcde", "web-7d9f8c-fghij", "web-5c6b7a-klmno")):
+        pod = Pod(
+            name, "shop", f"uid-{i}", "node1", "web", ipaddress.IPv4Address(f"10.0.0.{i + 2}"), workload_name="web"
+        )
+        record = ConnectionRecord(
+            Direction.OUTBOUND, f"10.0.0.{i + 2}:40000", "10.0.1.9:80", src=Peer.of(pod, None, "lab")
+        )
+        table.pending(record)
+        table.established(record)
+        assert table.dump()["outbound"][0]["srcWorkload"] == f"{name}.shop"
+        with caplog.at_level("INFO", logger="nodeagent.access"):
+            table.finished(record, 1, 2)
+        assert f'src.workload="{name}"' in caplog.records[-1].getMessage()
+    [(labels, value)] = _samples(registry, "istio_tcp_connections_opened_total")
+    assert (labels["source_workload"], labels["source_canonical_service"], value) == ("web", "web", 3)
+
+
+class _Relay:
+    def __init__(self) -> None:
+        self.bytes_in = self.bytes_out = 0
+
+    def abort(self, reason: BaseException | None = None) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def test_byte_counters_move_while_the_connection_is_open() -> None:
+    """Like ztunnel's: flush_bytes (before every scrape) adds what open connections moved; finished() adds
+    only the rest, so nothing is counted twice."""
+    registry = CollectorRegistry()
+    table = ConnectionTable(TunnelMetrics(registry))
+    record = ConnectionRecord(Direction.INBOUND, "10.0.0.1:40000", "10.0.0.2:8080", mutual_tls=True)
+    relay = record.relay = _Relay()
+    table.pending(record)
+    table.established(record)
+
+    def totals() -> tuple[float, float]:
+        received = sum(v for _, v in _samples(registry, "istio_tcp_received_bytes_total"))
+        sent = sum(v for _, v in _samples(registry, "istio_tcp_sent_bytes_total"))
+        return received, sent
+
+    table.flush_bytes()
+    assert totals() == (0, 0)
+    relay.bytes_in, relay.bytes_out = 1000, 50
+    table.flush_bytes()
+    assert totals() == (1000, 50)
+    table.flush_bytes()  # nothing new moved
+    assert totals() == (1000, 50)
+    relay.bytes_in, relay.bytes_out = 1500, 70
+    table.finished(record, 1500, 70)
+    assert totals() == (1500, 70)
+    table.flush_bytes()  # closed connections are no longer flushed
+    assert totals() == (1500, 70)
+    [(labels, _)] = _samples(registry, "istio_tcp_received_bytes_total")
+    assert labels["response_flags"] == "-"
+
+
+@pytest.mark.parametrize(
+    ("direction", "logged"),
+    [(Direction.OUTBOUND, "outbound"), (Direction.INBOUND, "inbound"), (Direction.INBOUND_PLAINTEXT, "inbound")],
+)
+def test_access_log_direction_is_ztunnels(direction: Direction, logged: str) -> None:
+    """ztunnel logs only "inbound" or "outbound"; the plaintext listener is an inbound one."""
+    line = format_access_log(ConnectionRecord(direction, "10.0.0.1:40000", "10.0.0.2:8080"), 1, 2, "")
+    assert f'direction="{logged}"' in line

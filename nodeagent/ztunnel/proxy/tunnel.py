@@ -54,7 +54,13 @@ from nodeagent.ztunnel.certs import CertMaterial
 from nodeagent.ztunnel.edges import ClusterView, LocalPod, ProxyState, SocketFactory, TlsContexts
 from nodeagent.ztunnel.inbound import HboneInbound, PlaintextInbound, ProxyDeps
 from nodeagent.ztunnel.local import SameNodePath
-from nodeagent.ztunnel.metrics import DEFAULT_CLUSTER_DOMAIN, ConnectionTable, TunnelMetrics
+from nodeagent.ztunnel.metrics import (
+    DEFAULT_CLUSTER_DOMAIN,
+    ConnectionTable,
+    TunnelMetrics,
+    canonical_revision,
+    canonical_service,
+)
 from nodeagent.ztunnel.outbound import HboneConnector, Outbound
 from nodeagent.ztunnel.pool import HbonePool
 from nodeagent.ztunnel.zds_client import Backoff, ZdsClient
@@ -200,9 +206,11 @@ class Tunnel:
             server.add_readiness_check(
                 "drain", lambda: "draining: the tunnel is shutting down" if self.draining else None
             )
+        metrics = AdminServer(self._in.registry, routes=(METRICS,))
+        metrics.add_scrape_hook(self.table.flush_bytes)
         for name, server, endpoint in (
             ("admin", admin, self._in.admin),
-            ("metrics", AdminServer(self._in.registry, routes=(METRICS,)), self._in.metrics),
+            ("metrics", metrics, self._in.metrics),
             ("ready", ready, self._in.ready),
         ):
             if endpoint is not None:
@@ -463,6 +471,9 @@ class Tunnel:
                     "uid": w.pod.uid,
                     "name": w.pod.name,
                     "namespace": w.pod.namespace,
+                    "workloadName": w.pod.workload,
+                    "canonicalName": canonical_service(w.pod),
+                    "canonicalRevision": canonical_revision(w.pod),
                     "serviceAccount": w.pod.service_account,
                     "workloadIps": [str(ip)],
                     "node": w.pod.node,
