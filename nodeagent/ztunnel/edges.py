@@ -170,8 +170,8 @@ class LocalPod:
         """A bare TCP socket made in this pod's netns, by the pod's NetnsWorker (started on first use)."""
         worker = self._worker
         if worker is None:
-            if self.netns_fd is None:
-                raise RuntimeError(f"pod {self.key} has no netns fd; the ZDS Add must carry one")
+            if self.netns_fd is None:  # an OSError, as every socket failure: callers reject or reset
+                raise OSError(errno.EBADF, f"pod {self.key} has no netns here: it has left, or its ZDS Add had none")
             worker = self._worker = NetnsWorker(self.netns_fd, self.key)
         return worker.socket(family)
 

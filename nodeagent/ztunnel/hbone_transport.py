@@ -85,6 +85,7 @@ class HboneStream:
         "_early_eof",
         "_held",
         "_leg",
+        "_loss",
         "_lost",
         "_pause_reported",
         "_started",
@@ -105,12 +106,19 @@ class HboneStream:
         self._unacked = 0
         self._pause_reported = False
         self._lost = False
+        self._loss: BaseException | None = None  # why it was lost, while no leg could be told
         self.local_ended = False
         self.remote_ended = False
 
     def attach(self, leg: Leg) -> None:
-        """Give the stream its relay leg; events before relay.start() are kept until then."""
+        """Give the stream its relay leg; events before relay.start() are kept until then. A stream lost
+        before it had a leg (reset, or its connection gone, between the 200 and this call: the task that
+        opened it runs a loop turn later) tells the leg now, so the relay finishes the other side too
+        instead of relaying into nothing."""
         self._leg = leg
+        if self._lost:
+            leg.connection_lost(self._loss)
+            self._loss = None
 
     # -- events from the connection -------------------------------------------------------------------
 
@@ -144,6 +152,8 @@ class HboneStream:
         self._conn._forget(self.stream_id)
         if self._leg is not None:
             self._leg.connection_lost(exc)
+        else:
+            self._loss = exc
 
     def _release_window(self) -> None:
         """The stream is over: acknowledge what it received but never reported consumed (held back while
@@ -354,6 +364,8 @@ class HboneProtocol(asyncio.BufferedProtocol):
         """Client: CONNECT and wait for the 200; ConnectRefused for any other answer. `early`: the client's
         first bytes, sent right behind the CONNECT (in the same TLS record when small); the server holds
         them until its 200 and drops them with any other answer."""
+        if self.closed.is_set():  # nothing would ever answer the waiter
+            raise ConnectionResetError(f"HBONE connection closed: {self.close_reason or 'gone'}")
         sid = self.core.open_stream(request)
         stream = HboneStream(self, sid)
         self._streams[sid] = stream
@@ -373,7 +385,11 @@ class HboneProtocol(asyncio.BufferedProtocol):
         return stream
 
     def accept(self, stream_id: int) -> HboneStream:
-        """Server: answer 200; the stream delivers what arrived before to its leg once the relay starts."""
+        """Server: answer 200; the stream delivers what arrived before to its leg once the relay starts.
+        Raises an HboneError when the stream was reset or the connection is gone meanwhile (a stream
+        accepted on a dead connection would never be lost, and its upstream would leak)."""
+        if self.closed.is_set():
+            raise hbone.ConnectionClosedError(f"HBONE connection closed: {self.close_reason or 'gone'}")
         events = self.core.accept(stream_id)
         stream = HboneStream(self, stream_id)
         self._streams[stream_id] = stream

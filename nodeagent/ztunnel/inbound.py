@@ -100,6 +100,14 @@ def authorize(
 
 
 ACCEPT_BATCH = 64  # connections taken from a listener's queue per wakeup
+ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX = 0.05, 1.0  # after a failed accept (e.g. out of file descriptors)
+
+
+def _listener_name(listener: socket.socket) -> str:
+    with contextlib.suppress(OSError):
+        host, port = listener.getsockname()[:2]
+        return f"{host}:{port}"
+    return "a listener"
 
 
 async def accept_loop(listener: socket.socket, handle: Callable[[socket.socket], object]) -> None:
@@ -109,13 +117,20 @@ async def accept_loop(listener: socket.socket, handle: Callable[[socket.socket],
     back to the event loop: under a burst that saves a future, a reader registration and a wakeup each.
     """
     loop = asyncio.get_running_loop()
+    backoff = ACCEPT_BACKOFF_MIN
     while True:
         try:
             sock, _ = await loop.sock_accept(listener)
-        except OSError:
+        except OSError as exc:
             if listener.fileno() < 0:
                 return  # closed: draining or the pod left
-            raise
+            # EMFILE/ENFILE/ENOBUFS, or an error accept(2) says to retry: the listener is still bound and
+            # its queue fills, so it must not stop for good. Back off (the queue waits), then accept again.
+            log.warning("accept on %s failed: %s; retrying in %.2f s", _listener_name(listener), exc, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, ACCEPT_BACKOFF_MAX)
+            continue
+        backoff = ACCEPT_BACKOFF_MIN
         handle(sock)
         for _ in range(ACCEPT_BATCH):
             try:
@@ -273,6 +288,12 @@ class HboneInbound:
         deps.table.pending(record)
         key = (proto, event.stream_id)
         upstream: socket.socket | None = None
+
+        def refuse(refusal: Refuse) -> None:
+            self._pending.pop(key, None)
+            proto.reject(event.stream_id, refusal.status)
+            deps.table.finished(record, 0, 0, refusal.reason, refusal.flags)
+
         try:
             decision = (
                 authorize(view, pod, source_ip, target, peer)
@@ -280,18 +301,21 @@ class HboneInbound:
                 else Refuse(503, Flags.NO_ROUTE, "the HBONE connection has no peer address")
             )
             if isinstance(decision, Refuse):
-                self._pending.pop(key, None)
-                proto.reject(event.stream_id, decision.status)
-                deps.table.finished(record, 0, 0, decision.reason, decision.flags)
+                refuse(decision)
                 return
+            assert source_ip is not None
             try:
                 upstream = deps.socket_factory.upstream(pod, target, source_ip)
                 upstream = await sockets.connect(upstream, target, connect_timeout=deps.connect_timeout)
             except OSError as exc:
                 upstream = None
-                self._pending.pop(key, None)
-                proto.reject(event.stream_id, 503)
-                deps.table.finished(record, 0, 0, str(exc), Flags.UPSTREAM_FAILURE)
+                refuse(Refuse(503, Flags.UPSTREAM_FAILURE, str(exc)))
+                return
+            decision = reauthorize(deps, view, decision, lambda now: authorize(now, pod, source_ip, target, peer))
+            if isinstance(decision, Refuse):
+                upstream.close()
+                upstream = None
+                refuse(decision)
                 return
             self._pending.pop(key, None)
             relay = Relay()
@@ -336,6 +360,16 @@ class HboneInbound:
 def _target_texts(target: SocketAddress) -> tuple[str, str]:
     """A CONNECT target as the record shows it, and its HBONE address; one string pair per target."""
     return str(target), f"{target.ip}:{sockets.HBONE_PORT}"
+
+
+def reauthorize(
+    deps: ProxyDeps, view: ClusterView, decision: Admit, judge: Callable[[ClusterView], Admit | Refuse]
+) -> Admit | Refuse:
+    """`decision` again, made with the view in force now if it changed since `view` (while the upstream
+    connect ran, up to the connect timeout). A policy change re-checks the connections in the table,
+    and one still connecting is not there yet: without this it would live on under a new DENY."""
+    now = deps.state.view
+    return decision if now is view else judge(now)
 
 
 def _track(record: ConnectionRecord, relay: Relay | SpliceRelay) -> None:
@@ -412,6 +446,12 @@ class PlaintextInbound:
             reset_socket(sock)
             deps.table.finished(record, 0, 0, "cancelled", Flags.DOWNSTREAM_CLOSED)
             raise
+        decision = reauthorize(deps, view, decision, lambda now: authorize(now, pod, client.ip, target, None))
+        if isinstance(decision, Refuse):
+            upstream.close()
+            reset_socket(sock)
+            deps.table.finished(record, 0, 0, decision.reason, decision.flags)
+            return
         relay = SpliceRelay(sock, upstream)
         record.policy_view = decision.connection
         _track(record, relay)

@@ -52,7 +52,15 @@ from nodeagent.model import SocketAddress
 from nodeagent.ztunnel import sockets
 from nodeagent.ztunnel.certs import CertUnavailable
 from nodeagent.ztunnel.edges import LocalPod
-from nodeagent.ztunnel.inbound import ProxyDeps, Refuse, _track, authorize, finish_when_done, reset_socket
+from nodeagent.ztunnel.inbound import (
+    ProxyDeps,
+    Refuse,
+    _track,
+    authorize,
+    finish_when_done,
+    reauthorize,
+    reset_socket,
+)
 from nodeagent.ztunnel.metrics import ConnectionRecord, Direction, Flags, Peer
 from nodeagent.ztunnel.relay import SpliceRelay
 from nodeagent.ztunnel.routing import Denial, Hbone, OutboundPlan, Workload
@@ -136,6 +144,13 @@ class SameNodePath:
         except asyncio.CancelledError:
             deps.table.finished(inbound, 0, 0, "cancelled", Flags.DOWNSTREAM_CLOSED)
             raise  # the caller resets the captured socket and finishes `outbound`
+        decision = reauthorize(
+            deps, view, decision, lambda now: authorize(now, dest, client.ip, plan.target, plan.source_identity)
+        )
+        if isinstance(decision, Refuse):
+            upstream.close()
+            refuse(decision.reason, Flags.DENIED if decision.status == 401 else Flags.UPSTREAM_FAILURE, decision.flags)
+            return
         relay = SpliceRelay(sock, upstream)
         inbound.policy_view = decision.connection
         for record in records:  # one relay, two records: closing either (policy, drain) closes both

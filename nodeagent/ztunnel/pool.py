@@ -7,7 +7,9 @@ source IP, destination address) — the routing plan's `PoolKey` — so an ident
 connection authenticated as another. At most `max_streams` (100) streams per connection; a burst for
 one key waits for a single connect instead of opening one connection each; a connection without streams
 for `idle_timeout` (5 min) is closed with GOAWAY; connecting (TCP + TLS + peer check) is bounded by
-`connect_timeout` (10 s).
+`connect_timeout` (10 s). When a pod leaves, the connections opened from its netns close with it
+(`close_from`): a new pod with the same IP and identity has the same key, and must not inherit a
+socket living in the old pod's netns.
 
 What it deliberately does not do: no sockets or TLS itself — `connect(key, pod)` is the injected edge
 that returns a verified `HboneProtocol` for a key and the local pod it starts from (outbound.py builds
@@ -52,6 +54,7 @@ class HbonePool:
         self._connect_timeout = connect_timeout
         self._conns: dict[PoolKey, list[HboneProtocol]] = {}
         self._connecting: dict[PoolKey, asyncio.Future[HboneProtocol]] = {}
+        self._origins: dict[HboneProtocol, str] = {}  # connection -> uid of the pod whose netns it was made in
         self._idle_timers: dict[HboneProtocol, asyncio.TimerHandle] = {}
         self._closing = False
 
@@ -111,6 +114,7 @@ class HbonePool:
                 raise
             self._connecting.pop(key, None)
             self._conns.setdefault(key, []).append(conn)
+            self._origins[conn] = origin.uid
             conn.closed_callbacks.append(lambda c: self._remove(key, c))
             pending.set_result(conn)
             return conn
@@ -118,6 +122,7 @@ class HbonePool:
 
     def _remove(self, key: PoolKey, conn: HboneProtocol) -> None:
         self._cancel_idle(conn)
+        self._origins.pop(conn, None)
         conns = self._conns.get(key)
         if conns is not None and conn in conns:
             conns.remove(conn)
@@ -144,6 +149,11 @@ class HbonePool:
 
     def connections(self) -> list[tuple[PoolKey, HboneProtocol]]:
         return [(key, conn) for key, conns in self._conns.items() for conn in conns]
+
+    def close_from(self, uid: str) -> None:
+        """The pod `uid` has left: close (GOAWAY, close_notify) the connections made in its netns."""
+        for conn in [c for c, origin in self._origins.items() if origin == uid]:
+            conn.close("the pod it was opened from has left")
 
     def stop_new(self) -> None:
         """Drain: refuse new streams from now on."""

@@ -407,6 +407,7 @@ class Tunnel:
         served.close_listeners()
         if served.hbone is not None:
             served.hbone.close()
+        self.pool.close_from(served.pod.uid)
         served.pod.close()
         self._pods.pop(served.pod.uid, None)
 
