@@ -187,7 +187,7 @@ class Outbound:
             reset_socket(sock)
             status = getattr(exc, "status", None)
             flags = Flags.DENIED if status == 401 else Flags.UPSTREAM_FAILURE
-            if isinstance(exc, TimeoutError):
+            if isinstance(exc, TimeoutError) and not str(exc):  # connecting timed out (not the answer)
                 exc = TimeoutError(
                     f"timed out connecting to {plan.pool_key.destination} — is a NetworkPolicy blocking the HBONE port?"
                 )

@@ -7,9 +7,10 @@ source IP, destination address) — the routing plan's `PoolKey` — so an ident
 connection authenticated as another. At most `max_streams` (100) streams per connection; a burst for
 one key waits for a single connect instead of opening one connection each; a connection without streams
 for `idle_timeout` (5 min) is closed with GOAWAY; connecting (TCP + TLS + peer check) is bounded by
-`connect_timeout` (10 s). When a pod leaves, the connections opened from its netns close with it
-(`close_from`): a new pod with the same IP and identity has the same key, and must not inherit a
-socket living in the old pod's netns.
+`connect_timeout` (10 s), and the answer to a CONNECT by that plus ANSWER_MARGIN: the server may spend
+its own connect timeout reaching the app, and its 503 then says more than our timeout. When a pod
+leaves, the connections opened from its netns close with it (`close_from`): a new pod with the same IP
+and identity has the same key, and must not inherit a socket living in the old pod's netns.
 
 What it deliberately does not do: no sockets or TLS itself — `connect(key, pod)` is the injected edge
 that returns a verified `HboneProtocol` for a key and the local pod it starts from (outbound.py builds
@@ -31,6 +32,8 @@ from nodeagent.ztunnel.hbone_transport import HboneProtocol, HboneStream, Stream
 from nodeagent.ztunnel.routing import PoolKey
 
 log = logging.getLogger(__name__)
+
+ANSWER_MARGIN = 5.0  # seconds a CONNECT's answer may take beyond the connect timeout (see above)
 
 MAX_STREAMS_PER_CONNECTION = 100
 IDLE_TIMEOUT = 300.0
@@ -75,8 +78,13 @@ class HbonePool:
                     continue
             self._cancel_idle(conn)
             try:
-                async with asyncio.timeout(self._connect_timeout):
+                async with asyncio.timeout(self._connect_timeout + ANSWER_MARGIN):
                     stream = await conn.open(request, early)
+            except TimeoutError:
+                raise TimeoutError(
+                    f"{key.destination} took the CONNECT but did not answer it within "
+                    f"{self._connect_timeout + ANSWER_MARGIN:g} s"
+                ) from None
             except StreamRefused:
                 refused += 1
                 if refused > 3:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import socket
@@ -291,3 +292,34 @@ def test_a_left_pods_sockets_fail_as_socket_errors() -> None:
     pod.close()
     with pytest.raises(OSError, match="has left"):
         pod.netns_socket(socket.AF_INET)
+
+
+async def test_a_slow_app_is_reported_by_the_server_not_as_a_client_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both ends used one connect timeout: the server spends it reaching a slow app, and the client, which
+    started waiting earlier, gave up first and blamed the network ("a NetworkPolicy blocking the HBONE
+    port?") instead of reporting the server's 503."""
+    caplog.set_level("INFO", logger="nodeagent.access")
+    real_connect = sockets.connect
+
+    async def app_never_answers(sock: socket.socket, target: SocketAddress, *, connect_timeout: float) -> socket.socket:
+        if target.port != APP_PORT:
+            return await real_connect(sock, target, connect_timeout=connect_timeout)
+        await asyncio.sleep(connect_timeout)
+        sock.close()
+        raise sockets.ConnectError(errno.ETIMEDOUT, f"timed out connecting to {target}")
+
+    monkeypatch.setattr(sockets, "connect", app_never_answers)
+    async with cluster(tmp_path) as c:
+        t1 = await c.start_tunnel("node1", connect_timeout=0.3)
+        t2 = await c.start_tunnel("node2", connect_timeout=0.3)
+        await c.wait_ready(t1)
+        await c.wait_ready(t2)
+        server = c.pod("server")
+        assert server.ip is not None
+        with await connect_captured(c.net, c.pod("client"), SocketAddress(server.ip, APP_PORT)) as sock:
+            assert await _answer(sock) == "reset"
+        await _wait_empty(t1, t2)
+    [outbound] = [r.getMessage() for r in caplog.records if 'direction="outbound"' in r.getMessage()]
+    assert "503" in outbound and "NetworkPolicy" not in outbound, outbound
