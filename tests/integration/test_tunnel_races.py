@@ -21,10 +21,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import yaml
-from tunnel_harness import APP_PORT, ByteServer, cluster, connect_captured, recv_all
+from tunnel_harness import APP_PORT, ByteServer, cluster, connect_captured, deny_client, recv_all
 
-from nodeagent.inventory.policies import parse_policies
 from nodeagent.model import Identity, SocketAddress
 from nodeagent.ztunnel import inbound, sockets
 from nodeagent.ztunnel.edges import LocalPod
@@ -121,16 +119,6 @@ async def test_a_stream_lost_before_the_relay_attaches_resets_the_client(
             app.close()
 
 
-DENY_SHOP = """
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny-shop, namespace: shop}
-spec:
-  action: DENY
-  rules: [{from: [{source: {namespaces: [shop]}}]}]
-"""
-
-
 async def test_a_deny_applied_while_the_upstream_connect_runs_refuses_the_connection(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -157,7 +145,7 @@ async def test_a_deny_applied_while_the_upstream_connect_runs_refuses_the_connec
                 await loop.sock_sendall(sock, b"first")
                 async with asyncio.timeout(5):
                     await connecting.wait()
-                c.set_policies(parse_policies(list(yaml.safe_load_all(DENY_SHOP))))
+                deny_client(c)
                 await t2.refresh()
                 assert await _answer(sock) == "reset"
             await _wait_empty(t1, t2)

@@ -18,7 +18,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 from tunnel_harness import (
     APP_PORT,
     ByteServer,
@@ -26,13 +25,13 @@ from tunnel_harness import (
     Net,
     cluster,
     connect_captured,
+    deny_client,
     make_pod,
     pattern,
     recv_all,
     send_all,
 )
 
-from nodeagent.inventory.policies import parse_policies
 from nodeagent.model import Pod, SocketAddress
 from nodeagent.ztunnel.proxy.tunnel import Tunnel
 
@@ -41,16 +40,6 @@ MiB = 1 << 20
 
 def one_node(net: Net) -> list[Pod]:
     return [make_pod(net, "client", "node1", 10), make_pod(net, "server", "node1", 20)]
-
-
-DENY_CLIENT = """
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny-client, namespace: shop}
-spec:
-  action: DENY
-  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]}]
-"""
 
 
 async def start(c: Cluster, **overrides: object) -> Tunnel:
@@ -162,7 +151,7 @@ async def attempt(c: Cluster) -> bool:
 
 async def test_deny_policy_denies(tmp_path: Path) -> None:
     async with cluster(tmp_path, one_node) as c:
-        c.set_policies(parse_policies(list(yaml.safe_load_all(DENY_CLIENT))))
+        deny_client(c)
         tunnel = await start(c)
         server = c.pod("server")
         assert server.ip is not None
@@ -191,7 +180,7 @@ async def test_deny_added_while_open_closes_within_a_second(tmp_path: Path) -> N
                 async with asyncio.timeout(5):
                     while len(got) < 5:  # the app's bytes: the connection is up end to end
                         got += await loop.sock_recv(sock, 5 - len(got))
-                c.set_policies(parse_policies(list(yaml.safe_load_all(DENY_CLIENT))))
+                deny_client(c)
                 began = time.monotonic()
                 try:
                     async with asyncio.timeout(3):

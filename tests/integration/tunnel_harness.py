@@ -18,11 +18,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from cryptography import x509
 from identity_support import NODE1_TOKEN, NODE2_TOKEN, RunningCA, start_ca
 from prometheus_client import CollectorRegistry
 
 from nodeagent.ca.client import CAClient
+from nodeagent.inventory.policies import parse_policies
 from nodeagent.metrics import CertManagerMetrics
 from nodeagent.model import Identity, Inventory, IPAddress, Namespace, Node, NodeAgentCredential, Pod, SocketAddress
 from nodeagent.policy import PolicySet
@@ -314,3 +316,18 @@ def uri_san(der: bytes) -> str:
     )
     assert len(uris) == 1, uris
     return uris[0]
+
+
+DENY_CLIENT = """
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-client, namespace: shop}
+spec:
+  action: DENY
+  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]}]
+"""
+
+
+def deny_client(c: Cluster) -> None:
+    """Apply DENY_CLIENT (the client pod's identity may reach nothing in shop) to the cluster's policies."""
+    c.set_policies(parse_policies(list(yaml.safe_load_all(DENY_CLIENT))))
