@@ -8,14 +8,20 @@ shows what an operator would look at: the redirects read from the kernel, the ce
 connections with both identities, the metrics, and tcpdump's view of the fabric. Then it cleans up.
 
 What it deliberately does not do: nothing here is simulated or printed from memory; every table comes
-from the `nodeagent inspect` commands or from the tools' own output. It does not leave anything behind:
-`lab down` removes the namespaces, processes, cgroups and pins it created.
+from the `nodeagent inspect` commands or from the tools' own output, and a tool that saw nothing (tcpdump
+captured no packet) is a failure of the demo, never a verdict about the mesh. It does not leave anything
+behind: however it ends (done, failed, Ctrl-C, SIGTERM, SIGHUP, its output pipe closed), `lab down`
+removes the namespaces, processes, cgroups and pins it created. It never destroys a lab it did not build:
+a lab someone brought up with `nodeagent lab up` makes it refuse (run `nodeagent lab down` first); a lab
+an interrupted demo left behind (its pid file in RUN says so) is removed. Two demos take turns on the
+host's lab lock; the second touches nothing, not even RUN, until the first has finished.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -24,14 +30,26 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import yaml
 
-from nodeagent.lab.cluster import DEFAULT_TOPOLOGY, Lab, exclusive, teardown
-from nodeagent.labmesh import NODEAGENT, Mesh, MeshError
+from nodeagent.lab.cluster import (
+    DEFAULT_TOPOLOGY,
+    RUN_ROOT,
+    STATE_DIR,
+    Lab,
+    LabError,
+    LabState,
+    exclusive,
+    leftovers,
+    teardown,
+)
+from nodeagent.labmesh import NODEAGENT, Mesh, MeshError, Proc
 from nodeagent.model import DATAPLANE_MODE_AMBIENT, DATAPLANE_MODE_LABEL
 
 ENROLLED_NS = "shop"
@@ -42,7 +60,11 @@ OUTSIDER = "legacy/batch"  # node2, not enrolled
 APP_PORT = 8080
 MARKER = "NODEAGENT-DEMO-SECRET"
 OUTSIDER_MARKER = "LEGACY-PLAINTEXT"
-RUN = Path("/run/nodeagent/demo")
+RUN = RUN_ROOT / "demo"
+OWNER_FILE = "demo.pid"  # in RUN while a demo's lab exists: a lab with this file is a demo's, not a user's
+TCPDUMP_START_S = 15.0  # until tcpdump says "listening on" (a loaded host can take seconds)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+EXIT_OUTPUT_CLOSED = 128 + signal.SIGPIPE  # what a shell reports for a writer killed by SIGPIPE
 
 # A tiny echo server and client run inside pods with the project's interpreter.
 ECHO_SERVER = """
@@ -64,11 +86,41 @@ time.sleep(float(sys.argv[4]))
 
 
 class DemoError(Exception):
-    pass
+    """The demo cannot go on; the message says what went wrong and where to look."""
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP arrived: stop and clean up as Ctrl-C does (a BaseException, like KeyboardInterrupt,
+    so no `except Exception` on the way swallows it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class OutputClosed(Exception):
+    """Nobody reads the demo's output any more (`nodeagent demo | head`, a closed terminal): clean up, quietly."""
+
+
+class _Stdout:
+    lost = False  # set by say() once stdout's reader has gone
 
 
 def say(text: str = "") -> None:
-    print(text, flush=True)
+    """Print a line; the first write to a closed pipe or hung-up terminal raises OutputClosed, later ones do nothing."""
+    if _Stdout.lost:
+        return
+    try:
+        print(text, flush=True)
+    except OSError as exc:
+        if not isinstance(exc, BrokenPipeError) and exc.errno != errno.EIO:
+            raise
+        _Stdout.lost = True
+        # Point stdout at /dev/null so nothing (cleanup, the interpreter's exit flush) hits the pipe again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        raise OutputClosed(f"stdout is gone ({exc.strerror})") from None
 
 
 def heading(text: str) -> None:
@@ -84,6 +136,7 @@ class Demo:
         self.capture = capture  # the agents' --capture (iptables | ebpf | auto)
         self.lab: Lab | None = None
         self.mesh: Mesh | None = None
+        self.cleaning = False  # set once cleanup has begun: stop signals no longer interrupt anything
 
     @property
     def L(self) -> Lab:
@@ -143,6 +196,36 @@ class Demo:
         say(out.rstrip())
         return out
 
+    def start_tcpdump(self, pcap: Path, timeout: float = TCPDUMP_START_S) -> Proc:
+        """tcpdump on the fabric bridge, returned once it says it is capturing ("listening on", on stderr)."""
+        _, iface = self.L.fabric_interface()
+        argv = ["tcpdump", "-i", iface, "-w", str(pcap), "-U", "--immediate-mode", "tcp"]
+        dump = self.M.spawn("tcpdump", self.L.fabric_exec_argv(argv))
+        t0 = time.monotonic()
+        while "listening on" not in dump.log():
+            if not dump.alive():
+                raise DemoError(
+                    f"tcpdump exited with {dump.popen.returncode} before capturing; its output: "
+                    f"{dump.log().strip()[-800:] or '(none)'} (is tcpdump installed? `sudo make setup`)"
+                )
+            if time.monotonic() - t0 > timeout:
+                raise DemoError(
+                    f"tcpdump did not start capturing within {timeout:.0f} s (no 'listening on' in "
+                    f"{dump.log_path}); is the host overloaded?"
+                )
+            time.sleep(0.05)
+        return dump
+
+    def stop_tcpdump(self, dump: Proc) -> None:
+        """End the capture (SIGINT: tcpdump writes its last packets); a tcpdump that died early is a failure."""
+        if not dump.alive():
+            raise DemoError(
+                f"tcpdump exited with {dump.popen.returncode} during the capture; its output: "
+                f"{dump.log().strip()[-800:] or '(none)'}"
+            )
+        dump.signal(signal.SIGINT)
+        dump.wait(5)
+
     def enrolled_ready(self) -> bool:
         rows = self.redirects()["rows"]
         shop = [r for r in rows if r["namespace"] == ENROLLED_NS]
@@ -153,11 +236,25 @@ def _pod_exec(lab: Lab, pod: str, script: str, *args: str) -> list[str]:
     return lab.exec_argv(pod, [sys.executable, "-c", script, *args])
 
 
+def redirects_heading(capture: str) -> str:
+    """Step 3's heading: where `inspect redirects --verify` reads each pod's capture for this backend."""
+    where = {
+        "iptables": "iptables-save and ss",
+        "ebpf": "the pinned eBPF programs and maps, and their cgroup attachments,",
+    }.get(capture, "iptables-save and ss, or the pinned eBPF objects, whichever backend captures it,")
+    return f"   the redirects, read from the kernel ({where} in each pod's netns)"
+
+
 def analyse_pcap(pcap: Path, mesh_ips: set[str]) -> dict[str, Any]:
     """What tcpdump saw between pods: ports used by mesh pods' traffic, and whether markers were visible."""
-    text = subprocess.run(
-        ["tcpdump", "-r", str(pcap), "-nn", "-A", "tcp"], capture_output=True, text=True, check=False
-    ).stdout
+    proc = subprocess.run(["tcpdump", "-r", str(pcap), "-nn", "-A", "tcp"], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise DemoError(f"tcpdump -r {pcap} failed: {proc.stderr.strip()}")
+    return parse_tcpdump(proc.stdout, mesh_ips)
+
+
+def parse_tcpdump(text: str, mesh_ips: set[str]) -> dict[str, Any]:
+    """`tcpdump -nn -A` output -> packets and ports between `mesh_ips`, and whether each marker is visible."""
     ports: dict[str, int] = {}
     packets = 0
     for line in text.splitlines():
@@ -178,31 +275,94 @@ def analyse_pcap(pcap: Path, mesh_ips: set[str]) -> dict[str, Any]:
     }
 
 
+def fabric_verdict(seen: dict[str, Any]) -> str | None:
+    """None when the capture proves the point (only mTLS on 15008 between enrolled pods, the non-enrolled pod's
+    plaintext visible); otherwise why not. A capture that saw nothing is a failed capture, not plaintext."""
+    if not seen["mesh_packets"]:
+        return (
+            f"tcpdump captured nothing between {CLIENT} and {CROSS_NODE}, so the capture proves nothing either way: "
+            f"see {RUN}/tcpdump.log"
+        )
+    if set(seen["mesh_ports"]) != {"15008"} or seen["marker_seen"]:
+        return "the fabric carried plaintext between enrolled pods (see the ports and the marker above)"
+    if not seen["outsider_marker_seen"]:
+        return (
+            f"tcpdump did not see {OUTSIDER}'s plaintext either, so it missed traffic and proves nothing: "
+            f"see {RUN}/tcpdump.log"
+        )
+    return None
+
+
 @contextlib.contextmanager
-def _demo_lab(demo: Demo) -> Iterator[None]:
-    teardown()  # a lab left over from an interrupted run
-    RUN.mkdir(parents=True, exist_ok=True)
-    topology = demo.write_topology()
-    t0 = time.monotonic()
-    demo.lab = Lab.up(topology)
-    say(
-        f"lab up in {time.monotonic() - t0:.2f} s: {len(demo.L.inventory.nodes)} nodes, "
-        f"{len(demo.L.inventory.pods)} pods, fabric {demo.L.inventory.fabric_cidr}"
-    )
+def _stop_signals(demo: Demo) -> Iterator[None]:
+    """SIGTERM and SIGHUP stop the demo as Ctrl-C does; once cleanup has begun, no stop signal interrupts it."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        del frame
+        if demo.cleaning:
+            with contextlib.suppress(OSError):
+                print(f"{signal.Signals(signum).name}: still removing the lab, one moment", file=sys.stderr)
+            return
+        demo.cleaning = True  # the first signal stops the demo; further ones must not cut its cleanup short
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
         yield
     finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _claim_lab() -> None:
+    """Under the lab lock: make way for the demo's lab without destroying one the demo did not build."""
+    owner = RUN / OWNER_FILE
+    try:
+        present = LabState.read(STATE_DIR) is not None
+    except LabError:
+        present = True  # an unreadable state file is still someone's lab
+    stale = present or bool(leftovers())
+    if stale and not owner.exists():
+        raise DemoError(
+            f"a lab is already up on this host (state in {STATE_DIR}, or its namespaces): the demo builds its own "
+            "lab on the same names and will not remove yours. Run `sudo nodeagent lab down` (it stops everything "
+            "running in the lab), then the demo again."
+        )
+    if stale:
+        say(f"removing the lab an interrupted demo (pid {owner.read_text().strip()}) left behind")
+        say(teardown().summary())
+    shutil.rmtree(RUN, ignore_errors=True)
+    RUN.mkdir(parents=True)
+    owner.write_text(f"{os.getpid()}\n")
+
+
+@contextlib.contextmanager
+def _demo_lab(demo: Demo) -> Iterator[None]:
+    """The demo's own lab, from `_claim_lab` to `lab down`, whatever happens in between."""
+    _claim_lab()
+    try:
+        topology = demo.write_topology()
+        t0 = time.monotonic()
+        demo.lab = Lab.up(topology)
+        say(
+            f"lab up in {time.monotonic() - t0:.2f} s: {len(demo.L.inventory.nodes)} nodes, "
+            f"{len(demo.L.inventory.pods)} pods, fabric {demo.L.inventory.fabric_cidr}"
+        )
+        yield
+    finally:
+        demo.cleaning = True
         if demo.mesh is not None:
             demo.mesh.stop()
         t0 = time.monotonic()
-        report = teardown()
-        say(f"\nlab down in {time.monotonic() - t0:.2f} s ({report})")
-        leftovers = [
-            n
-            for n in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout.split()
-            if n.startswith("na-")
-        ]
-        say("host clean: no lab namespace left" if not leftovers else f"left behind: {leftovers}")
+        report = teardown()  # also after a failed Lab.up: idempotent
+        (RUN / OWNER_FILE).unlink(missing_ok=True)
+        for problem in report.problems:
+            say(f"lab down: {problem}")
+        say(f"\nlab down in {time.monotonic() - t0:.2f} s: {report.summary()}")
+        left = leftovers()
+        say("host clean: no lab namespace left" if not left else f"left behind: {left}; run `sudo nodeagent lab down`")
 
 
 def run_demo(capture: str = "iptables") -> int:
@@ -210,95 +370,116 @@ def run_demo(capture: str = "iptables") -> int:
         say("the demo builds network namespaces: run it as root (sudo make demo)")
         return 2
     started = time.monotonic()
-    shutil.rmtree(RUN, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix="nodeagent-demo-") as tmp:
         demo = Demo(Path(tmp), capture)
         try:
-            with exclusive(), _demo_lab(demo):
-                lab = demo.L
-                heading("1. the mesh: a CA, and one node agent and one tunnel per node (in each node's netns)")
-                demo.start_mesh()
-                demo.show(
-                    "2. before enrollment: no capture anywhere",
-                    [*NODEAGENT, "inspect", "redirects", "--state-dir", str(RUN / "agent")],
-                )
-                heading(f"3. enroll namespace {ENROLLED_NS}: label it {DATAPLANE_MODE_LABEL}={DATAPLANE_MODE_AMBIENT}")
-                demo.M.enroll(ENROLLED_NS)
-                try:
-                    waited = demo.M.wait("the shop pods to be enabled", demo.enrolled_ready, timeout=20, interval=0.2)
-                except MeshError as exc:
-                    raise DemoError(str(exc)) from None
-                say(f"every {ENROLLED_NS} pod captured and acked by its tunnel {waited:.1f} s after the label")
-                demo.show(
-                    "   the redirects, read from the kernel (iptables-save and ss in each pod's netns)",
-                    [*NODEAGENT, "inspect", "redirects", "--verify", "--state-dir", str(RUN / "agent")],
-                )
-
-                for pod in (CROSS_NODE, SAME_NODE):
-                    demo.start(f"server-{pod.replace('/', '-')}", _pod_exec(lab, pod, ECHO_SERVER, str(APP_PORT)))
-                time.sleep(0.5)
-                demo.check_alive()
-                heading("4. traffic, with tcpdump on the fabric between the nodes")
-                pcap = demo.workdir / "fabric.pcap"
-                _, iface = lab.fabric_interface()
-                dump = demo.start(
-                    "tcpdump",
-                    lab.fabric_exec_argv(["tcpdump", "-i", iface, "-w", str(pcap), "-U", "--immediate-mode", "tcp"]),
-                )
-                time.sleep(1.0)
-                ip = {p: str(lab.inventory.pod(p).ip) for p in (CLIENT, CROSS_NODE, SAME_NODE, OUTSIDER)}
-                for target, label in ((CROSS_NODE, "cross-node"), (SAME_NODE, "same-node")):
-                    out = demo.run(_pod_exec(lab, CLIENT, CLIENT_SCRIPT, ip[target], str(APP_PORT), MARKER, "0"))
-                    say(f"{CLIENT} -> {target} ({label}): the server answered {out.strip()!r}")
-                out = demo.run(
-                    _pod_exec(lab, OUTSIDER, CLIENT_SCRIPT, ip[SAME_NODE], str(APP_PORT), OUTSIDER_MARKER, "0")
-                )
-                say(f"{OUTSIDER} (not enrolled, on {lab.inventory.pod(OUTSIDER).node}) -> {SAME_NODE}: {out.strip()!r}")
-                holder = demo.start(
-                    "client-held", _pod_exec(lab, CLIENT, CLIENT_SCRIPT, ip[CROSS_NODE], str(APP_PORT), MARKER, "30")
-                )
-                time.sleep(1.0)
-                dump.send_signal(signal.SIGINT)
-                dump.wait(5)
-                seen = analyse_pcap(pcap, {ip[CLIENT], ip[CROSS_NODE]})
-                heading("5. what the fabric carried between the enrolled pods (tcpdump -r)")
-                say(f"packets between {CLIENT} and {CROSS_NODE}: {seen['mesh_packets']}, by port: {seen['mesh_ports']}")
-                say(f"payload marker {MARKER!r} readable on the wire: {seen['marker_seen']}")
-                say(
-                    f"non-mesh pod's marker {OUTSIDER_MARKER!r} readable on the wire: {seen['outsider_marker_seen']} "
-                    "(legacy is not enrolled: its bytes travel as they are)"
-                )
-                only_tls = set(seen["mesh_ports"]) == {"15008"} and not seen["marker_seen"]
-                say("=> only mTLS to port 15008 between enrolled pods" if only_tls else "=> PLAINTEXT SEEN: see above")
-
-                node1, node2 = lab.inventory.pod(CLIENT).node, lab.inventory.pod(CROSS_NODE).node
-                demo.show(
-                    f"6. certificates held by the tunnel on {node1}",
-                    lab.node_exec_argv(node1, [*NODEAGENT, "inspect", "certificates"]),
-                )
-                demo.show(
-                    f"7. open connections on {node2}, with both identities",
-                    lab.node_exec_argv(node2, [*NODEAGENT, "inspect", "connections", "--wide"]),
-                )
-                heading(f"8. metrics on {node2} (:15020/metrics, reporter=destination)")
-                _, metrics = demo.M.node_get(node2, "http://127.0.0.1:15020/metrics")
-                for line in metrics.splitlines():
-                    if line.startswith("istio_tcp_connections_opened_total") and 'reporter="destination"' in line:
-                        say(line)
-                heading("9. access log lines (one per connection)")
-                for node in (node1, node2):
-                    for line in (RUN / f"tunnel-{node}.log").read_text(errors="replace").splitlines():
-                        if "src.identity" in line:
-                            say(f"{node}: {line[line.find('src.addr') :][:400]}")
-                holder.kill()
-                if not only_tls:
-                    raise DemoError("the fabric carried plaintext between enrolled pods")
+            with _stop_signals(demo), exclusive(), _demo_lab(demo):
+                _walkthrough(demo)
         except DemoError as exc:
-            say(f"\ndemo failed: {exc}\nprocess logs: {RUN}/*.log")
+            logs = f"\nprocess logs: {RUN}/*.log" if any(RUN.glob("*.log")) else ""
+            _last_words(f"\ndemo failed: {exc}{logs}")
+            return 1
+        except OutputClosed:
+            return EXIT_OUTPUT_CLOSED
+        except KeyboardInterrupt:
+            _last_words("\ndemo interrupted (Ctrl-C); the lab was removed")
+            return 128 + signal.SIGINT
+        except Stopped as exc:
+            _last_words(f"\ndemo stopped by {exc}; the lab was removed")
+            return 128 + exc.signum
+        except Exception as exc:  # a bug: the lab is gone already; say so without a traceback on the terminal
+            trace = RUN / "demo-traceback.txt"
+            with contextlib.suppress(OSError):
+                RUN.mkdir(parents=True, exist_ok=True)
+                trace.write_text(traceback.format_exc())
+            _last_words(
+                f"\ndemo failed: {type(exc).__name__}: {exc}\n(unexpected; traceback in {trace}: please report it)"
+            )
             return 1
     shutil.rmtree(RUN, ignore_errors=True)
-    say(f"\ndemo done in {time.monotonic() - started:.1f} s")
-    return 0
+    with contextlib.suppress(OSError):
+        RUN_ROOT.rmdir()  # only when empty: the lab and other parts of nodeagent keep files there
+    _last_words(f"\ndemo done in {time.monotonic() - started:.1f} s")
+    return EXIT_OUTPUT_CLOSED if _Stdout.lost else 0
+
+
+def _last_words(text: str) -> None:
+    with contextlib.suppress(OutputClosed):
+        say(text)
+
+
+def _walkthrough(demo: Demo) -> None:
+    """Steps 1-9, on the demo's lab; DemoError when something is not as it should be."""
+    lab = demo.L
+    heading("1. the mesh: a CA, and one node agent and one tunnel per node (in each node's netns)")
+    demo.start_mesh()
+    demo.show(
+        "2. before enrollment: no capture anywhere",
+        [*NODEAGENT, "inspect", "redirects", "--state-dir", str(RUN / "agent")],
+    )
+    heading(f"3. enroll namespace {ENROLLED_NS}: label it {DATAPLANE_MODE_LABEL}={DATAPLANE_MODE_AMBIENT}")
+    demo.M.enroll(ENROLLED_NS)
+    try:
+        waited = demo.M.wait("the shop pods to be enabled", demo.enrolled_ready, timeout=20, interval=0.2)
+    except MeshError as exc:
+        raise DemoError(str(exc)) from None
+    say(f"every {ENROLLED_NS} pod captured and acked by its tunnel {waited:.1f} s after the label")
+    demo.show(
+        redirects_heading(demo.capture),
+        [*NODEAGENT, "inspect", "redirects", "--verify", "--state-dir", str(RUN / "agent")],
+    )
+
+    for pod in (CROSS_NODE, SAME_NODE):
+        demo.start(f"server-{pod.replace('/', '-')}", _pod_exec(lab, pod, ECHO_SERVER, str(APP_PORT)))
+    time.sleep(0.5)
+    demo.check_alive()
+    heading("4. traffic, with tcpdump on the fabric between the nodes")
+    pcap = demo.workdir / "fabric.pcap"
+    dump = demo.start_tcpdump(pcap)
+    ip = {p: str(lab.inventory.pod(p).ip) for p in (CLIENT, CROSS_NODE, SAME_NODE, OUTSIDER)}
+    for target, label in ((CROSS_NODE, "cross-node"), (SAME_NODE, "same-node")):
+        out = demo.run(_pod_exec(lab, CLIENT, CLIENT_SCRIPT, ip[target], str(APP_PORT), MARKER, "0"))
+        say(f"{CLIENT} -> {target} ({label}): the server answered {out.strip()!r}")
+    out = demo.run(_pod_exec(lab, OUTSIDER, CLIENT_SCRIPT, ip[SAME_NODE], str(APP_PORT), OUTSIDER_MARKER, "0"))
+    say(f"{OUTSIDER} (not enrolled, on {lab.inventory.pod(OUTSIDER).node}) -> {SAME_NODE}: {out.strip()!r}")
+    holder = demo.start(
+        "client-held", _pod_exec(lab, CLIENT, CLIENT_SCRIPT, ip[CROSS_NODE], str(APP_PORT), MARKER, "30")
+    )
+    time.sleep(1.0)
+    demo.stop_tcpdump(dump)
+    seen = analyse_pcap(pcap, {ip[CLIENT], ip[CROSS_NODE]})
+    heading("5. what the fabric carried between the enrolled pods (tcpdump -r)")
+    say(f"packets between {CLIENT} and {CROSS_NODE}: {seen['mesh_packets']}, by port: {seen['mesh_ports']}")
+    say(f"payload marker {MARKER!r} readable on the wire: {seen['marker_seen']}")
+    say(
+        f"non-mesh pod's marker {OUTSIDER_MARKER!r} readable on the wire: {seen['outsider_marker_seen']} "
+        "(legacy is not enrolled: its bytes travel as they are)"
+    )
+    problem = fabric_verdict(seen)
+    say("=> only mTLS to port 15008 between enrolled pods" if problem is None else f"=> {problem}")
+
+    node1, node2 = lab.inventory.pod(CLIENT).node, lab.inventory.pod(CROSS_NODE).node
+    demo.show(
+        f"6. certificates held by the tunnel on {node1}",
+        lab.node_exec_argv(node1, [*NODEAGENT, "inspect", "certificates"]),
+    )
+    demo.show(
+        f"7. open connections on {node2}, with both identities",
+        lab.node_exec_argv(node2, [*NODEAGENT, "inspect", "connections", "--wide"]),
+    )
+    heading(f"8. metrics on {node2} (:15020/metrics, reporter=destination)")
+    _, metrics = demo.M.node_get(node2, "http://127.0.0.1:15020/metrics")
+    for line in metrics.splitlines():
+        if line.startswith("istio_tcp_connections_opened_total") and 'reporter="destination"' in line:
+            say(line)
+    heading("9. access log lines (one per connection)")
+    for node in (node1, node2):
+        for line in (RUN / f"tunnel-{node}.log").read_text(errors="replace").splitlines():
+            if "src.identity" in line:
+                say(f"{node}: {line[line.find('src.addr') :][:400]}")
+    holder.kill()
+    if problem is not None:
+        raise DemoError(problem)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -13,7 +13,11 @@ How it stays complete and quick:
   in parallel, because forking `ip` per command dominates the time otherwise;
 - teardown does not trust the state file alone: it also sweeps every `na-` netns and the whole
   nodeagent-lab cgroup subtree, and first stops every process inside them (`lab exec` processes, agents
-  started in a node's netns), so `lab down` works after a crash and with no state at all.
+  started in a node's netns), so `lab down` works after a crash and with no state at all;
+- BPF pins are the exception to sweeping: the lab's agents pin under the production pin root
+  (/sys/fs/bpf/nodeagent/<pod uid>/, nodeagent.ebpf.structs.PIN_ROOT), where a real node agent on this
+  host keeps its pods' capture. Teardown removes only the directories of the lab's own pod uids (recorded
+  in the state file, plus any in the lab's inventory copy) and names what it removed and what it left.
 
 What it deliberately does not do: no pyroute2 (the kernel is driven with the same `ip` commands a user
 debugs with, and the capture code keeps pyroute2 to itself); no container runtime - a pod is a netns plus
@@ -90,7 +94,7 @@ def exclusive(lock: Path = LAB_LOCK) -> Iterator[None]:
 
 RUN_ROOT = Path("/run/nodeagent")
 FALLBACK_CGROUP2 = RUN_ROOT / "cgroup2"  # mounted only where the host has no cgroup2 mount at all
-BPF_PIN_DIR = Path("/sys/fs/bpf/nodeagent")
+BPF_PIN_DIR = Path("/sys/fs/bpf/nodeagent")  # = nodeagent.ebpf.structs.PIN_ROOT: shared with real agents
 STATE_FILE = "state.json"
 INVENTORY_FILE = "inventory.yaml"
 STATE_VERSION = 1
@@ -125,6 +129,9 @@ class LabState:
     created_netns_dir: bool = False
     created_at: float = field(default_factory=time.time)
     version: int = STATE_VERSION
+    # The only BPF pins teardown removes: <pin root>/<uid> of these pods (the lab's agents pin there).
+    pod_uids: list[str] = field(default_factory=list)
+    pin_root_existed: bool = True  # False: the pin root is removed again once the lab's pins are gone
 
     @classmethod
     def read(cls, state_dir: Path) -> LabState | None:
@@ -166,11 +173,24 @@ class TeardownReport:
     netns: int = 0
     cgroups: int = 0
     unmounted: list[str] = field(default_factory=list)
+    pins: list[str] = field(default_factory=list)  # pin directories of the lab's pods that were removed
+    pins_kept: list[str] = field(default_factory=list)  # other pin directories under the root: not the lab's
     problems: list[str] = field(default_factory=list)
 
     @property
     def removed_anything(self) -> bool:
-        return bool(self.processes or self.netns or self.cgroups or self.unmounted)
+        return bool(self.processes or self.netns or self.cgroups or self.unmounted or self.pins)
+
+    def summary(self) -> str:
+        """One line for a user: what was stopped and removed, and which BPF pins were left alone."""
+        text = (
+            f"stopped {self.processes} processes, removed {self.netns} namespaces and {self.cgroups} cgroups"
+            + (f", unmounted {', '.join(self.unmounted)}" if self.unmounted else "")
+            + (f", removed the BPF pins of {len(self.pins)} lab pods ({', '.join(self.pins)})" if self.pins else "")
+        )
+        if self.pins_kept:
+            text += f"; left {len(self.pins_kept)} other pin directories alone ({', '.join(self.pins_kept)})"
+        return text
 
 
 class Lab:
@@ -185,7 +205,7 @@ class Lab:
     # --- life cycle ----------------------------------------------------------------------------------
 
     @classmethod
-    def up(cls, topology: str | os.PathLike[str], *, state_dir: Path = STATE_DIR) -> Lab:
+    def up(cls, topology: str | os.PathLike[str], *, state_dir: Path = STATE_DIR, pin_root: Path = BPF_PIN_DIR) -> Lab:
         """Validate `topology`, then build the whole lab, or nothing (rolled back) and raise LabError.
 
         Raises nodeagent.inventory.local.InventoryError for a bad topology file (nothing is touched).
@@ -202,6 +222,8 @@ class Lab:
             cgroup2_root=str(cgroup2_root or FALLBACK_CGROUP2),
             netns=list(plan.netns_names),
             cgroups=list(plan.cgroups),
+            pod_uids=sorted({pod.uid for pod in inventory.pods}),
+            pin_root_existed=pin_root.exists(),
         )
         try:
             state_dir.mkdir(parents=True, exist_ok=True)
@@ -209,9 +231,9 @@ class Lab:
             state.write(state_dir)  # before the first kernel object, so teardown knows them all
             _build(ip, plan, state, state_dir, mount_cgroup2=cgroup2_root is None)
         except BaseException as exc:
-            report = teardown(state_dir=state_dir)
+            report = teardown(state_dir=state_dir, pin_root=pin_root)
             left = f"; teardown also reported: {'; '.join(report.problems)}" if report.problems else ""
-            if isinstance(exc, KeyboardInterrupt):
+            if not isinstance(exc, Exception):  # Ctrl-C, and the demo's SIGTERM/SIGHUP: rolled back, still stopping
                 raise
             raise LabError(f"could not build the lab, rolled back: {exc}{left}") from exc
         state.status = "up"
@@ -354,13 +376,19 @@ def _preflight(state_dir: Path) -> str:
         raise LabError("iproute2's `ip` is not installed: run `sudo make setup`")
     if (state_dir / STATE_FILE).exists():
         raise LabError(f"a lab is already up (state in {state_dir}): run `sudo nodeagent lab down` first")
+    stale = leftovers()
+    if stale:
+        raise LabError(f"leftovers of an earlier lab exist ({', '.join(stale)}): run `sudo nodeagent lab down` first")
+    return ip
+
+
+def leftovers() -> list[str]:
+    """The lab's namespaces and cgroup tree that exist on this host now (whether a state file knows them or not)."""
     stale = sorted(n for n in _existing_netns() if n.startswith(PREFIX))
     root = _cgroup2_root()
     if root is not None and (root / CGROUP_BASE).exists():
         stale.append(str(root / CGROUP_BASE))
-    if stale:
-        raise LabError(f"leftovers of an earlier lab exist ({', '.join(stale)}): run `sudo nodeagent lab down` first")
-    return ip
+    return stale
 
 
 def _build(ip: str, plan: LabPlan, state: LabState, state_dir: Path, *, mount_cgroup2: bool) -> None:
@@ -419,11 +447,12 @@ def _cli() -> list[str]:
 # --- tearing down ----------------------------------------------------------------------------------------
 
 
-def teardown(*, state_dir: Path = STATE_DIR) -> TeardownReport:
+def teardown(*, state_dir: Path = STATE_DIR, pin_root: Path = BPF_PIN_DIR) -> TeardownReport:
     """Remove every trace of a lab - recorded in `state_dir` or not. Idempotent; never raises for leftovers.
 
-    Order matters: processes first (they keep namespaces alive and cgroups busy), then BPF pins,
-    namespaces, cgroups, mounts, and the state directory last so a failed teardown can be re-run.
+    Order matters: processes first (they keep namespaces alive and cgroups busy), then the BPF pins of the
+    lab's own pods (never anything else under `pin_root`: see the module doc), namespaces, cgroups,
+    mounts, and the state directory last so a failed teardown can be re-run.
     """
     report = TeardownReport()
     try:
@@ -441,11 +470,7 @@ def teardown(*, state_dir: Path = STATE_DIR) -> TeardownReport:
     report.processes = len(pids)
     report.problems += _stop(pids)
 
-    if BPF_PIN_DIR.exists():
-        try:
-            shutil.rmtree(BPF_PIN_DIR)
-        except OSError as exc:
-            report.problems.append(f"could not remove BPF pins in {BPF_PIN_DIR}: {exc}")
+    _remove_pins(pin_root, _lab_pod_uids(state, state_dir), state, report)
     if netns:
         ip = shutil.which("ip") or "ip"
         try:
@@ -473,6 +498,37 @@ def teardown(*, state_dir: Path = STATE_DIR) -> TeardownReport:
         with contextlib.suppress(OSError):
             RUN_ROOT.rmdir()  # only when empty: other parts of nodeagent may keep files there
     return report
+
+
+def _lab_pod_uids(state: LabState | None, state_dir: Path) -> set[str]:
+    """The uids whose pins are the lab's: recorded at `lab up`, plus any pod added to the inventory copy since."""
+    uids = set(state.pod_uids) if state else set()
+    if not (state_dir / INVENTORY_FILE).exists():
+        return uids
+    try:
+        uids |= {pod.uid for pod in load_inventory(state_dir / INVENTORY_FILE).pods}
+    except (OSError, ValueError) as exc:  # InventoryError is a ValueError: the recorded uids still hold
+        log.warning("not reading pod uids from the lab's inventory (%s); using those recorded at `lab up`", exc)
+    return {uid for uid in uids if uid and "/" not in uid and uid not in (".", "..")}
+
+
+def _remove_pins(pin_root: Path, uids: set[str], state: LabState | None, report: TeardownReport) -> None:
+    for uid in sorted(uids):
+        directory = pin_root / uid
+        if not directory.is_dir():
+            continue
+        try:
+            shutil.rmtree(directory)
+            report.pins.append(uid)
+        except OSError as exc:
+            report.problems.append(f"could not remove the lab's BPF pins in {directory}: {exc}")
+    try:
+        report.pins_kept = sorted(str(pin_root / e.name) for e in os.scandir(pin_root))
+    except FileNotFoundError:
+        return
+    if not report.pins_kept and state is not None and not state.pin_root_existed:
+        with contextlib.suppress(OSError):
+            pin_root.rmdir()  # the lab's agents created it; a real agent would recreate it
 
 
 def _stop(pids: set[int]) -> list[str]:

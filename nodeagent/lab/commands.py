@@ -22,7 +22,9 @@ import yaml
 from nodeagent.inventory.local import InventoryError
 from nodeagent.lab.cluster import (
     DEFAULT_TOPOLOGY,
+    INVENTORY_FILE,
     NOT_UP_HINT,
+    STATE_DIR,
     CommandNotFoundError,
     Lab,
     LabError,
@@ -113,12 +115,16 @@ def _down(args: argparse.Namespace) -> int:
     if not report.removed_anything:
         print("no lab was up; nothing to remove")
         return 0
-    print(
-        f"lab down in {time.monotonic() - started:.2f} s: stopped {report.processes} processes, removed "
-        f"{report.netns} namespaces and {report.cgroups} cgroups"
-        + (f", unmounted {', '.join(report.unmounted)}" if report.unmounted else "")
-    )
+    print(f"lab down in {time.monotonic() - started:.2f} s: {report.summary()}")
     return 0
+
+
+def _bad_inventory(command: str, exc: InventoryError) -> int:
+    return _fail(
+        command,
+        f"the lab's inventory is invalid: {exc}\n"
+        f"fix that field in {STATE_DIR / INVENTORY_FILE}, or run `sudo nodeagent lab down` and `lab up` again",
+    )
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -128,6 +134,8 @@ def _status(args: argparse.Namespace) -> int:
         lab = Lab.load()
     except LabError as exc:
         return _fail("status", str(exc))
+    except InventoryError as exc:
+        return _bad_inventory("status", exc)
     rows = lab.status()
     doc = {
         "inventory": str(lab.inventory_path),
@@ -173,6 +181,8 @@ def _exec(args: argparse.Namespace) -> int:
             exec_in(lab.pod_netns(pod), lab.pod_cgroup(pod), command)
     except NoLabError:
         return _fail("exec", NOT_UP_HINT)
+    except InventoryError as exc:
+        return _bad_inventory("exec", exc)
     except KeyError as exc:
         return _fail("exec", str(exc.args[0]))
     except CommandNotFoundError as exc:

@@ -340,3 +340,69 @@ def test_down_without_state_sweeps_by_name(clean_host: dict[str, Any]) -> None:
     if not clean_host["run_netns"]:
         Path("/run/netns").rmdir()
     assert host_snapshot() == clean_host
+
+
+PIN_ROOT = Path("/sys/fs/bpf/nodeagent")  # = nodeagent.ebpf.structs.PIN_ROOT, a real agent's pin root too
+
+
+def bpftool_pin_map(directory: Path) -> Path:
+    """Pin a small map as the agents do (<root>/<pod uid>/map_orig_dst), with bpftool."""
+    directory.mkdir(parents=True, exist_ok=True)
+    pin = directory / "map_orig_dst"
+    sh(
+        "bpftool",
+        "map",
+        "create",
+        str(pin),
+        "type",
+        "hash",
+        "key",
+        "8",
+        "value",
+        "8",
+        "entries",
+        "16",
+        "name",
+        "na_orig_dst",
+    )
+    return pin
+
+
+@pytest.mark.parametrize("real_agent_pins", [True, False], ids=["beside-a-real-agent", "lab-only"])
+def test_down_removes_only_the_lab_pods_pins(clean_host: dict[str, Any], tmp_path: Path, real_agent_pins: bool) -> None:
+    """The lab's agents pin under the production root: `down` removes its own pods' pins and says so, no others."""
+    topology = yaml.safe_load(DEFAULT_TOPOLOGY.read_text())
+    topology["pods"][0]["uid"] = "lab-pin-test-frontend"
+    path = tmp_path / "topology.yaml"
+    path.write_text(yaml.safe_dump(topology))
+    cli("up", "--topology", str(path))
+    lab_pin = bpftool_pin_map(PIN_ROOT / "lab-pin-test-frontend")
+    prod_dir = PIN_ROOT / f"prod-pod-{uuid.uuid4().hex[:8]}"
+    prod_pin = bpftool_pin_map(prod_dir) if real_agent_pins else None
+    try:
+        down = cli("down")
+        assert "removed the BPF pins of 1 lab pods (lab-pin-test-frontend)" in down.stdout
+        assert not lab_pin.parent.exists()
+        if prod_pin is not None:
+            assert json.loads(sh("bpftool", "-j", "map", "show", "pinned", str(prod_pin)))["name"] == "na_orig_dst"
+            assert f"left 1 other pin directories alone ({prod_dir})" in down.stdout
+    finally:
+        subprocess.run(["rm", "-rf", str(prod_dir), str(lab_pin.parent)], check=True)
+        if not any(line.startswith(f"{PIN_ROOT}/") for line in clean_host["bpf"]):
+            subprocess.run(["rmdir", "--ignore-fail-on-non-empty", str(PIN_ROOT)], check=False)
+    if not real_agent_pins:  # the root the lab's agents created is gone with their pins
+        assert host_snapshot() == clean_host
+
+
+@pytest.mark.parametrize("args", [("status",), ("exec", "shop/frontend", "--", "true")], ids=["status", "exec"])
+def test_a_bad_inventory_edit_is_a_clear_error(lab: None, args: tuple[str, ...]) -> None:
+    """Users edit the lab's inventory.yaml (README): a mistake is named with its field and what to do, no traceback."""
+    inventory = STATE_DIR / "inventory.yaml"
+    data = yaml.safe_load(inventory.read_text())
+    data["pods"][1]["node"] = "node9"
+    inventory.write_text(yaml.safe_dump(data))
+    proc = cli(*args, check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "pods[1].node: unknown node 'node9'" in proc.stderr
+    assert f"fix that field in {inventory}" in proc.stderr and "lab down" in proc.stderr
