@@ -15,6 +15,8 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import errno
+import logging
 import os
 import socket
 import stat
@@ -37,6 +39,8 @@ from nodeagent.zds.codec import (
     encode_hello,
     encode_request,
 )
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SOCKET_PATH = "/var/run/ztunnel/ztunnel.sock"
 
@@ -201,8 +205,10 @@ async def connect(path: str) -> ZdsChannel:
 def listen(path: str, backlog: int = 16) -> socket.socket:
     """Bind a SEQPACKET listener at `path` with mode 0600 (the agent side).
 
-    Creates the parent directory and removes a stale socket left by an earlier agent; refuses to remove
-    anything that is not a socket.
+    Creates the parent directory and removes a socket left by an earlier agent; refuses to remove
+    anything that is not a socket. A socket some agent still listens on is taken over too — that is a
+    rolling update (the new pod starts beside the old one, and its tunnels must reach the new agent) —
+    but said in a warning, since two agents sharing a path by mistake look the same.
     """
     os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
     try:
@@ -212,6 +218,13 @@ def listen(path: str, backlog: int = 16) -> socket.socket:
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise ZdsError(f"{path} exists and is not a socket; move it away or choose another ZDS socket path")
+        if _listened_on(path):
+            log.warning(
+                "taking over the ZDS socket %s from a running node agent: its tunnels reconnect to this one. "
+                "Expected during a rolling update; otherwise two agents share this path — give one another "
+                "--zds-socket (and its tunnel the same)",
+                path,
+            )
         os.unlink(path)
     sock = _seqpacket_socket()
     try:
@@ -222,6 +235,19 @@ def listen(path: str, backlog: int = 16) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def _listened_on(path: str) -> bool:
+    """Whether a listener still owns the socket at `path` (a connect is not refused). The running agent
+    sees the probe as a connection closed before its hello."""
+    probe = _seqpacket_socket()
+    try:
+        probe.connect(path)
+    except OSError as exc:
+        return exc.errno not in (errno.ECONNREFUSED, errno.ENOENT)  # EAGAIN: a full backlog, still live
+    finally:
+        probe.close()
+    return True
 
 
 async def accept(listener: socket.socket, path: str, serial: int) -> ZdsChannel:

@@ -278,6 +278,27 @@ async def test_stale_socket_is_replaced_but_other_files_are_not(sock_path: str) 
         await ZdsServer(list, sock_path).start()
 
 
+async def test_a_second_agent_takes_the_socket_over_and_says_so(
+    sock_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rolling update starts the new agent beside the old one on the same hostPath socket: it must take
+    the socket over (its tunnels then reach it), and say so, since two agents sharing a path by mistake
+    look the same."""
+    async with ZdsServer(list, sock_path):
+        old = os.stat(sock_path).st_ino
+        async with ZdsServer(list, sock_path):
+            assert os.stat(sock_path).st_ino != old
+            assert any("taking over the ZDS socket" in r.getMessage() for r in caplog.records)
+            async with tunnel(sock_path, Recorder()) as client:
+                await asyncio.wait_for(client.wait_ready(), 3)
+    caplog.clear()
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    stale.bind(sock_path)
+    stale.close()
+    async with ZdsServer(list, sock_path):
+        assert not any("taking over" in r.getMessage() for r in caplog.records)  # a dead socket: quietly
+
+
 # -- hostile tunnels against the agent's server -------------------------------------------------------------
 
 
