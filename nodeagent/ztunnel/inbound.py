@@ -47,6 +47,10 @@ from nodeagent.ztunnel.relay import DOWNSTREAM, UPSTREAM, Relay, RelayResult, Sp
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
+# An HBONE connection without streams this long is closed (GOAWAY, close_notify): a peer holding idle
+# connections open must not pin their memory for good. Longer than the clients' pool release (5 min),
+# so a well-behaved client closes its idle connection first.
+SERVER_IDLE_TIMEOUT = 360.0
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
@@ -63,6 +67,7 @@ class ProxyDeps:
     limits: hbone.Limits = field(default_factory=hbone.Limits)
     connect_timeout: float = sockets.CONNECT_TIMEOUT
     handshake_timeout: float = HANDSHAKE_TIMEOUT
+    server_idle_timeout: float = SERVER_IDLE_TIMEOUT
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +180,7 @@ class HboneInbound:
         # Per connection: the client's identity, address and its text, shared by all of its streams.
         self._peers: dict[HboneProtocol, tuple[Identity, SocketAddress | None, str]] = {}
         self._pending: dict[tuple[HboneProtocol, int], asyncio.Task[None]] = {}
+        self._idle: dict[HboneProtocol, asyncio.TimerHandle] = {}  # connections without streams, till when
 
     @property
     def connections(self) -> set[HboneProtocol]:
@@ -211,6 +217,7 @@ class HboneInbound:
                 on_rejected=self._on_rejected,
                 on_stream_reset=self._on_stream_reset,
                 on_closed=self._on_closed,
+                on_idle=self._on_idle,
             )
 
         try:
@@ -234,8 +241,29 @@ class HboneInbound:
         self._peers[proto] = (peer, client, str(client) if client else "-")
         self._connections.add(proto)
         self._deps.metrics.hbone_connections.labels("server").inc()
+        self._on_idle(proto)  # no stream yet
+
+    def _on_idle(self, proto: HboneProtocol) -> None:
+        """The connection has no streams: close it unless one opens within the server idle timeout."""
+        if proto not in self._idle and not proto.closed.is_set():
+            loop = asyncio.get_running_loop()
+            self._idle[proto] = loop.call_later(self._deps.server_idle_timeout, self._expire, proto)
+
+    def _expire(self, proto: HboneProtocol) -> None:
+        self._idle.pop(proto, None)
+        if not proto.active_streams and not any(key[0] is proto for key in self._pending):
+            log.debug(
+                "closing an HBONE connection to %s idle for %.0f s", self._pod.key, self._deps.server_idle_timeout
+            )
+            proto.close("idle")
+
+    def _busy(self, proto: HboneProtocol) -> None:
+        timer = self._idle.pop(proto, None)
+        if timer is not None:
+            timer.cancel()
 
     def _on_closed(self, proto: HboneProtocol) -> None:
+        self._busy(proto)
         if proto in self._connections:
             self._connections.discard(proto)
             self._deps.metrics.hbone_connections.labels("server").dec()
@@ -257,6 +285,7 @@ class HboneInbound:
         if peer is None:  # data raced the peer check's abort
             proto.reject(event.stream_id, 401)
             return
+        self._busy(proto)
         key = (proto, event.stream_id)
         self._pending[key] = self._deps.tasks.spawn(
             self._serve_stream(proto, *peer, event), name=f"hbone-inbound {self._pod.key} stream {event.stream_id}"

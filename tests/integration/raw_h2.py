@@ -82,6 +82,8 @@ class RawClient:
         while not done(self.outcome):
             try:
                 chunk = self.sock.recv(1 << 16)
+            except TimeoutError:  # nothing more within `limit`: the caller judges the outcome so far
+                break
             except (ConnectionResetError, ssl.SSLError, BrokenPipeError):
                 chunk = b""
             if not chunk:

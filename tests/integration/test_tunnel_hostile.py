@@ -12,6 +12,7 @@ import dataclasses
 import os
 import ssl
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -279,6 +280,45 @@ async def test_bad_transport_is_closed(rig, case: str) -> None:  # type: ignore[
     out = await asyncio.to_thread(run)
     assert out.closed and not out.statuses, out
     assert not app.accepted.is_set()
+
+
+async def test_a_connection_without_streams_is_closed_after_the_idle_timeout(tmp_path: Path) -> None:
+    """A peer holding HBONE connections open without using them (REFERENCE.md: slow clients, idle timeouts)
+    must not pin their memory for good: no stream for the server idle timeout -> GOAWAY and close. An open
+    stream keeps the connection however long it lasts."""
+    async with cluster(tmp_path) as c:
+        await c.wait_ready(await c.start_tunnel("node1"))
+        await c.wait_ready(await c.start_tunnel("node2", server_idle_timeout=0.5))
+        server = c.pod("server")
+        assert server.ip is not None
+        app = ByteServer(server.ip, size=2).start()
+
+        def run() -> tuple[Outcome, Outcome, float]:
+            idle = RawClient(server_addr(c), client_ctx(c))
+            busy = RawClient(server_addr(c), client_ctx(c))
+            try:
+                idle.start()
+                busy.start()
+                busy.send(headers(c, connect_block(target(c))))
+                assert busy.read_until(has_status(1)).statuses == {1: 200}
+                idle.read_until(lambda o: o.closed, limit=5)  # never opened a stream
+                busy.read_until(ended, limit=1.5)  # its stream stays open past the timeout: no GOAWAY
+                still_open = dataclasses.replace(busy.outcome)
+                started = time.monotonic()
+                busy.send(frame(DATA, END_STREAM, 1, b"ok"))  # the stream ends (the app answers and closes)
+                busy.read_until(lambda o: o.closed, limit=5)
+                return idle.outcome, still_open, time.monotonic() - started
+            finally:
+                idle.close()
+                busy.close()
+
+        try:
+            idle, still_open, after_stream = await asyncio.to_thread(run)
+        finally:
+            await app.close()
+        assert idle.goaway == 0 and idle.closed, idle  # NO_ERROR
+        assert still_open.goaway is None and not still_open.closed, still_open
+        assert after_stream < 3, after_stream  # GOAWAY and close one idle timeout after the stream ended
 
 
 def rss_kib(pid: int) -> int:

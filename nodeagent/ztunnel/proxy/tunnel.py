@@ -52,7 +52,7 @@ from nodeagent.zds.tasks import TaskSet
 from nodeagent.ztunnel import hbone, sockets
 from nodeagent.ztunnel.certs import CertMaterial
 from nodeagent.ztunnel.edges import ClusterView, LocalPod, ProxyState, SocketFactory, TlsContexts
-from nodeagent.ztunnel.inbound import HboneInbound, PlaintextInbound, ProxyDeps
+from nodeagent.ztunnel.inbound import SERVER_IDLE_TIMEOUT, HboneInbound, PlaintextInbound, ProxyDeps
 from nodeagent.ztunnel.local import SameNodePath
 from nodeagent.ztunnel.metrics import (
     DEFAULT_CLUSTER_DOMAIN,
@@ -119,6 +119,7 @@ class TunnelInputs:
     hbone_port: int = sockets.HBONE_PORT
     connect_timeout: float = sockets.CONNECT_TIMEOUT
     handshake_timeout: float = 10.0
+    server_idle_timeout: float = SERVER_IDLE_TIMEOUT
     max_streams_per_connection: int = 100
     pool_idle_timeout: float = 300.0
     same_node_fast_path: bool = True  # connections between two pods served here skip HBONE (local.py)
@@ -164,6 +165,7 @@ class Tunnel:
             limits=inputs.limits,
             connect_timeout=inputs.connect_timeout,
             handshake_timeout=inputs.handshake_timeout,
+            server_idle_timeout=inputs.server_idle_timeout,
         )
         connector = HboneConnector(self.deps, inputs.hbone_port)
         self.pool = HbonePool(
