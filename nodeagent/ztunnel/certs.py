@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -158,6 +159,14 @@ class CertMaterial:
             raise ValueError(f"CA issued a certificate for {got}, not the requested {identity}")
         if leaf.public_key() != key.public_key():
             raise ValueError("CA issued a certificate for a different key than the CSR's")
+        for cert, issuer in zip((leaf, *issuers), issuers, strict=False):
+            try:
+                cert.verify_directly_issued_by(issuer)
+            except (ValueError, TypeError, InvalidSignature):
+                raise ValueError(
+                    f"CA returned a broken chain: {cert.subject.rfc4514_string() or 'the leaf'} is not signed by "
+                    f"{issuer.subject.rfc4514_string()}"
+                ) from None
         key_pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
@@ -410,6 +419,16 @@ class CertificateManager:
     def _root_der(material: CertMaterial) -> bytes:
         return material.root.public_bytes(serialization.Encoding.DER)
 
+    def _check_trusted(self, entry: _Entry, material: CertMaterial) -> None:
+        """ValueError when `material` chains to a root outside the bundle while a valid certificate is held:
+        swapping it in would trade a working identity for one peers reject (a root activated before every
+        node trusts it). With nothing valid held it is still better than none, and is used (with a warning)."""
+        held = entry.material
+        if self._root_der(material) in self._bundle_roots:
+            return
+        if held is not None and held.valid_at(self._in.clock()):
+            raise ValueError(_untrusted_root(material.root))
+
     async def _watch_bundle(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
@@ -469,6 +488,7 @@ class CertificateManager:
                     self._in.metrics.in_flight.dec()
             material = CertMaterial.from_response(identity, chain, key)
             _check_window(material, self._in.clock())
+            self._check_trusted(entry, material)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -492,7 +512,11 @@ class CertificateManager:
             )
             return delay
         if self._root_der(material) not in self._bundle_roots:
-            log.warning("certificate for %s chains to a root not in the trust bundle yet", identity)
+            log.warning(
+                "certificate for %s chains to a root not in the trust bundle yet (%s); using it: no valid one is held",
+                identity,
+                material.root.subject.rfc4514_string(),
+            )
         entry.material = material
         entry.failures = 0
         entry.last_error = ""
@@ -508,6 +532,14 @@ class CertificateManager:
             delay,
         )
         return delay
+
+
+def _untrusted_root(root: x509.Certificate) -> str:
+    return (
+        f"CA issued a certificate chaining to {root.subject.rfc4514_string()}, a root not in this node's trust "
+        "bundle: peers would refuse it. Was the CA's new root activated before every node trusted it "
+        "(`nodeagent ca rotate`)?"
+    )
 
 
 def _check_window(material: CertMaterial, now: float) -> None:

@@ -326,3 +326,46 @@ async def test_readiness_waits_for_first_fetches_not_for_failing_identities(tmp_
     assert manager.status(CHECKOUT).state is CertState.UNAVAILABLE  # retrying with backoff, shown in config_dump
     assert manager.ready() is None
     await manager.stop()
+
+
+async def test_a_certificate_from_an_untrusted_root_does_not_replace_a_working_one(tmp_path: Path) -> None:
+    """The CA signs with a root this node does not trust yet (activated before every node reloaded the
+    bundle): peers would refuse the new certificate, so it is a failed fetch while the held one is valid;
+    with nothing valid held it is used. A chain whose links do not verify is refused either way."""
+    time = FakeTime(NOW.timestamp())
+    ca = FakeCA(time, ttl=100)
+    manager, _ = _manager(tmp_path, ca.fetch, time, ca.signer)  # the bundle trusts only the first root
+    manager.set_local_workloads([FRONTEND])
+    await manager.start()
+    await time.next_sleep()
+    first = manager.material(FRONTEND)
+
+    ca.signer = authority.generate_root(NOW, TD)  # a second root, not in this node's bundle
+    await time.release()  # the refresh: refused, the held certificate kept, backing off
+    assert manager.material(FRONTEND) is first
+    assert await time.next_sleep() == pytest.approx(0.5, rel=0.11)
+    status = manager.status(FRONTEND)
+    assert status.state is CertState.AVAILABLE
+
+    time.now = first.not_after + 1  # the held one expired: the untrusted one beats none
+    await time.release()
+    assert manager.material(FRONTEND).root.subject != first.root.subject
+    await manager.stop()
+
+
+async def test_a_broken_chain_is_a_failed_fetch(tmp_path: Path) -> None:
+    time = FakeTime(NOW.timestamp())
+    ca = FakeCA(time)
+    other = authority.generate_root(NOW, TD)
+
+    async def wrong_issuer(identity: Identity, csr: bytes) -> Sequence[str]:
+        leaf, _root = await ca.fetch(identity, csr)
+        return [leaf, authority.cert_pem(other.root)]  # claims an issuer that did not sign it
+
+    manager, _ = _manager(tmp_path, wrong_issuer, time, ca.signer)
+    manager.set_local_workloads([FRONTEND])
+    await manager.start()
+    await time.next_sleep()
+    status = manager.status(FRONTEND)
+    assert status.state is CertState.UNAVAILABLE and "broken chain" in status.reason, status
+    await manager.stop()
