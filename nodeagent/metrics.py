@@ -38,6 +38,11 @@ class CAMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
             registry=registry,
         )
+        self.signer_expiry = Gauge(
+            "nodeagent_ca_signer_expiry_timestamp_seconds",
+            "When the CA's signing chain (its certificate or a parent) expires, Unix time: alert well before.",
+            registry=registry,
+        )
 
     def record(self, result: str, reason: str, seconds: float) -> None:
         self.requests.labels(result=result, reason=reason).inc()

@@ -63,6 +63,7 @@ class Reason(enum.Enum):
     CSR_URI_SAN_COUNT = "csr_uri_san_count"
     CSR_IDENTITY_MISMATCH = "csr_identity_mismatch"
     BAD_CA_MATERIAL = "bad_ca_material"
+    SIGNER_EXPIRED = "signer_expired"
 
 
 class AuthorityError(Exception):
@@ -80,6 +81,14 @@ class CSRError(AuthorityError):
 
 class AuthorizationError(AuthorityError):
     """The caller may not have the identity it asked for (the caller sees only UNAUTHENTICATED)."""
+
+
+class SignerExpired(AuthorityError):
+    """The signing chain has expired: nothing it issued would be valid (the operator must rotate)."""
+
+
+# What cryptography raises for extensions it cannot decode: not all of them are ValueErrors.
+BAD_EXTENSION_ERRORS = (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType)
 
 
 class CAMaterialError(AuthorityError):
@@ -321,7 +330,7 @@ def verify_csr(csr_pem: bytes, identity: Identity) -> x509.CertificateSigningReq
         uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
     except x509.ExtensionNotFound:
         uris = []
-    except ValueError as exc:
+    except BAD_EXTENSION_ERRORS as exc:
         raise CSRError(Reason.CSR_MALFORMED, f"CSR extensions cannot be parsed: {exc}") from exc
     if len(uris) != 1:
         raise CSRError(
@@ -389,6 +398,12 @@ def issue(
     The lifetime is `ttl` from `now`, cut short so it never outlives the signer's chain.
     """
     now = _aware(now)
+    if signer.not_after <= now:
+        raise SignerExpired(
+            Reason.SIGNER_EXPIRED,
+            f"the CA's signing chain expired at {signer.not_after.isoformat()}: nothing it signs would be valid; "
+            "give the CA new material (a new cacerts Secret, or `nodeagent ca rotate`)",
+        )
     not_after = min(now + min(ttl, MAX_TTL), signer.not_after)
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.uri)]
     sans += [x509.DNSName(name) for name in dns_names]
@@ -439,9 +454,11 @@ def svid_identity(cert: x509.Certificate) -> Identity:
     """The one SPIFFE identity of an X.509-SVID; ValueError if it does not carry exactly one."""
     try:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
     except x509.ExtensionNotFound as exc:
         raise ValueError("certificate has no subjectAltName; it is not an X.509-SVID") from exc
-    uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+    except BAD_EXTENSION_ERRORS as exc:
+        raise ValueError(f"certificate extensions cannot be parsed: {exc}") from None
     if len(uris) != 1:
         raise ValueError(f"certificate has {len(uris)} URI SANs; an X.509-SVID has exactly one")
     return Identity.parse_uri(uris[0])

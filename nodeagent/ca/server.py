@@ -189,12 +189,14 @@ class CertificateService(ca_pb2_grpc.IstioCertificateServiceServicer):  # type: 
             )
         except AuthorityError as exc:
             raise _Denied(grpc.StatusCode.UNAUTHENTICATED, "denied", exc, OPAQUE_DENIAL) from exc
+        signer = self._state.current().signer
+        self._in.metrics.signer_expiry.set(signer.not_after.timestamp())
         try:
-            issued = authority.sign_csr(
-                self._state.current().signer, csr, identity, self._in.clock(), request.validity_duration
-            )
+            issued = authority.sign_csr(signer, csr, identity, self._in.clock(), request.validity_duration)
         except CSRError as exc:
             raise _Denied(grpc.StatusCode.INVALID_ARGUMENT, "invalid", exc, exc.message) from exc
+        except authority.SignerExpired as exc:
+            raise _Denied(grpc.StatusCode.UNAVAILABLE, "error", exc, exc.message) from exc
         return identity, issued.chain_pem
 
 
@@ -241,10 +243,23 @@ class _ServingCert:
             now = self._in.clock()
             if signer is self._signer and now < self._renew_at:
                 return None
+            self._in.metrics.signer_expiry.set(signer.not_after.timestamp())
             key = ec.generate_private_key(ec.SECP256R1())
-            issued = authority.issue(
-                signer, key.public_key(), self.identity, now=now, ttl=SERVING_TTL, dns_names=self._in.dns_names
-            )
+            try:
+                issued = authority.issue(
+                    signer, key.public_key(), self.identity, now=now, ttl=SERVING_TTL, dns_names=self._in.dns_names
+                )
+            except authority.SignerExpired as exc:
+                if self._signer is None:
+                    raise  # nothing to serve with: `ca serve` fails, saying why
+                log.error("cannot renew the CA's serving certificate: %s", exc)
+                return None  # keep the current one
+            if signer.not_after - now < authority.MAX_TTL:
+                log.warning(
+                    "the CA's signing chain expires at %s: workload certificates are cut short to it from now on; "
+                    "rotate before then (`nodeagent ca rotate`, or new cacerts)",
+                    signer.not_after.isoformat(),
+                )
             self._signer = signer
             self._renew_at = now + (issued.leaf.not_valid_after_utc - now) / 2
             key_pem = key.private_bytes(

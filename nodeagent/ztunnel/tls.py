@@ -229,6 +229,13 @@ def svid_identity_der(der: bytes) -> Identity:
 
 def svid_identity(cert: x509.Certificate) -> Identity:
     """Apply the X.509-SVID leaf rules (REFERENCE.md) and return the parsed workload identity."""
+    try:
+        return _svid_identity(cert)
+    except (x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:  # not ValueErrors
+        raise PeerVerificationError(PeerFailure.MALFORMED_CERTIFICATE, f"bad extensions: {exc}") from None
+
+
+def _svid_identity(cert: x509.Certificate) -> Identity:
     if _is_ca(cert):
         raise PeerVerificationError(PeerFailure.CA_CERTIFICATE, "leaf certificate is a CA (basicConstraints CA:TRUE)")
     try:

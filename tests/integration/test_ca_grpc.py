@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import os
 import ssl
@@ -233,6 +234,38 @@ async def test_bad_csr_gets_a_clear_error_and_the_server_stays_up(
         assert text in (info.value.details() or "")
         response = await _create(channel, make_csr([FRONTEND.uri]).decode())
     assert uri_sans(_chain(list(response.cert_chain))[0]) == [FRONTEND.uri]
+
+
+async def test_a_csr_cryptography_cannot_decode_is_invalid_not_internal(ca: RunningCA) -> None:
+    """Two SAN extensions: cryptography raises DuplicateExtension (not a ValueError), which surfaced as
+    INTERNAL with a traceback per request."""
+    csr = (Path(__file__).parents[1] / "unit" / "data" / "csr_dup_san_ext.pem").read_text()
+    async with _channel(ca) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await _create(channel, csr)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert ca.registry.get_sample_value("nodeagent_ca_requests_total", {"result": "invalid", "reason": "csr_malformed"})
+
+
+async def test_an_expired_signing_chain_is_reported_not_signed(tmp_path: Path) -> None:
+    """Past the CA certificate's expiry it issued leaves already expired, then failed deep in cryptography
+    (INTERNAL). Now: UNAVAILABLE saying to rotate, counted, and the expiry exported as a gauge."""
+    clock = [dt.datetime.now(dt.UTC)]  # real time: the client checks the serving certificate with it
+    running = start_ca(tmp_path / "ca", clock=lambda: clock[0])
+    try:
+        expiry = running.server.state.current().signer.not_after
+        gauge = running.registry.get_sample_value("nodeagent_ca_signer_expiry_timestamp_seconds")
+        assert gauge == expiry.timestamp()
+        clock[0] = expiry + dt.timedelta(seconds=30)
+        async with _channel(running) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await _create(channel, make_csr([FRONTEND.uri]).decode())
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "expired" in (info.value.details() or "") and "rotate" in (info.value.details() or "")
+        labels = {"result": "error", "reason": "signer_expired"}
+        assert running.registry.get_sample_value("nodeagent_ca_requests_total", labels) == 1
+    finally:
+        running.stop()
 
 
 @pytest.mark.parametrize("body", [b"\xff\xff\xff", b"\x0a\x80", b"\x22\x05\x0a\x03\x0a\x01", bytes(range(256))])

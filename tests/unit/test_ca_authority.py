@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -15,6 +16,8 @@ from identity_support import CART, CHECKOUT, CRASHED, FRONTEND, NODE_AGENT, NOW,
 from nodeagent.ca import authority
 from nodeagent.ca.authority import Caller, CAMaterialError, CSRError, Reason, TrustBundle
 from nodeagent.model import Identity, PodPhase
+
+DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +110,10 @@ CSR_REFUSALS = [
     ),
     ("empty", lambda: b"", Reason.CSR_MALFORMED),
     ("over 64 KiB", lambda: make_csr([FRONTEND.uri]) + b"x" * (64 * 1024), Reason.CSR_TOO_LARGE),
+    # Hand-made DER (cryptography cannot build these): extensions it raises non-ValueErrors for.
+    ("two SAN extensions", (DATA / "csr_dup_san_ext.pem").read_bytes, Reason.CSR_MALFORMED),
+    ("x400Address in the SAN", (DATA / "csr_x400_in_san.pem").read_bytes, Reason.CSR_MALFORMED),
+    ("EDIPartyName in the SAN", (DATA / "csr_ediparty_in_san.pem").read_bytes, Reason.CSR_MALFORMED),
 ]
 
 
@@ -148,6 +155,15 @@ def test_leaf_never_outlives_its_signer() -> None:
     short = authority.generate_root(NOW, TD, validity=dt.timedelta(hours=1))
     leaf = authority.sign_csr(short, make_csr([FRONTEND.uri]), FRONTEND, NOW, 86400).leaf
     assert leaf.not_valid_after_utc == short.cert.not_valid_after_utc
+
+
+def test_an_expired_signer_refuses_to_issue() -> None:
+    """An expired CA certificate used to sign leaves already expired (or fail deep inside cryptography):
+    refused with a reason and what to do."""
+    short = authority.generate_root(NOW, TD, validity=dt.timedelta(hours=1))
+    with pytest.raises(authority.SignerExpired, match="rotate") as info:
+        authority.sign_csr(short, make_csr([FRONTEND.uri]), FRONTEND, NOW + dt.timedelta(hours=1, seconds=30), 0)
+    assert info.value.reason is Reason.SIGNER_EXPIRED
 
 
 def test_naive_time_is_rejected(root: authority.Signer) -> None:
