@@ -77,7 +77,12 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make renames in `path` durable (a crash must not undo them)."""
+    dir_fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -110,10 +115,21 @@ class CAStore:
     # --- creating signers --------------------------------------------------------------------------
 
     def init(self) -> bool:
-        """Create a self-signed root in ca/ unless one exists; publish the bundle. True if created."""
+        """Create a self-signed root in ca/ unless one exists; publish the bundle. True if created.
+
+        A state directory with a rotation in it but no ca/ is a `rotate activate` cut short: it is
+        completed, never answered with a new root (which would sign as a third root, stranding B)."""
         self._ensure_state_dir()
         created = False
+        self._complete_activate()
         if not self.exists():
+            rotation = [name for name in ("next", "previous") if self._dir(name).exists()]
+            if rotation:
+                raise StoreError(
+                    f"{self.state_dir} holds {' and '.join(f'{n}/' for n in rotation)} but no ca/: a root rotation "
+                    "was interrupted and cannot be completed automatically; restore ca/ from a backup "
+                    "(`nodeagent ca export`) rather than creating a new root"
+                )
             self._write_signer(self._dir("ca"), authority.generate_root(self.clock(), self.trust_domain))
             created = True
         self.publish()
@@ -221,7 +237,10 @@ class CAStore:
         return self.publish()
 
     def rotate_activate(self) -> TrustBundle:
-        """Step 2: B signs; A's root stays trusted in previous/ (its key is removed)."""
+        """Step 2: B signs; A's root stays trusted in previous/ (its key is removed). Two renames (ca/ ->
+        previous/, next/ -> ca/); a crash between them is completed by the next init() or activate."""
+        if self._complete_activate():
+            return self.publish()
         state = self.load()
         if state.rotation != "prepared":
             raise StoreError("nothing to activate; run `nodeagent ca rotate prepare` first")
@@ -229,10 +248,20 @@ class CAStore:
         if previous.exists():
             shutil.rmtree(previous)
         os.rename(self._dir("ca"), previous)
-        os.rename(self._dir("next"), self._dir("ca"))
+        fsync_dir(self.state_dir)
+        self._complete_activate()
+        return self.publish()
+
+    def _complete_activate(self) -> bool:
+        """The second half of `rotate_activate` when ca/ is gone but next/ holds B and previous/ A: True if done."""
+        previous, nxt = self._dir("previous"), self._dir("next")
+        if self.exists() or not previous.is_dir() or not (nxt / CA_CERT).is_file():
+            return False
+        os.rename(nxt, self._dir("ca"))
         for name in (CA_KEY, CA_CERT, CERT_CHAIN):
             (previous / name).unlink(missing_ok=True)
-        return self.publish()
+        fsync_dir(self.state_dir)
+        return True
 
     def rotate_finish(self) -> TrustBundle:
         """Step 3: stop trusting A. Run it only after every workload certificate was reissued by B."""

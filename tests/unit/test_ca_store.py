@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -10,6 +12,7 @@ from cryptography import x509
 from identity_support import NOW, TD
 
 from nodeagent.ca import authority
+from nodeagent.ca import store as store_module
 from nodeagent.ca.store import CAStore, StoreError
 
 
@@ -61,6 +64,50 @@ def test_rotation_a_to_ab_to_b(tmp_path: Path) -> None:
     assert state.signer.root == b and state.rotation == "none"
     assert _bundle_roots(store) == [b]
     assert stat.S_IMODE((tmp_path / "ca" / "ca-key.pem").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("resume", ["init", "rotate_activate"])
+def test_an_activate_cut_short_between_its_renames_is_completed_not_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, resume: str
+) -> None:
+    """A crash after ca/ -> previous/ and before next/ -> ca/ left no ca/: `ca serve` (init) then minted a
+    third root C that signed, B stranded in next/ and A's key left in previous/."""
+    store = CAStore(tmp_path, TD, clock=lambda: NOW)
+    store.init()
+    a = store.load().signer.root
+    store.rotate_prepare()
+    b = next(r for r in store.load().bundle.roots if r != a)
+    real_rename = os.rename
+
+    def crash_on_the_second(src: object, dst: object) -> None:
+        if Path(str(src)).name == "next":
+            raise SystemExit("power lost between the renames")
+        real_rename(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store_module.os, "rename", crash_on_the_second)
+    with pytest.raises(SystemExit):
+        store.rotate_activate()
+    monkeypatch.setattr(store_module.os, "rename", real_rename)
+    assert not (tmp_path / "ca").exists()
+
+    if resume == "init":
+        assert store.init() is False  # completed, not a new root
+    else:
+        store.rotate_activate()
+    state = store.load()
+    assert state.signer.root == b and state.rotation == "activated"
+    assert set(_bundle_roots(store)) == {a, b}
+    assert sorted(p.name for p in (tmp_path / "previous").iterdir()) == ["root-cert.pem"]  # A's key is gone
+
+
+def test_init_refuses_a_rotation_it_cannot_complete(tmp_path: Path) -> None:
+    store = CAStore(tmp_path, TD, clock=lambda: NOW)
+    store.init()
+    store.rotate_prepare()
+    shutil.rmtree(tmp_path / "ca")  # and no previous/: nothing says which root should sign
+    with pytest.raises(StoreError, match="interrupted"):
+        store.init()
+    assert not (tmp_path / "ca").exists()
 
 
 def test_import_istio_cacerts(tmp_path: Path) -> None:
