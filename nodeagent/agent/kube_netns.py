@@ -11,7 +11,10 @@ first time, then at most every `refresh_s` while it is not found) maps pod IP ->
   once the CNI set them up, so a mount is read once, unless it had no address yet (the kubelet reports a
   pod IP only after the CNI's set-up, but a scan can fall in between);
 - the processes in `proc`: /proc/<pid>/net/fib_trie of each netns not seen through a mount (runtimes
-  that mount nothing); the path is /proc/<pid>/ns/net (the reconciler holds an fd from then on).
+  that mount nothing); the path is /proc/<pid>/ns/net (the reconciler holds an fd from then on). Such a
+  path outlives its process: once the pid is reused it names the new process's netns (the node's, say),
+  so a path is handed out again only while it names the netns (inode) it named when found, and never
+  when that is the node's or the agent's own - checked at every lookup, not only by the scan.
 
 The mapping itself is a pure function (`map_addresses`): an IP held by two different namespaces (an old
 sandbox still alive after its IP was reused) maps to neither — capture waits rather than guessing — and
@@ -94,8 +97,8 @@ def map_addresses(
 class ProcNetnsResolver:
     """NetnsResolver by pod IP. A pod seen for the first time always gets a fresh scan, so a sandbox that
     still holds a reused IP is noticed (ambiguous: nothing handed out) instead of served from a cache;
-    a pod already found keeps its path while it exists; a pod not found is scanned for again at most
-    every `refresh_s` (the reconciler retries it with every verify).
+    a pod already found keeps its path while it names the same netns (inode); a pod not found is scanned
+    for again at most every `refresh_s` (the reconciler retries it with every verify).
 
     Scans run on the calling thread, except the setns() reads, which run on a short-lived worker thread
     that the caller joins: mounts already read are not read again, so a scan costs a directory listing,
@@ -115,9 +118,11 @@ class ProcNetnsResolver:
         self._clock = clock
         self._by_ip: dict[ipaddress.IPv4Address, str] = {}
         self._ambiguous: set[ipaddress.IPv4Address] = set()
-        self._found: dict[str, tuple[ipaddress.IPv4Address, str]] = {}  # pod uid -> (IP, path) handed out
+        # pod uid -> (IP, path, netns inode) handed out; the path is handed out again only while its inode holds
+        self._found: dict[str, tuple[ipaddress.IPv4Address, str, int]] = {}
         self._missed: dict[str, float] = {}  # pod uid -> when it was last scanned for in vain
         self._mounts: dict[int, NetnsSighting] = {}  # inode -> a mount read once, with addresses
+        self._scanned: dict[str, int] = {}  # path -> the inode it named when the last scan read it
         self.scans = 0
         own = {netns_inode(os.path.join(proc, "1", "ns", "net")), netns_inode("/proc/self/ns/net")}
         self._exclude = frozenset(i for i in own if i is not None)
@@ -126,7 +131,7 @@ class ProcNetnsResolver:
         if pod.ip is None or pod.host_network or pod.terminated:
             return None
         found = self._found.get(pod.uid)
-        if found is not None and found[0] == pod.ip and os.path.exists(found[1]):
+        if found is not None and found[0] == pod.ip and self._still(found[1], found[2]):
             return found[1]
         now = self._clock()
         last = self._missed.get(pod.uid)
@@ -134,6 +139,9 @@ class ProcNetnsResolver:
             return None  # scanned for in vain a moment ago
         self.scan()
         path = self._by_ip.get(pod.ip)
+        inode = self._scanned.get(path) if path is not None else None
+        if path is not None and (inode is None or not self._still(path, inode)):
+            path = None  # it names another netns since the scan (a pid reused), or it is gone
         if path is None:
             self._missed[pod.uid] = now
             if pod.ip in self._ambiguous:
@@ -143,9 +151,16 @@ class ProcNetnsResolver:
                     pod.ip,
                 )
             return None
+        assert inode is not None
         self._missed.pop(pod.uid, None)
-        self._found[pod.uid] = (pod.ip, path)
+        self._found[pod.uid] = (pod.ip, path, inode)
         return path
+
+    def _still(self, path: str, inode: int) -> bool:
+        """Whether `path` still names the netns it named when handed out: a /proc/<pid>/ns/net path
+        outlives the process once the pid is reused, then naming another netns (the node's, maybe)."""
+        now = netns_inode(path)
+        return now == inode and now not in self._exclude
 
     def scan(self) -> None:
         """Map every namespace's local IPs afresh (bind mounts first, then processes)."""
@@ -153,9 +168,11 @@ class ProcNetnsResolver:
         now = self._clock()
         mounts = self._mount_sightings()
         known = {s.inode for s in mounts}
-        self._by_ip, self._ambiguous = map_addresses([*mounts, *self._process_sightings(known)], self._exclude)
+        sightings = [*mounts, *self._process_sightings(known)]
+        self._by_ip, self._ambiguous = map_addresses(sightings, self._exclude)
+        self._scanned = {s.path: s.inode for s in sightings}
         # Forget pods whose namespace is gone, and misses too old to matter (bounded by the pods alive).
-        self._found = {uid: f for uid, f in self._found.items() if os.path.exists(f[1])}
+        self._found = {uid: f for uid, f in self._found.items() if self._still(f[1], f[2])}
         self._missed = {uid: t for uid, t in self._missed.items() if now - t < 60 * self.refresh_s}
 
     def _mount_sightings(self) -> list[NetnsSighting]:

@@ -17,8 +17,13 @@ Removal is careful about whose netns it touches. A departed pod's netns is the o
 looked up again: its IP may already be another pod's, and the Kubernetes resolver finds netns by IP. When
 that netns is gone, only what the backend keeps by uid outside it is removed (eBPF pins). Finished pods
 are never swept (their status keeps an IP the node may have handed on), and no netns of a pod the agent
-holds or wants is ever cleaned for another pod. At start-up the backend's per-uid state of pods that no
-longer exist (deleted while the agent was down) is removed too.
+holds or wants is ever cleaned for another pod, nor the agent's own (the node's) for any pod. At start-up
+the backend's per-uid state of pods that no longer exist (deleted while the agent was down) is removed
+too. A leftover whose removal fails (the xtables lock, a netns being torn down) is kept and retried with
+every verify until it goes: a stray left captured has no tunnel serving it, so all its TCP is refused.
+
+The netns a resolver names is checked, not trusted: the agent's own (the node's) is never captured nor
+handed to a tunnel as a pod's (a /proc/<pid>/ns/net path whose pid was reused can name it).
 
 What it deliberately does not do: no decisions about who is enrolled (enrollment.py), no kernel details
 (capture backend), no socket of its own (the ZDS server is injected), and it never flushes or re-applies
@@ -87,8 +92,10 @@ class Reconciler:
         *,
         on_change: Callable[[], None],
         concurrency: int = DEFAULT_CONCURRENCY,
+        own_netns: str = "/proc/self/ns/net",
     ) -> None:
         self._backend = backend
+        self._own_netns = netns_inode(own_netns)  # the agent's (the node's): never a pod's
         self._resolver = resolver
         self._tunnels = tunnels
         self._on_change = on_change
@@ -141,8 +148,9 @@ class Reconciler:
         self._resolver = resolver
 
     def verify_all(self) -> None:
-        """Re-check every pod the agent holds or wants (the periodic drift check)."""
-        self._kick(set(self._desired) | set(self.records))
+        """Re-check every pod the agent holds or wants (the periodic drift check), and retry the removal of
+        what an earlier run left that failed so far (a stray stays captured, refused, until it goes)."""
+        self._kick(set(self._desired) | set(self.records) | set(self._strays) | self._orphans)
 
     async def wait_idle(self) -> None:
         """Until no pod has work queued or running (readiness after the first pass)."""
@@ -220,16 +228,21 @@ class Reconciler:
         pod = self._desired.get(uid)
         record = self.records.get(uid)
         if pod is not None:
+            self._strays.pop(uid, None)  # enrolled again: what an earlier run left is adopted, not removed
+            self._orphans.discard(uid)
             if record is None:
                 record = self.records[uid] = PodRecord(pod)
             await self._ensure(record, pod, slots)
         elif record is not None:
             await self._remove(record, slots)
-        elif uid in self._strays:
-            await self._remove_stray(self._strays.pop(uid), slots)
+        elif uid in self._strays:  # kept until its removal succeeds: verify_all retries it
+            gone = await self._remove_stray(self._strays[uid], slots)
+            if gone:
+                del self._strays[uid]
         elif uid in self._orphans:
-            self._orphans.discard(uid)
-            await self._forget_orphan(uid, slots)
+            gone = await self._forget_orphan(uid, slots)
+            if gone:
+                self._orphans.discard(uid)
         self._on_change()
 
     async def _ensure(self, record: PodRecord, pod: Pod, slots: asyncio.Semaphore) -> None:
@@ -244,6 +257,14 @@ class Reconciler:
             _close(record)
             return
         reopened = self._hold_netns(record, netns)
+        if record.fd_inode == self._own_netns:  # a resolver's mistake (a reused /proc/<pid>): fail, never capture
+            error = f"{netns} is the agent's own network namespace (the node's), not {pod.key}'s: not capturing it"
+            if record.error != error:
+                log.error("%s; capture waits for the pod's own", error)
+            record.error = error
+            record.captured = record.delivered = False
+            _close(record)
+            return
         started = time.perf_counter()
         try:
             async with slots:
@@ -310,28 +331,39 @@ class Reconciler:
             return record.netns
         return None
 
-    async def _remove_stray(self, pod: Pod, slots: asyncio.Semaphore) -> None:
+    async def _remove_stray(self, pod: Pod, slots: asyncio.Semaphore) -> bool:
+        """Remove the capture an earlier run left for `pod`; False when that failed (the next verify retries)."""
         try:
             async with slots:
                 removed = await self._release(pod, self._resolver.resolve(pod))
         except CaptureError as exc:
-            log.error("cannot remove the leftover capture of %s: %s", pod.key, exc)
-            return
+            log.error("cannot remove the leftover capture of %s: %s; retrying with the next verify", pod.key, exc)
+            return False
         if removed:
             log.info("%s is not enrolled: removed capture left by an earlier run", pod.key)
+        return True
 
-    async def _forget_orphan(self, uid: str, slots: asyncio.Semaphore) -> None:
+    async def _forget_orphan(self, uid: str, slots: asyncio.Semaphore) -> bool:
+        """Remove what an earlier run kept for the deleted pod `uid`; False when that failed (retried)."""
         try:
             async with slots:
                 removed = await self._backend.forget(uid)
         except CaptureError as exc:
-            log.error("cannot remove what an earlier run kept for the deleted pod %s: %s", uid, exc)
-            return
+            log.error(
+                "cannot remove what an earlier run kept for the deleted pod %s: %s; retrying with the next verify",
+                uid,
+                exc,
+            )
+            return False
         if removed:
             log.info("pod uid %s no longer exists: removed the capture state an earlier run kept for it", uid)
+        return True
 
     async def _release(self, pod: Pod, netns: str | None) -> bool:
         """Remove `pod`'s capture: in `netns` when it is the pod's own, and always its per-uid state."""
+        if netns is not None and netns_inode(netns) == self._own_netns:
+            log.error("not removing capture for %s in %s: it is the agent's own network namespace", pod.key, netns)
+            netns = None
         owner = self._owner(pod, netns) if netns is not None else None
         if owner is not None:
             log.warning(

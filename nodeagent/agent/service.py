@@ -10,7 +10,8 @@ and meanwhile enrolled pods stay captured (fail closed).
 
 Capture is `--capture iptables`, `ebpf` (nodeagent.capture.ebpf: pinned BPF programs, no rule in the
 pods) or `auto` (eBPF where the kernel, headers and capabilities allow it, else iptables, with a log line
-saying why). The node's kubelet-probe bypass is an iptables chain on the node in every mode.
+saying why). The node's kubelet-probe bypass is an iptables chain on the node in every mode. Removal
+removes the other mode's objects too (agent/capture_modes.py): the mode may differ from the last run's.
 
 What it deliberately does not do: no Kubernetes yet (the inventory file is the workload source), no
 capture logic of its own.
@@ -32,6 +33,7 @@ from typing import Any
 
 import uvloop
 
+from nodeagent.agent.capture_modes import BothModes, log_leftover_mode
 from nodeagent.agent.enrollment import desired_pods
 from nodeagent.agent.netns_resolver import DirectoryNetnsResolver
 from nodeagent.agent.reconciler import DEFAULT_CONCURRENCY, Reconciler
@@ -74,17 +76,23 @@ class AgentConfig:
     concurrency: int = DEFAULT_CONCURRENCY
 
 
+def capture_backend(config: AgentConfig, flavour: Flavour) -> CaptureBackend:
+    """The configured mode's backend, which also removes what the other mode left (the mode may have changed
+    between runs: agent/capture_modes.py). A backend of neither mode (a test's stand-in) works alone: it
+    must not remove real eBPF pins of pods its inventory does not know."""
+    ebpf = EbpfBackend(CgroupResolver(config.cgroup_pattern), sysctl_net=config.sysctl_net)
+    if config.capture == "ebpf":
+        return BothModes(ebpf, IptablesBackend.for_host(flavour))
+    rules = IptablesBackend.for_host(flavour)
+    return BothModes(rules, ebpf) if isinstance(rules, IptablesBackend) else rules
+
+
 class Agent:
     def __init__(self, config: AgentConfig, flavour: Flavour) -> None:
         self.config = config
         iptables = Iptables(flavour)
         self.flavour = flavour
-        ebpf = config.capture == "ebpf"
-        self.backend: CaptureBackend = (
-            EbpfBackend(CgroupResolver(config.cgroup_pattern), sysctl_net=config.sysctl_net)
-            if ebpf
-            else IptablesBackend.for_host(flavour)
-        )
+        self.backend: CaptureBackend = capture_backend(config, flavour)
         self.probes = ProbeBypass(iptables)  # the agent runs in the node's netns: its own
         self.zds = ZdsServer(self._snapshot, config.zds_socket, on_event=self._on_zds_event)
         self.reconciler = Reconciler(
@@ -224,6 +232,8 @@ class Agent:
         self.reconciler.set_desired(desired)
         if not self._swept:  # capture an earlier run left in pods no longer enrolled, or of pods deleted since
             self._swept = True
+            if isinstance(self.backend, BothModes):
+                log_leftover_mode(self.backend)
             self.reconciler.sweep(inventory.pods, node)
         self._status_changed()
 

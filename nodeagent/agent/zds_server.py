@@ -7,7 +7,9 @@ this server: waits for the tunnel's hello (version 1, within the deadline); send
 an Add with the netns fd for every pod the agent hands over and a Keep for the others, each acked
 within the deadline, then SnapshotSent. Afterwards `add()` goes to the newest connection only (a
 starting tunnel takes over new pods) and `delete()` to all. A connection that breaks, times out or
-breaks the protocol is dropped and reported; the listening socket stays up.
+breaks the protocol is dropped and reported; the listening socket stays up. Every request's waiter gets
+an answer whatever fails: a request that cannot be sent (one that does not encode, or a bug) fails alone
+when nothing of it reached the tunnel, else its connection is dropped - never an add() waiting forever.
 
 What it deliberately does not do: it keeps no pod list of its own (the caller's `snapshot()` is the
 truth, asked once per new connection), it does not open netns files (the caller passes fds; the server
@@ -121,6 +123,7 @@ class _Tunnel:
         self._queue: deque[_Outgoing] = deque()
         self._wakeup = asyncio.Event()
         self._pending: asyncio.Future[Ack] | None = None
+        self._sent = False  # the request being exchanged reached the socket
 
     def enqueue(self, item: _Outgoing) -> None:
         if self.failure is not None:
@@ -167,6 +170,7 @@ class _Tunnel:
                 await self._wakeup.wait()
                 continue
             item = self._queue.popleft()
+            self._sent = False
             try:
                 if item.abandoned:
                     continue
@@ -175,6 +179,14 @@ class _Tunnel:
                 item.resolve(Delivery(False, str(exc)))
                 self.fail(exc)
                 raise
+            except Exception as exc:  # a bug, or a request that cannot be encoded: its waiter must not hang
+                why = f"could not send {describe(item.request)} to {self.peer}: {exc!r}"
+                item.resolve(Delivery(False, why))
+                if self._sent:  # an ack may still come for it: the exchange is out of step, drop the connection
+                    self.fail(ZdsProtocolError(why))
+                    raise
+                log.exception("%s; the connection stays up", why)  # nothing reached the tunnel
+                continue
             finally:
                 item.release()
             self._record(item.request, ack)
@@ -190,6 +202,7 @@ class _Tunnel:
         self._pending = pending
         try:
             await self.channel.send_request(request)
+            self._sent = True
             async with asyncio.timeout(self.deadline):
                 return await pending
         except TimeoutError:

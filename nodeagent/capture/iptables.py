@@ -268,6 +268,14 @@ class IptablesBackend:
     async def verify(self, netns: str) -> tuple[str, ...]:
         return (await self.inspect(netns)).drift
 
+    async def rules(self, netns: str) -> tuple[str, ...]:
+        """Our iptables and ip6tables lines in `netns`, without the policy routing (which the eBPF mode
+        uses too): what tells that this mode captured the pod."""
+        lines = (await self.iptables.save(netns)).owned_lines()
+        if self.iptables6 is not None:
+            lines += tuple(f"(ip6tables) {line}" for line in (await self.iptables6.save(netns)).owned_lines())
+        return lines
+
     async def forget(self, uid: str) -> bool:
         """Nothing to do: every rule and route of this mode lives in the pod's netns and goes with it."""
         return False

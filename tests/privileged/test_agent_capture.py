@@ -725,3 +725,42 @@ def test_the_pins_of_a_pod_deleted_while_the_agent_was_down_go_at_its_start(
     assert {key: kernel_objects(capture, key) for key in before} == before
     assert captured(capture, "shop/frontend") and captured(capture, "shop/checkout")
     assert all("ERROR" not in agent.log() for agent in agents)
+
+
+MODE_SWITCHES = {"iptables": "ebpf", "ebpf": "iptables"}
+
+
+@pytest.mark.parametrize("unenrolled", ["while-running", "while-down"])
+def test_a_capture_mode_change_between_runs_leaves_nothing_behind(
+    inventory: Inventory, start_agent: Callable[..., Agent], tmp_path: Path, capture: str, unenrolled: str
+) -> None:
+    """`--capture auto` may choose differently after a kernel or header change: the next run must remove the
+    previous mode's objects too, on unenroll and in the start-up sweep of strays (left, they refuse every
+    TCP connection of a pod no tunnel serves), and say in its log what it found."""
+    then = MODE_SWITCHES[capture]  # the second run's mode (the `capture` fixture is the first run's)
+    keys = ("shop/frontend", "shop/payments")
+    first = start_agent("node1")
+    wait_for("both pods captured", lambda: first.pod_status() == dict.fromkeys(keys, "pending"))
+    assert not any(untouched(key) for key in keys)
+    if capture == "ebpf":
+        assert all(oracles.pins(oracles.pod_uid(key)) for key in keys) and oracles.no_rule_of_ours(netns_of(keys[0]))
+    else:
+        assert all(
+            ours(netns_of(key)) == POD_RULES and oracles.ebpf_nothing("node1", key, netns_of(key)) for key in keys
+        )
+    assert first.stop() == 0  # capture stays in place for the next run
+    if unenrolled == "while-down":
+        inventory.label("shop", enrolled=False)
+    (tmp_path / "second").mkdir()
+    second = Agent("node1", tmp_path / "second", inventory.path, then, [])
+    try:
+        if unenrolled == "while-running":
+            wait_for("the mode change logged", lambda: f"holds capture of the {capture} mode" in second.log())
+            inventory.label("shop", enrolled=False)
+        for key in keys:
+            wait_for(f"{key} released of both modes", lambda key=key: untouched(key))
+        assert f"removed capture of the {capture} mode" in second.log()
+        assert "ERROR" not in second.log() and "Traceback" not in second.log()
+    finally:
+        if second.proc is not None and second.proc.poll() is None:
+            second.stop(signal.SIGKILL)

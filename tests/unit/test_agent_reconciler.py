@@ -340,6 +340,120 @@ async def test_capture_is_never_removed_from_the_netns_of_an_enrolled_pod(
     await rec.close()
 
 
+class FlakyBackend(FakeBackend):
+    """Its remove() and forget() fail `failures` times (the xtables lock held, a netns being torn down)."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def _flake(self, verb: str, who: str) -> None:
+        if self.failures:
+            self.failures -= 1
+            self.calls.append((f"{verb}-failed", who))
+            raise CaptureError("iptables-restore: Another app is currently holding the xtables lock")
+
+    async def remove(self, pod: Pod, netns: str) -> bool:
+        self._flake("remove", pod.key)
+        return await super().remove(pod, netns)
+
+    async def forget(self, uid: str) -> bool:
+        self._flake("forget", uid)
+        return await super().forget(uid)
+
+
+@pytest.mark.parametrize("leftover", ["stray", "orphan"])
+async def test_a_leftover_whose_removal_fails_is_retried_with_the_verify_rounds(netns_dir: Path, leftover: str) -> None:
+    """A stray (alive, no longer enrolled, still captured: all its TCP refused) and an orphan (eBPF pins of a
+    deleted pod) stay the reconciler's business until their removal succeeds."""
+    backend = FlakyBackend(failures=2)
+    only_a = [{"name": "a", "namespace": "shop", "node": "node1", "service_account": "a"}]
+    inv = inventory({}, only_a if leftover == "stray" else [])  # nobody enrolled any more; the one leftover
+    if leftover == "stray":
+        backend.kernel[str(netns_dir / "shop.a")] = True  # captured by the previous run
+    else:
+        backend.pinned = {"uid-of-a-deleted-pod"}
+    rec = Reconciler(backend, Resolver(netns_dir), FakeTunnels(True), on_change=lambda: None)
+    rec.set_desired(desired_pods(inv, "node1"))
+    rec.sweep(inv.pods, "node1")
+    await rec.wait_idle()
+    assert [call[0] for call in backend.calls] == [f"{'remove' if leftover == 'stray' else 'forget'}-failed"]
+    for _ in range(3):
+        rec.verify_all()
+        await rec.wait_idle()
+    assert backend.kernel == {} and backend.pinned == set()
+    calls = [call for call in backend.calls if call[0] in ("remove", "forget")]
+    rec.verify_all()  # removed: not tried again
+    await rec.wait_idle()
+    assert [call for call in backend.calls if call[0] in ("remove", "forget")] == calls
+    await rec.close()
+
+
+async def test_a_stray_enrolled_again_is_adopted_not_removed(netns_dir: Path) -> None:
+    backend = FlakyBackend(failures=1)
+    backend.kernel[str(netns_dir / "shop.a")] = True
+    rec = Reconciler(backend, Resolver(netns_dir), FakeTunnels(True), on_change=lambda: None)
+    only_a = [{"name": "a", "namespace": "shop", "node": "node1", "service_account": "a"}]
+    inv = inventory({}, only_a)
+    rec.set_desired(desired_pods(inv, "node1"))
+    rec.sweep(inv.pods, "node1")
+    await rec.wait_idle()
+    assert backend.calls == [("remove-failed", "shop/a")]
+    rec.set_desired(desired_pods(inventory(AMBIENT, only_a), "node1"))  # its namespace is labelled again
+    await rec.wait_idle()
+    for _ in range(2):
+        rec.verify_all()
+        await rec.wait_idle()
+    assert backend.kernel[str(netns_dir / "shop.a")]
+    assert ("remove", "shop/a") not in backend.calls
+    await rec.close()
+
+
+class FixedResolver:
+    """Hands every pod one path (a resolver's mistake: a /proc/<pid>/ns/net whose pid was reused)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def resolve(self, pod: Pod) -> str | None:
+        return self.path
+
+
+async def test_the_agents_own_netns_is_never_captured_nor_handed_to_a_tunnel(
+    netns_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever a resolver says, the node's netns (the agent's own) is not a pod's: no capture there, no
+    Add under the pod's identity, and the pod is reported as not captured."""
+    resolver = FixedResolver(str(netns_dir / "shop.a"))
+    backend, tunnels = FakeBackend(), FakeTunnels(connected=True)
+    rec = Reconciler(backend, resolver, tunnels, on_change=lambda: None)
+    inv = inventory(AMBIENT, [{"name": "a", "namespace": "shop", "node": "node1", "service_account": "a"}])
+    rec.set_desired(desired_pods(inv, "node1"))
+    await rec.wait_idle()
+    assert tunnels.added == ["shop/a"]
+
+    resolver.path = "/proc/self/ns/net"  # the pod's pid was reused by a process of the node
+    rec.verify_all()
+    await rec.wait_idle()
+    assert "/proc/self/ns/net" not in backend.kernel and tunnels.added == ["shop/a"]
+    assert rec.status(uid_of(inv, "shop/a")) is Status.FAILED
+    assert "the agent's own network namespace" in caplog.text
+    await rec.close()
+
+
+async def test_a_stray_is_never_cleaned_in_the_agents_own_netns(netns_dir: Path) -> None:
+    backend = FakeBackend()
+    backend.kernel["/proc/self/ns/net"] = True  # stands for the node's own objects (the probe bypass's)
+    rec = Reconciler(backend, FixedResolver("/proc/self/ns/net"), FakeTunnels(False), on_change=lambda: None)
+    inv = inventory({})
+    rec.set_desired(desired_pods(inv, "node1"))
+    rec.sweep(inv.pods, "node1")
+    await rec.wait_idle()
+    assert backend.kernel == {"/proc/self/ns/net": True}
+    assert not [call for call in backend.calls if call[0] == "remove"]
+    await rec.close()
+
+
 def test_inventory_file_keeps_the_last_good_inventory(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     seen: list[Inventory] = []
     path = tmp_path / "inv.yaml"

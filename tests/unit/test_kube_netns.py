@@ -102,3 +102,67 @@ def test_a_finished_pod_is_never_resolved_to_the_netns_that_holds_its_old_ip(tmp
     assert resolver.resolve(live) == str(proc / "42" / "ns" / "net")
     for phase in (PodPhase.SUCCEEDED, PodPhase.FAILED):
         assert resolver.resolve(Pod("job", "shop", f"uid-job-{phase.value}", "node1", "job", ip, phase=phase)) is None
+
+
+def fake_proc(tmp_path: Path) -> Path:
+    """A stand-in /proc whose pid 1 is the host's (its own inode) and pid 42 a pod's holding 10.42.0.17."""
+    proc = tmp_path / "proc"
+    (proc / "1" / "ns").mkdir(parents=True)
+    (proc / "1" / "ns" / "net").touch()
+    reuse_pid(proc, "42", None, trie("10.42.0.17"))
+    return proc
+
+
+def reuse_pid(proc: Path, pid: str, netns: str | None, fib_trie: str) -> None:
+    """(Re)create process `pid`: its ns/net a symlink to `netns` (None: a netns of its own), and its fib_trie."""
+    base = proc / pid
+    if base.exists():
+        for path in (base / "ns" / "net", base / "net" / "fib_trie"):
+            path.unlink()
+    (base / "ns").mkdir(parents=True, exist_ok=True)
+    (base / "net").mkdir(exist_ok=True)
+    if netns is None:
+        (base / "ns" / "net").touch()
+    else:
+        (base / "ns" / "net").symlink_to(netns)
+    (base / "net" / "fib_trie").write_text(fib_trie)
+
+
+@pytest.mark.parametrize(
+    "reused_by",
+    ["/proc/self/ns/net", "host-pid-1", "another-pod"],
+    ids=["the-agents-netns", "the-hosts-netns", "another-pods-netns"],
+)
+def test_a_pid_reused_by_a_process_in_another_netns_is_not_handed_out_again(tmp_path: Path, reused_by: str) -> None:
+    """A /proc/<pid>/ns/net path outlives the pod's process: once the pid is reused it names the new
+    process's netns - the node's (the agent's own, or pid 1's) or another pod's - which must never be
+    taken for the pod's."""
+    proc = fake_proc(tmp_path)
+    resolver = ProcNetnsResolver(proc=str(proc), netns_dir=str(tmp_path / "netns"))
+    pod = Pod("web", "shop", "uid-web", "node1", "web", ipaddress.IPv4Address("10.42.0.17"))
+    path = str(proc / "42" / "ns" / "net")
+    assert resolver.resolve(pod) == path
+    assert resolver.resolve(pod) == path and resolver.scans == 1  # found: served without a scan
+
+    other = tmp_path / "other-netns"
+    other.touch()
+    target = {"host-pid-1": str(proc / "1" / "ns" / "net"), "another-pod": str(other)}.get(reused_by, reused_by)
+    reuse_pid(proc, "42", target, trie("10.42.0.99") if reused_by == "another-pod" else "Main:\n")
+    assert resolver.resolve(pod) is None
+    assert resolver.scans == 2  # a rescan found the pod's IP nowhere
+
+
+def test_a_scan_never_hands_out_the_agents_own_netns(tmp_path: Path) -> None:
+    """The exclusion of the node's netns holds at lookup too: a path that names it when looked up (a pid
+    reused between the scan's stat and the lookup) is not a pod's."""
+    proc = fake_proc(tmp_path)
+    resolver = ProcNetnsResolver(proc=str(proc), netns_dir=str(tmp_path / "netns"))
+    pod = Pod("web", "shop", "uid-web", "node1", "web", ipaddress.IPv4Address("10.42.0.17"))
+    real_scan = resolver.scan
+
+    def scan_then_reuse() -> None:
+        real_scan()
+        reuse_pid(proc, "42", "/proc/self/ns/net", "Main:\n")
+
+    resolver.scan = scan_then_reuse  # type: ignore[method-assign]
+    assert resolver.resolve(pod) is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import dataclasses
 import inspect
 import ipaddress
 import os
@@ -22,7 +23,8 @@ import pytest
 
 from nodeagent.agent.zds_server import Delivery, ServerEvent, TunnelDropped, TunnelReady, ZdsServer
 from nodeagent.model import Pod, pod_uid
-from nodeagent.zds.codec import Workload, ZdsError
+from nodeagent.zds import wire
+from nodeagent.zds.codec import AddWorkload, Request, Workload, ZdsError
 from nodeagent.ztunnel.zds_client import Backoff, ZdsClient
 
 FAST = Backoff(initial=0.01, maximum=0.05)
@@ -197,6 +199,41 @@ async def test_long_tunnel_errors_are_cut_to_fit_one_datagram(sock_path: str, ne
         assert len(delivery.error) == 250
         assert (await server.add(make_pod("db"), netns_fds[0])).error == delivery.error  # still connected
         assert len(server.tunnels) == 1
+
+
+async def test_an_add_that_cannot_be_encoded_fails_alone(sock_path: str, netns_fds: list[int]) -> None:
+    """encode_request refuses a pod too big for one datagram (ValueError, not a ZdsError): the add() fails
+    with the reason instead of waiting forever, and the connection serves the next pods."""
+    rec = Recorder()
+    huge = dataclasses.replace(make_pod("web"), name="w" * 2000)
+    async with agent(sock_path, list) as (server, events), tunnel(sock_path, rec) as client:
+        await asyncio.wait_for(client.wait_ready(), 3)
+        delivery = await asyncio.wait_for(server.add(huge, netns_fds[0]), 3)
+        assert not delivery.ok and "datagram limit" in delivery.error
+        assert await asyncio.wait_for(server.add(make_pod("db"), netns_fds[0]), 3) == Delivery(True)
+        assert [w.name for w, _, _ in rec.adds] == ["db"] and len(server.tunnels) == 1
+        assert not any(isinstance(e, TunnelDropped) for e in events)
+
+
+async def test_a_failure_after_the_send_resolves_the_add_and_drops_the_connection(
+    sock_path: str, netns_fds: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any exception once the request reached the tunnel (here: a stand-in bug right after the send) leaves
+    the exchange out of step: the add() gets an answer and the connection is dropped (the tunnel reconnects)."""
+    real = wire.ZdsChannel.send_request
+
+    async def send_then_fail(self: wire.ZdsChannel, request: Request) -> None:
+        await real(self, request)
+        if isinstance(request, AddWorkload):
+            raise RuntimeError("a bug after the send")
+
+    rec = Recorder()
+    async with agent(sock_path, list) as (server, events), tunnel(sock_path, rec) as client:
+        await asyncio.wait_for(client.wait_ready(), 3)
+        monkeypatch.setattr(wire.ZdsChannel, "send_request", send_then_fail)
+        delivery = await asyncio.wait_for(server.add(make_pod("web"), netns_fds[0]), 3)
+        assert not delivery.ok and "a bug after the send" in delivery.error
+        await eventually(lambda: any(isinstance(e, TunnelDropped) for e in events))
 
 
 async def test_cancelled_add_is_never_sent(sock_path: str, netns_fds: list[int]) -> None:
