@@ -14,9 +14,9 @@ certificates, connections) is never reachable on a pod-facing port.
 
 /metrics is reachable from every pod on the node and shares the event loop with the data plane, so a
 render never runs on the loop: scrape hooks (e.g. the tunnel adding the bytes of open connections to its
-counters) run first, the text is rendered on a worker thread, concurrent requests share one render and
-a render younger than METRICS_CACHE_S is served again. A pod asking in a loop costs the loop almost
-nothing.
+counters) run first, the text is rendered on one worker thread, one render at a time, and requests
+share it: each gets a render that began after it arrived (never stale data), so a burst of any size
+costs at most two renders, and the loop only hands the interpreter over between a render's slices.
 
 The one write is ztunnel's `POST /logging?level=...` (localhost ports only): `level=debug` sets the
 process's level for every logger — as in ztunnel, a bare level replaces the named ones too, so
@@ -55,7 +55,6 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
 CONFIG_DUMP = "/config_dump"
 METRICS = "/metrics"
 METRICS_ALIAS = "/stats/prometheus"  # Istio's scrape path; served wherever METRICS is
-METRICS_CACHE_S = 1.0
 READY = "/healthz/ready"
 LOGGING = "/logging"
 ALL_ROUTES = frozenset({CONFIG_DUMP, METRICS, READY, LOGGING})
@@ -138,8 +137,7 @@ class AdminServer:
         self._async_providers: dict[str, Callable[[], Awaitable[Any]]] = {}
         self._checks: dict[str, Callable[[], str | None]] = {}
         self._scrape_hooks: list[Callable[[], None]] = []
-        self._render: asyncio.Future[bytes] | None = None  # the render in flight
-        self._rendered: tuple[float, bytes] | None = None  # (loop time, text) of the last render
+        self._render: tuple[asyncio.Future[bytes], float] | None = None  # the render in flight, when it began
         self._executor: ThreadPoolExecutor | None = None
         self._servers: list[asyncio.Server] = []
 
@@ -171,27 +169,32 @@ class AdminServer:
         self._scrape_hooks.append(hook)
 
     async def metrics_text(self) -> bytes:
-        """The registry in Prometheus' text format: rendered off the loop, shared, cached METRICS_CACHE_S."""
+        """The registry in Prometheus' text format, from a render that began after this call: off the loop,
+        one at a time, shared by every request that arrived before it began."""
         assert self._registry is not None  # checked in __init__
         loop = asyncio.get_running_loop()
-        if self._rendered is not None and loop.time() - self._rendered[0] < METRICS_CACHE_S:
-            return self._rendered[1]
-        if self._render is None:
-            for hook in self._scrape_hooks:
-                try:
-                    hook()
-                except Exception:
-                    log.exception("metrics scrape hook %r failed", hook)
-            if self._executor is None:  # its own thread: the default executor may be busy with slow work
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics-render")
-            self._render = loop.run_in_executor(self._executor, generate_latest, self._registry)
-            self._render.add_done_callback(self._rendered_done)
-        return await asyncio.shield(self._render)
+        arrived = loop.time()
+        while self._render is not None:
+            render, began = self._render
+            if began >= arrived:
+                return await asyncio.shield(render)
+            with contextlib.suppress(Exception):  # an older render: wait for it (one at a time), then ours
+                await asyncio.shield(render)
+        for hook in self._scrape_hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("metrics scrape hook %r failed", hook)
+        if self._executor is None:  # its own thread: the default executor may be busy with slow work
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metrics-render")
+        render = loop.run_in_executor(self._executor, generate_latest, self._registry)
+        self._render = (render, loop.time())
+        render.add_done_callback(self._rendered_done)
+        return await asyncio.shield(render)
 
     def _rendered_done(self, render: asyncio.Future[bytes]) -> None:
-        self._render = None
-        if not render.cancelled() and render.exception() is None:
-            self._rendered = (asyncio.get_running_loop().time(), render.result())
+        if self._render is not None and self._render[0] is render:
+            self._render = None
 
     def add_readiness_check(self, name: str, check: Callable[[], str | None]) -> None:
         """`check()` returns None when ready, else a short description of what is pending."""
