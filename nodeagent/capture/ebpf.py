@@ -7,7 +7,8 @@ which programs, where they attach, what counts as drift - is nodeagent.ebpf's (p
 
 install() is "ensure": it reads the pins and the kernel's attachments first and touches only what differs,
 so a restarted agent adopts the previous run's programs without reloading or re-attaching them when they
-are this build's (an upgraded agent swaps its own into the pod's links in place), and a program
+are this build's (an upgraded agent swaps its own into the pod's links in place, and attaches a hook
+the previous build did not have, as connect6 for pods enrolled before it), and a program
 detached by hand is re-attached on the next verify (the agent verifies every few seconds).
 There is no rule in the pod's iptables or nft tables in this mode.
 
@@ -24,7 +25,8 @@ of sending them out of eth0. The iptables mode gets the same mark onto replies w
 What it deliberately does not do: no bcc import (loader.py has it, compiles once per process and loads a
 pod's programs only when a program pin is missing or another build's), no kubelet-probe handling on the
 node (that stays the iptables ProbeBypass on the node's own tables), no IPv6 capture (sk_lookup refuses
-new inbound IPv6 TCP instead: nothing may reach the app around the tunnel).
+new inbound IPv6 TCP instead: nothing may reach the app around the tunnel; connect6 captures only IPv4
+reached through an IPv6 socket, ::ffff:a.b.c.d, which is IPv4 on the wire).
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ class CgroupResolver:
 
 
 class EbpfBackend:
-    """In-pod capture with cgroup connect4 + sock_ops (outbound) and netns sk_lookup (inbound)."""
+    """In-pod capture with cgroup connect4/connect6 + sock_ops (outbound) and netns sk_lookup (inbound)."""
 
     name = "ebpf"
 

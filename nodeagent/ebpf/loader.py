@@ -7,6 +7,10 @@ The design (why these hooks):
   NAT, no conntrack, nothing per packet; with no tunnel listening the connect is refused (fail closed).
   The tunnel lives in the node's cgroup, so its own sockets in the pod's netns are never rewritten (no
   loop); loopback, the pod's own IP, the tunnel ports and sockets with the tunnel's mark are skipped too.
+- THE SAME, cgroup/connect6 on the pod's cgroup (connect6.c). An IPv6 socket connecting to an IPv4-mapped
+  address (::ffff:a.b.c.d, how Java's and .NET's dual-mode sockets reach IPv4) runs connect6 and never
+  connect4, yet sends IPv4: without this hook it would leave the pod around the tunnel. It makes connect4's
+  decision (one function in nodeagent.h) and rewrites to ::ffff:<pod IP>:15001; other IPv6 is left alone.
 - ORIGINAL DESTINATION, sock_ops on the pod's cgroup (sockops.c). connect4 cannot know the source port
   yet, so it records the original destination by socket cookie; TCP_CONNECT_CB (source port chosen, SYN
   not yet sent) re-keys it by (source ip, source port) in the pinned map map_orig_dst, which the tunnel
@@ -44,8 +48,9 @@ unpinned are re-created from the pinned program. `remove()` detaches and unpins 
   (nodeagent/ztunnel/local.py says why).
 
 What it deliberately does not do: no reading of state for inspection (pins.py, usable without bcc), no
-decision about which pods are captured (the agent), no tc, no IPv6 capture (connect6 would mirror
-connect4 when pods get IPv6 addresses).
+decision about which pods are captured (the agent), no tc, no IPv6 capture: connect6.c only makes
+connect4's decision for IPv4 reached through IPv6 sockets (::ffff:a.b.c.d); native IPv6 destinations are
+left alone (pods have IPv4 addresses) and inbound IPv6 is refused by sk_lookup.
 """
 
 from __future__ import annotations
@@ -565,7 +570,7 @@ def ensure(config: PodConfig, cgroup: str, netns: str) -> tuple[str, ...]:
                     prog.close()
             if hook.name not in fresh:
                 repaired.append(f"{hook.name}: {state.problem or 'not attached'}; attached it again")
-            elif state.link is not None or state.problem:
+            elif state.link is not None or state.prog is not None:
                 repaired.append(f"{hook.name}: re-attached the reloaded program")
             else:
                 repaired.append(f"{hook.name}: attached to {targets[hook.target]}")

@@ -78,6 +78,7 @@ class AttachType(enum.IntEnum):
     SK_SKB_STREAM_VERDICT = 5
     SK_MSG_VERDICT = 7
     CGROUP_INET4_CONNECT = 10
+    CGROUP_INET6_CONNECT = 11
     SK_LOOKUP = 36
     SK_SKB_VERDICT = 38
 

@@ -4,7 +4,9 @@ Why this module exists: verifying capture, repairing drift, `inspect redirects` 
 of a previous run's state all need the same answer to "is this pod's capture complete?", and none of
 them should need bcc. The answer comes from the kernel: the pinned objects under
 /sys/fs/bpf/nodeagent/<uid>/ (BPF_OBJ_GET + OBJ_GET_INFO_BY_FD) and, independently of our pins, what is
-attached to the pod's cgroup and netns (BPF_PROG_QUERY). `HOOKS` is the single list of attach points.
+attached to the pod's cgroup and netns (BPF_PROG_QUERY). `HOOKS` is the single list of attach points:
+a hook added to it is loaded, pinned, attached, observed, upgraded in place and removed like the others,
+and a pod pinned by a build without it shows the hook as missing until `loader.ensure()` attaches it.
 
 What it deliberately does not do: no changes (loader.py repairs), no compiling, no bcc.
 """
@@ -45,6 +47,7 @@ class Hook:
 
 HOOKS = (
     Hook("connect4", "connect4.c", "na_connect4", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET4_CONNECT, "cgroup"),
+    Hook("connect6", "connect6.c", "na_connect6", ProgType.CGROUP_SOCK_ADDR, AttachType.CGROUP_INET6_CONNECT, "cgroup"),
     Hook("sockops", "sockops.c", "na_sockops", ProgType.SOCK_OPS, AttachType.CGROUP_SOCK_OPS, "cgroup"),
     Hook("sk_lookup", "sk_lookup.c", "na_sk_lookup", ProgType.SK_LOOKUP, AttachType.SK_LOOKUP, "netns"),
 )

@@ -43,7 +43,16 @@ MAP_FP_STATS = "map_fp_stats"
 PROG_FP_VERDICT = "prog_fp_verdict"
 
 NA_ORIG_CONNECTED = 1
-STAT_NAMES = ("out_redirected", "out_skipped", "out_keyed", "in_steered", "in_refused", "in_bypassed", "in6_refused")
+STAT_NAMES = (
+    "out_redirected",
+    "out_skipped",
+    "out_keyed",
+    "in_steered",
+    "in_refused",
+    "in_bypassed",
+    "in6_refused",
+    "out_mapped",
+)
 STAT_SLOTS = 8  # NA_STAT_MAX
 
 

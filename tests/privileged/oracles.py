@@ -23,10 +23,19 @@ from typing import Any
 
 PIN_ROOT = Path("/sys/fs/bpf/nodeagent")
 # The pod's attachments as bpftool names them: attach type -> program name.
-CGROUP_PROGS = {"cgroup_inet4_connect": "na_connect4", "cgroup_sock_ops": "na_sockops"}
+CGROUP_PROGS = {
+    "cgroup_inet4_connect": "na_connect4",
+    "cgroup_inet6_connect": "na_connect6",
+    "cgroup_sock_ops": "na_sockops",
+}
 NETNS_PROGS = {"sk_lookup": "na_sk_lookup"}
 POD_PROGS = {**CGROUP_PROGS, **NETNS_PROGS}
-HOOK_OF = {"cgroup_inet4_connect": "connect4", "cgroup_sock_ops": "sockops", "sk_lookup": "sk_lookup"}
+HOOK_OF = {
+    "cgroup_inet4_connect": "connect4",
+    "cgroup_inet6_connect": "connect6",
+    "cgroup_sock_ops": "sockops",
+    "sk_lookup": "sk_lookup",
+}
 OUR_PROGS = set(POD_PROGS.values())
 OUR_MAPS = {"na_cookie_dst", "na_orig_dst", "na_listener", "na_bypass", "na_stats", "na_config"}
 POD_PINS = sorted(
@@ -167,8 +176,8 @@ def ebpf_attachments(node: str, key: str, netns: str) -> dict[str, tuple[int, in
 def ebpf_problems(node: str, key: str, netns: str) -> list[str]:
     """Why the pod's eBPF capture is not complete per the kernel (empty: complete).
 
-    Complete = the three links (connect4 and sock_ops on the pod's cgroup, sk_lookup on its netns) run our
-    programs, `bpftool cgroup show` lists both cgroup programs, and the pin directory holds every program,
+    Complete = the four links (connect4, connect6 and sock_ops on the pod's cgroup, sk_lookup on its netns)
+    run our programs, `bpftool cgroup show` lists the three cgroup programs, and the pin directory holds every program,
     link and map, the pins being the very objects attached.
     """
     uid = pod_uid(key)

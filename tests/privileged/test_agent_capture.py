@@ -587,8 +587,11 @@ def test_drift_is_shown_by_inspect_and_repaired(
     sh("ip", "-n", netns_of(front), "rule", "del", "fwmark", "0x111/0xfff", "lookup", "100")
     broken = time.monotonic()
     if capture == "ebpf":
-        assert set(bpf_links(front)) == {"cgroup_sock_ops"}  # the kernel agrees: two programs are gone
-        assert oracles.cgroup_progs(oracles.pod_cgroup("node1", front)) == {"cgroup_sock_ops": "na_sockops"}
+        assert set(bpf_links(front)) == {"cgroup_inet6_connect", "cgroup_sock_ops"}  # the kernel agrees: two are gone
+        assert oracles.cgroup_progs(oracles.pod_cgroup("node1", front)) == {
+            "cgroup_inet6_connect": "na_connect6",
+            "cgroup_sock_ops": "na_sockops",
+        }
     rows = inspect_redirects(inventory, agent)
     assert time.monotonic() - broken < 5, "inspect was too slow to see the drift before the next verify"
     assert rows[front]["rules"] == "drift"
@@ -696,7 +699,7 @@ def test_a_deleted_pods_pins_go_though_its_netns_went_first(
     for key in ("shop/frontend", "shop/payments"):
         wait_for(f"{key} captured", lambda key=key: captured(capture, key))
     links = bpf_links("shop/frontend")
-    assert len(links) == 3
+    assert len(links) == 4
 
     inventory.delete_pod("shop/frontend")
     wait_for("frontend's BPF objects removed", lambda: bpf_gone("shop/frontend", links))

@@ -21,7 +21,7 @@ from typing import Any
 
 import oracles
 import pytest
-from oracles import OUR_MAPS, OUR_PROGS, PIN_ROOT, bpftool
+from oracles import OUR_MAPS, PIN_ROOT, bpftool
 
 pytestmark = [pytest.mark.privileged, pytest.mark.timeout(240)]
 
@@ -30,6 +30,20 @@ STATE_DIR = Path("/run/nodeagent/lab")
 POD = "shop/frontend"
 POD_IP = "10.10.1.10"
 REMOTE = ("10.10.2.10", 8080)  # shop/checkout on node2: nothing needs to listen there
+# hook (pin suffix) -> attach type as bpftool names it, and what bpftool lists on the pod's cgroup
+ATTACH = {
+    "connect4": "cgroup_inet4_connect",
+    "connect6": "cgroup_inet6_connect",
+    "sockops": "cgroup_sock_ops",
+    "sk_lookup": "sk_lookup",
+}
+HOOKS = tuple(ATTACH)
+ON_CGROUP = {
+    "cgroup_inet4_connect": "na_connect4",
+    "cgroup_inet6_connect": "na_connect6",
+    "cgroup_sock_ops": "na_sockops",
+}
+PROGS = {*ON_CGROUP.values(), "na_sk_lookup"}
 
 STANDIN = r"""
 import json, select, socket, sys
@@ -65,7 +79,7 @@ while True:
 
 CLIENT = r"""
 import socket, sys
-s = socket.socket()
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)  # "::ffff:a.b.c.d": IPv6 socket
 s.settimeout(5)
 try:
     s.connect((sys.argv[1], int(sys.argv[2])))
@@ -155,26 +169,21 @@ def test_programs_are_attached_pinned_and_adopted(captured: dict[str, str], ebpf
     loader, _ = ebpf
     cgroup, netns, uid = captured["cgroup"], captured["netns"], captured["uid"]
     attached = {p["attach_type"]: p["name"] for p in bpftool("cgroup", "show", cgroup)}
-    assert attached == {"cgroup_inet4_connect": "na_connect4", "cgroup_sock_ops": "na_sockops"}
+    assert attached == ON_CGROUP
     links = links_of(cgroup, netns)
-    assert set(links) == {"cgroup_inet4_connect", "cgroup_sock_ops", "sk_lookup"}
+    assert set(links) == set(ATTACH.values())
     progs = {p["id"]: p for p in bpftool("prog", "show")}
     assert progs[links["sk_lookup"]["prog_id"]]["name"] == "na_sk_lookup"
     assert progs[links["sk_lookup"]["prog_id"]]["type"] == "sk_lookup"
 
     pin_dir = PIN_ROOT / uid
     assert sorted(os.listdir(pin_dir)) == sorted(
-        [f"{kind}_{hook}" for kind in ("prog", "link") for hook in ("connect4", "sockops", "sk_lookup")]
+        [f"{kind}_{hook}" for kind in ("prog", "link") for hook in HOOKS]
         + ["map_cookie_dst", "map_orig_dst", "map_listener", "map_bypass", "map_stats", "map_config"]
     )
-    for hook in ("connect4", "sockops", "sk_lookup"):
+    for hook in HOOKS:
         pinned = bpftool("prog", "show", "pinned", str(pin_dir / f"prog_{hook}"))
-        assert (
-            pinned["id"]
-            == links[
-                {"connect4": "cgroup_inet4_connect", "sockops": "cgroup_sock_ops", "sk_lookup": "sk_lookup"}[hook]
-            ]["prog_id"]
-        )
+        assert pinned["id"] == links[ATTACH[hook]]["prog_id"]
     map_names = {m["name"] for m in bpftool("map", "show")}
     assert map_names >= OUR_MAPS
     for name in ("map_orig_dst", "map_listener"):
@@ -204,16 +213,65 @@ def test_outbound_reaches_15001_with_original_destination(
         holder.stdin.close()
         holder.wait(timeout=10)
 
-    # Once the app's socket is closed its entry is deleted (sockops STATE_CB), not left for the LRU. The
-    # socket reaches TCP_CLOSE when its FIN is acked, in softirq: on a busy machine just after the app exits.
+    _check_entry_deleted(captured, seen["peer"][1])
+
+
+def _check_entry_deleted(captured: dict[str, str], source_port: int) -> None:
+    """Once the app's socket is closed its entry is deleted (sockops STATE_CB), not left for the LRU. The
+    socket reaches TCP_CLOSE when its FIN is acked, in softirq: on a busy machine just after the app exits."""
+
     def left() -> list[Any]:
         dump = bpftool("map", "dump", "pinned", str(PIN_ROOT / captured["uid"] / "map_orig_dst"))
-        return [k for k, _ in map(_formatted, dump) if k["port"] == _be16(seen["peer"][1])]
+        return [k for k, _ in map(_formatted, dump) if k["port"] == _be16(source_port)]
 
     deadline = time.monotonic() + 5
     while left() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert left() == []
+
+
+def _stat(captured: dict[str, str], slot: int) -> int:
+    """Slot `slot` of the pod's map_stats (nodeagent.h enum na_stat), read by bpftool."""
+    dump = bpftool("map", "dump", "pinned", str(PIN_ROOT / captured["uid"] / "map_stats"))
+    return int(next(v for k, v in map(_formatted, dump) if k == slot))
+
+
+OUT_REDIRECTED, OUT_SKIPPED, OUT_MAPPED = 0, 1, 7  # enum na_stat
+
+
+def test_an_ipv6_socket_to_an_ipv4_mapped_address_is_captured_like_ipv4(
+    captured: dict[str, str], standin: subprocess.Popen[str]
+) -> None:
+    """Java's and .NET's dual-mode sockets reach IPv4 peers as AF_INET6 sockets connecting to ::ffff:a.b.c.d.
+    The kernel runs cgroup/connect6 for them, never connect4, and sends IPv4: such a connection must reach the
+    tunnel's :15001 with its original destination exactly as an AF_INET one does (not leave the pod in
+    plaintext), with the same skips; an IPv6 destination that is not IPv4-mapped is left alone."""
+    holder = subprocess.Popen(
+        [*LAB, "exec", POD, "--", sys.executable, "-c", CLIENT, f"::ffff:{REMOTE[0]}", str(REMOTE[1]), "hold"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdin is not None
+    try:
+        line = holder.stdout.readline()
+        assert line.startswith("{"), f"the connect was not captured: {line!r}"  # "ERROR 111": it went to node2
+        seen = json.loads(line)
+        _check_outbound(captured, seen)  # the same listener, peer, map entry and ss view as for AF_INET
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=10)
+    _check_entry_deleted(captured, seen["peer"][1])
+    assert (_stat(captured, OUT_MAPPED), _stat(captured, OUT_REDIRECTED)) == (1, 1)
+
+    # The skips are connect4's: loopback reaches the port asked for, a tunnel port is not rewritten.
+    seen = json.loads(lab_exec(POD, CLIENT, "::ffff:127.0.0.1", "15006"))
+    assert seen["listener"] == 15006 and seen["local"] == ["127.0.0.1", 15006]
+    assert lab_exec(POD, CLIENT, f"::ffff:{REMOTE[0]}", "15008") == "ERROR 111"
+    assert lab_exec(POD, CLIENT, f"::ffff:{POD_IP}", "8080") == "ERROR 111"  # the pod's own IP: nothing there
+    # Native IPv6 is not rewritten: the pod has no route to fd00::1 (ENETUNREACH), where :15001 would answer.
+    assert lab_exec(POD, CLIENT, "fd00::1", "8080") == "ERROR 101"
+    assert (_stat(captured, OUT_MAPPED), _stat(captured, OUT_REDIRECTED), _stat(captured, OUT_SKIPPED)) == (1, 1, 3)
 
 
 _formatted = oracles.bpf_formatted
@@ -243,6 +301,7 @@ def _check_outbound(captured: dict[str, str], seen: dict[str, Any]) -> None:
     assert value["port"] == int.from_bytes(REMOTE[1].to_bytes(2, "big"), "little")
     # ss in the pod's netns: the app's connection ends at the tunnel's :15001, not at the remote pod.
     ss = run(["nsenter", f"--net={captured['netns']}", "--", "ss", "-tnH", "state", "established"]).stdout
+    ss = ss.replace("[::ffff:", "").replace("]", "")  # an IPv6 socket's IPv4-mapped addresses, as IPv4
     assert f"{POD_IP}:15001" in ss and f"{REMOTE[0]}:{REMOTE[1]}" not in ss
 
 
@@ -288,7 +347,7 @@ def test_a_pod_cgroup_in_the_kubelets_layout_is_found_and_captured(
         backend = EbpfBackend(CgroupResolver(f"kubelet:{kubelet_root}"))
         asyncio.run(backend.install(pod, captured["netns"]))
         attached = {p["attach_type"]: p["name"] for p in bpftool("cgroup", "show", str(pod_cgroup))}
-        assert attached == {"cgroup_inet4_connect": "na_connect4", "cgroup_sock_ops": "na_sockops"}
+        assert attached == ON_CGROUP
         assert bpftool("cgroup", "show", captured["cgroup"]) == []
 
         enter = f'echo $$ > {pod_cgroup}/cgroup.procs && exec "$0" -c "$1" "$2" "$3" hold'
@@ -312,6 +371,62 @@ def test_a_pod_cgroup_in_the_kubelets_layout_is_found_and_captured(
         top.rmdir()
 
 
+APP = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
+if s.family == socket.AF_INET6:
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # dual-stack: IPv4 peers arrive as ::ffff:a.b.c.d
+s.bind((sys.argv[1], 8080))
+s.listen(8)
+print("listening", flush=True)
+conn, peer = s.accept()
+print(peer[0], peer[1], flush=True)
+sys.stdin.readline()
+"""
+
+FROM_PORT = r"""
+import socket, sys
+s = socket.socket()
+s.bind(("0.0.0.0", int(sys.argv[3])))
+s.settimeout(5)
+s.connect((sys.argv[1], int(sys.argv[2])))
+print("connected", flush=True)
+"""
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0", "::"], ids=["ipv4-app", "dual-stack-app"])
+def test_a_bypass_entry_is_used_up_when_the_app_accepts(captured: dict[str, str], listen: str) -> None:
+    """The tunnel's connection to the app from the client's IP passes sk_lookup through a na_bypass entry, which
+    sockops deletes when the app accepts, so a later SYN from that address and port is captured again. An app
+    listening on [::] (dual-stack, the default of Java and .NET) accepts IPv4 on an AF_INET6 socket: its
+    entry must be used up all the same."""
+    from nodeagent.ebpf import maps
+
+    app = subprocess.Popen(
+        [*LAB, "exec", POD, "--", sys.executable, "-c", APP, listen],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert app.stdout is not None and app.stdin is not None
+    try:
+        assert app.stdout.readline().strip() == "listening"
+        client, port = "10.10.1.11", 40123 if listen == "0.0.0.0" else 40124  # shop/payments, not captured
+        assert maps.announce_bypass(captured["uid"], client, port)
+        bypass = PIN_ROOT / captured["uid"] / "map_bypass"
+        assert len(bpftool("map", "dump", "pinned", str(bypass))) == 1
+        assert lab_exec("shop/payments", FROM_PORT, POD_IP, "8080", str(port)) == "connected"
+        assert app.stdout.readline().split() == [client if listen == "0.0.0.0" else f"::ffff:{client}", str(port)]
+        assert bpftool("map", "dump", "pinned", str(bypass)) == []
+    finally:
+        app.stdin.close()
+        try:
+            app.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # still in accept(): the test failed before the connection
+            app.kill()
+            app.wait()
+
+
 def test_fail_closed_without_a_tunnel(captured: dict[str, str]) -> None:
     # Nothing listens in the pod: the app's outbound connect and an inbound connection are both refused.
     assert lab_exec(POD, CLIENT, *map(str, REMOTE)) == "ERROR 111"
@@ -324,7 +439,10 @@ def test_detached_by_hand_is_detected_and_repaired(captured: dict[str, str], ebp
     before = links_of(cgroup, netns)
     run(["bpftool", "link", "detach", "id", str(before["cgroup_inet4_connect"]["id"])])
     run(["bpftool", "link", "detach", "id", str(before["sk_lookup"]["id"])])
-    assert [p["attach_type"] for p in bpftool("cgroup", "show", cgroup)] == ["cgroup_sock_ops"]
+    assert sorted(p["attach_type"] for p in bpftool("cgroup", "show", cgroup)) == [
+        "cgroup_inet6_connect",
+        "cgroup_sock_ops",
+    ]
     drift = pins.observe(uid, cgroup, netns).drift()
     assert any(d.startswith("connect4:") and "detached" in d for d in drift), drift
     assert any(d.startswith("sk_lookup:") and "detached" in d for d in drift), drift
@@ -334,7 +452,7 @@ def test_detached_by_hand_is_detected_and_repaired(captured: dict[str, str], ebp
     repaired = loader.ensure(loader.PodConfig(uid, ipaddress.IPv4Address(POD_IP)), cgroup, netns)
     assert len(repaired) == 2, repaired
     after = links_of(cgroup, netns)
-    assert set(after) == {"cgroup_inet4_connect", "cgroup_sock_ops", "sk_lookup"}
+    assert set(after) == set(ATTACH.values())
     assert after["cgroup_inet4_connect"]["prog_id"] == before["cgroup_inet4_connect"]["prog_id"]  # not recompiled
     assert after["sk_lookup"]["id"] != before["sk_lookup"]["id"]
     assert pins.observe(uid, cgroup, netns).drift() == ()
@@ -350,7 +468,7 @@ def test_unpinned_program_is_reloaded_keeping_the_maps(captured: dict[str, str],
     repaired = loader.ensure(loader.PodConfig(uid, ipaddress.IPv4Address(POD_IP)), cgroup, netns)
     assert repaired and "prog_sockops is missing" in repaired[0] and "loaded" in repaired[0]
     assert bpftool("map", "show", "pinned", str(PIN_ROOT / uid / "map_listener"))["id"] == maps_before
-    assert sorted(p["name"] for p in bpftool("cgroup", "show", cgroup)) == ["na_connect4", "na_sockops"]
+    assert sorted(p["name"] for p in bpftool("cgroup", "show", cgroup)) == sorted(ON_CGROUP.values())
 
 
 def test_a_replaced_map_pin_reloads_the_programs_onto_the_pinned_maps(captured: dict[str, str], ebpf: Any) -> None:
@@ -367,7 +485,7 @@ def test_a_replaced_map_pin_reloads_the_programs_onto_the_pinned_maps(captured: 
     assert repaired and "loaded" in repaired[0], repaired
     pinned = {bpftool("map", "show", "pinned", str(PIN_ROOT / uid / f"map_{n[3:]}"))["id"] for n in OUR_MAPS}
     assert old_map not in pinned
-    for hook in ("connect4", "sockops", "sk_lookup"):
+    for hook in HOOKS:
         assert set(bpftool("prog", "show", "pinned", str(PIN_ROOT / uid / f"prog_{hook}"))["map_ids"]) <= pinned
     assert pins.observe(uid, cgroup, netns).drift() == ()
 
@@ -387,7 +505,7 @@ def test_programs_of_another_build_are_swapped_into_their_links_in_place(
     current = loader.PodConfig(uid, ip)
     older = loader.PodConfig(uid, ip, build=loader.BuildConfig(tunnel_mark=0x540))
     assert loader.compiled(older.build).tags != loader.compiled(current.build).tags
-    for prog in ("prog_connect4", "prog_sockops", "prog_sk_lookup"):
+    for prog in (f"prog_{hook}" for hook in HOOKS):
         os.unlink(PIN_ROOT / uid / prog)  # the fixture's programs go; the links keep running them
     repaired = loader.ensure(older, cgroup, netns)
     assert repaired and "loaded" in repaired[0]
@@ -402,13 +520,13 @@ def test_programs_of_another_build_are_swapped_into_their_links_in_place(
 
     repaired = loader.ensure(current, cgroup, netns)
     assert "another build's" in repaired[0] and "loaded" in repaired[0], repaired
-    assert sum("in place" in line for line in repaired) == 3, repaired
+    assert sum("in place" in line for line in repaired) == len(HOOKS), repaired
     after = links_of(cgroup, netns)
     assert {hook: link["id"] for hook, link in after.items()} == {hook: link["id"] for hook, link in links.items()}
     new_tags = {hook: bpftool("prog", "show", "id", str(link["prog_id"]))["tag"] for hook, link in after.items()}
     assert sorted(new_tags.values()) == sorted(loader.compiled(current.build).tags.values())
-    assert new_tags != old_tags  # the mark is in some programs only; all three are reloaded together
-    for hook in ("connect4", "sockops", "sk_lookup"):  # the pins name the programs the links run
+    assert new_tags != old_tags  # the mark is in some programs only; all of them are reloaded together
+    for hook in HOOKS:  # the pins name the programs the links run
         pinned = bpftool("prog", "show", "pinned", str(PIN_ROOT / uid / f"prog_{hook}"))
         assert pinned["tag"] == loader.compiled(current.build).tags[hook]
     assert pins.observe(uid, cgroup, netns).drift() == ()
@@ -434,19 +552,64 @@ def test_a_link_running_another_program_than_its_pin_is_repaired_in_place(
     for fd in loader.load(older).values():  # the pins now name the other build's programs; the links run ours
         fd.close()
     repaired = loader.ensure(current, cgroup, netns)
-    assert sum("in place" in line for line in repaired) == 3, repaired
+    assert sum("in place" in line for line in repaired) == len(HOOKS), repaired
     after = links_of(cgroup, netns)
     assert {hook: link["id"] for hook, link in after.items()} == links
-    for hook in ("connect4", "sockops", "sk_lookup"):
+    for hook in HOOKS:
         pinned = bpftool("prog", "show", "pinned", str(PIN_ROOT / uid / f"prog_{hook}"))
         assert pinned["tag"] == loader.compiled(current.build).tags[hook]
     assert sorted(link["prog_id"] for link in after.values()) == sorted(
-        bpftool("prog", "show", "pinned", str(PIN_ROOT / uid / f"prog_{hook}"))["id"]
-        for hook in ("connect4", "sockops", "sk_lookup")
+        bpftool("prog", "show", "pinned", str(PIN_ROOT / uid / f"prog_{hook}"))["id"] for hook in HOOKS
     )
     assert pins.observe(uid, cgroup, netns).drift() == () and loader.ensure(current, cgroup, netns) == ()
     seen = json.loads(lab_exec("shop/payments", CLIENT, POD_IP, "8080"))
     assert seen["listener"] == 15006
+
+
+def test_a_pod_pinned_by_a_build_without_connect6_gets_it_on_upgrade(
+    captured: dict[str, str], ebpf: Any, standin: subprocess.Popen[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pods enrolled by an agent from before connect6 have three hooks, another build's programs in them, and
+    so the IPv4-mapped hole. The upgraded agent's ensure() (its install at start and its verify repairs) must
+    attach connect6 as well as swap the other three programs into their links in place."""
+    loader, pins = ebpf
+    cgroup, netns, uid = captured["cgroup"], captured["netns"], captured["uid"]
+    import ipaddress
+
+    current = loader.PodConfig(uid, ipaddress.IPv4Address(POD_IP))
+    # What the previous agent left: its hook list (no connect6), its build (another tunnel mark: other code).
+    previous = loader.PodConfig(uid, current.pod_ip, build=loader.BuildConfig(tunnel_mark=0x541))
+    run(["bpftool", "link", "detach", "id", str(links_of(cgroup, netns)["cgroup_inet6_connect"]["id"])])
+    for pin in ("link_connect6", *(f"prog_{hook}" for hook in HOOKS)):
+        os.unlink(PIN_ROOT / uid / pin)
+    with monkeypatch.context() as old_agent:
+        old_agent.setattr(pins, "HOOKS", tuple(h for h in pins.HOOKS if h.name != "connect6"))
+        loader.ensure(previous, cgroup, netns)
+    links = {attach: link["id"] for attach, link in links_of(cgroup, netns).items()}
+    assert set(links) == {ATTACH[hook] for hook in HOOKS if hook != "connect6"}
+    assert sorted(os.listdir(PIN_ROOT / uid)) == sorted(
+        [f"{kind}_{hook}" for kind in ("prog", "link") for hook in HOOKS if hook != "connect6"]
+        + ["map_cookie_dst", "map_orig_dst", "map_listener", "map_bypass", "map_stats", "map_config"]
+    )
+    mapped = (f"::ffff:{REMOTE[0]}", str(REMOTE[1]))
+    assert lab_exec(POD, CLIENT, *mapped) == "ERROR 111"  # the hole: straight to node2, where nothing listens
+    # What the agent's verify sees (it judges no build without compiling): connect6 is missing.
+    drift = pins.observe(uid, cgroup, netns).drift()
+    assert drift == ("connect6: program pin prog_connect6 is missing",), drift
+
+    repaired = loader.ensure(current, cgroup, netns)
+    assert sum("in place" in line for line in repaired) == 3, repaired
+    assert f"connect6: attached to {cgroup}" in repaired, repaired
+    after = links_of(cgroup, netns)
+    assert {attach: after[attach]["id"] for attach in links} == links  # never detached
+    assert {p["attach_type"]: p["name"] for p in bpftool("cgroup", "show", cgroup)} == ON_CGROUP
+    for hook in HOOKS:
+        pinned = bpftool("prog", "show", "pinned", str(PIN_ROOT / uid / f"prog_{hook}"))
+        assert pinned["id"] == after[ATTACH[hook]]["prog_id"]
+        assert pinned["tag"] == loader.compiled(current.build).tags[hook]
+    assert pins.observe(uid, cgroup, netns).drift() == () and loader.ensure(current, cgroup, netns) == ()
+    seen = json.loads(lab_exec(POD, CLIENT, *mapped))
+    assert seen["listener"] == 15001 and seen["orig"] == list(REMOTE)
 
 
 def test_pods_are_loaded_from_one_compile_with_their_ip_as_data(
@@ -495,10 +658,10 @@ def test_remove_leaves_nothing(lab: dict[str, str], ebpf: Any) -> None:
     deadline = time.monotonic() + 10  # programs and maps are freed after an RCU grace period
     while True:
         names = {p.get("name") for p in bpftool("prog", "show")} | {m.get("name") for m in bpftool("map", "show")}
-        if not names & (OUR_PROGS | OUR_MAPS) or time.monotonic() > deadline:
+        if not names & (PROGS | OUR_MAPS) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert not names & (OUR_PROGS | OUR_MAPS)
+    assert not names & (PROGS | OUR_MAPS)
 
 
 def test_ctypes_mirrors_match_the_c_structs_in_btf(captured: dict[str, str]) -> None:
@@ -550,7 +713,7 @@ def attached(key: str) -> dict[str, int]:
     return {t: link["id"] for t, link in links_of(*pod_targets(key)).items()}
 
 
-FULL = {"cgroup_inet4_connect", "cgroup_sock_ops", "sk_lookup"}
+FULL = set(ATTACH.values())
 
 
 class AgentProc:
@@ -640,11 +803,20 @@ def test_agent_ebpf_mode_captures_repairs_survives_and_is_inspectable(
         assert {k: attached(k) for k in NODE1_ENROLLED} == before
         assert lab_exec(POD, CLIENT, *map(str, REMOTE)) == "ERROR 111"
 
-        # A new agent (auto picks eBPF here) adopts: the same links, nothing re-attached.
+        # What an agent from before connect6 left on one pod: no connect6 link, no connect6 pins.
+        run(["bpftool", "link", "detach", "id", str(before[POD].pop("cgroup_inet6_connect"))])
+        for pin in ("link_connect6", "prog_connect6"):
+            os.unlink(PIN_ROOT / lab["uid"] / pin)
+
+        # A new agent (auto picks eBPF here) adopts: the same links, nothing re-attached; and the pod left
+        # without connect6 gets it (an upgrade: pods enrolled before it must not keep the IPv4-mapped hole).
         agent = AgentProc(tmp_path, "auto")
         assert "capture auto: using eBPF" in agent.log_path.read_text()
+        wait_for("the agent to attach connect6", lambda: "cgroup_inet6_connect" in attached(POD), 10)
         time.sleep(2.5)  # two verify rounds
-        assert {k: attached(k) for k in NODE1_ENROLLED} == before
+        now = {k: attached(k) for k in NODE1_ENROLLED}
+        assert now[POD].pop("cgroup_inet6_connect") not in before[POD].values()
+        assert now == before
     finally:
         agent.stop()
         for key in NODE1_ENROLLED:

@@ -10,7 +10,7 @@ no connection; enroll/unenroll cycles that leave nothing behind.
 
 Every test runs in both capture modes (`capture`: iptables, ebpf). Oracles shell out — tcpdump on the
 fabric bridge, iptables-save, nft, ss, ip, bpftool, /proc (the shared ones in oracles.py) — and never ask
-the code under test. In eBPF mode "captured" means the pod's three links run our programs, pinned, per
+the code under test. In eBPF mode "captured" means the pod's four links run our programs, pinned, per
 bpftool, and no rule of ours is in the pod's iptables (either flavour) or nft ruleset. The apps in the
 pods are small scripts here (an echo server that first tells the client the peer address it saw, and
 clients that report what happened). `Mesh` only drives the processes; its waits are for sequencing,
@@ -287,7 +287,7 @@ def listeners(netns: str) -> set[int]:
 def capture_in_kernel(mode: str, pod: str) -> bool:
     """The pod's capture objects of `mode` are in the kernel, and none of the other mode.
 
-    iptables: our four jumps (nat and mangle, PREROUTING and OUTPUT). eBPF: the three links running our
+    iptables: our four jumps (nat and mangle, PREROUTING and OUTPUT). eBPF: the four links running our
     programs, pinned (bpftool), and no rule of ours in iptables (either flavour) or nft.
     """
     netns = NETNS[pod]

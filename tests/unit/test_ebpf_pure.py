@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from nodeagent.ebpf import loader, pins, structs
+from nodeagent.ebpf import loader, maps, pins, structs
 
 
 def test_cflags_carry_the_node_settings_and_nothing_of_a_pod() -> None:
@@ -68,6 +68,26 @@ def test_hooks_have_distinct_pins_and_kernel_name_lengths() -> None:
     assert len({h.prog_pin for h in pins.HOOKS} | {h.link_pin for h in pins.HOOKS}) == 2 * len(pins.HOOKS)
     assert all(len(h.function) <= 15 for h in pins.HOOKS)  # BPF_OBJ_NAME_LEN - 1
     assert {h.target for h in pins.HOOKS} == {"cgroup", "netns"}
+
+
+def test_outbound_capture_hooks_both_socket_families_with_one_decision() -> None:
+    """An AF_INET6 socket connecting to ::ffff:a.b.c.d (Java's and .NET's dual-mode sockets reaching IPv4) runs
+    cgroup/connect6 and never connect4: without a connect6 hook such connections leave the pod uncaptured. Both
+    hooks make the one decision of nodeagent.h, so what is skipped cannot drift apart between them."""
+    by_attach = {hook.attach_type: hook for hook in pins.HOOKS}
+    assert int(maps.AttachType.CGROUP_INET6_CONNECT) == 11  # enum bpf_attach_type: BPF_CGROUP_INET6_CONNECT
+    for attach in (maps.AttachType.CGROUP_INET4_CONNECT, maps.AttachType.CGROUP_INET6_CONNECT):
+        hook = by_attach[attach]
+        assert (hook.prog_type, hook.target) == (maps.ProgType.CGROUP_SOCK_ADDR, "cgroup")
+        assert "na_capture_connect(ctx, " in (loader.PROGRAMS_DIR / hook.file).read_text()
+
+
+def test_stat_names_follow_the_headers_enum() -> None:
+    header = (loader.PROGRAMS_DIR / loader.HEADER).read_text()
+    enum = {name.lower(): int(n) for name, n in re.findall(r"^\s*NA_STAT_(\w+) = (\d+),", header, re.M)}
+    assert enum.pop("max") == structs.STAT_SLOTS  # the map's size: unchanged, so pinned maps are adopted
+    assert sorted(enum.values()) == list(range(len(enum)))
+    assert tuple(sorted(enum, key=enum.__getitem__)) == structs.STAT_NAMES
 
 
 def _insn(code: int, src: int = 0, imm: int = 0) -> bytes:

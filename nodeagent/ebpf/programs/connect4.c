@@ -8,35 +8,18 @@
  *
  * Not rewritten: non-TCP sockets, 127.0.0.0/8, the pod's own IP, the tunnel ports (loop prevention)
  * and sockets carrying the tunnel's mark (the tunnel is not in the pod's cgroup; this is belt and
- * braces, like the iptables mode's mark rule).
+ * braces, like the iptables mode's mark rule). The decision is na_capture_connect() in nodeagent.h,
+ * which connect6.c applies to IPv6 sockets connecting to IPv4-mapped addresses (they never run this
+ * hook).
  */
 #include "nodeagent.h"
 
 int na_connect4(struct bpf_sock_addr *ctx)
 {
-    if (ctx->type != NA_SOCK_STREAM || (ctx->protocol != IPPROTO_TCP && ctx->protocol != 0))
-        return 1;
-    __u32 dst = ctx->user_ip4;
-    __u16 port = (__u16)ctx->user_port;
-    __u16 hport = NA_BE16(port);
-    __u32 pod_ip = na_pod_ip4();
-    if (NA_LOOPBACK_NET(dst) || dst == pod_ip || dst == 0 ||
-        hport == NA_OUTBOUND_PORT || hport == NA_INBOUND_PORT || hport == NA_HBONE_PORT) {
-        na_count(NA_STAT_OUT_SKIPPED);
-        return 1;
+    __u32 to = na_capture_connect(ctx, ctx->user_ip4, (__u16)ctx->user_port);
+    if (to) {
+        ctx->user_ip4 = to;
+        ctx->user_port = NA_BE16(NA_OUTBOUND_PORT);
     }
-    struct bpf_sock *sk = ctx->sk;
-    if (sk && (sk->mark & NA_MARK_MASK) == NA_TUNNEL_MARK) {
-        na_count(NA_STAT_OUT_SKIPPED);
-        return 1;
-    }
-    __u64 cookie = bpf_get_socket_cookie(ctx);
-    struct na_orig orig = {.ip = dst, .port = port, .flags = 0, .cookie = cookie};
-    na_cookie_dst.update(&cookie, &orig);
-    /* To the pod's own IP when known (the tunnel then sees the same peer address as with iptables'
-     * REDIRECT: pod IP, app's port), else loopback. */
-    ctx->user_ip4 = pod_ip ? pod_ip : NA_BE32(0x7f000001);
-    ctx->user_port = NA_BE16(NA_OUTBOUND_PORT);
-    na_count(NA_STAT_OUT_REDIRECTED);
     return 1;
 }

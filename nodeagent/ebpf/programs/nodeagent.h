@@ -80,6 +80,7 @@ enum na_stat {
     NA_STAT_IN_REFUSED = 4,     /* sk_lookup: no tunnel listener, refused (fail closed) */
     NA_STAT_IN_BYPASSED = 5,    /* sk_lookup: the tunnel's own connection to the app (client's IP) */
     NA_STAT_IN6_REFUSED = 6,    /* sk_lookup: IPv6 TCP from elsewhere, refused (nothing captures IPv6) */
+    NA_STAT_OUT_MAPPED = 7,     /* connect6: of the redirected, an IPv6 socket's connect to ::ffff:a.b.c.d */
     NA_STAT_MAX = 8,
 };
 
@@ -91,7 +92,7 @@ struct na_config {
 
 /* ---- maps (one set per pod, pinned as map_<name without na_>; names <= 15 bytes) ----------------- */
 
-/* connect4 -> sockops: socket cookie -> original destination (the source port is not known yet). */
+/* connect4/connect6 -> sockops: socket cookie -> original destination (the source port is not known yet). */
 BPF_TABLE("lru_hash", __u64, struct na_orig, na_cookie_dst, NA_MAX_FLOWS);
 /* sockops -> tunnel: the app's source address (the tunnel's accepted peer) -> original destination. */
 BPF_TABLE("lru_hash", struct na_addr4, struct na_orig, na_orig_dst, NA_MAX_FLOWS);
@@ -118,6 +119,37 @@ static __always_inline void na_count(int what)
     __u64 *n = na_stats.lookup(&what);
     if (n)
         __sync_fetch_and_add(n, 1);
+}
+
+/* The outbound capture decision, one for both connect hooks (connect4.c, and connect6.c for IPv4-mapped
+ * destinations): the app's TCP connect to dst:port (network byte order) is captured unless it goes to
+ * 127.0.0.0/8, the pod's own IP, 0.0.0.0 or a tunnel port (loop prevention), or the socket carries the
+ * tunnel's mark. A captured connect has its original destination recorded by socket cookie (sockops
+ * re-keys it by source address) and is counted; the IPv4 address it must go to instead, on
+ * NA_OUTBOUND_PORT, is returned. 0: leave the connect alone. */
+static __always_inline __u32 na_capture_connect(struct bpf_sock_addr *ctx, __u32 dst, __u16 port)
+{
+    if (ctx->type != NA_SOCK_STREAM || (ctx->protocol != IPPROTO_TCP && ctx->protocol != 0))
+        return 0;
+    __u16 hport = NA_BE16(port);
+    __u32 pod_ip = na_pod_ip4();
+    if (NA_LOOPBACK_NET(dst) || dst == pod_ip || dst == 0 ||
+        hport == NA_OUTBOUND_PORT || hport == NA_INBOUND_PORT || hport == NA_HBONE_PORT) {
+        na_count(NA_STAT_OUT_SKIPPED);
+        return 0;
+    }
+    struct bpf_sock *sk = ctx->sk;
+    if (sk && (sk->mark & NA_MARK_MASK) == NA_TUNNEL_MARK) {
+        na_count(NA_STAT_OUT_SKIPPED);
+        return 0;
+    }
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    struct na_orig orig = {.ip = dst, .port = port, .flags = 0, .cookie = cookie};
+    na_cookie_dst.update(&cookie, &orig);
+    na_count(NA_STAT_OUT_REDIRECTED);
+    /* To the pod's own IP when known (the tunnel then sees the same peer address as with iptables'
+     * REDIRECT: pod IP, app's port), else loopback. */
+    return pod_ip ? pod_ip : NA_BE32(0x7f000001);
 }
 
 #endif /* NODEAGENT_H */

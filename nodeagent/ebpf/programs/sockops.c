@@ -8,12 +8,24 @@
  * PASSIVE_ESTABLISHED_CB (the app accepted a connection): a na_bypass entry for the peer is used up
  * (the tunnel's connection from the client's IP has reached the app), so it is deleted at once - a later
  * SYN from the same address and port is captured again.
+ *
+ * IPv4 only, which includes AF_INET6 sockets talking IPv4 (IPv4-mapped peer, ::ffff:0:0/96): an app's
+ * dual-stack socket captured by connect6, or accepted on a [::] listener. The kernel keeps their IPv4
+ * addresses where local_ip4/remote_ip4 read them, as for AF_INET sockets.
  */
 #include "nodeagent.h"
 
+static __always_inline int na_ipv4(struct bpf_sock_ops *skops)
+{
+    if (skops->family == AF_INET)
+        return 1;
+    return skops->family == AF_INET6 && skops->remote_ip6[0] == 0 && skops->remote_ip6[1] == 0 &&
+           skops->remote_ip6[2] == NA_BE32(0x0000ffff);
+}
+
 int na_sockops(struct bpf_sock_ops *skops)
 {
-    if (skops->family != AF_INET)
+    if (!na_ipv4(skops))
         return 1;
     switch (skops->op) {
     case BPF_SOCK_OPS_TCP_CONNECT_CB: {
