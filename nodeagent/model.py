@@ -145,6 +145,11 @@ class Pod:
     # ReplicaSets, a CronJob's for its Jobs' pods, else the controller's — for metric labels, which must
     # not grow a series per pod; "" when it has no controller (then `workload` is the pod's own name).
     workload_name: str = ""
+    # Service routing only (not compared: a readiness flip must not make the agent re-deliver the pod):
+    # the Ready condition, a deletion in progress, and the containers' named TCP ports (name -> port).
+    ready: bool = field(default=True, compare=False)
+    terminating: bool = field(default=False, compare=False)
+    container_ports: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}), compare=False)
 
     @property
     def key(self) -> str:
@@ -166,8 +171,15 @@ class Pod:
 @dataclass(frozen=True, slots=True)
 class ServicePort:
     port: int
-    target_port: int
+    target_port: int  # 0 when the target port is named: each endpoint pod resolves `target_port_name`
     name: str = ""
+    target_port_name: str = ""
+
+    def target_on(self, pod: Pod) -> int | None:
+        """The port on `pod` this service port forwards to; None when the pod has no such named port."""
+        if not self.target_port_name:
+            return self.target_port
+        return pod.container_ports.get(self.target_port_name)
 
 
 @dataclass(frozen=True, slots=True)

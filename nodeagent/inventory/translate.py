@@ -130,7 +130,34 @@ def pod(obj: Mapping[str, Any]) -> Pod:
         phase=phase,
         redirection=redirection,
         workload_name=workload_name(meta, where),
+        ready=_ready(status, where),
+        terminating=meta.get("deletionTimestamp") is not None,
+        container_ports=_container_ports(spec, where),
     )
+
+
+def _ready(status: Mapping[str, Any], where: str) -> bool:
+    """The Ready condition; a pod the kubelet has not reported conditions for yet counts as ready."""
+    for raw in _list(status.get("conditions"), f"{where}: status.conditions"):
+        condition = _mapping(raw, f"{where}: status.conditions[]")
+        if condition.get("type") == "Ready":
+            return condition.get("status") == "True"
+    return True
+
+
+def _container_ports(spec: Mapping[str, Any], where: str) -> Mapping[str, int]:
+    """Named TCP container ports (name -> port), what a Service's named targetPort resolves to per pod.
+    initContainers count too (a restartable init container is a sidecar serving ports)."""
+    ports: dict[str, int] = {}
+    for section in ("initContainers", "containers"):
+        for raw in _list(spec.get(section), f"{where}: spec.{section}"):
+            container = _mapping(raw, f"{where}: spec.{section}[]")
+            for raw_port in _list(container.get("ports"), f"{where}: spec.{section}[].ports"):
+                entry = _mapping(raw_port, f"{where}: spec.{section}[].ports[]")
+                name = entry.get("name")
+                if isinstance(name, str) and name and entry.get("protocol", "TCP") == "TCP":
+                    ports.setdefault(name, _port(entry.get("containerPort"), f"{where}: ports[{name}].containerPort"))
+    return MappingProxyType(ports)
 
 
 # A Job a CronJob made is named <cronjob>-<scheduled time in minutes>.
@@ -188,8 +215,8 @@ def namespace(obj: Mapping[str, Any]) -> Namespace:
     )
 
 
-def service(obj: Mapping[str, Any], problems: list[str] | None = None) -> Service:
-    """The service; ports that cannot be used (named targetPort, not TCP) are left out and reported."""
+def service(obj: Mapping[str, Any]) -> Service:
+    """The service: its TCP ports (a named targetPort is resolved per endpoint pod, at routing)."""
     where = f"Service {object_key(obj)}"
     meta = _mapping(obj.get("metadata"), f"{where}: metadata")
     spec = _mapping(obj.get("spec"), f"{where}: spec")
@@ -201,13 +228,11 @@ def service(obj: Mapping[str, Any], problems: list[str] | None = None) -> Servic
             continue
         port = _port(entry.get("port"), f"{at}.port")
         target = entry.get("targetPort", port)
+        name = str(entry.get("name") or "")
         if isinstance(target, str) and not target.isdigit():
-            if problems is not None:
-                problems.append(f"{at}.targetPort {target!r} is a named port; nodeagent resolves numeric ones only")
+            ports.append(ServicePort(port=port, target_port=0, name=name, target_port_name=target))
             continue
-        ports.append(
-            ServicePort(port=port, target_port=_port(target, f"{at}.targetPort"), name=str(entry.get("name") or ""))
-        )
+        ports.append(ServicePort(port=port, target_port=_port(target, f"{at}.targetPort"), name=name))
     vip: ipaddress.IPv4Address | None = None
     cluster_ip = spec.get("clusterIP")
     if isinstance(cluster_ip, str) and cluster_ip not in ("", "None"):

@@ -9,8 +9,13 @@ Rules (ztunnel src/proxy/outbound.rs, simplified to L4 without waypoints):
 - the destination is a pod IP: HBONE to `pod:15008` with `:authority pod:port` when the pod is enrolled,
   passthrough to it when it is not;
 - the destination is a service VIP on one of its ports: pick a ready endpoint pod (the caller supplies the
-  `balance` counter, so the function stays pure) and treat `endpoint:target_port` as above; a service with
-  no ready endpoint is a denial; an unknown port on a VIP is passed through unchanged;
+  `balance` counter, so the function stays pure) and treat `endpoint:target_port` as above — a named
+  targetPort is resolved on each endpoint from its containers' ports, and an endpoint without it is not
+  one for that port. Endpoints are the running, Ready, not terminating pods the selector matches,
+  host-network ones included (they are reached in plain TCP, as any pod outside the mesh). A service
+  with a selector and no ready endpoint is a denial; a service without a selector (`kubernetes.default`,
+  manual EndpointSlices: its endpoints are nothing the mesh knows) and an unknown port on a VIP are
+  passed through unchanged, to the cluster's service routing;
 - anything else (outside the cluster, unknown IPs): passthrough to the original destination;
 - the tunnel's own ports (15001/15006/15008) on a pod are loop targets: denial.
 
@@ -57,7 +62,9 @@ class Workload:
 @dataclass(frozen=True, slots=True)
 class ServiceRoute:
     service: Service
-    endpoints: tuple[Workload, ...]  # ready (Running, with an IP) pods the service selects, in inventory order
+    # Ready pods the service selects (Running, Ready, not terminating, with an IP; host-network ones too,
+    # never enrolled), in inventory order.
+    endpoints: tuple[Workload, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,22 +89,26 @@ class RoutingSnapshot:
             namespaces.setdefault(ns.name, ns)  # the first of a name, as Inventory.namespace() answers
         workloads: dict[IPAddress, Workload] = {}
         identities: dict[tuple[str, str], Identity] = {}  # pods share a few accounts: validate each once
+        # Endpoints through an index of ready pods by (namespace, label, value): a service is matched
+        # only against the pods that carry its first selector pair. Matching every service against every
+        # pod took 5 M label checks, ~0.9 s at 5 000 pods / 1 000 services, on the tunnel's event loop at
+        # every change of the cluster. Candidates keep inventory order (host-network pods last).
+        host_pods: list[Workload] = []  # their IP is their node's: endpoints, never workload addresses
         for pod in inventory.pods:
-            if pod.ip is None or pod.host_network or pod.terminated:
+            if pod.ip is None or pod.terminated:
                 continue
-            in_mesh = enrolled(pod, namespaces.get(pod.namespace), excluded)
+            in_mesh = enrolled(pod, namespaces.get(pod.namespace), excluded)  # never a host-network pod
             account = (pod.namespace, pod.service_account)
             identity = identities.get(account)
             if identity is None:
                 identity = identities[account] = pod.identity(inventory.trust_domain)
-            workloads[pod.ip] = Workload(pod, identity, in_mesh)
-        # Endpoints through an index of running pods by (namespace, label, value): a service is matched
-        # only against the pods that carry its first selector pair. Matching every service against every
-        # pod took 5 M label checks, ~0.9 s at 5 000 pods / 1 000 services, on the tunnel's event loop at
-        # every change of the cluster. Candidates keep inventory order, so endpoints are ordered as before.
+            if pod.host_network:
+                host_pods.append(Workload(pod, identity, in_mesh))
+            else:
+                workloads[pod.ip] = Workload(pod, identity, in_mesh)
         labelled: dict[tuple[str, str, str], list[Workload]] = {}
-        for w in workloads.values():
-            if w.pod.phase is PodPhase.RUNNING:
+        for w in (*workloads.values(), *host_pods):
+            if w.pod.phase is PodPhase.RUNNING and w.pod.ready and not w.pod.terminating:
                 for key, value in w.pod.labels.items():
                     labelled.setdefault((w.pod.namespace, key, value), []).append(w)
         services: dict[IPAddress, ServiceRoute] = {}
@@ -174,11 +185,21 @@ def plan_outbound(
         port = next((p for p in svc.ports if p.port == dst.port), None)
         if port is None:
             return Passthrough(dst, f"port {dst.port} is not a port of service {service}", service=service)
-        if not route.endpoints:
-            return Denial(f"service {service} has no ready endpoints; check its selector and its pods")
-        endpoint = route.endpoints[balance % len(route.endpoints)]
+        if not svc.selector:
+            return Passthrough(dst, f"service {service} has no selector: its endpoints are not pods", service=service)
+        # A numeric target port is every endpoint's; a named one only of the pods that define it.
+        targets = (
+            [(w, t) for w in route.endpoints if (t := port.target_on(w.pod)) is not None]
+            if port.target_port_name
+            else route.endpoints
+        )
+        if not targets:
+            named = f" defining port {port.target_port_name!r}" if port.target_port_name else ""
+            return Denial(f"service {service} has no ready endpoints{named}; check its selector and its pods")
+        chosen = targets[balance % len(targets)]
+        endpoint, target_port = chosen if isinstance(chosen, tuple) else (chosen, port.target_port)
         assert endpoint.pod.ip is not None  # the snapshot only holds pods with an IP
-        dst = SocketAddress(endpoint.pod.ip, port.target_port)
+        dst = SocketAddress(endpoint.pod.ip, target_port)
     workload = snapshot.workloads.get(dst.ip)
     if workload is None:
         return Passthrough(dst, "destination is not a known workload", service=service)

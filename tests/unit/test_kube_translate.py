@@ -140,7 +140,6 @@ def test_namespace_and_enrollment() -> None:
 
 
 def test_service_ports_vip_and_named_target_ports() -> None:
-    problems: list[str] = []
     svc = translate.service(
         {
             "kind": "Service",
@@ -155,12 +154,34 @@ def test_service_ports_vip_and_named_target_ports() -> None:
                     {"port": 53, "protocol": "UDP"},
                 ],
             },
-        },
-        problems,
+        }
     )
-    assert [(p.port, p.target_port) for p in svc.ports] == [(80, 8080), (81, 81)]
+    assert [(p.port, p.target_port, p.target_port_name) for p in svc.ports] == [
+        (80, 8080, ""),
+        (81, 81, ""),
+        (82, 0, "http-alt"),  # resolved per endpoint pod, from its containers' named ports
+    ]
     assert svc.vip == ipaddress.IPv4Address("10.96.0.10")
-    assert len(problems) == 1 and "http-alt" in problems[0]
+
+
+def test_pod_readiness_deletion_and_named_ports() -> None:
+    """What service routing needs of a pod (not compared: a readiness flip is not a pod change)."""
+    ready = translate.pod(_pod())
+    assert (ready.ready, ready.terminating, dict(ready.container_ports)) == (True, False, {})
+    pod = translate.pod(
+        _pod(
+            metadata__deletionTimestamp="2026-11-21T10:00:00Z",
+            status__conditions=[{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "False"}],
+            spec__containers=[
+                {"name": "app", "ports": [{"name": "http-alt", "containerPort": 9090}, {"containerPort": 7}]},
+                {"name": "dns", "ports": [{"name": "dns", "containerPort": 53, "protocol": "UDP"}]},
+            ],
+            spec__initContainers=[{"name": "proxy", "ports": [{"name": "admin", "containerPort": 15000}]}],
+        )
+    )
+    assert (pod.ready, pod.terminating) == (False, True)
+    assert dict(pod.container_ports) == {"http-alt": 9090, "admin": 15000}
+    assert pod == ready
 
 
 def test_headless_service_has_no_vip() -> None:

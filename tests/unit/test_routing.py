@@ -42,11 +42,25 @@ OPTED_IN = pod("optin", "plain", "10.2.0.11", labels=MappingProxyType({DATAPLANE
 FINISHED = pod("done", "mesh", "10.2.0.12", phase=PodPhase.SUCCEEDED)
 PENDING_WEB = pod("starting", "mesh", "10.2.0.13", labels=MappingProxyType({"app": "web"}), phase=PodPhase.PENDING)
 NO_IP = pod("noip", "mesh", None)
+# Behind the "api" service: named ports, readiness, deletion, host network.
+API_LABELS = MappingProxyType({"app": "api"})
+API_A = pod("api-a", "mesh", "10.2.0.20", sa="api", labels=API_LABELS, container_ports=MappingProxyType({"grpc": 9000}))
+API_B = pod("api-b", "mesh", "10.2.0.21", sa="api", labels=API_LABELS)  # does not define "grpc"
+API_UNREADY = pod("api-c", "mesh", "10.2.0.22", sa="api", labels=API_LABELS, ready=False)
+API_GOING = pod("api-d", "mesh", "10.2.0.23", sa="api", labels=API_LABELS, terminating=True)
+HOSTNET = pod("agent", "plain", "192.168.0.1", labels=MappingProxyType({"app": "hostnet"}), host_network=True)
 
 WEB = Service("web", "mesh", MappingProxyType({"app": "web"}), (ServicePort(80, 8080, "http"),), ip("10.96.0.10"))
 LEGACY_SVC = Service("legacy", "plain", MappingProxyType({"app": "legacy"}), (ServicePort(80, 8080),), ip("10.96.0.11"))
 EMPTY_SVC = Service("empty", "mesh", MappingProxyType({"app": "nothing"}), (ServicePort(80, 8080),), ip("10.96.0.12"))
 LOOP_SVC = Service("loop", "mesh", MappingProxyType({"app": "web"}), (ServicePort(80, 15008),), ip("10.96.0.13"))
+API_SVC = Service(
+    "api", "mesh", API_LABELS, (ServicePort(80, 8080), ServicePort(90, 0, "rpc", "grpc")), ip("10.96.0.14")
+)
+NOSEL_SVC = Service("kubernetes", "default", MappingProxyType({}), (ServicePort(443, 6443),), ip("10.96.0.1"))
+HOSTNET_SVC = Service(
+    "hostnet", "plain", MappingProxyType({"app": "hostnet"}), (ServicePort(80, 9100),), ip("10.96.0.15")
+)
 
 INVENTORY = Inventory(
     cluster_name="test",
@@ -54,12 +68,28 @@ INVENTORY = Inventory(
     fabric_cidr=ipaddress.IPv4Network("192.168.0.0/24"),
     nodes=(Node("node1", ipaddress.IPv4Network("10.1.0.0/16"), ip("192.168.0.1")),),
     namespaces=(MESH_NS, PLAIN_NS),
-    pods=(CLIENT, SERVER, SERVER2, LEGACY, OPTED_OUT, OPTED_IN, FINISHED, PENDING_WEB, NO_IP),
-    services=(WEB, LEGACY_SVC, EMPTY_SVC, LOOP_SVC),
+    pods=(
+        CLIENT,
+        SERVER,
+        SERVER2,
+        LEGACY,
+        OPTED_OUT,
+        OPTED_IN,
+        FINISHED,
+        PENDING_WEB,
+        NO_IP,
+        API_A,
+        API_B,
+        API_UNREADY,
+        API_GOING,
+        HOSTNET,
+    ),
+    services=(WEB, LEGACY_SVC, EMPTY_SVC, LOOP_SVC, API_SVC, NOSEL_SVC, HOSTNET_SVC),
 )
 SNAP = RoutingSnapshot.from_inventory(INVENTORY)
 CLIENT_ID = Identity(TD, "mesh", "client-sa")
 SERVER_ID = Identity(TD, "mesh", "server-sa")
+API_ID = Identity(TD, "mesh", "api")
 
 
 def addr(text: str) -> SocketAddress:
@@ -148,6 +178,30 @@ CASES: list[tuple[str, str, int, Hbone | Passthrough | Denial]] = [
         0,
         Denial("10.2.0.9:15008 is a tunnel port of pod plain/legacy; refusing to loop through the tunnel"),
     ),
+    # Only Ready, not terminating pods are endpoints: the two others of "api" never come up.
+    ("endpoints: ready ones only", "10.96.0.14:80", 0, hbone("10.2.0.20:8080", API_ID, "mesh/api-a", "mesh/api")),
+    ("endpoints: ready ones, next", "10.96.0.14:80", 1, hbone("10.2.0.21:8080", API_ID, "mesh/api-b", "mesh/api")),
+    ("endpoints: ready ones wrap", "10.96.0.14:80", 2, hbone("10.2.0.20:8080", API_ID, "mesh/api-a", "mesh/api")),
+    # A named targetPort resolves on each pod; a pod that does not define it is not an endpoint of the port.
+    ("named target port", "10.96.0.14:90", 0, hbone("10.2.0.20:9000", API_ID, "mesh/api-a", "mesh/api")),
+    ("named target port, next", "10.96.0.14:90", 1, hbone("10.2.0.20:9000", API_ID, "mesh/api-a", "mesh/api")),
+    (
+        "service without selector (kubernetes.default)",
+        "10.96.0.1:443",
+        0,
+        Passthrough(
+            addr("10.96.0.1:443"),
+            "service default/kubernetes has no selector: its endpoints are not pods",
+            None,
+            "default/kubernetes",
+        ),
+    ),
+    (
+        "host-network endpoint, reached in plain TCP",
+        "10.96.0.15:80",
+        0,
+        Passthrough(addr("192.168.0.1:9100"), "destination is not a known workload", service="plain/hostnet"),
+    ),
     (
         "loop via service target port",
         "10.96.0.13:80",
@@ -198,6 +252,8 @@ def _inventories(draw: st.DrawFn) -> Inventory:
             labels=MappingProxyType(draw(_labels)),
             phase=draw(st.sampled_from(list(PodPhase))),
             host_network=draw(st.booleans()),
+            ready=draw(st.booleans()),
+            terminating=draw(st.booleans()),
         )
         for i in range(draw(st.integers(0, 12)))
     )
@@ -209,9 +265,14 @@ def _inventories(draw: st.DrawFn) -> Inventory:
 
 
 @given(_inventories())
-def test_service_endpoints_are_the_running_workloads_the_selector_matches(inventory: Inventory) -> None:
+def test_service_endpoints_are_the_ready_pods_the_selector_matches(inventory: Inventory) -> None:
+    """Running, Ready, not terminating; a recycled IP's later pod; host-network pods too (after the others)."""
     snap = RoutingSnapshot.from_inventory(inventory)
+    host = [p for p in inventory.pods if p.host_network and p.ip is not None and not p.terminated]
+    candidates = [*(w.pod for w in snap.workloads.values()), *host]
     for svc in inventory.services:
         assert svc.vip is not None
-        expected = [w for w in snap.workloads.values() if w.pod.phase is PodPhase.RUNNING and svc.selects(w.pod)]
-        assert list(snap.services[svc.vip].endpoints) == expected
+        expected = [
+            p for p in candidates if p.phase is PodPhase.RUNNING and p.ready and not p.terminating and svc.selects(p)
+        ]
+        assert [w.pod for w in snap.services[svc.vip].endpoints] == expected
