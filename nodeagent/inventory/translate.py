@@ -10,10 +10,11 @@ Rules applied:
   (so a restarted agent can correct it); spec.nodeName (empty: not scheduled yet), spec.hostNetwork,
   spec.serviceAccountName (Kubernetes' default is `default`); status.podIP (the IPv4 one of podIPs when
   the pod is dual-stack; none yet is fine); status.phase (missing -> Pending; `Unknown` -> Running, so a
-  node that lost contact never unenrolls its pods).
-- Service: spec.selector, spec.ports (numeric targetPort; a missing one is the port; a *named* targetPort
-  cannot be resolved without the pods' container ports and is reported and left out), spec.clusterIP
-  (IPv4 only; `None`/headless -> no VIP).
+  node that lost contact never unenrolls its pods); for service routing, the Ready condition, a
+  deletionTimestamp and the containers' named TCP ports (not compared: no pod change for the agent).
+- Service: spec.selector, spec.ports (TCP; a missing targetPort is the port; a *named* one is resolved
+  per endpoint pod from its container ports, at routing), spec.clusterIP (IPv4 only; `None`/headless ->
+  no VIP).
 - Policies: the L4 subset through inventory/policies.py. Fields of the spec this translator does not know
   are an error naming them. A policy that cannot be translated FAILS CLOSED rather than disappearing:
   an ALLOW policy becomes an ALLOW with no rules (its scope becomes default-deny, other ALLOW policies
