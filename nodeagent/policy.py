@@ -23,18 +23,45 @@ Applicable policies: GLOBAL ones (from the root namespace), NAMESPACE ones of th
 and WORKLOAD_SELECTOR ones in the destination's namespace or the root namespace whose selector the
 destination's labels satisfy.
 
+PeerAuthentication (`effective_mtls`), as istiod computes it for ztunnel (ambient/authorization.go,
+convertedSelectorPeerAuthentications): one policy per level — mesh (root namespace, no selector), namespace
+(no selector), workload (a selector in the destination's namespace; selector policies in the root namespace
+are ignored) — and a level whose mode is UNSET inherits the one above; the default is PERMISSIVE. When
+several policies compete at one level (two namespace-wide ones, two workload ones selecting the same pod),
+the OLDEST wins, by `created` (metadata.creationTimestamp), then by name — what Istio's
+getOldestPeerAuthn does, with the name making ties (timestamps have one-second resolution) deterministic.
+A policy without a timestamp (local policy files usually have none) counts as the oldest, as Go's zero
+time does, so among such policies the name decides. The tuple's order never matters.
+
+Port-level modes (workload policies only) override the workload's effective mode for that target port.
+DISABLE counts as PERMISSIVE for an inbound check (plaintext accepted). One deliberate difference from
+istiod: for a workload policy WITHOUT a mode under an inherited STRICT, istiod's
+convertedSelectorPeerAuthentications looks only for PERMISSIVE port overrides, so a lone DISABLE port stays
+STRICT — yet the same DISABLE port is exempted as soon as any other port of that policy is PERMISSIVE
+(convertPeerAuthentication treats DISABLE and PERMISSIVE alike), and a STRICT workload policy's DISABLE
+port is exempted too. We follow the API's meaning (DISABLE: plaintext accepted on that port) in every
+case, so the answer for one port never depends on another port's entry:
+
+| mesh/namespace | workload mode | port 8080 override | 8080 here  | 8080 from istiod   |
+|----------------|---------------|--------------------|------------|--------------------|
+| STRICT         | UNSET         | PERMISSIVE         | PERMISSIVE | PERMISSIVE         |
+| STRICT         | UNSET         | DISABLE            | PERMISSIVE | STRICT (differs)   |
+| STRICT         | UNSET         | DISABLE, 9090 PERM | PERMISSIVE | PERMISSIVE         |
+| any            | STRICT        | DISABLE            | PERMISSIVE | PERMISSIVE         |
+
 What it deliberately does not do: no parsing of Kubernetes AuthorizationPolicy objects (that translation,
-including dropping ALLOW rules with HTTP-only attributes and the HTTP parts of DENY rules, belongs to
-nodeagent.inventory), no HTTP attributes, no I/O, no logging. Conflicting PeerAuthentications at the same
-level are resolved "first in the tuple wins"; the source orders them oldest first, as Istio does.
+including dropping ALLOW rules with HTTP-only attributes and the HTTP parts of DENY rules, and leaving out
+CUSTOM, AUDIT, dry-run and waypoint-bound policies, belongs to nodeagent.inventory), no HTTP attributes,
+no I/O, no logging.
 """
 
 from __future__ import annotations
 
 import enum
 import ipaddress
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import TypeVar
 
@@ -296,6 +323,8 @@ class PeerAuthentication:
     """Mesh (root namespace, no selector), namespace (no selector) or workload (selector) mTLS mode.
 
     `port_modes` are the port-level exceptions of a workload policy, keyed by the workload's target port.
+    `created` (metadata.creationTimestamp, timezone-aware) decides between policies at the same level: the
+    oldest wins; None counts as the oldest (Go's zero time), the name breaking ties.
     """
 
     name: str
@@ -303,10 +332,23 @@ class PeerAuthentication:
     mode: MtlsMode = MtlsMode.UNSET
     selector: Mapping[str, str] = field(default_factory=_no_labels)
     port_modes: Mapping[int, MtlsMode] = field(default_factory=lambda: MappingProxyType({}))
+    created: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if self.created is not None and self.created.utcoffset() is None:
+            raise ValueError(f"PeerAuthentication {self.key}: created must be timezone-aware")
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    @property
+    def age_order(self) -> tuple[datetime, str]:
+        """Sorts the oldest first: (creation time, None as the oldest; then the name)."""
+        return (self.created or _ZERO_TIME, self.name)
+
+
+_ZERO_TIME = datetime.min.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,22 +377,17 @@ class EffectiveMtls:
 
 
 def effective_mtls(namespace: str, labels: Mapping[str, str], port: int, policies: PolicySet) -> EffectiveMtls:
-    """Istio's PeerAuthentication inheritance: mesh -> namespace -> workload -> workload port."""
+    """Istio's PeerAuthentication inheritance: mesh -> namespace -> workload -> workload port; at each level
+    the oldest applicable policy (`PeerAuthentication.age_order`)."""
     root = policies.root_namespace
-    mesh = ns_level = workload = None
-    for pa in policies.peer_authentication:
-        if not pa.selector:
-            if pa.namespace == root and mesh is None:
-                mesh = pa
-            elif pa.namespace == namespace and pa.namespace != root and ns_level is None:
-                ns_level = pa
-        elif (
-            pa.namespace == namespace
-            and pa.namespace != root
-            and workload is None
-            and all(labels.get(k) == v for k, v in pa.selector.items())
-        ):
-            workload = pa
+    pas = policies.peer_authentication
+    mesh = _oldest(pa for pa in pas if not pa.selector and pa.namespace == root)
+    ns_level = _oldest(pa for pa in pas if not pa.selector and pa.namespace == namespace != root)
+    workload = _oldest(
+        pa
+        for pa in pas
+        if pa.selector and pa.namespace == namespace != root and all(labels.get(k) == v for k, v in pa.selector.items())
+    )
     strict, source = False, None
     if mesh is not None:
         strict, source = mesh.mode is MtlsMode.STRICT, mesh.key
@@ -362,6 +399,10 @@ def effective_mtls(namespace: str, labels: Mapping[str, str], port: int, policie
         if port_mode is not MtlsMode.UNSET:
             strict, source = port_mode is MtlsMode.STRICT, workload.key
     return EffectiveMtls(MtlsMode.STRICT if strict else MtlsMode.PERMISSIVE, source)
+
+
+def _oldest(candidates: Iterable[PeerAuthentication]) -> PeerAuthentication | None:
+    return min(candidates, key=lambda pa: pa.age_order, default=None)
 
 
 def evaluate(conn: Connection, policies: PolicySet) -> Verdict:

@@ -15,12 +15,16 @@ Rules applied:
 - Service: spec.selector, spec.ports (TCP; a missing targetPort is the port; a *named* one is resolved
   per endpoint pod from its container ports, at routing), spec.clusterIP (IPv4 only; `None`/headless ->
   no VIP).
-- Policies: the L4 subset through inventory/policies.py. Fields of the spec this translator does not know
-  are an error naming them. A policy that cannot be translated FAILS CLOSED rather than disappearing:
-  an ALLOW policy becomes an ALLOW with no rules (its scope becomes default-deny, other ALLOW policies
-  still apply), a DENY policy denies everything in its scope, a PeerAuthentication becomes STRICT. The
-  problem is returned so the caller logs it. Policies bound with targetRef(s) attach to waypoints or
-  gateways, never to ztunnel, so they are ignored (as ztunnel does) and reported.
+- Policies: the L4 subset through inventory/policies.py, with metadata.creationTimestamp (the oldest
+  PeerAuthentication wins a conflict) and annotations. AuthorizationPolicies istiod never sends ztunnel
+  are ignored and reported (value None, the reason in `problem`): dry-run (`istio.io/dry-run`), action
+  CUSTOM or AUDIT, bound with targetRef(s) to a waypoint or gateway; this is decided before the fields
+  are checked, as such a policy cannot change what the node tunnel allows. Fields of the spec this
+  translator does not know are an error naming them. A policy that cannot be translated FAILS CLOSED
+  rather than disappearing: an ALLOW policy (a missing or null action is ALLOW) becomes an ALLOW with no
+  rules (its scope becomes default-deny, other ALLOW policies still apply), a DENY policy denies
+  everything in its scope, a PeerAuthentication becomes STRICT (keeping its creation time). The problem
+  is returned so the caller logs it.
 
 What it deliberately does not do: no Kubernetes client types (dicts only), no I/O, no logging (problems
 are returned), no Node objects: the Kubernetes source knows nodes only by name, so `Inventory.nodes`
@@ -33,10 +37,11 @@ import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from types import MappingProxyType
 from typing import Any
 
-from nodeagent.inventory.policies import PolicyError, bound_to_target, parse_policies
+from nodeagent.inventory.policies import PolicyError, creation_time, not_enforced, parse_policies
 from nodeagent.model import (
     DEFAULT_TRUST_DOMAIN,
     REDIRECTION_ANNOTATION,
@@ -77,7 +82,7 @@ class TranslatedPolicy:
     """One policy object's contribution: `value` is None when it does not apply to ztunnel at all."""
 
     value: Policy | PeerAuthentication | None
-    problem: str | None = None  # why it was replaced by a fail-closed stand-in, or ignored
+    problem: str | None = None  # why it was replaced by a fail-closed stand-in or ignored, or a caveat
 
 
 def object_key(obj: Mapping[str, Any]) -> str:
@@ -264,11 +269,26 @@ def policy(obj: Mapping[str, Any], root_namespace: str = DEFAULT_ROOT_NAMESPACE)
     ns = _string(meta.get("namespace"), f"{where}: metadata.namespace")
     raw_spec = obj.get("spec") or {}
     if not isinstance(raw_spec, Mapping):
-        return _fail_closed(kind, name, ns, {}, root=root_namespace, problem=f"{where}: spec must be a mapping")
+        return _fail_closed(
+            kind,
+            name,
+            ns,
+            {},
+            root=root_namespace,
+            problem=f"{where}: spec must be a mapping",
+            created=_created_or_none(meta, where),
+        )
     spec: Mapping[str, Any] = raw_spec
     known = _AUTHZ_SPEC if kind == "AuthorizationPolicy" else _PEER_SPEC
     if kind not in ("AuthorizationPolicy", "PeerAuthentication"):
         raise TranslateError(f"{where}: unsupported kind; expected AuthorizationPolicy or PeerAuthentication")
+    if kind == "AuthorizationPolicy":
+        try:
+            skipped = not_enforced(meta, spec, where)
+        except PolicyError as exc:
+            return _fail_closed(kind, name, ns, spec, root=root_namespace, problem=_prefixed(where, exc))
+        if skipped is not None:
+            return TranslatedPolicy(None, f"{where}: {skipped}")
     unknown = sorted(set(spec) - known)
     if unknown:
         return _fail_closed(
@@ -278,22 +298,53 @@ def policy(obj: Mapping[str, Any], root_namespace: str = DEFAULT_ROOT_NAMESPACE)
             spec,
             root=root_namespace,
             problem=f"{where}: unknown spec fields {unknown} (known: {sorted(known)})",
+            created=_created_or_none(meta, where),
         )
-    if kind == "AuthorizationPolicy" and bound_to_target(spec):
-        return TranslatedPolicy(None, f"{where}: bound with targetRef(s) to a waypoint or gateway; not enforced at L4")
-    doc = {"kind": kind, "metadata": {"name": name, "namespace": ns}, "spec": dict(spec)}
+    doc = {"kind": kind, "metadata": dict(meta), "spec": dict(spec)}
+    notes: list[str] = []
     try:
-        parsed = parse_policies([doc], root_namespace)
+        parsed = parse_policies([doc], root_namespace, notes)
     except (PolicyError, ValueError) as exc:
-        return _fail_closed(kind, name, ns, spec, root=root_namespace, problem=f"{where}: {exc}")
+        return _fail_closed(
+            kind,
+            name,
+            ns,
+            spec,
+            root=root_namespace,
+            problem=_prefixed(where, exc),
+            created=_created_or_none(meta, where),
+        )
     value: Policy | PeerAuthentication = (
         parsed.authorization[0] if kind == "AuthorizationPolicy" else parsed.peer_authentication[0]
     )
-    return TranslatedPolicy(value)
+    return TranslatedPolicy(value, "; ".join(notes) or None)
+
+
+def _prefixed(where: str, exc: Exception) -> str:
+    """The error, naming the policy once: errors from inventory/policies.py already start with `where`,
+    followed by ":" or by the field path ("AuthorizationPolicy ns/p.rules[0]: ...")."""
+    text = str(exc)
+    return text if text.startswith(where) and text[len(where) : len(where) + 1] in (":", ".") else f"{where}: {text}"
+
+
+def _created_or_none(meta: Mapping[str, Any], where: str) -> datetime | None:
+    """The creation time of a policy being replaced by its fail-closed stand-in; an unreadable one is None
+    (the oldest), so a broken PeerAuthentication, enforced STRICT, wins its level."""
+    try:
+        return creation_time(meta, where)
+    except PolicyError:
+        return None
 
 
 def _fail_closed(
-    kind: object, name: str, ns: str, spec: Mapping[str, Any], *, root: str, problem: str
+    kind: object,
+    name: str,
+    ns: str,
+    spec: Mapping[str, Any],
+    *,
+    root: str,
+    problem: str,
+    created: datetime | None = None,
 ) -> TranslatedPolicy:
     selector: Mapping[str, str] = MappingProxyType({})
     raw_selector = spec.get("selector")
@@ -301,7 +352,8 @@ def _fail_closed(
         selector = MappingProxyType({str(k): str(v) for k, v in raw_selector["matchLabels"].items()})
     if kind == "PeerAuthentication":
         return TranslatedPolicy(
-            PeerAuthentication(name, ns, MtlsMode.STRICT, selector), f"{problem}; enforced as STRICT until fixed"
+            PeerAuthentication(name, ns, MtlsMode.STRICT, selector, created=created),
+            f"{problem}; enforced as STRICT until fixed",
         )
     scope = Scope.WORKLOAD_SELECTOR if selector else Scope.GLOBAL if ns == root else Scope.NAMESPACE
     if spec.get("action") == "DENY":

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
 from nodeagent.inventory import translate
 from nodeagent.model import PodPhase, enrolled
-from nodeagent.policy import Action, MtlsMode, PeerAuthentication, Policy, Scope
+from nodeagent.policy import Action, MtlsMode, PeerAuthentication, Policy, Scope, effective_mtls
 
 
 def _pod(**over: Any) -> dict[str, Any]:
@@ -191,8 +192,11 @@ def test_headless_service_has_no_vip() -> None:
     assert svc.vip is None and svc.ports == ()
 
 
-def _authz(spec: Any, ns: str = "shop") -> dict[str, Any]:
-    return {"kind": "AuthorizationPolicy", "metadata": {"name": "p", "namespace": ns}, "spec": spec}
+def _authz(spec: Any, ns: str = "shop", annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": "p", "namespace": ns}
+    if annotations is not None:
+        meta["annotations"] = annotations
+    return {"kind": "AuthorizationPolicy", "metadata": meta, "spec": spec}
 
 
 def test_policy_translates_through_policies_module() -> None:
@@ -208,15 +212,91 @@ def test_policy_translates_through_policies_module() -> None:
         ({"action": "DENY", "surprise": 1}, Action.DENY, 1),  # unknown field -> deny-all in scope
         ({"action": "ALLOW", "surprise": 1}, Action.ALLOW, 0),  # -> ALLOW that matches nothing
         ({"action": "DENY", "rules": [{"from": [{"source": {"typo": ["x"]}}]}]}, Action.DENY, 1),
-        ({"action": "CUSTOM", "provider": {"name": "x"}}, Action.ALLOW, 0),
+        ({"action": None, "surprise": 1}, Action.ALLOW, 0),  # a null action is ALLOW
+        ({"action": "REJECT"}, Action.ALLOW, 0),
+        ({"action": ["DENY"]}, Action.ALLOW, 0),
         ("not a mapping", Action.ALLOW, 0),
     ],
 )
 def test_untranslatable_policies_fail_closed(spec: Any, action: Action, rules: int) -> None:
     result = translate.policy(_authz(spec))
     assert result.problem is not None and "until fixed" in result.problem
+    assert result.problem.count("AuthorizationPolicy shop/p") == 1, result.problem  # named once
     assert isinstance(result.value, Policy)
     assert result.value.action is action and len(result.value.rules) == rules
+
+
+@pytest.mark.parametrize(
+    ("spec", "ns", "annotations", "words"),
+    [
+        # One AUDIT policy in the root namespace used to become a global ALLOW matching nothing: a mesh-wide deny.
+        ({"action": "AUDIT", "rules": [{}]}, "istio-system", None, "action AUDIT"),
+        ({"action": "CUSTOM", "provider": {"name": "x"}, "rules": [{}]}, "shop", None, "action CUSTOM"),
+        ({"action": "CUSTOM", "surprise": 1}, "shop", None, "action CUSTOM"),  # ignored before the fields
+        ({"action": "DENY", "rules": [{}]}, "shop", {"istio.io/dry-run": "true"}, "dry-run"),
+        ({"action": "DENY", "surprise": 1}, "shop", {"istio.io/dry-run": "TRUE"}, "dry-run"),
+        ({"targetRefs": [{"kind": "Service", "name": "wp"}], "surprise": 1}, "shop", None, "targetRef"),
+    ],
+)
+def test_policies_istiod_never_sends_ztunnel_are_ignored_and_reported(
+    spec: dict[str, Any], ns: str, annotations: dict[str, str] | None, words: str
+) -> None:
+    result = translate.policy(_authz(spec, ns, annotations))
+    assert result.value is None
+    assert result.problem is not None and words in result.problem and "ignored" in result.problem
+    assert result.problem.startswith(f"AuthorizationPolicy {ns}/p: ")
+
+
+@pytest.mark.parametrize(
+    ("annotations", "problem"),
+    [
+        ({"istio.io/dry-run": "false"}, None),
+        ({"istio.io/dry-run": ""}, None),
+        ({"istio.io/dry-run": "yes"}, "is not a boolean"),  # istiod enforces it, logging the error
+    ],
+)
+def test_policies_not_in_dry_run_are_enforced(annotations: dict[str, str], problem: str | None) -> None:
+    result = translate.policy(_authz({"action": "DENY", "rules": [{}]}, annotations=annotations))
+    assert isinstance(result.value, Policy) and result.value.action is Action.DENY
+    assert result.problem is None if problem is None else problem in (result.problem or "")
+
+
+@pytest.mark.parametrize("spec", [{"rules": [{}]}, {"action": None, "rules": [{}]}])
+def test_a_missing_or_null_action_is_allow(spec: dict[str, Any]) -> None:
+    result = translate.policy(_authz(spec))
+    assert result.problem is None
+    assert isinstance(result.value, Policy) and result.value.action is Action.ALLOW and len(result.value.rules) == 1
+
+
+def _peer(name: str, mode: str, created: str | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": "shop"}
+    if created is not None:
+        meta["creationTimestamp"] = created
+    return {"kind": "PeerAuthentication", "metadata": meta, "spec": {"mtls": {"mode": mode}}}
+
+
+def test_peer_authentication_creation_time_decides_conflicts() -> None:
+    """The oldest of two namespace-wide PeerAuthentications wins (Istio), not the first by name."""
+    older = translate.policy(_peer("zz-strict", "STRICT", "2024-01-01T00:00:00Z"))
+    newer = translate.policy(_peer("aa-permissive", "PERMISSIVE", "2025-01-01T00:00:00Z"))
+    assert isinstance(older.value, PeerAuthentication)
+    assert older.value.created == datetime(2024, 1, 1, tzinfo=UTC)
+    policies = translate.policy_set([newer.value, older.value])  # type: ignore[list-item]
+    mtls = effective_mtls("shop", {}, 8080, policies)
+    assert (mtls.mode, mtls.source) == (MtlsMode.STRICT, "shop/zz-strict")
+    # A broken PeerAuthentication, enforced STRICT, keeps its creation time: a newer one still loses.
+    broken = translate.policy(_peer("aa-broken", "SOMETIMES", "2026-01-01T00:00:00Z"))
+    assert isinstance(broken.value, PeerAuthentication) and broken.value.created == datetime(2026, 1, 1, tzinfo=UTC)
+    assert broken.problem is not None and broken.problem.count("PeerAuthentication shop/aa-broken") == 1
+    permissive = translate.policy(_peer("zz", "PERMISSIVE", "2024-01-01T00:00:00Z"))
+    both = translate.policy_set([broken.value, permissive.value])  # type: ignore[list-item]
+    assert effective_mtls("shop", {}, 8080, both).mode is MtlsMode.PERMISSIVE
+    # An unreadable timestamp: the stand-in counts as the oldest, so STRICT wins its level.
+    bad_time = translate.policy(_peer("zz-bad", "PERMISSIVE", "last tuesday"))
+    assert isinstance(bad_time.value, PeerAuthentication) and bad_time.value.mode is MtlsMode.STRICT
+    assert bad_time.problem is not None and "creationTimestamp" in bad_time.problem
+    with_bad = translate.policy_set([bad_time.value, permissive.value])  # type: ignore[list-item]
+    assert effective_mtls("shop", {}, 8080, with_bad).mode is MtlsMode.STRICT
 
 
 def test_waypoint_bound_policies_are_ignored() -> None:

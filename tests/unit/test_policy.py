@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
+from datetime import UTC, datetime
 from types import MappingProxyType
 
 import pytest
@@ -286,9 +287,18 @@ def test_evaluate(policies: PolicySet, connection: Connection, allowed: bool) ->
 
 
 def _pa(
-    name: str, ns: str, mode: MtlsMode, selector: dict[str, str] | None = None, ports: dict[int, MtlsMode] | None = None
+    name: str,
+    ns: str,
+    mode: MtlsMode,
+    selector: dict[str, str] | None = None,
+    ports: dict[int, MtlsMode] | None = None,
+    *,
+    created: int | None = None,  # a year, for readable tables
 ) -> PeerAuthentication:
-    return PeerAuthentication(name, ns, mode, MappingProxyType(selector or {}), MappingProxyType(ports or {}))
+    when = None if created is None else datetime(created, 1, 1, tzinfo=UTC)
+    return PeerAuthentication(
+        name, ns, mode, MappingProxyType(selector or {}), MappingProxyType(ports or {}), created=when
+    )
 
 
 MESH_STRICT = _pa("mesh", ROOT, MtlsMode.STRICT)
@@ -352,11 +362,106 @@ MTLS_CASES: list[tuple[str, tuple[PeerAuthentication, ...], int, MtlsMode]] = [
         8080,
         MtlsMode.STRICT,
     ),
+    # Conflicts at one level: the oldest (creationTimestamp) wins, then the name; never the tuple's order.
     (
-        "first namespace policy wins",
+        "no timestamps: the name decides",
         (NS_PERMISSIVE, _pa("ns2", "server-ns", MtlsMode.STRICT)),
         8080,
         MtlsMode.PERMISSIVE,
+    ),
+    (
+        "no timestamps: the name decides, whatever the order",
+        (_pa("ns2", "server-ns", MtlsMode.STRICT), NS_PERMISSIVE),
+        8080,
+        MtlsMode.PERMISSIVE,
+    ),
+    (
+        "oldest namespace policy wins over the name",
+        (
+            _pa("aa", "server-ns", MtlsMode.PERMISSIVE, created=2025),
+            _pa("zz", "server-ns", MtlsMode.STRICT, created=2024),
+        ),
+        8080,
+        MtlsMode.STRICT,
+    ),
+    (
+        "oldest workload policy wins over the name",
+        (
+            _pa("aa", "server-ns", MtlsMode.PERMISSIVE, WL, created=2025),
+            _pa("zz", "server-ns", MtlsMode.STRICT, WL, created=2024),
+        ),
+        8080,
+        MtlsMode.STRICT,
+    ),
+    (
+        "oldest workload policy's port modes, not a newer one's",
+        (
+            NS_STRICT,
+            _pa("aa", "server-ns", MtlsMode.UNSET, WL, {8080: MtlsMode.PERMISSIVE}, created=2025),
+            _pa("zz", "server-ns", MtlsMode.UNSET, WL, created=2024),
+        ),
+        8080,
+        MtlsMode.STRICT,
+    ),
+    (
+        "oldest mesh policy wins over the name",
+        (_pa("aa", ROOT, MtlsMode.PERMISSIVE, created=2025), _pa("zz", ROOT, MtlsMode.STRICT, created=2024)),
+        8080,
+        MtlsMode.STRICT,
+    ),
+    (
+        "same timestamp: the name decides",
+        (
+            _pa("b", "server-ns", MtlsMode.PERMISSIVE, created=2024),
+            _pa("a", "server-ns", MtlsMode.STRICT, created=2024),
+        ),
+        8080,
+        MtlsMode.STRICT,
+    ),
+    (
+        "no timestamp counts as the oldest (Go's zero time)",
+        (_pa("a", "server-ns", MtlsMode.STRICT, created=2024), _pa("z", "server-ns", MtlsMode.PERMISSIVE)),
+        8080,
+        MtlsMode.PERMISSIVE,
+    ),
+    (
+        "an older policy of another level does not compete",
+        (_pa("m", ROOT, MtlsMode.STRICT, created=2020), _pa("n", "server-ns", MtlsMode.PERMISSIVE, created=2025)),
+        8080,
+        MtlsMode.PERMISSIVE,
+    ),
+    # Port DISABLE under an inherited STRICT, workload mode unset: plaintext accepted on that port, as the API
+    # says and as istiod does beside a PERMISSIVE port; istiod alone leaves a lone DISABLE port STRICT
+    # (policy.py's docstring, "One deliberate difference").
+    (
+        "port disable under inherited strict, workload mode unset",
+        (NS_STRICT, _pa("wl", "server-ns", MtlsMode.UNSET, WL, {8080: MtlsMode.DISABLE})),
+        8080,
+        MtlsMode.PERMISSIVE,
+    ),
+    (
+        "port disable under inherited mesh strict, workload mode unset",
+        (MESH_STRICT, _pa("wl", "server-ns", MtlsMode.UNSET, WL, {8080: MtlsMode.DISABLE})),
+        8080,
+        MtlsMode.PERMISSIVE,
+    ),
+    (
+        "port disable beside a permissive port, workload mode unset",
+        (NS_STRICT, _pa("wl", "server-ns", MtlsMode.UNSET, WL, {8080: MtlsMode.DISABLE, 9090: MtlsMode.PERMISSIVE})),
+        8080,
+        MtlsMode.PERMISSIVE,
+    ),
+    (
+        "port disable leaves the other ports strict",
+        (NS_STRICT, _pa("wl", "server-ns", MtlsMode.UNSET, WL, {9090: MtlsMode.DISABLE})),
+        8080,
+        MtlsMode.STRICT,
+    ),
+    (
+        "port strict under a permissive namespace, workload mode unset",
+        (NS_PERMISSIVE, _pa("wl", "server-ns", MtlsMode.UNSET, WL, {8080: MtlsMode.STRICT})),
+        8080,
+        MtlsMode.STRICT,
     ),
 ]
 
@@ -364,6 +469,19 @@ MTLS_CASES: list[tuple[str, tuple[PeerAuthentication, ...], int, MtlsMode]] = [
 @pytest.mark.parametrize(("pas", "port", "mode"), [c[1:] for c in MTLS_CASES], ids=[c[0] for c in MTLS_CASES])
 def test_effective_mtls(pas: tuple[PeerAuthentication, ...], port: int, mode: MtlsMode) -> None:
     assert effective_mtls("server-ns", WL, port, pset(pa=pas)).mode is mode
+
+
+def test_effective_mtls_names_the_oldest_policy() -> None:
+    older, newer = (
+        _pa("zz", "server-ns", MtlsMode.STRICT, created=2024),
+        _pa("aa", "server-ns", MtlsMode.STRICT, created=2025),
+    )
+    assert effective_mtls("server-ns", WL, 8080, pset(pa=(newer, older))).source == "server-ns/zz"
+
+
+def test_peer_authentication_creation_time_must_name_its_zone() -> None:
+    with pytest.raises(ValueError, match="timezone"):
+        PeerAuthentication("pa", "ns", created=datetime(2024, 1, 1))  # naive: refused
 
 
 @pytest.mark.parametrize("identity", [None, CLIENT], ids=["plaintext", "mtls"])
