@@ -140,7 +140,7 @@ class PodStatusWriter:
                     _request_timeout=self._timeout,
                 )
             except ApiException as exc:
-                if exc.status in (404, 409, 422):  # gone, or recreated under the same name: not ours
+                if exc.status in (404, 422) or _uid_mismatch(exc):  # gone, or recreated under the same name
                     log.info("pod %s/%s (uid %s) is gone; not annotating it", a.namespace, a.name, uid)
                     self.written[uid] = a
                     if a.value is None or exc.status == 404:
@@ -158,3 +158,10 @@ class PodStatusWriter:
             log.error("%s; retrying with backoff (capture is unaffected)", problem)
             self.error = problem
         return False
+
+
+def _uid_mismatch(exc: ApiException) -> bool:
+    """A 409 from our UID precondition (the pod was recreated under its name), not a conflict to retry: the
+    API server also answers 409 ("the object has been modified") when a patch keeps losing a race with
+    other writers - the kubelet updates a starting pod's status just when it is enrolled."""
+    return exc.status == 409 and "Precondition failed: UID" in str(exc.body or "")

@@ -20,7 +20,7 @@ import grpc
 import pytest
 from agent_fakes import FakeCapture, NoProbes
 from identity_support import NODE_AGENT, TD, make_csr, start_ca
-from kube_standin import KubeStandIn, namespace, pod
+from kube_standin import KubeStandIn, namespace, pod, status_body
 
 from nodeagent.agent import service
 from nodeagent.agent.enrollment import Status, desired_pods
@@ -130,6 +130,14 @@ async def test_pod_status_writer(api: KubeStandIn) -> None:
         await until(lambda: annotation(api, "web-1") == "enabled")
         writer.publish({})
         await until(lambda: annotation(api, "web-1") is None)
+
+        # a 409 that is not our UID precondition (a patch that kept losing a race with the kubelet) is retried
+        conflict = status_body(
+            409, "Conflict", 'Operation cannot be fulfilled on pods "web-1": the object has been modified'
+        )
+        api.fail(r"/pods/web-1/status", 409, body=json.dumps(conflict).encode(), times=1, method="PATCH")
+        writer.publish({"uid-web-1": ("shop", "web-1", Status.PENDING)})
+        await until(lambda: annotation(api, "web-1") == "pending")
 
         # a pod recreated under the same name (new UID) is never annotated for the old one
         api.delete("Pod", "web-2", "shop")
