@@ -145,6 +145,9 @@ class Pod:
     # ReplicaSets, a CronJob's for its Jobs' pods, else the controller's — for metric labels, which must
     # not grow a series per pod; "" when it has no controller (then `workload` is the pod's own name).
     workload_name: str = ""
+    # Injected with Istio's sidecar (annotation sidecar.istio.io/status): never enrolled, as istio-cni's
+    # PodRedirectionEnabled decides - two captures in one netns would fight over 15001/15006.
+    sidecar: bool = False
     # Service routing only (not compared: a readiness flip must not make the agent re-deliver the pod):
     # the Ready condition, a deletion in progress, and the containers' named TCP ports (name -> port).
     ready: bool = field(default=True, compare=False)
@@ -259,8 +262,9 @@ DEFAULT_EXCLUDED_NAMESPACES = frozenset({"kube-system", "istio-system", "nodeage
 
 
 def enrolled(pod: Pod, namespace: Namespace | None, excluded: frozenset[str] = DEFAULT_EXCLUDED_NAMESPACES) -> bool:
-    """Istio's ambient enrollment rule for one pod (REFERENCE.md, "Enrollment and status")."""
-    if pod.host_network or pod.namespace in excluded or pod.terminated:
+    """Istio's ambient enrollment rule for one pod (REFERENCE.md, "Enrollment and status"; a pod with an
+    injected sidecar never, as istio-cni's PodRedirectionEnabled)."""
+    if pod.host_network or pod.sidecar or pod.namespace in excluded or pod.terminated:
         return False
     pod_mode = pod.labels.get(DATAPLANE_MODE_LABEL)
     if pod_mode == DATAPLANE_MODE_NONE:

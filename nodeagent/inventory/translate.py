@@ -7,7 +7,8 @@ know which source fed them. Keeping the translation free of I/O lets a table of 
 
 Rules applied:
 - Pod: metadata.{name,namespace,uid,labels}, the agent's own `ambient.istio.io/redirection` annotation
-  (so a restarted agent can correct it); spec.nodeName (empty: not scheduled yet), spec.hostNetwork,
+  (so a restarted agent can correct it), Istio's `sidecar.istio.io/status` (an injected pod is never
+  enrolled); spec.nodeName (empty: not scheduled yet), spec.hostNetwork,
   spec.serviceAccountName (Kubernetes' default is `default`); status.podIP (the IPv4 one of podIPs when
   the pod is dual-stack; none yet is fine); status.phase (missing -> Pending; `Unknown` -> Running, so a
   node that lost contact never unenrolls its pods); for service routing, the Ready condition, a
@@ -121,7 +122,8 @@ def pod(obj: Mapping[str, Any]) -> Pod:
     if not isinstance(node, str):
         raise TranslateError(f"{where}: spec.nodeName must be a string")
     account = spec.get("serviceAccountName") or spec.get("serviceAccount") or DEFAULT_SERVICE_ACCOUNT
-    redirection = _mapping(meta.get("annotations"), f"{where}: metadata.annotations").get(REDIRECTION_ANNOTATION)
+    annotations = _mapping(meta.get("annotations"), f"{where}: metadata.annotations")
+    redirection = annotations.get(REDIRECTION_ANNOTATION)
     if redirection is not None and not isinstance(redirection, str):
         raise TranslateError(f"{where}: metadata.annotations[{REDIRECTION_ANNOTATION}] must be a string")
     return Pod(
@@ -136,6 +138,7 @@ def pod(obj: Mapping[str, Any]) -> Pod:
         phase=phase,
         redirection=redirection,
         workload_name=workload_name(meta, where),
+        sidecar=bool(annotations.get(SIDECAR_STATUS_ANNOTATION)),
         ready=_ready(status, where),
         terminating=meta.get("deletionTimestamp") is not None,
         container_ports=_container_ports(spec, where),
@@ -165,6 +168,8 @@ def _container_ports(spec: Mapping[str, Any], where: str) -> Mapping[str, int]:
                     ports.setdefault(name, _port(entry.get("containerPort"), f"{where}: ports[{name}].containerPort"))
     return MappingProxyType(ports)
 
+
+SIDECAR_STATUS_ANNOTATION = "sidecar.istio.io/status"  # set by Istio's sidecar injector
 
 # A Job a CronJob made is named <cronjob>-<scheduled time in minutes>.
 _CRONJOB_JOB = re.compile(r"(.+)-\d{8,10}")

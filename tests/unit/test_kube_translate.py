@@ -138,6 +138,9 @@ def test_namespace_and_enrollment() -> None:
     )
     assert enrolled(translate.pod(_pod()), ns)
     assert not enrolled(translate.pod(_pod(spec__hostNetwork=True)), ns)
+    # Injected with Istio's sidecar: istio-cni never redirects it (two captures would fight over 15001/15006).
+    injected = _pod(metadata__annotations={"sidecar.istio.io/status": '{"containers":["istio-proxy"]}'})
+    assert not enrolled(translate.pod(injected), ns)
 
 
 def test_service_ports_vip_and_named_target_ports() -> None:
