@@ -146,7 +146,9 @@ class PodStatusWriter:
                     if a.value is None or exc.status == 404:
                         self._desired.pop(uid, None)
                     return True
-                return self._failed(a, describe(exc, f"patching pods/status of {a.namespace}/{a.name}"))
+                return self._failed(
+                    a, describe(exc, f"patching pods/status of {a.namespace}/{a.name}", "patch on pods/status")
+                )
             except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
                 return self._failed(a, describe(exc, f"patching pods/status of {a.namespace}/{a.name}"))
         self.patches += 1

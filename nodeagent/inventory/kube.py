@@ -31,6 +31,7 @@ with call_soon_threadsafe), no writes (agent/kube_status.py patches pod status).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -103,8 +104,18 @@ class _Stopped(Exception):
     pass
 
 
-def describe(exc: BaseException, what: str) -> str:
-    """A one-line explanation of a failed API call, with what to do about it."""
+def _identical(old: object, new: object) -> bool:
+    """Equal in every field, also those left out of == (a pod's readiness, its status annotation)."""
+    if old is None or type(old) is not type(new):
+        return False
+    if dataclasses.is_dataclass(old):
+        return all(getattr(old, f.name) == getattr(new, f.name) for f in dataclasses.fields(old))
+    return old == new
+
+
+def describe(exc: BaseException, what: str, grant: str = "list/watch on it") -> str:
+    """A one-line explanation of a failed API call, with what to do about it (`grant`: the RBAC the call
+    needs, for a 403)."""
     if isinstance(exc, ApiException):
         status = exc.status
         reason = exc.reason or ""
@@ -116,10 +127,7 @@ def describe(exc: BaseException, what: str) -> str:
             pass
         detail = message or reason
         if status == 403:
-            return (
-                f"{what}: forbidden by RBAC ({detail}); grant list/watch on it to this service account "
-                "(daemonset/rbac.yaml)"
-            )
+            return f"{what}: forbidden by RBAC ({detail}); grant {grant} to this service account (daemonset/rbac.yaml)"
         if status == 401:
             return f"{what}: unauthorized ({detail}); the token or kubeconfig credentials are not accepted"
         if status == 404:
@@ -323,6 +331,13 @@ class _Reflector(Generic[T]):
             else:
                 key, value = self._translate(obj, previous=self.items)
                 if key is not None and value is not None:
+                    if _identical(self.items.get(key), value):
+                        # A change we do not read (a status timestamp, a condition we ignore): no rebuild
+                        # of the model, and no re-check of every open connection in the tunnel.
+                        if isinstance(rv, str) and rv:
+                            self.rv = rv
+                        self.error = None
+                        return
                     self.items[key] = value
                 elif key is not None:  # no longer applies (e.g. a policy now bound to a waypoint)
                     self.items.pop(key, None)

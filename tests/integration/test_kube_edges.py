@@ -20,12 +20,12 @@ import grpc
 import pytest
 from agent_fakes import FakeCapture, NoProbes
 from identity_support import NODE_AGENT, TD, make_csr, start_ca
-from kube_standin import KubeStandIn, namespace, pod, status_body
+from kube_standin import KubeStandIn, forbidden, namespace, pod, status_body
 
 from nodeagent.agent import service
 from nodeagent.agent.enrollment import Status, desired_pods
 from nodeagent.agent.kube_agent import KubeAgent, KubeSettings, KubeWorkloads
-from nodeagent.agent.kube_status import REDIRECTION_ANNOTATION, PodStatusWriter
+from nodeagent.agent.kube_status import REDIRECTION_ANNOTATION, PodAnnotation, PodStatusWriter
 from nodeagent.ca.client import CAClient, CARequestError
 from nodeagent.ca.kube import kubernetes_edges
 from nodeagent.capture.iptables import Flavour
@@ -344,3 +344,13 @@ def test_enroll_forbidden(api: KubeStandIn, tmp_path: Path, capsys: pytest.Captu
     api.fail("/api/v1/namespaces/shop", 403, method="PATCH")
     assert main(["enroll", "shop", "--kubeconfig", kubeconfig]) == 1
     assert "forbidden by RBAC" in capsys.readouterr().err
+
+
+async def test_a_forbidden_status_patch_names_the_permission_it_needs(api: KubeStandIn) -> None:
+    """A 403 on the pods/status patch advised granting list/watch: the wrong verb for the operator to add."""
+    writer = PodStatusWriter(api.api_client(), retry_initial=0.05)
+    api.fail(r"/pods/web-1/status", 403, times=1, method="PATCH", body=forbidden("Pod"))
+
+    written = await writer._write("uid-web-1", PodAnnotation("shop", "web-1", "enabled"), asyncio.Semaphore(1))
+    assert written is False
+    assert writer.error is not None and "grant patch on pods/status" in writer.error, writer.error

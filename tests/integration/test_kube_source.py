@@ -61,6 +61,35 @@ def pod_names(src: KubeSource) -> set[str]:
     return {p.key for p in src.current().pods}
 
 
+def test_an_update_of_nothing_the_model_reads_changes_nothing(
+    api: KubeStandIn, source_factory: Callable[..., KubeSource]
+) -> None:
+    """The kubelet rewrites a pod's status often (probe times); the model read none of it, yet every such
+    event rebuilt it and, in the tunnel, re-checked every open connection against the policies."""
+    changes: list[int] = []
+    src = source_factory(on_change=lambda: changes.append(1))
+    assert src.wait_synced(5)
+    api.apply(pod("before", "other", "node1", "10.1.0.8"))  # a real change first: the sync's events are in
+    eventually(lambda: "other/before" in pod_names(src), what="the first marker pod")
+    inv = src.current()
+    changes.clear()
+    churn = pod("web-1", "shop", "node1", "10.1.0.5", sa="web", labels={"app": "web"})
+    for i in range(5):
+        churn["status"]["conditions"] = [
+            {"type": "Ready", "status": "True", "lastProbeTime": f"2026-11-21T10:00:0{i}Z"}
+        ]
+        api.apply(churn)
+    marker = pod("marker", "other", "node1", "10.1.0.9")  # a real change after them: the watch got this far
+    api.apply(marker)
+    eventually(lambda: "other/marker" in pod_names(src), what="the marker pod")
+    assert len(changes) == 1, changes  # the marker only
+    assert src.current().pod("shop/web-1") is inv.pod("shop/web-1")
+    # A change in a field left out of == (readiness) is still a change.
+    churn["status"]["conditions"] = [{"type": "Ready", "status": "False"}]
+    api.apply(churn)
+    eventually(lambda: not src.current().pod("shop/web-1").ready, what="the readiness change")
+
+
 def test_initial_list_then_watch_events(api: KubeStandIn, source_factory: Callable[..., KubeSource]) -> None:
     src = source_factory()
     assert src.wait_synced(5)
