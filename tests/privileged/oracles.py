@@ -13,13 +13,22 @@ What it deliberately does not do: no waiting and no assertions (the tests decide
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
+import tempfile
+import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from nodeagent.lab.cluster import DEFAULT_TOPOLOGY, Lab, teardown
+from nodeagent.labmesh import Mesh
 
 PIN_ROOT = Path("/sys/fs/bpf/nodeagent")
 # The pod's attachments as bpftool names them: attach type -> program name.
@@ -225,3 +234,75 @@ def fds(pid: int) -> list[str]:
         except FileNotFoundError:  # closed between listing and reading: a transient fd
             continue
     return sorted(out)
+
+
+class FabricCapture:
+    """tcpdump on the lab's fabric bridge (every cross-node packet passes it), full packets to a pcap file;
+    started when it says it is listening, stopped by `stop()` or the first `packets()`."""
+
+    def __init__(self, lab: Lab, path: Path) -> None:
+        self.path = path
+        netns, iface = lab.fabric_interface()
+        argv = ["ip", "netns", "exec", netns, "tcpdump", "-i", iface, "-nn", "-U", "--immediate-mode", "-s", "0",
+                "-Z", "root", "-w", str(path), "tcp"]  # fmt: skip
+        self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+        assert self.proc.stderr is not None
+        line = self.proc.stderr.readline()
+        assert "listening on" in line, line
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            time.sleep(0.3)  # let the last packets reach the file
+            self.proc.send_signal(signal.SIGINT)
+            self.proc.communicate(timeout=20)
+
+    def packets(self, bpf: str) -> list[str]:
+        self.stop()
+        return sh("tcpdump", "-r", str(self.path), "-nn", "-q", *bpf.split(), timeout=120).splitlines()
+
+
+# An echo server for the pods: it first tells the client the peer address it accepted the connection
+# from (the tunnel spoofs the client pod's IP), then echoes until EOF and half-closes.
+PEER_ECHO_SERVER = r"""
+import socket, sys, threading
+s = socket.create_server(("0.0.0.0", int(sys.argv[1])), backlog=4096)
+print("listening", flush=True)
+def serve(c, peer):
+    try:
+        c.sendall(b"peer " + peer[0].encode() + b"\n")
+        while data := c.recv(262144):
+            c.sendall(data)
+        c.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    finally:
+        c.close()
+while True:
+    c, peer = s.accept()
+    threading.Thread(target=serve, args=(c, peer), daemon=True).start()
+"""
+
+
+M = TypeVar("M", bound=Mesh)
+
+
+@contextlib.contextmanager
+def lab_mesh(tmp_path: Path, make: Callable[[Lab, Path], M], prefix: str = "na-mesh-") -> Iterator[M]:
+    """The default lab with a mesh from `make(lab, run_dir)`, started; stopped and torn down after, the
+    processes' logs kept in `tmp_path` for a post-mortem."""
+    if Path("/run/nodeagent/lab/state.json").exists():
+        raise AssertionError(
+            "a lab is already up on this host: run `sudo nodeagent lab down` before the privileged tests"
+        )
+    run_dir = Path(tempfile.mkdtemp(prefix=prefix))  # short: ZDS socket paths must fit 108 bytes
+    lab = Lab.up(DEFAULT_TOPOLOGY)
+    mesh = make(lab, run_dir)
+    try:
+        mesh.start()
+        yield mesh
+    finally:
+        mesh.stop()
+        teardown()
+        for log in run_dir.glob("*.log"):
+            shutil.copy(log, tmp_path / log.name)
+        shutil.rmtree(run_dir, ignore_errors=True)

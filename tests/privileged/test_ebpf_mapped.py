@@ -15,12 +15,7 @@ the destination tunnel's access log (the client's SPIFFE identity arrived with t
 from __future__ import annotations
 
 import json
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +24,6 @@ import oracles
 import pytest
 from waiting import wait_for
 
-from nodeagent.lab.cluster import DEFAULT_TOPOLOGY, Lab, teardown
 from nodeagent.labmesh import Mesh
 
 pytestmark = [pytest.mark.privileged, pytest.mark.timeout(150)]
@@ -38,21 +32,7 @@ FRONTEND, CHECKOUT = "shop/frontend", "shop/checkout"
 IP = {FRONTEND: "10.10.1.10", CHECKOUT: "10.10.2.10"}
 APP_PORT = 8080
 
-# An echo server that first tells the client the peer address it accepted the connection from.
-SERVER = r"""
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-s.listen(16)
-print("listening", flush=True)
-while True:
-    c, peer = s.accept()
-    with c:
-        c.sendall(b"peer " + peer[0].encode() + b"\n")
-        while data := c.recv(65536):
-            c.sendall(data)
-"""
+SERVER = oracles.PEER_ECHO_SERVER
 
 # A client with an IPv6 socket (as a dual-mode runtime makes it) to an IPv4-mapped address; prints JSON.
 CLIENT6 = r"""
@@ -72,43 +52,10 @@ except OSError as exc:
 """
 
 
-class Tcpdump:
-    """tcpdump on the lab's fabric bridge, writing full packets to a pcap file."""
-
-    def __init__(self, lab: Lab, path: Path) -> None:
-        self.path = path
-        netns, iface = lab.fabric_interface()
-        argv = ["ip", "netns", "exec", netns, "tcpdump", "-i", iface, "-nn", "-U", "--immediate-mode", "-s", "0",
-                "-Z", "root", "-w", str(path), "tcp"]  # fmt: skip
-        self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
-        assert self.proc.stderr is not None
-        line = self.proc.stderr.readline()
-        assert "listening on" in line, line
-
-    def stop(self) -> None:
-        time.sleep(0.3)  # let the last packets reach the file
-        self.proc.send_signal(signal.SIGINT)
-        self.proc.communicate(timeout=20)
-
-    def packets(self, bpf: str) -> list[str]:
-        return oracles.sh("tcpdump", "-r", str(self.path), "-nn", "-q", *bpf.split(), timeout=120).splitlines()
-
-
 @pytest.fixture
 def mesh(tmp_path: Path) -> Iterator[Mesh]:
-    if Path("/run/nodeagent/lab/state.json").exists():
-        pytest.fail("a lab is already up on this host: run `sudo nodeagent lab down` before the privileged tests")
-    run_dir = Path(tempfile.mkdtemp(prefix="na-mapped-"))  # short: ZDS socket paths must fit 108 bytes
-    lab = Lab.up(DEFAULT_TOPOLOGY)
-    started = Mesh(lab, run_dir, capture="ebpf")
-    try:
-        yield started.start()
-    finally:
-        started.stop()
-        teardown()
-        for log in run_dir.glob("*.log"):  # kept with the test's tmp_path for a post-mortem
-            shutil.copy(log, tmp_path / log.name)
-        shutil.rmtree(run_dir, ignore_errors=True)
+    with oracles.lab_mesh(tmp_path, lambda lab, run_dir: Mesh(lab, run_dir, capture="ebpf"), "na-mapped-") as started:
+        yield started
 
 
 def test_an_ipv6_socket_to_an_ipv4_mapped_peer_goes_through_both_tunnels(mesh: Mesh, tmp_path: Path) -> None:
@@ -118,7 +65,7 @@ def test_an_ipv6_socket_to_an_ipv4_mapped_peer_goes_through_both_tunnels(mesh: M
     wait_for("the server in shop/checkout", lambda: "listening" in server.log())
 
     marker = f"MAPPED-PLAIN-{uuid.uuid4().hex}"
-    dump = Tcpdump(lab, tmp_path / "fabric.pcap")
+    dump = oracles.FabricCapture(lab, tmp_path / "fabric.pcap")
     try:
         argv = lab.exec_argv(FRONTEND, [sys.executable, "-c", CLIENT6, f"::ffff:{IP[CHECKOUT]}", str(APP_PORT), marker])
         seen = json.loads(oracles.sh(*argv, timeout=60).splitlines()[-1])

@@ -26,7 +26,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import oracles
 import pytest
 from kube_standin import KubeStandIn, namespace, pod, service
 from waiting import wait_for
@@ -58,20 +58,7 @@ ANNOTATION = "ambient.istio.io/redirection"
 DATAPLANE_LABEL = "istio.io/dataplane-mode"
 NAMESPACE_LISTS_AND_WATCHES = re.compile(r"^/api/v1/namespaces\?")  # not /api/v1/namespaces/shop/...
 
-# An echo server that first tells the client the peer address it accepted the connection from.
-SERVER = r"""
-import socket, sys, threading
-s = socket.create_server(("0.0.0.0", int(sys.argv[1])), backlog=64)
-print("listening", flush=True)
-def serve(c, peer):
-    with c:
-        c.sendall(b"peer " + peer[0].encode() + b"\n")
-        while data := c.recv(65536):
-            c.sendall(data)
-while True:
-    c, peer = s.accept()
-    threading.Thread(target=serve, args=(c, peer), daemon=True).start()
-"""
+SERVER = oracles.PEER_ECHO_SERVER
 
 # One exchange; prints {"ok", "peer"} or {"ok": false, "error"}.
 CLIENT = r"""
@@ -122,26 +109,6 @@ def released(key: str) -> bool:
     netns = NETNS[key]
     rules = sh("ip", "-n", netns, "rule").stdout
     return not ours(netns) and not (TUNNEL_PORTS & listeners(netns)) and "fwmark" not in rules
-
-
-class Tcpdump:
-    """tcpdump on the fabric bridge (every cross-node packet passes it), to a pcap file."""
-
-    def __init__(self, lab: Lab, path: Path) -> None:
-        self.path = path
-        netns, iface = lab.fabric_interface()
-        argv = ["ip", "netns", "exec", netns, "tcpdump", "-i", iface, "-nn", "-U", "--immediate-mode", "-s", "0",
-                "-Z", "root", "-w", str(path), "tcp"]  # fmt: skip
-        self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
-        assert self.proc.stderr is not None
-        line = self.proc.stderr.readline()
-        assert "listening on" in line, line
-
-    def packets(self, bpf: str) -> list[str]:
-        time.sleep(0.3)  # the last packets reach the file
-        self.proc.send_signal(signal.SIGINT)
-        self.proc.communicate(timeout=20)
-        return sh("tcpdump", "-r", str(self.path), "-nn", "-q", *bpf.split()).stdout.splitlines()
 
 
 # --- the cluster --------------------------------------------------------------------------------------
@@ -250,7 +217,7 @@ def test_kubernetes_mode_enroll_unenroll_and_watch_interruptions(cluster: Cluste
 
     c.server(CHECKOUT)
     c.server(PAYMENTS)
-    dump = Tcpdump(c.lab, c.tmp / "fabric.pcap")
+    dump = oracles.FabricCapture(c.lab, c.tmp / "fabric.pcap")
     assert c.once(FRONTEND, CHECKOUT, "cross-node") == {"ok": True, "peer": IP[FRONTEND]}
     between = dump.packets(f"host {IP[FRONTEND]} and host {IP[CHECKOUT]}")
     assert between and all(".15008" in line for line in between), between  # HBONE, nothing else

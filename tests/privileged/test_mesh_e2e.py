@@ -54,30 +54,7 @@ APP_PORT = 8080
 
 # --- apps in the pods ---------------------------------------------------------------------------------
 
-# An echo server that first tells the client the peer address it accepted the connection from.
-SERVER = r"""
-import socket, sys, threading
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-s.listen(4096)
-print("listening", flush=True)
-def serve(c, peer):
-    try:
-        c.sendall(b"peer " + peer[0].encode() + b"\n")
-        while True:
-            data = c.recv(262144)
-            if not data:
-                break
-            c.sendall(data)
-    except OSError:
-        pass
-    finally:
-        c.close()
-while True:
-    c, peer = s.accept()
-    threading.Thread(target=serve, args=(c, peer), daemon=True).start()
-"""
+SERVER = oracles.PEER_ECHO_SERVER
 
 # Clients; each prints one JSON document (`loop` one line per attempt). Times are time.monotonic(),
 # which is system-wide, so they compare with the test's own clock.

@@ -20,20 +20,19 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import oracles
 import pytest
 from waiting import wait_for
 
-from nodeagent.lab.cluster import DEFAULT_TOPOLOGY, Lab, teardown
+from nodeagent.lab.cluster import Lab
 from nodeagent.labmesh import Mesh, Proc
 
 pytestmark = [pytest.mark.privileged, pytest.mark.timeout(180)]
@@ -46,28 +45,7 @@ SAME_NODE_BYTES = 32 * MiB
 CROSS_NODE_BYTES = 8 * MiB
 CLIENT_ID, SERVER_ID = "spiffe://cluster.local/ns/shop/sa/frontend", "spiffe://cluster.local/ns/shop/sa/payments"
 
-# An echo server that first tells the client the peer address it accepted the connection from.
-SERVER = r"""
-import socket, sys, threading
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-s.listen(64)
-print("listening", flush=True)
-def serve(c, peer):
-    try:
-        c.sendall(b"peer " + peer[0].encode() + b"\n")
-        while data := c.recv(262144):
-            c.sendall(data)
-        c.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass
-    finally:
-        c.close()
-while True:
-    c, peer = s.accept()
-    threading.Thread(target=serve, args=(c, peer), daemon=True).start()
-"""
+SERVER = oracles.PEER_ECHO_SERVER
 
 # bulk: send SIZE bytes then half-close, read the echo to EOF, compare digests. hold: one connection,
 # 4 KiB echoed every 10 ms until stdin closes or the connection fails (then when, monotonic clock).
@@ -208,22 +186,13 @@ def istio_samples(metrics: str, name: str, **labels: str) -> list[float]:
 
 @pytest.fixture(params=["iptables", "ebpf"])
 def mesh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PolicyMesh]:
-    if Path("/run/nodeagent/lab/state.json").exists():
-        pytest.fail("a lab is already up on this host: run `sudo nodeagent lab down` before the privileged tests")
-    run_dir = Path(tempfile.mkdtemp(prefix="na-fp-"))  # short: ZDS socket paths must fit 108 bytes
-    policies = run_dir / "policies.yaml"
-    policies.write_text("")
-    lab = Lab.up(DEFAULT_TOPOLOGY)
-    mesh = PolicyMesh(lab, run_dir, capture=str(request.param), policies=policies)
-    try:
-        mesh.start()
-        yield mesh
-    finally:
-        mesh.stop()
-        teardown()
-        for log in run_dir.glob("*.log"):  # kept with the test's tmp_path for a post-mortem
-            shutil.copy(log, tmp_path / log.name)
-        shutil.rmtree(run_dir, ignore_errors=True)
+    def make(lab: Lab, run_dir: Path) -> PolicyMesh:
+        policies = run_dir / "policies.yaml"
+        policies.write_text("")
+        return PolicyMesh(lab, run_dir, capture=str(request.param), policies=policies)
+
+    with oracles.lab_mesh(tmp_path, make, "na-fp-") as started:
+        yield started
 
 
 def test_same_node_fast_path(mesh: PolicyMesh) -> None:
