@@ -272,17 +272,14 @@ def policy(obj: Mapping[str, Any], root_namespace: str = DEFAULT_ROOT_NAMESPACE)
     meta = _mapping(obj.get("metadata"), f"{where}: metadata")
     name = _string(meta.get("name"), f"{where}: metadata.name")
     ns = _string(meta.get("namespace"), f"{where}: metadata.namespace")
+
+    def fail(problem: str, spec: Mapping[str, Any]) -> TranslatedPolicy:
+        created = _created_or_none(meta, where)
+        return _fail_closed(kind, name, ns, spec, root=root_namespace, problem=problem, created=created)
+
     raw_spec = obj.get("spec") or {}
     if not isinstance(raw_spec, Mapping):
-        return _fail_closed(
-            kind,
-            name,
-            ns,
-            {},
-            root=root_namespace,
-            problem=f"{where}: spec must be a mapping",
-            created=_created_or_none(meta, where),
-        )
+        return fail(f"{where}: spec must be a mapping", {})
     spec: Mapping[str, Any] = raw_spec
     known = _AUTHZ_SPEC if kind == "AuthorizationPolicy" else _PEER_SPEC
     if kind not in ("AuthorizationPolicy", "PeerAuthentication"):
@@ -291,34 +288,18 @@ def policy(obj: Mapping[str, Any], root_namespace: str = DEFAULT_ROOT_NAMESPACE)
         try:
             skipped = not_enforced(meta, spec, where)
         except PolicyError as exc:
-            return _fail_closed(kind, name, ns, spec, root=root_namespace, problem=_prefixed(where, exc))
+            return fail(_prefixed(where, exc), spec)
         if skipped is not None:
             return TranslatedPolicy(None, f"{where}: {skipped}")
     unknown = sorted(set(spec) - known)
     if unknown:
-        return _fail_closed(
-            kind,
-            name,
-            ns,
-            spec,
-            root=root_namespace,
-            problem=f"{where}: unknown spec fields {unknown} (known: {sorted(known)})",
-            created=_created_or_none(meta, where),
-        )
+        return fail(f"{where}: unknown spec fields {unknown} (known: {sorted(known)})", spec)
     doc = {"kind": kind, "metadata": dict(meta), "spec": dict(spec)}
     notes: list[str] = []
     try:
         parsed = parse_policies([doc], root_namespace, notes)
     except (PolicyError, ValueError) as exc:
-        return _fail_closed(
-            kind,
-            name,
-            ns,
-            spec,
-            root=root_namespace,
-            problem=_prefixed(where, exc),
-            created=_created_or_none(meta, where),
-        )
+        return fail(_prefixed(where, exc), spec)
     value: Policy | PeerAuthentication = (
         parsed.authorization[0] if kind == "AuthorizationPolicy" else parsed.peer_authentication[0]
     )
