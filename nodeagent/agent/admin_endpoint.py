@@ -1,4 +1,5 @@
-"""The agent's admin endpoint: /config_dump with a `redirects` section read from the kernel per request.
+"""The agent's admin endpoints: /config_dump with a `redirects` section read from the kernel per request,
+and /healthz/ready on a unix socket in the pod's own volume, for the DaemonSet's readiness probe.
 
 Why this module exists: `nodeagent inspect redirects --node NODE` reaches a cluster node through the
 API server's pods/portforward (nodeagent/kube_remote.py explains why port-forward rather than exec), so
@@ -13,7 +14,15 @@ Bound to 127.0.0.1 only (like the tunnel's 15000): nothing pod-facing. During a 
 surge pod's agent (hostNetwork) finds the port taken; it retries every few seconds instead of failing,
 because a debugging endpoint must never stop the data plane.
 
-What it deliberately does not do: no other sections (the tunnel's dump has the mesh state), no writes.
+Readiness (`nodeagent agent --ready-socket PATH`) answers for this agent alone: on hostNetwork every TCP
+port of the node is shared with a rolling update's other pod, and the ZDS socket (a hostPath) too, so
+neither the tunnel's readiness nor any port can tell whether THIS pod's agent works. What "ready" means
+is the agent's (service.Agent.readiness_pending, kube_agent.KubeAgent.readiness_pending); this module only
+serves it, from the moment the agent starts, so a probe hears what is pending rather than a refused
+connection.
+
+What it deliberately does not do: no other sections (the tunnel's dump has the mesh state), no writes, no
+readiness on the TCP port (during a rolling update it belongs to the old pod's agent).
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from nodeagent.admin import CONFIG_DUMP, LOGGING, AdminServer
+from nodeagent.admin import CONFIG_DUMP, LOGGING, READY, AdminServer
 from nodeagent.agent.inspect import Layout, collect
 from nodeagent.agent.netns_resolver import NetnsResolver
 from nodeagent.model import Inventory
@@ -69,3 +78,11 @@ async def serve(server: AdminServer, address: tuple[str, int]) -> None:
         await asyncio.Event().wait()
     finally:
         await server.stop()
+
+
+def readiness_server(pending: Callable[[], str | None]) -> AdminServer:
+    """An AdminServer serving only /healthz/ready: 200 when `pending()` is None, else 500 and what is pending
+    (pure construction; `await server.start_unix(path)` serves it)."""
+    server = AdminServer(routes=(READY,))
+    server.add_readiness_check("agent", pending)
+    return server

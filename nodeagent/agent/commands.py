@@ -100,6 +100,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="SECONDS",
         help="how often the inventory file is checked for changes (default: %(default)s)",
     )
+    agent.add_argument(
+        "--ready-socket",
+        metavar="PATH",
+        help="serve /healthz/ready on this unix socket, for a per-pod exec probe (`curl -sf --unix-socket PATH "
+        "http://localhost/healthz/ready`): 200 once the pods are listed, reconciled once and the ZDS socket is "
+        "this agent's, else 500 and what is pending. On hostNetwork a rolling update's old pod shares the "
+        "node's ports and the ZDS socket, so only a file in the pod's own volume answers for this agent",
+    )
     agent.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     kube = agent.add_argument_group("Kubernetes mode (instead of --inventory)")
     kube.add_argument(
@@ -187,6 +195,7 @@ def _agent(args: argparse.Namespace) -> int:
         sysctl_net=args.sysctl_net,
         verify_interval=args.verify_interval,
         inventory_poll=args.inventory_poll,
+        ready_socket=args.ready_socket,
     )
     if args.kubernetes:
         from nodeagent.agent.kube_agent import KubeAgent, KubeSettings

@@ -12,6 +12,15 @@ so this module swaps the two edges that differ and nothing else:
   fed from the same per-pod results the status file gets (kernel-verified, tunnel-acked), and with the
   annotations the watch shows, so that what an earlier run left on the node's pods is corrected.
 
+Readiness (service.Agent.readiness_pending) waits for the first complete list of this node's pods and
+namespaces, so an agent whose list is forbidden or whose API server is unreachable is never ready, and
+says why. Once ready, an API failure that lasts longer than `api_failure_grace` (default 60 s: longer
+than one retry at the source's longest backoff, up to 45 s with jitter) turns it unready until the API server
+answers again: the last good inventory stays in force and capture stays in place, but no new pod is
+enrolled and no deleted one released, and nothing else would show it - the probe only marks the pod
+unready (no liveness probe: the data plane is never restarted for it). A failure shorter than that (a
+watch cut, an API server restarting) does not flap the pod.
+
 Pods' netns are found by pod IP (agent/kube_netns.py: the CNI's bind mounts, else /proc), which works
 on real nodes and in the lab alike; `--kube-netns pattern` keeps the file mode's name pattern instead.
 
@@ -22,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +52,7 @@ from nodeagent.model import Inventory
 log = logging.getLogger(__name__)
 
 COALESCE_S = 0.02
+API_FAILURE_GRACE_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +69,8 @@ class KubeSettings:
     # The agent's admin endpoint (agent/admin_endpoint.py: `redirects` for `inspect redirects --node`);
     # None: not served.
     admin: str | None = "127.0.0.1:15002"
+    # How long the API server may fail (list/watch errors) before a ready agent reports itself unready.
+    api_failure_grace: float = API_FAILURE_GRACE_S
     # Tests pass a ready client (the stand-in); otherwise one is built from kubeconfig / in-cluster.
     client: Callable[[], kubernetes.client.ApiClient] | None = None
 
@@ -95,6 +108,7 @@ class KubeWorkloads:
         self.current: Inventory | None = None
         self.loaded = asyncio.Event()
         self.error: str | None = None
+        self.failing_since: float | None = None  # time.monotonic() of the first error of the current run of them
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
 
@@ -108,6 +122,10 @@ class KubeWorkloads:
         error = self.source.error
         if error != self.error:
             self.error = error
+            if error is None:
+                self.failing_since = None
+            elif self.failing_since is None:
+                self.failing_since = time.monotonic()
             self._on_error(error or "")
         if not self.source.synced.is_set():
             return False
@@ -136,7 +154,8 @@ class KubeAgent(Agent):
     def __init__(self, config: AgentConfig, flavour: Flavour, *, settings: KubeSettings) -> None:
         super().__init__(config, flavour)
         api = settings.api()
-        self.inventory = KubeWorkloads(  # type: ignore[assignment]
+        self.api_failure_grace = settings.api_failure_grace
+        self.workloads = KubeWorkloads(
             api,
             config.node,
             self._on_inventory,
@@ -144,6 +163,7 @@ class KubeAgent(Agent):
             cluster_name=settings.cluster_name,
             trust_domain=settings.trust_domain,
         )
+        self.inventory = self.workloads  # type: ignore[assignment]
         self.pod_status = PodStatusWriter(api) if settings.status else None
         if settings.netns == "proc":
             self.reconciler.use_resolver(ProcNetnsResolver(proc=settings.proc, netns_dir=config.netns_dir))
@@ -162,6 +182,24 @@ class KubeAgent(Agent):
         if self.admin is not None:
             self._guard(admin_endpoint.serve(*self.admin), "admin")
         return await super().run(stop)
+
+    def readiness_pending(self) -> str | None:
+        """The file-mode agent's readiness, and unready while the API server has failed for longer than the
+        grace (module docstring)."""
+        pending = super().readiness_pending()
+        since = self.workloads.failing_since
+        if pending is None and since is not None:
+            failing = time.monotonic() - since
+            if failing >= self.api_failure_grace:
+                return (
+                    f"the API server has failed for {failing:.0f} s: {self.workloads.error}; the pods listed "
+                    "before stay captured, but no new pod is enrolled until it answers"
+                )
+        return pending
+
+    def _source_problem(self) -> str | None:
+        # The source's own: before its first complete list nothing wakes KubeWorkloads.check() on an error.
+        return self.workloads.source.error
 
     def _write_status(self, *, running: bool) -> None:
         super()._write_status(running=running)

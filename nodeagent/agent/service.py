@@ -4,9 +4,17 @@ Why this module exists: each part (inventory watcher, per-pod reconciler, probe 
 status file) is small and tested on its own; this module owns their lifetimes. Every long-lived task is
 named and guarded: if one ends unexpectedly the agent logs it and exits non-zero rather than limping on.
 The agent is ready once the first inventory has been read and every pod of the node has been reconciled
-once (adopted, captured or released). On SIGTERM/SIGINT it stops its tasks, closes the ZDS socket and
-its netns fds, and LEAVES capture in place: a restarted agent adopts it without touching the kernel,
-and meanwhile enrolled pods stay captured (fail closed).
+once (adopted, captured or released); only then does it bind the ZDS socket. On SIGTERM/SIGINT it stops
+its tasks, closes the ZDS socket and its netns fds, and LEAVES capture in place: a restarted agent adopts
+it without touching the kernel, and meanwhile enrolled pods stay captured (fail closed).
+
+`--ready-socket PATH` serves that readiness on /healthz/ready (agent/admin_endpoint.py) for the DaemonSet's
+probe, and it stays true only while the socket at the ZDS path is the one this agent bound: a newer agent
+(a rolling update's surge pod) takes the path over, and tunnels that connect from then on never reach this
+one. Why the agent needs readiness of its own: the tunnel turns ready on any agent's snapshot, and during
+a rolling update that is the old pod's agent - a new agent stuck before its first pass (an RBAC 403 on its
+list, retried forever) must keep its pod unready, or the old pod is stopped and the node is left with no
+working agent.
 
 Capture is `--capture iptables`, `ebpf` (nodeagent.capture.ebpf: pinned BPF programs, no rule in the
 pods) or `auto` (eBPF where the kernel, headers and capabilities allow it, else iptables, with a log line
@@ -33,6 +41,7 @@ from typing import Any
 
 import uvloop
 
+from nodeagent.agent import admin_endpoint
 from nodeagent.agent.capture_modes import BothModes, log_leftover_mode
 from nodeagent.agent.enrollment import desired_pods
 from nodeagent.agent.netns_resolver import DirectoryNetnsResolver
@@ -74,6 +83,8 @@ class AgentConfig:
     verify_interval: float = DEFAULT_VERIFY_S
     inventory_poll: float = DEFAULT_POLL_S
     concurrency: int = DEFAULT_CONCURRENCY
+    # Serve /healthz/ready on this unix socket (the pod's own volume: the kubelet's exec probe); None: not served.
+    ready_socket: str | None = None
 
 
 def capture_backend(config: AgentConfig, flavour: Flavour) -> CaptureBackend:
@@ -109,6 +120,9 @@ class Agent:
             poll_s=config.inventory_poll,
         )
         self.ready = False
+        self.readiness = admin_endpoint.readiness_server(self.readiness_pending)
+        self._zds_inode: int | None = None  # the ZDS socket this agent bound (another agent may replace it)
+        self._stopping = False
         self._reconciled = asyncio.Event()  # set once every pod has been reconciled after start
         # Pod statuses mean something to others (pods/status) only once a tunnel could have acked them: until
         # then a restarted agent knows of no ack, though its tunnel kept serving every pod throughout.
@@ -125,6 +139,11 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> int:
         """Serve until `stop` is set (0) or a guarded task dies (1)."""
         try:
+            if self.config.ready_socket is not None:  # first: a probe hears what is pending, not a refusal
+                try:
+                    await self.readiness.start_unix(self.config.ready_socket)
+                except OSError as exc:
+                    raise SystemExit(f"--ready-socket {self.config.ready_socket}: {exc}") from None
             self._guard(self._status_writer(), "status-writer")
             if not self.inventory.check() and self.inventory.current is None:
                 # the source has said why (a rejected file logs the error; the API server's first list may
@@ -144,6 +163,7 @@ class Agent:
             await self._shutdown()
 
     async def _shutdown(self) -> None:
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -151,6 +171,7 @@ class Agent:
         await self.zds.close()
         self.ready = False
         self._write_status(running=False)
+        await self.readiness.stop()
         log.info("agent stopped; capture left in place for the next agent")
 
     def _guard(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -169,6 +190,37 @@ class Agent:
             log.critical("task %s ended unexpectedly; stopping the agent", task.get_name())
             self._failed.set()
 
+    # --- readiness ------------------------------------------------------------------------------------
+
+    def readiness_pending(self) -> str | None:
+        """None while this agent does its work on the node: it has read its workloads, reconciled every pod
+        once and holds the ZDS socket. Otherwise what it waits for (its /healthz/ready answer)."""
+        if self._stopping:
+            return "the agent is stopping"
+        if not self.inventory.loaded.is_set():
+            problem = self._source_problem() or "still reading it"
+            return f"no complete workload list from {self.inventory.path} yet: {problem}"
+        if not self.ready:
+            return (
+                f"first reconcile pass of node {self.config.node}'s pods still running "
+                f"({len(self.reconciler.records)} pods in hand); the ZDS socket opens after it"
+            )
+        try:
+            ours = os.stat(self.config.zds_socket).st_ino == self._zds_inode
+        except OSError:
+            ours = False
+        if not ours:
+            return (
+                f"the ZDS socket {self.config.zds_socket} is no longer this agent's: another agent took it over "
+                "(a rolling update's new pod) or it was removed, and tunnels that connect now do not reach this "
+                "agent; if no other agent runs on this node, restart this one"
+            )
+        return None
+
+    def _source_problem(self) -> str | None:
+        """Why the workload source has handed over no list (yet), if it knows."""
+        return self.inventory.error
+
     # --- tasks ----------------------------------------------------------------------------------------
 
     async def _readiness(self) -> None:
@@ -178,6 +230,7 @@ class Agent:
         # reconnecting to a restarted agent during its first pass got a partial snapshot and dropped the
         # missing pods (closing their listeners: connections refused until the pods were added again).
         await self.zds.start()
+        self._zds_inode = os.stat(self.config.zds_socket).st_ino
         self.ready = True
         self._reconciled.set()
         log.info("ready: %d pods of node %s reconciled", len(self.reconciler.records), self.config.node)

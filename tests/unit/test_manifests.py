@@ -133,16 +133,13 @@ def test_daemonset_conventions() -> None:
     assert {"NET_ADMIN", "NET_RAW", "SYS_ADMIN", "BPF", "PERFMON"} <= set(
         containers["agent"]["securityContext"]["capabilities"]["add"]
     )
-    # Readiness through the tunnel's own socket in a pod-private volume: the node's :15021 belongs to
-    # whichever tunnel bound it first (the old pod's, during a rolling update).
-    # tests/integration/test_tunnel_drain.py runs this command against real tunnels.
-    tunnel = containers["tunnel"]
-    [socket_arg] = [a for a in tunnel["args"] if a.startswith("--ready-socket=")]
-    ready_socket = socket_arg.split("=", 1)[1]
-    command = tunnel["readinessProbe"]["exec"]["command"]
-    assert command[:2] == ["curl", "-sf"] and ready_socket in command and command[-1].endswith("/healthz/ready")
-    [run_mount] = [m for m in tunnel["volumeMounts"] if ready_socket.startswith(m["mountPath"] + "/")]
-    assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == run_mount["name"])
+    # Readiness of each container through its own process's socket in a pod-private volume: the node's
+    # :15021 belongs to whichever tunnel bound it first, and the ZDS socket (a hostPath) to whichever agent
+    # bound it last - during a rolling update, the old pod's. The tunnel alone is ready on the old agent's
+    # snapshot, so the agent must be asked too. tests/integration/test_tunnel_drain.py and
+    # test_agent_ready.py run these commands against a real tunnel and agent.
+    for name in ("agent", "tunnel"):
+        assert_ready_probe_on_own_socket(pod, containers[name])
     assert re.search(r"\bcurl\b", (DAEMONSET / "Dockerfile").read_text()), "the probe needs curl in the image"
     volumes = {v["name"]: v for v in pod["volumes"]}
     paths = {v["hostPath"]["path"]: name for name, v in volumes.items() if "hostPath" in v}
@@ -166,6 +163,21 @@ def test_daemonset_conventions() -> None:
     assert entrypoint is not None and containers["agent"]["command"][0] == entrypoint.group(1)
     token = next(v for v in pod["volumes"] if v["name"] == "ca-token")["projected"]["sources"][0]
     assert token["serviceAccountToken"]["audience"] == "istio-ca"
+
+
+def assert_ready_probe_on_own_socket(pod: dict[str, Any], container: dict[str, Any]) -> None:
+    """`container` is started with --ready-socket=PATH, its exec readiness probe curls /healthz/ready on that
+    PATH, and PATH lies in an emptyDir (this pod's alone) mounted in the container."""
+    name = container["name"]
+    socket_args = [a for a in container["args"] if a.startswith("--ready-socket=")]
+    assert len(socket_args) == 1, f"the {name} container is not started with one --ready-socket=PATH"
+    ready_socket = socket_args[0].split("=", 1)[1]
+    assert "readinessProbe" in container, f"the {name} container has no readiness probe"
+    command = container["readinessProbe"]["exec"]["command"]
+    assert command[:2] == ["curl", "-sf"] and command[-1].endswith("/healthz/ready")
+    assert command[command.index("--unix-socket") + 1] == ready_socket, f"{name}: the probe asks another socket"
+    [run_mount] = [m for m in container["volumeMounts"] if ready_socket.startswith(m["mountPath"] + "/")]
+    assert "emptyDir" in next(v for v in pod["volumes"] if v["name"] == run_mount["name"])
 
 
 def test_ca_deployment_and_service() -> None:
