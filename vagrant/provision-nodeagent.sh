@@ -19,6 +19,7 @@ if ! kubectl -n "$ns" get configmap nodeagent-trust-bundle >/dev/null 2>&1; then
   kubectl -n "$ns" get secret nodeagent-ca-root -o jsonpath='{.data.root-cert\.pem}' | base64 -d > "$work/root-cert.pem"
   kubectl -n "$ns" create configmap nodeagent-trust-bundle --from-file=root-cert.pem="$work/root-cert.pem"
 fi
+kubectl apply -k "$src/daemonset/istio-crds"  # this cluster has no Istio: nodeagent's copy of its policy CRDs
 kubectl apply -k "$src/daemonset"
 kubectl -n "$ns" rollout status deployment/nodeagent-ca --timeout=180s
 kubectl -n "$ns" rollout status daemonset/nodeagent --timeout=300s

@@ -27,23 +27,26 @@ CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResou
 OPERATOR_CREATED = {("Secret", "nodeagent-ca-root"), ("ConfigMap", "nodeagent-trust-bundle")}
 
 
-def manifest_files() -> list[Path]:
-    return sorted(p for p in DAEMONSET.glob("*.yaml") if p.name != "kustomization.yaml")
+CRDS = DAEMONSET / "istio-crds"  # a kustomization of its own: never applied where Istio runs
+
+
+def manifest_files(directory: Path = DAEMONSET) -> list[Path]:
+    return sorted(p for p in directory.glob("*.yaml") if p.name != "kustomization.yaml")
 
 
 def load(path: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
 
 
-def render() -> list[dict[str, Any]]:
-    """`kubectl kustomize daemonset/` for the features the kustomization uses; anything else is an error."""
-    k = yaml.safe_load((DAEMONSET / "kustomization.yaml").read_text())
+def render(directory: Path = DAEMONSET) -> list[dict[str, Any]]:
+    """`kubectl kustomize DIR` for the features the kustomization uses; anything else is an error."""
+    k = yaml.safe_load((directory / "kustomization.yaml").read_text())
     assert k["kind"] == "Kustomization"
     unsupported = set(k) - {"apiVersion", "kind", "namespace", "resources", "labels"}
     assert not unsupported, f"the test's renderer does not implement {unsupported}"
     out = []
     for resource in k["resources"]:
-        for doc in load(DAEMONSET / resource):
+        for doc in load(directory / resource):
             meta = doc.setdefault("metadata", {})
             if doc["kind"] not in CLUSTER_SCOPED and "namespace" in k:
                 meta["namespace"] = k["namespace"]
@@ -53,7 +56,7 @@ def render() -> list[dict[str, Any]]:
     return out
 
 
-@pytest.mark.parametrize("path", manifest_files(), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [*manifest_files(), *manifest_files(CRDS)], ids=lambda p: p.name)
 def test_manifest_validates_against_kubernetes_schemas(path: Path) -> None:
     docs = load(path)
     assert docs, f"{path.name} holds no document"
@@ -205,8 +208,12 @@ def test_rbac_is_least_privilege_and_commented() -> None:
     assert {"resources": ["pods/status"], "verbs": ["patch"], "apiGroups": [""]} in agent["rules"]
 
 
-def test_crds_cover_the_istio_security_kinds() -> None:
-    crds = {d["spec"]["names"]["kind"]: d for d in load(DAEMONSET / "crds.yaml")}
+def test_crds_cover_the_istio_security_kinds_and_are_not_applied_with_the_rest() -> None:
+    """Applied over Istio's own CRDs (which serve v1beta1 too) they would take versions away from Istio."""
+    assert not any(o["kind"] == "CustomResourceDefinition" for o in render())
+    rendered = render(CRDS)
+    assert {o["metadata"]["labels"]["app.kubernetes.io/part-of"] for o in rendered} == {"nodeagent"}
+    crds = {d["spec"]["names"]["kind"]: d for d in rendered}
     assert set(crds) == {"AuthorizationPolicy", "PeerAuthentication"}
     for crd in crds.values():
         assert crd["spec"]["group"] == "security.istio.io"
