@@ -228,15 +228,17 @@ class Mesh:
             self.wait_tunnel_ready(proc, timeout)
         return proc
 
-    def start_agent(self, node: str, *, wait: bool = True, timeout: float = 30.0) -> Proc:
-        """Start `node`'s agent; with `wait`, return once its status file says this process is ready."""
+    def start_agent(self, node: str, name: str | None = None, *, wait: bool = True, timeout: float = 30.0) -> Proc:
+        """Start `node`'s agent (it becomes `agent(node)`); with `wait`, return once its status file says this
+        process is ready. A second agent beside a running one (a rolling update's surge pod) needs `name`:
+        each process keeps a log of its own."""
         argv = [
             *NODEAGENT, "agent", "--node", node, *self._source(),
             "--zds-socket", str(self.zds_socket(node)), "--state-dir", str(self.agent_state),
             "--capture", self.capture, "--verify-interval", str(self.verify_interval),
             *(["--inventory-poll", str(self.inventory_poll)] if self.inventory_poll is not None else []),
         ]  # fmt: skip
-        proc = self._spawn(f"agent-{node}", "agent", node, self.lab.node_exec_argv(node, argv))
+        proc = self._spawn(name or f"agent-{node}", "agent", node, self.lab.node_exec_argv(node, argv))
         self._agents[node] = proc
         if wait:
             self.wait(f"the agent on {node} to be ready", functools.partial(self.agent_ready, node), timeout)

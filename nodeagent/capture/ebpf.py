@@ -21,6 +21,10 @@ Two non-BPF objects complete it, for the tunnel's connections to the app from th
 the tunnel's SYN, 0x111) and the policy routing of nodeagent.capture.routing (fwmark 0x111 -> table 100,
 local default route), which delivers the app's replies to the client's IP to the tunnel's socket instead
 of sending them out of eth0. The iptables mode gets the same mark onto replies with connmark rules.
+install() puts both in before the programs: a tunnel may already serve the pod (the agent came back in
+this mode with the pod enrolled, tests/privileged/test_capture_mode_switch.py), and it marks its connections
+to the app 0x111 from the moment the pod's pin directory exists; with the sysctl still 0 the app's SYN-ACK
+went out of eth0 onto the fabric (measured).
 
 What it deliberately does not do: no bcc import (loader.py has it, compiles once per process and loads a
 pod's programs only when a program pin is missing or another build's), no kubelet-probe handling on the
@@ -146,11 +150,15 @@ class EbpfBackend:
             cgroup = self.cgroups.path(pod)
             if not os.path.isdir(cgroup):
                 raise CaptureError(f"pod {pod.key}: its cgroup {cgroup} does not exist (wrong --cgroup-pattern?)")
+            # The replies' path first, then the programs (see the module docstring: a serving tunnel uses the
+            # bypass mark as soon as the pin directory exists).
+            sysctl_was = _sysctl(netns, "1", self.sysctl_net)
+            routes = routing.ensure(netns)
             with _kernel_lock:
                 repaired = loader.ensure(config, cgroup, netns)
-            if _sysctl(netns, "1", self.sysctl_net) != "1":
+            if sysctl_was != "1":
                 repaired += ("net.ipv4.tcp_fwmark_accept was 0: set it to 1",)
-            return repaired + routing.ensure(netns)
+            return repaired + routes
 
         return await _kernel_work(f"pod {pod.key}", work)
 
