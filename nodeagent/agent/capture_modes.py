@@ -32,7 +32,7 @@ enrolled (each backend's remove() also deletes the policy routing both modes use
 is flowing; a pod found so is logged, and cleaned when it is unenrolled), and it installs only the
 current mode: a pod holds both only when an earlier run captured it in the other.
 
-Known gap, outside this module (xfail in that test): after iptables -> eBPF under a tunnel that kept its
+Known gap, outside this module (asserted as it is in that test): after iptables -> eBPF under a tunnel that kept its
 listeners (an agent-only restart, or a surge tunnel that bound them on the old agent's snapshot) the
 pods' :15006 listener is not in their map_listener, so sk_lookup refuses inbound plaintext (fail closed)
 until the tunnel rebinds. Registering it again on the next snapshot was tried and is not enough: the map

@@ -30,6 +30,15 @@ from typing import Any, TypeVar
 from nodeagent.lab.cluster import DEFAULT_TOPOLOGY, Lab, teardown
 from nodeagent.labmesh import Mesh
 
+# The default lab topology's pods, as the tests address them (written out: oracles never ask nodeagent).
+FRONTEND, PAYMENTS, CHECKOUT, BATCH = "shop/frontend", "shop/payments", "shop/checkout", "legacy/batch"
+SHOP = [FRONTEND, PAYMENTS, CHECKOUT]  # enrolled once the shop namespace is labelled
+IP = {FRONTEND: "10.10.1.10", PAYMENTS: "10.10.1.11", CHECKOUT: "10.10.2.10", BATCH: "10.10.2.11"}
+NODE = {FRONTEND: "node1", PAYMENTS: "node1", CHECKOUT: "node2", BATCH: "node2"}
+NETNS = {key: f"na-{NODE[key]}.{key.replace('/', '.')}" for key in IP}
+TUNNEL_PORTS = {15001, 15006, 15008}
+APP_PORT = 8080
+
 PIN_ROOT = Path("/sys/fs/bpf/nodeagent")
 # The pod's attachments as bpftool names them: attach type -> program name.
 CGROUP_PROGS = {

@@ -38,6 +38,7 @@ from typing import Any
 import oracles
 import pytest
 from kube_standin import KubeStandIn, namespace, pod, service
+from oracles import APP_PORT, BATCH, CHECKOUT, FRONTEND, IP, NETNS, PAYMENTS, SHOP, TUNNEL_PORTS
 from waiting import wait_for
 
 from nodeagent.agent.kube_netns import ProcNetnsResolver
@@ -47,13 +48,6 @@ from nodeagent.model import Pod
 
 pytestmark = [pytest.mark.privileged, pytest.mark.timeout(120)]
 
-FRONTEND, PAYMENTS, CHECKOUT, BATCH = "shop/frontend", "shop/payments", "shop/checkout", "legacy/batch"
-SHOP = [FRONTEND, PAYMENTS, CHECKOUT]
-IP = {FRONTEND: "10.10.1.10", PAYMENTS: "10.10.1.11", CHECKOUT: "10.10.2.10", BATCH: "10.10.2.11"}
-NODE = {FRONTEND: "node1", PAYMENTS: "node1", CHECKOUT: "node2", BATCH: "node2"}
-NETNS = {key: f"na-{NODE[key]}.{key.replace('/', '.')}" for key in IP}
-TUNNEL_PORTS = {15001, 15006, 15008}
-APP_PORT = 8080
 ANNOTATION = "ambient.istio.io/redirection"
 DATAPLANE_LABEL = "istio.io/dataplane-mode"
 NAMESPACE_LISTS_AND_WATCHES = re.compile(r"^/api/v1/namespaces\?")  # not /api/v1/namespaces/shop/...

@@ -36,6 +36,7 @@ from typing import Any
 
 import oracles
 import pytest
+from oracles import APP_PORT, BATCH, CHECKOUT, FRONTEND, IP, NETNS, NODE, PAYMENTS, SHOP, TUNNEL_PORTS
 from waiting import wait_for
 
 from nodeagent.lab.cluster import DEFAULT_TOPOLOGY, Lab, teardown
@@ -44,13 +45,7 @@ from nodeagent.labmesh import Mesh
 pytestmark = [pytest.mark.privileged, pytest.mark.timeout(150)]
 
 CAPTURE_MODES = ["iptables", "ebpf"]
-FRONTEND, PAYMENTS, CHECKOUT, BATCH = "shop/frontend", "shop/payments", "shop/checkout", "legacy/batch"
-ENROLLED = [FRONTEND, PAYMENTS, CHECKOUT]
-IP = {FRONTEND: "10.10.1.10", PAYMENTS: "10.10.1.11", CHECKOUT: "10.10.2.10", BATCH: "10.10.2.11"}
-NODE = {FRONTEND: "node1", PAYMENTS: "node1", CHECKOUT: "node2", BATCH: "node2"}
-NETNS = {key: f"na-{NODE[key]}.{key.replace('/', '.')}" for key in IP}
-TUNNEL_PORTS = {15001, 15006, 15008}
-APP_PORT = 8080
+ENROLLED = SHOP
 
 # --- apps in the pods ---------------------------------------------------------------------------------
 
