@@ -281,8 +281,7 @@ class AdminServer:
 
     def route(self, method: str, target: str) -> tuple[int, str, bytes]:
         """Status, content type and body for one request (pure apart from the providers it calls and, for
-        POST /logging, the logging levels it sets). /metrics renders on the caller's thread: the server
-        uses respond()."""
+        POST /logging, the logging levels it sets); respond() serves GET /metrics."""
         path, _, query = target.partition("?")
         if path == METRICS_ALIAS and METRICS in self.routes:
             path = METRICS
@@ -299,9 +298,7 @@ class AdminServer:
             return 405, "text/plain", b"only GET is supported\n"
         if path == CONFIG_DUMP:
             return 200, "application/json", json.dumps(self.config_dump(), indent=2, sort_keys=True).encode()
-        if path == METRICS:
-            assert self._registry is not None  # checked in __init__
-            return 200, CONTENT_TYPE_LATEST, generate_latest(self._registry)
+        assert path != METRICS, "respond() serves /metrics, off the event loop"
         pending = self.readiness()
         if pending:
             return 500, "text/plain", ("not ready\n" + "\n".join(pending) + "\n").encode()

@@ -188,16 +188,15 @@ def plan_outbound(
         if not svc.selector:
             return Passthrough(dst, f"service {service} has no selector: its endpoints are not pods", service=service)
         # A numeric target port is every endpoint's; a named one only of the pods that define it.
-        targets = (
-            [(w, t) for w in route.endpoints if (t := port.target_on(w.pod)) is not None]
-            if port.target_port_name
-            else route.endpoints
-        )
-        if not targets:
+        endpoints, target_port = route.endpoints, port.target_port
+        if port.target_port_name:
+            endpoints = tuple(w for w in endpoints if port.target_on(w.pod) is not None)
+        if not endpoints:
             named = f" defining port {port.target_port_name!r}" if port.target_port_name else ""
             return Denial(f"service {service} has no ready endpoints{named}; check its selector and its pods")
-        chosen = targets[balance % len(targets)]
-        endpoint, target_port = chosen if isinstance(chosen, tuple) else (chosen, port.target_port)
+        endpoint = endpoints[balance % len(endpoints)]
+        if port.target_port_name:
+            target_port = endpoint.pod.container_ports[port.target_port_name]
         assert endpoint.pod.ip is not None  # the snapshot only holds pods with an IP
         dst = SocketAddress(endpoint.pod.ip, target_port)
     workload = snapshot.workloads.get(dst.ip)
