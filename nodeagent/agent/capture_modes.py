@@ -32,11 +32,11 @@ enrolled (each backend's remove() also deletes the policy routing both modes use
 is flowing; a pod found so is logged, and cleaned when it is unenrolled), and it installs only the
 current mode: a pod holds both only when an earlier run captured it in the other.
 
-Known gap, outside this module (asserted as it is in that test): after iptables -> eBPF under a tunnel that kept its
-listeners (an agent-only restart, or a surge tunnel that bound them on the old agent's snapshot) the
-pods' :15006 listener is not in their map_listener, so sk_lookup refuses inbound plaintext (fail closed)
-until the tunnel rebinds. Registering it again on the next snapshot was tried and is not enough: the map
-has one slot, and a tunnel about to drain can take it last, its close then emptying it.
+After iptables -> eBPF under a tunnel that kept its listeners (an agent-only restart, or a surge tunnel
+that bound them on the old agent's snapshot) the new pins' map_listener is empty, and sk_lookup refuses
+inbound plaintext (fail closed) until the tunnel puts its :15006 listener there: at once when the new
+agent's snapshot names a pod it keeps, and within a second after a draining tunnel's listener empties the
+slot (Tunnel._reclaim_listeners, outside this module).
 """
 
 from __future__ import annotations

@@ -64,6 +64,7 @@ BPF_LINK_GET_FD_BY_ID = 30
 BPF_LINK_DETACH = 34
 
 BPF_ANY = 0
+BPF_NOEXIST = 1
 SYS_BPF = 321  # x86-64; arm64 is 280 (see _sys_bpf_number)
 SOL_SOCKET = 1
 SO_NETNS_COOKIE = 71
@@ -639,10 +640,10 @@ def keys(map_fd: int, key_size: int) -> Iterator[bytes]:
         current = ctypes.create_string_buffer(nbuf.raw, key_size)
 
 
-def put_socket(map_path: str, key: int, sock_fd: int) -> None:
+def put_socket(map_path: str, key: int, sock_fd: int, flags: int = BPF_ANY) -> None:
     """Put a socket in a pinned SOCKMAP slot (the value is the socket's fd, in the caller's process)."""
     with obj_get(map_path) as m:
-        update(m.fd, key.to_bytes(4, "little"), sock_fd.to_bytes(4, "little"))
+        update(m.fd, key.to_bytes(4, "little"), sock_fd.to_bytes(4, "little"), flags)
 
 
 def netns_cookie(sock_fd: int) -> int:
@@ -663,6 +664,26 @@ def register_inbound_listener(uid: str, sock_fd: int, pin_root: str | None = Non
     if not os.path.exists(path):
         return False
     put_socket(path, 0, sock_fd)
+    return True
+
+
+def reclaim_inbound_listener(uid: str, sock_fd: int, pin_root: str | None = None) -> bool:
+    """Put the tunnel's :15006 listener in the pod's map_listener if its slot is empty; True if it was.
+
+    The slot empties when the socket in it closes (the kernel unlinks a closed socket from every SOCKMAP),
+    and nothing tells the other tunnel: a draining tunnel whose listener took the slot last, or pins made
+    after this tunnel bound its listeners (the capture mode switched to eBPF under it), leave sk_lookup
+    with no socket, and it refuses every inbound plaintext SYN. The tunnel calls this periodically.
+    BPF_NOEXIST makes "if empty" part of the update, so a listener a successor has just put there stays.
+    False, too, when the pod has no eBPF capture or its pins went away meanwhile (unenrolled).
+    """
+    path = f"{pin_dir(uid, pin_root or PIN_ROOT)}/{MAP_LISTENER}"
+    try:
+        put_socket(path, 0, sock_fd, BPF_NOEXIST)
+    except BpfError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOENT):
+            return False
+        raise
     return True
 
 

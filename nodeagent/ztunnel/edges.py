@@ -203,6 +203,11 @@ class SocketFactory(Protocol):
         """Where an accepted, captured connection was going."""
         ...
 
+    def reclaim_inbound(self, pod: LocalPod, listener: socket.socket) -> bool:
+        """Put the pod's :15006 `listener` back where the capture steers plaintext, if nothing is there
+        (eBPF: an empty map_listener slot); True if it did. Called periodically by the tunnel."""
+        ...
+
 
 def _netns_cookie(sock: socket.socket) -> int:
     """Which netns a socket lives in (SO_NETNS_COOKIE): an accepted socket shares its listener's."""
@@ -241,6 +246,9 @@ class NetnsSocketFactory:
                 exc.errno, f"pod {pod.key}: cannot register the :{port} listener for eBPF capture: {exc}"
             ) from None
         return sock
+
+    def reclaim_inbound(self, pod: LocalPod, listener: socket.socket) -> bool:
+        return ebpf_maps.reclaim_inbound_listener(pod.uid, listener.fileno(), self.bpf_pin_root)
 
     def outbound(self, pod: LocalPod, target: SocketAddress) -> socket.socket:
         family = socket.AF_INET6 if target.ip.version == 6 else socket.AF_INET

@@ -71,6 +71,9 @@ class LoopbackSockets:
         # Loopback accepts any 127/8 source, so the app sees the client's pod IP as on a spoofing node.
         return sockets.connect_socket(socket.AF_INET, mark=None, source=client)
 
+    def reclaim_inbound(self, pod: LocalPod, listener: socket.socket) -> bool:
+        return False  # loopback has no capture to put a listener in
+
     def original_dst(self, sock: socket.socket) -> SocketAddress:
         ip, port = sock.getpeername()[:2]
         try:

@@ -433,6 +433,63 @@ def test_fail_closed_without_a_tunnel(captured: dict[str, str]) -> None:
     assert lab_exec("shop/payments", CLIENT, POD_IP, "8080") == "ERROR 111"
 
 
+RECLAIM = r"""
+import json, select, socket, sys
+from nodeagent.ebpf import maps
+uid = sys.argv[1]
+def listener():
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind(("0.0.0.0", 15006))
+    s.listen(8)
+    return s
+def serve_one(*listeners):
+    ready, _, _ = select.select(listeners, [], [], 20)
+    conn, _ = ready[0].accept()
+    conn.sendall(json.dumps({"listener": 15006}).encode() + b"\n")
+    conn.close()
+old, new = listener(), listener()  # one reuseport group: a tunnel and its successor
+maps.register_inbound_listener(uid, old.fileno())
+print(json.dumps({"reclaimed": maps.reclaim_inbound_listener(uid, new.fileno())}), flush=True)
+serve_one(old, new)
+old.close()  # the kernel empties the slot: sk_lookup has nothing to steer to
+print(json.dumps({"closed": True}), flush=True)
+sys.stdin.readline()
+print(json.dumps({"reclaimed": maps.reclaim_inbound_listener(uid, new.fileno())}), flush=True)
+serve_one(new)
+"""
+
+
+def test_an_emptied_listener_slot_is_reclaimed_and_a_held_one_kept(captured: dict[str, str]) -> None:
+    """maps.reclaim_inbound_listener, which the tunnel calls periodically: while a listener is in the pod's
+    map_listener it is left there; once that socket closes, inbound plaintext is refused (fail closed)
+    until the reclaim puts the other listener in, and then reaches it."""
+    proc = subprocess.Popen(
+        ["nsenter", f"--net={captured['netns']}", "--", sys.executable, "-c", RECLAIM, captured["uid"]],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=str(Path(__file__).parents[2]),
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    try:
+        assert json.loads(proc.stdout.readline() or "null") == {"reclaimed": False}, proc.stderr
+        assert json.loads(lab_exec("shop/payments", CLIENT, POD_IP, "8080")) == {"listener": 15006}
+        assert json.loads(proc.stdout.readline() or "null") == {"closed": True}
+        assert lab_exec("shop/payments", CLIENT, POD_IP, "8080") == "ERROR 111"
+        proc.stdin.write("reclaim\n")
+        proc.stdin.flush()
+        assert json.loads(proc.stdout.readline() or "null") == {"reclaimed": True}
+        assert json.loads(lab_exec("shop/payments", CLIENT, POD_IP, "8080")) == {"listener": 15006}
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_detached_by_hand_is_detected_and_repaired(captured: dict[str, str], ebpf: Any) -> None:
     loader, pins = ebpf
     cgroup, netns, uid = captured["cgroup"], captured["netns"], captured["uid"]

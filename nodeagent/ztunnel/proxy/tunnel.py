@@ -115,6 +115,7 @@ class TunnelInputs:
     drain_margin: float = DRAIN_MARGIN
     cert_wait: float = CERT_WAIT
     watch_interval: float = 0.25  # how often inventory and policies are checked for changes (< 1 s)
+    reclaim_interval: float = 1.0  # how often an emptied eBPF listener slot is looked for (_reclaim_listeners)
     limits: hbone.Limits = field(default_factory=hbone.Limits)
     hbone_port: int = sockets.HBONE_PORT
     connect_timeout: float = sockets.CONNECT_TIMEOUT
@@ -133,11 +134,14 @@ class _Served:
     listeners: list[socket.socket] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     hbone: HboneInbound | None = None
+    plaintext: socket.socket | None = None  # the :15006 listener (also in `listeners`)
+    reclaim_error: str | None = None  # the last failure to put it back in the capture, logged once
 
     def close_listeners(self) -> None:
         for sock in self.listeners:
             sock.close()
         self.listeners.clear()
+        self.plaintext = None
         for task in self.tasks:
             task.cancel()
         self.tasks.clear()
@@ -189,6 +193,7 @@ class Tunnel:
     async def start(self) -> None:
         await self._in.credentials.start()
         self._tasks.spawn(self._watch(), name="tunnel-watch-inventory-and-policies")
+        self._tasks.spawn(self._reclaim_listeners(), name="tunnel-reclaim-emptied-ebpf-listener-slots")
         # Like ztunnel's ports: the config dump only on the (localhost) admin port, /metrics only on the
         # Prometheus port, readiness on its own port (and on the admin port, for operators).
         admin = AdminServer(routes=(CONFIG_DUMP, READY, LOGGING))
@@ -323,9 +328,11 @@ class Tunnel:
         same = known is not None and known.pod.identity == identity and _same_netns(known.pod.netns_fd, netns_fd)
         if known is not None and known.listeners and same:
             # A fresh snapshot (the agent restarted) names a pod already served in the same netns: keep its
-            # listeners and connections — rebinding would reset them.
+            # listeners and connections — rebinding would reset them. The agent may have come back in the
+            # eBPF capture mode: its new pins hold no listener yet.
             if netns_fd is not None:
                 os.close(netns_fd)
+            self._reclaim(known)
             return
         pod = LocalPod(workload.uid, workload.name, workload.namespace, identity, netns_fd)
         if known is not None:
@@ -388,12 +395,48 @@ class Tunnel:
 
         await asyncio.get_running_loop().run_in_executor(None, work)
         outbound, plaintext, hbone_listener = served.listeners
+        served.plaintext = plaintext
         served.hbone = HboneInbound(self.deps, pod)
         served.tasks += [
             self._tasks.spawn(self._outbound.serve(pod, outbound), name=f"accept :15001 {pod.key}"),
             self._tasks.spawn(PlaintextInbound(self.deps, pod).serve(plaintext), name=f"accept :15006 {pod.key}"),
             self._tasks.spawn(served.hbone.serve(hbone_listener), name=f"accept :15008 {pod.key}"),
         ]
+
+    async def _reclaim_listeners(self) -> None:
+        """Keep each pod's :15006 listener where eBPF capture steers inbound plaintext.
+
+        sk_lookup takes the socket in the pod's one-slot map_listener, and the kernel empties the slot when
+        that socket closes. Binding puts our listener there, but two hand-overs leave it empty with this
+        tunnel still serving, so every inbound plaintext SYN is refused (fail closed, never around the
+        tunnel) until the slot is filled again: the agent switching the capture mode to eBPF under a tunnel
+        that keeps its listeners (new pins, nothing in them), and a draining tunnel whose listener went in
+        last (a surge tunnel bound before the switch re-registers on the new snapshot, the old one too).
+        Nothing tells us, so look: every `reclaim_interval`, fill an empty slot (only an empty one: a
+        successor's fresh listener stays). One bpf(2) call per pod, on the loop: from a thread, a listener
+        closed meanwhile could lend its fd number to another pod's socket."""
+        while not self.draining:
+            await asyncio.sleep(self._in.reclaim_interval)
+            for served in list(self._pods.values()):
+                if self.draining:
+                    return
+                self._reclaim(served)
+
+    def _reclaim(self, served: _Served) -> None:
+        if served.plaintext is None or self.draining:
+            return
+        try:
+            if self._in.socket_factory.reclaim_inbound(served.pod, served.plaintext):
+                log.info(
+                    "pod %s: its eBPF capture held no :15006 listener (the capture mode switched, or a draining "
+                    "tunnel's listener closed); this tunnel's is there now",
+                    served.pod.key,
+                )
+            served.reclaim_error = None
+        except OSError as exc:
+            if str(exc) != served.reclaim_error:
+                log.warning("pod %s: cannot put the :15006 listener in its eBPF capture: %s", served.pod.key, exc)
+            served.reclaim_error = str(exc)
 
     async def remove_pod(self, uid: str) -> None:
         served = self._pods.pop(uid, None)
