@@ -47,6 +47,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import fcntl
 import functools
 import os
@@ -412,6 +413,7 @@ async def tcp_side(sock: socket.socket, leg: Leg) -> TcpSide:
 PIPE_SIZE = 1024 * 1024  # per direction; also the most a stalled direction holds (in the kernel)
 _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ is Python 3.10+ but missing from typeshed's fcntl on some versions
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+_URGENT_READ = 65536  # what a recv() past TCP urgent data takes (<= any pipe's capacity)
 
 
 class _Direction:
@@ -421,6 +423,7 @@ class _Direction:
         self._relay: SpliceRelay | None = relay  # None once stopped: no cycle outlives the relay
         self._loop = relay._loop
         self._src = src.fileno()
+        self._src_sock = src
         self._dst = dst.fileno()
         self._dst_sock = dst
         self._pipe: tuple[int, int] | None = None  # made on first data: idle connections hold no pipe
@@ -494,15 +497,41 @@ class _Direction:
         try:
             n = os.splice(self._src, self._pipe[1], self._capacity, flags=_SPLICE_FLAGS)
         except BlockingIOError:
-            return  # spurious wake-up
+            n = -1
         except OSError as exc:
             self._fail(exc)
             return
+        if n <= 0:
+            n = self._recv_past_urgent()
+            if n is None:
+                return
         if n == 0:
             self.eof = True
             self._read_off()
         self.pending += n
         self._flush()
+
+    def _recv_past_urgent(self) -> int | None:
+        """splice(2) found nothing (EAGAIN) or the end (0) though the socket was readable: look with recv().
+
+        splice never reads past TCP urgent data (send(MSG_OOB)): at the urgent byte it returns EAGAIN, or 0
+        once the FIN is in, and the socket stays readable, so the loop would call it forever and a FIN
+        behind the byte would end the stream early. recv() steps over the urgent byte (out of band, it is
+        not relayed, as by the buffered relay and any recv()-based proxy) and returns what follows, which
+        goes into the (empty: reads happen only then) pipe. Otherwise the same answer as splice's: a
+        spurious wake-up (None) or the end (0). One recv() per EAGAIN or EOF, never per byte."""
+        assert self._pipe is not None and self.pending == 0
+        try:
+            data = self._src_sock.recv(_URGENT_READ, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            self._fail(exc)
+            return None
+        if data and os.write(self._pipe[1], data) != len(data):  # an empty pipe takes 64 KiB at least
+            self._fail(OSError(errno.EIO, "the relay's pipe took part of the bytes after TCP urgent data"))
+            return None
+        return len(data)
 
     def _flush(self) -> None:
         while self.pending:

@@ -170,6 +170,27 @@ async def test_half_close_is_honoured(rig: Rig, first: str) -> None:
     assert (result.bytes_in, result.bytes_out) == ((5, 10) if first == "client" else (10, 5))
 
 
+async def test_urgent_data_is_stepped_over_not_a_stall_or_an_eof(rig: Rig) -> None:
+    """TCP urgent data (send(MSG_OOB)): splice(2) stops in front of the urgent byte and returns EAGAIN (0
+    once the FIN is in) while the socket stays readable - the splice relay used to spin on that and then
+    report the FIN there as the end, dropping the rest. Like any recv()-based relay, the bytes after it
+    are relayed; the urgent byte itself, out of band, is not (nor is it by the buffered relay)."""
+    loop = asyncio.get_running_loop()
+    await loop.sock_sendall(rig.client, b"hello")
+    rig.client.send(b"!", socket.MSG_OOB)
+    await loop.sock_sendall(rig.client, b"world")
+    got = b""
+    while len(got) < 10:  # the connection stays open: the bytes after the mark must come on their own
+        got += await asyncio.wait_for(loop.sock_recv(rig.server, 100), 5)
+    assert got == b"helloworld"
+    await loop.sock_sendall(rig.client, b" more")
+    rig.client.send(b"?", socket.MSG_OOB)
+    rig.client.shutdown(socket.SHUT_WR)  # the FIN right behind the urgent byte: still not an early end
+    assert await receive(rig.server) == (5, hashlib.sha256(b" more").hexdigest())
+    rig.server.shutdown(socket.SHUT_WR)
+    assert await asyncio.wait_for(rig.done, 5) == r.RelayResult(15, 0, None)
+
+
 async def test_reset_propagates_and_is_reported(rig: Rig) -> None:
     loop = asyncio.get_running_loop()
     await loop.sock_sendall(rig.client, b"x" * 1000)
