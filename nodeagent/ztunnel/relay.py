@@ -502,9 +502,10 @@ class _Direction:
             self._fail(exc)
             return
         if n <= 0:
-            n = self._recv_past_urgent()
-            if n is None:
+            got = self._recv_past_urgent()
+            if got is None:
                 return
+            n = got
         if n == 0:
             self.eof = True
             self._read_off()
