@@ -36,6 +36,7 @@ import errno
 import json
 import logging
 import os
+import socket
 import stat
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable
@@ -70,6 +71,27 @@ LOG_LEVELS = {
     "off": logging.CRITICAL + 1,
 }
 RESET = "reset"
+
+
+def listen_error(host: str, port: int, exc: OSError) -> OSError:
+    """`exc`, raised listening on host:port, as one line naming the address, the cause and what to do; the
+    errno is kept, so a caller can still tell an address in use (which frees up) from the others."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if isinstance(exc, socket.gaierror):
+        return OSError(
+            exc.errno,
+            f"cannot listen on {where}: cannot resolve {host!r} ({exc.strerror}); give an IP "
+            "address of this host, or :PORT for all of them",
+        )
+    hints = {
+        errno.EADDRINUSE: "another process listens there; stop it or choose another port",
+        errno.EADDRNOTAVAIL: f"{host} is not an address of this host (or of this network namespace); give one of "
+        f"its addresses, 127.0.0.1, or :{port} for all of them",
+        errno.EACCES: "ports below 1024 need root or CAP_NET_BIND_SERVICE; choose a higher port",
+    }
+    cause = os.strerror(exc.errno) if exc.errno else str(exc)
+    hint = hints.get(exc.errno or 0)
+    return OSError(exc.errno, f"cannot listen on {where}: {cause}" + (f"; {hint}" if hint else ""))
 
 
 class LogLevelError(ValueError):
@@ -201,8 +223,12 @@ class AdminServer:
         self._checks[name] = check
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
-        """Listen on host:port (0 picks a port); returns the bound address."""
-        server = await asyncio.start_server(self._handle, host, port, limit=MAX_REQUEST_HEAD)
+        """Listen on host:port (0 picks a port); returns the bound address. A failure is an OSError saying
+        what to do (listen_error), with the errno of the cause."""
+        try:
+            server = await asyncio.start_server(self._handle, host, port, limit=MAX_REQUEST_HEAD)
+        except OSError as exc:
+            raise listen_error(host, port, exc) from None
         self._servers.append(server)
         bound = server.sockets[0].getsockname()
         log.info("admin endpoint on http://%s:%d", bound[0], bound[1])
@@ -234,7 +260,7 @@ class AdminServer:
                 if exc.errno != errno.EADDRINUSE:
                     raise
                 if not warned:
-                    log.warning("%s %s:%d: %s; retrying every %.0f s", what, host, port, exc, retry_s)
+                    log.warning("%s: %s; retrying every %.0f s", what, exc.strerror, retry_s)
                     warned = True
             await asyncio.sleep(retry_s)
 

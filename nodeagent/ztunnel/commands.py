@@ -22,8 +22,8 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 
-from nodeagent.inventory.local import load_inventory
-from nodeagent.inventory.policies import load_policies
+from nodeagent.inventory.local import InventoryError, load_inventory
+from nodeagent.inventory.policies import PolicyError, load_policies
 from nodeagent.metrics import CertManagerMetrics
 from nodeagent.model import Identity
 from nodeagent.netns import SYSCTL_NET
@@ -33,6 +33,8 @@ from nodeagent.ztunnel.certs import CertificateManager, CertManagerInputs
 from nodeagent.ztunnel.edges import NetnsSocketFactory
 from nodeagent.ztunnel.metrics import DEFAULT_CLUSTER_DOMAIN
 from nodeagent.ztunnel.proxy.tunnel import DEFAULT_GRACE, Endpoint, TunnelInputs, file_source, run_tunnel
+
+log = logging.getLogger(__name__)
 
 # Like ztunnel's settings, also from the environment: the benchmark turns it off to measure HBONE same-node.
 FAST_PATH_ENV = "NODEAGENT_SAME_NODE_FAST_PATH"
@@ -167,5 +169,19 @@ def cmd_tunnel(args: argparse.Namespace, ca_client: CaClientFactory) -> int:
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    run_tunnel(inputs)
+    try:
+        run_tunnel(inputs)
+    except (OSError, InventoryError, PolicyError) as exc:
+        # What the inputs name but cannot deliver (a missing trust bundle, an address this host cannot listen
+        # on, a file that does not parse) stops the tunnel with the reason, not a traceback (-vv logs it).
+        log.debug("the tunnel stopped", exc_info=True)
+        print(f"error: {_reason(exc)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _reason(exc: BaseException) -> str:
+    """The message of `exc` without the `[Errno N]` prefix of an OSError built from (errno, text)."""
+    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return str(exc)

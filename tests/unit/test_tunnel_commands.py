@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from nodeagent.ca.store import CAStore
 from nodeagent.cli import main
 
 
@@ -26,3 +27,56 @@ def test_tunnel_refuses_to_start_without_a_valid_inventory(
     assert main([*argv, "--ca", "127.0.0.1:1", "--ca-token", "t"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and expected in err and "Traceback" not in err
+
+
+LAB_INVENTORY = Path(__file__).resolve().parents[2] / "nodeagent" / "lab" / "default.yaml"
+
+
+def _tunnel_argv(tmp_path: Path, bundle: Path, *extra: str) -> list[str]:
+    return [
+        "tunnel",
+        "--node",
+        "node1",
+        "--inventory",
+        str(LAB_INVENTORY),
+        "--trust-bundle",
+        str(bundle),
+        "--ca",
+        "127.0.0.1:1",
+        "--ca-token",
+        "t",
+        "--zds-socket",
+        str(tmp_path / "zds.sock"),
+        "--metrics",
+        "127.0.0.1:0",
+        "--ready",
+        "127.0.0.1:0",
+        *extra,
+    ]
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if not line[:4].isdigit()]  # log lines start with the date
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_tunnel_with_a_missing_trust_bundle_is_an_error_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = _tunnel_argv(tmp_path, tmp_path / "nonexistent.pem", "--admin", "127.0.0.1:0")
+    assert main(argv) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "nonexistent.pem is missing or empty" in line and "nodeagent ca init" in line
+
+
+def test_tunnel_on_an_address_this_host_lacks_is_an_error_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = CAStore(tmp_path / "ca", "cluster.local")
+    store.init()
+    # 192.0.2.1 (TEST-NET-1) is no address of this host: EADDRNOTAVAIL, which is not retried like EADDRINUSE.
+    assert main(_tunnel_argv(tmp_path, store.bundle_path, "--admin", "192.0.2.1:25000")) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "cannot listen on 192.0.2.1:25000: Cannot assign requested address" in line, line
+    assert "is not an address of this host" in line, line
