@@ -83,6 +83,7 @@ class HboneStream:
         "_conn",
         "_early",
         "_early_eof",
+        "_finished",
         "_held",
         "_leg",
         "_loss",
@@ -102,6 +103,7 @@ class HboneStream:
         self._started = False
         self._early: list[bytes | bytearray] | None = None  # made if bytes arrive before the relay starts
         self._early_eof = False
+        self._finished = False  # the peer reset it with NO_ERROR after its END_STREAM, before the relay started
         self._held = False
         self._unacked = 0
         self._pause_reported = False
@@ -143,6 +145,16 @@ class HboneStream:
             self._early_eof = True
             return
         self._leg.eof_received()
+
+    def _on_finished(self) -> None:
+        """The peer ended its side, then reset ours with NO_ERROR: it wants no more (RFC 9113 8.1, "clients
+        MUST NOT discard responses as a result"; our server does this when it closes a stream whose client
+        still sends). Not a failure: what arrived is delivered, then the relay finishes the other side
+        cleanly; bytes that arrived before the relay started are delivered first."""
+        if not self._started or self._leg is None:
+            self._finished = True  # resume_reading() reports it after the early bytes and EOF
+            return
+        self._on_lost(None)
 
     def _on_lost(self, exc: BaseException | None) -> None:
         if self._lost:
@@ -204,6 +216,9 @@ class HboneStream:
                 self._on_data(chunk)
             if self._early_eof and self._leg is not None and not self._lost:
                 self._leg.eof_received()
+            if self._finished:
+                self._on_lost(None)
+                return
         if self._unacked and not self._held:
             n, self._unacked = self._unacked, 0
             self._conn._consumed(self.stream_id, n)
@@ -563,6 +578,15 @@ class HboneProtocol(asyncio.BufferedProtocol):
                     stream._on_end()
             elif isinstance(event, hbone.StreamReset):
                 self._pending_resets.pop(event.stream_id, None)
+                stream = streams.get(event.stream_id)
+                if (
+                    event.remote
+                    and event.error_code == ErrorCodes.NO_ERROR
+                    and stream is not None
+                    and stream.remote_ended
+                ):
+                    stream._on_finished()  # a complete response; see _on_finished
+                    continue
                 if event.remote and event.error_code == ErrorCodes.REFUSED_STREAM:
                     self._refused = True
                     exc: ConnectionError = StreamRefused(f"HBONE stream {event.stream_id} refused by the peer")

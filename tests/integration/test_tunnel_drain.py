@@ -186,3 +186,34 @@ async def test_the_readiness_probe_answers_for_its_own_tunnel_only(tmp_path: Pat
         finally:
             os.close(netns_stand_in)
             await old_ready.stop()
+
+
+async def test_drain_delivers_what_the_server_sent_then_ends_with_eof(tmp_path: Path) -> None:
+    """At the drain deadline the server tunnel ends each stream with END_STREAM after its queued data and
+    then RST_STREAM(NO_ERROR) (it reads no more of the upload): RFC 9113 8.1, "clients MUST NOT discard
+    responses as a result". The client tunnel used to take that reset as a failure and reset the app's
+    connection, throwing away the response bytes still buffered towards an app that had not read them."""
+    size = 4 * 1024 * 1024
+    async with cluster(tmp_path) as c:
+        server_pod = c.pod("server")
+        assert server_pod.ip is not None
+        app = ByteServer(server_pod.ip, size=size).start()
+        try:
+            await c.wait_ready(await c.start_tunnel("node1"))
+            node2 = await c.start_tunnel("node2", grace=3.0, drain_margin=2.0)
+            await c.wait_ready(node2)
+            loop = asyncio.get_running_loop()
+            sock = await connect_captured(c.net, c.pod("client"), SocketAddress(server_pod.ip, APP_PORT))
+            with sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # the rest waits in the tunnels
+                await loop.sock_sendall(sock, b"upload, still open")
+                async with asyncio.timeout(5):
+                    await app.accepted.wait()
+                await node2.drain()  # the deadline (1 s) passes with most of the response not read yet
+                got = 0
+                async with asyncio.timeout(10):
+                    while n := len(await loop.sock_recv(sock, 1 << 20)):
+                        got += n
+                assert got == size  # all of it, then EOF (a reset would have raised)
+        finally:
+            await app.close()
