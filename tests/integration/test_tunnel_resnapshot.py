@@ -74,3 +74,18 @@ async def test_a_new_snapshot_for_a_served_pod_keeps_its_listeners_and_connectio
             await app.close()
             await zds.close()
             os.close(netns_stand_in)
+
+
+async def test_a_pod_the_tunnel_refuses_leaves_no_netns_fd_behind(tmp_path: Path) -> None:
+    """add_pod owns the netns fd it is given (on_add passes a dup of the ZDS one): a pod refused for an
+    invalid identity (the ZDS codec accepts an empty service account) used to keep it open, pinning the
+    netns, one more fd for every Add of every snapshot."""
+    from nodeagent.zds.codec import Workload
+
+    async with cluster(tmp_path) as c:
+        tunnel = await c.start_tunnel("node2")
+        fd = os.open("/dev/null", os.O_RDONLY)
+        with pytest.raises(ValueError, match="service account"):
+            await tunnel.add_pod(Workload("uid-bad", "web", "shop", ""), fd)
+        with pytest.raises(OSError):  # closed: nothing else opened an fd in between
+            os.fstat(fd)

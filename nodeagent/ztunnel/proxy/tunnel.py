@@ -323,7 +323,12 @@ class Tunnel:
             if netns_fd is not None:
                 os.close(netns_fd)
             raise RuntimeError("this tunnel is draining; the newer tunnel serves new pods")
-        identity = Identity(self._inventory.trust_domain, workload.namespace, workload.service_account)
+        try:
+            identity = Identity(self._inventory.trust_domain, workload.namespace, workload.service_account)
+        except ValueError:
+            if netns_fd is not None:
+                os.close(netns_fd)
+            raise
         known = self._pods.get(workload.uid)
         same = known is not None and known.pod.identity == identity and _same_netns(known.pod.netns_fd, netns_fd)
         if known is not None and known.listeners and same:
