@@ -598,7 +598,8 @@ def file_source(
 ) -> Callable[[], Any]:
     """A callable returning `load(path)`, reloaded when the file's mtime/size/inode change (checked at most
     every `interval` s: a stat() per 50 ms keeps a namespace just enrolled from being planned as plaintext
-    passthrough for long). A broken file keeps the last good value and logs why; a missing file is `default`."""
+    passthrough for long). A broken file keeps the last good value and logs why; a missing file is `default`,
+    with a warning (not an error: the lab writes its policies file after the tunnel starts)."""
     state: dict[str, Any] = {"stamp": None, "value": default, "checked": -1e9}
 
     def current() -> Any:
@@ -616,7 +617,10 @@ def file_source(
         try:
             state["value"] = load(path) if stamp else default
             state["stamp"] = stamp
-            log.info("loaded %s", path)
+            if stamp:
+                log.info("loaded %s", path)
+            else:  # a typo in a --policies path would otherwise enforce nothing, silently
+                log.warning("%s does not exist: using an empty one until it appears (check the path)", path)
         except Exception as exc:
             if state["stamp"] is None:
                 raise
