@@ -73,12 +73,19 @@ LOG_LEVELS = {
 RESET = "reset"
 
 
-def listen_error(host: str, port: int, exc: OSError) -> OSError:
+class ListenError(OSError):
+    """An address that cannot be listened on; str() is the message alone, without OSError's `[Errno N]`."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def listen_error(host: str, port: int, exc: OSError) -> ListenError:
     """`exc`, raised listening on host:port, as one line naming the address, the cause and what to do; the
     errno is kept, so a caller can still tell an address in use (which frees up) from the others."""
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if isinstance(exc, socket.gaierror):
-        return OSError(
+        return ListenError(
             exc.errno,
             f"cannot listen on {where}: cannot resolve {host!r} ({exc.strerror}); give an IP "
             "address of this host, or :PORT for all of them",
@@ -91,7 +98,7 @@ def listen_error(host: str, port: int, exc: OSError) -> OSError:
     }
     cause = os.strerror(exc.errno) if exc.errno else str(exc)
     hint = hints.get(exc.errno or 0)
-    return OSError(exc.errno, f"cannot listen on {where}: {cause}" + (f"; {hint}" if hint else ""))
+    return ListenError(exc.errno, f"cannot listen on {where}: {cause}" + (f"; {hint}" if hint else ""))
 
 
 class LogLevelError(ValueError):

@@ -20,7 +20,9 @@ Kubernetes watches (the node-scoped pod view is an injected callable).
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -33,6 +35,7 @@ import grpc
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from nodeagent.admin import ListenError, listen_error
 from nodeagent.ca import authority
 from nodeagent.ca.authn import AuthenticationError, Authenticator
 from nodeagent.ca.authority import DEFAULT_DNS_NAMES, AuthorityError, CSRError, Reason
@@ -269,6 +272,37 @@ class _ServingCert:
             return grpc.ssl_server_certificate_configuration([(key_pem, "".join(issued.chain_pem).encode())])
 
 
+def check_listen(listen: str) -> None:
+    """Raise the error listening on `listen` (gRPC's HOST:PORT) would meet, as one line naming the address, the
+    cause and what to do; return if it can listen there. gRPC reports a failed bind as a RuntimeError that
+    does not say why, so the cause is found the way gRPC binds: every address HOST resolves to, with
+    SO_REUSEADDR, and a failure only if none of them binds."""
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+        raise ListenError(
+            errno.EINVAL, f"cannot listen on {listen!r}: not HOST:PORT (e.g. 127.0.0.1:15012 or [::]:15012)"
+        )
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    port = int(port_text)
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise listen_error(host, port, exc) from None
+    failure: OSError | None = None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                failure = failure or exc
+                continue
+        return
+    if failure is not None:
+        raise listen_error(host, port, failure)
+
+
 class CAServer:
     """A running CA: `start(listen)` binds and serves, `stop()` drains."""
 
@@ -306,9 +340,14 @@ class CAServer:
         initial = self._serving.configuration()
         assert initial is not None
         credentials = grpc.dynamic_ssl_server_credentials(initial, self._serving.configuration)
-        port = int(server.add_secure_port(listen, credentials))
+        check_listen(listen)  # gRPC would fail without saying why (it logs the cause on stderr)
+        try:
+            port = int(server.add_secure_port(listen, credentials))
+        except RuntimeError:  # grpcio raises "Failed to bind" where older versions returned 0
+            port = 0
         if port == 0:
-            raise OSError(f"cannot listen on {listen}: address in use or not local")
+            check_listen(listen)  # taken since the check?
+            raise OSError(f"cannot listen on {listen}: gRPC could not bind it; GRPC_VERBOSITY=debug logs why")
         server.start()
         self._server = server
         self.port = port

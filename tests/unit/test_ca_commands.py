@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,3 +46,34 @@ def test_init_show_rotate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert shown["signer_root"] != root_a
     assert _run(["ca", "show", *state]) == 0
     assert "signer root:" in capsys.readouterr().out
+
+
+LAB_INVENTORY = Path(__file__).resolve().parents[2] / "nodeagent" / "lab" / "default.yaml"
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("listen", "expected"),
+    [
+        ("127.0.0.1:{taken}", "cannot listen on 127.0.0.1:{taken}: Address already in use; another process listens"),
+        ("192.0.2.1:15012", "cannot listen on 192.0.2.1:15012: Cannot assign requested address; 192.0.2.1 is not"),
+        ("bogus.invalid:15012", "cannot listen on bogus.invalid:15012: cannot resolve 'bogus.invalid'"),
+        ("bogus", "cannot listen on 'bogus': not HOST:PORT"),
+    ],
+    ids=["in-use", "not-local", "unresolvable", "no-port"],
+)
+def test_serve_on_an_address_it_cannot_listen_on_says_which_and_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], taken_port: int, listen: str, expected: str
+) -> None:
+    state = ["--state-dir", str(tmp_path / "ca"), "--inventory", str(LAB_INVENTORY)]
+    assert _run(["ca", "serve", *state, "--listen", listen.format(taken=taken_port)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert expected.format(taken=taken_port) in err, err
