@@ -88,12 +88,12 @@ def listen_error(host: str, port: int, exc: OSError) -> ListenError:
         return ListenError(
             exc.errno,
             f"cannot listen on {where}: cannot resolve {host!r} ({exc.strerror}); give an IP "
-            "address of this host, or :PORT for all of them",
+            "address of this host, or 0.0.0.0 for all of them",
         )
     hints = {
         errno.EADDRINUSE: "another process listens there; stop it or choose another port",
         errno.EADDRNOTAVAIL: f"{host} is not an address of this host (or of this network namespace); give one of "
-        f"its addresses, 127.0.0.1, or :{port} for all of them",
+        "its addresses, 127.0.0.1, or 0.0.0.0 for all of them",
         errno.EACCES: "ports below 1024 need root or CAP_NET_BIND_SERVICE; choose a higher port",
     }
     cause = os.strerror(exc.errno) if exc.errno else str(exc)

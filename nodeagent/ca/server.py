@@ -277,10 +277,11 @@ def check_listen(listen: str) -> None:
     cause and what to do; return if it can listen there. gRPC reports a failed bind as a RuntimeError that
     does not say why, so the cause is found the way gRPC binds: every address HOST resolves to, with
     SO_REUSEADDR, and a failure only if none of them binds."""
-    host, sep, port_text = listen.rpartition(":")
-    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+    host, _, port_text = listen.rpartition(":")
+    if not host or not port_text.isdigit() or int(port_text) > 65535:  # gRPC takes no `:PORT` for all addresses
         raise ListenError(
-            errno.EINVAL, f"cannot listen on {listen!r}: not HOST:PORT (e.g. 127.0.0.1:15012 or [::]:15012)"
+            errno.EINVAL,
+            f"cannot listen on {listen!r}: not HOST:PORT (e.g. 127.0.0.1:15012, or 0.0.0.0:15012 for all addresses)",
         )
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]

@@ -66,8 +66,9 @@ def taken_port() -> Iterator[int]:
         ("192.0.2.1:15012", "cannot listen on 192.0.2.1:15012: Cannot assign requested address; 192.0.2.1 is not"),
         ("bogus.invalid:15012", "cannot listen on bogus.invalid:15012: cannot resolve 'bogus.invalid'"),
         ("bogus", "cannot listen on 'bogus': not HOST:PORT"),
+        (":15012", "cannot listen on ':15012': not HOST:PORT (e.g. 127.0.0.1:15012, or 0.0.0.0:15012 for all"),
     ],
-    ids=["in-use", "not-local", "unresolvable", "no-port"],
+    ids=["in-use", "not-local", "unresolvable", "no-port", "no-host"],
 )
 def test_serve_on_an_address_it_cannot_listen_on_says_which_and_why(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], taken_port: int, listen: str, expected: str
