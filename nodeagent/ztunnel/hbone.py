@@ -312,7 +312,8 @@ class StreamOpened:
 
 @dataclass(frozen=True, slots=True)
 class StreamRejected:
-    """Server: a CONNECT this core answered itself with `status` (400); for logs and metrics only."""
+    """Server: a CONNECT this core answered itself with `status` (400); for logs and metrics only. (Not
+    answered on the wire if the peer closed the stream in the same read; it still counts as abuse.)"""
 
     stream_id: int
     status: int
@@ -1099,10 +1100,16 @@ class HboneConnection:
         return stream
 
     def _answer_error(self, stream_id: int, status: int) -> None:
+        """Answer `status` and end the stream, unless h2 has closed it already: h2 hands over a whole step
+        of frames before its events, so the peer may have reset the stream (or h2 reset it for a stream
+        error) after the CONNECT in the same read. Answering then would be h2's StreamClosedError, a
+        connection error for what is a stream matter; the stream is gone, so there is nothing to answer."""
         stream = self._streams.pop(stream_id, None)
-        self._h2.send_headers(stream_id, [(b":status", str(status).encode())], end_stream=True)
-        # RFC 9113 8.1: a complete response may be followed by RST_STREAM(NO_ERROR) to stop the upload.
-        self._reset(stream_id, ErrorCodes.NO_ERROR)
+        h2_stream = self._h2.streams.get(stream_id)
+        if h2_stream is not None and h2_stream.state_machine.state in _SENDABLE:
+            self._h2.send_headers(stream_id, [(b":status", str(status).encode())], end_stream=True)
+            # RFC 9113 8.1: a complete response may be followed by RST_STREAM(NO_ERROR) to stop the upload.
+            self._reset(stream_id, ErrorCodes.NO_ERROR)
         if stream is not None:
             self._forget(stream)
 

@@ -237,6 +237,43 @@ def test_bad_request_on_the_wire_gets_400_and_the_connection_lives(hdrs: list[tu
     assert [type(e) for e in events] == [StreamOpened] and conn.open_streams == 1
 
 
+FOREIGN = [(b":method", b"CONNECT"), (b":authority", b"10.0.0.3:8080")]  # 400: not the pod's address
+CLOSERS = {  # frames after a CONNECT on its stream that make h2 close the stream before we answer it
+    "peer RST_STREAM": (False, rst),
+    "DATA after END_STREAM": (True, lambda sid: data(sid, b"x")),
+    "WINDOW_UPDATE overflow": (False, lambda sid: window_update(sid, 2**31 - 1)),
+}
+
+
+@pytest.mark.parametrize("closer", CLOSERS, ids=list(CLOSERS))
+def test_bad_request_closed_in_the_same_read_is_a_stream_matter(closer: str) -> None:
+    """h2 has closed the stream by the time the 400 would go out: no answer, no connection error."""
+    end_stream, tail = CLOSERS[closer]
+    conn, peer, out = new_server()
+    conn.receive_data(peer.request(1))
+    conn.accept(1)
+    out.read(conn.data_to_send())
+    events = conn.receive_data(peer.request(3, FOREIGN, end_stream=end_stream) + tail(3))
+    assert [type(e) for e in events] == [StreamRejected]
+    frames = out.read(conn.data_to_send())
+    assert goaway(frames) is None and not conn.closed
+    assert statuses(frames) == {}, "a closed stream gets no answer"
+    assert conn._abusive_streams == 1
+    assert conn.receive_data(data(1, b"still up")) == [DataReceived(1, b"still up")]
+
+
+def test_rapid_reset_of_bad_requests_ends_in_goaway() -> None:
+    conn, peer, out = new_server()
+    events: list[hbone.Event] = []
+    for sid in range(1, 2001, 2):
+        events = conn.receive_data(peer.request(sid, FOREIGN) + rst(sid))
+        out.read(conn.data_to_send())
+        if conn.closed:
+            break
+    assert terminated(events).error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert conn._abusive_streams == conn.limits.abusive_streams
+
+
 def test_data_before_accept_is_held_then_delivered_in_order() -> None:
     conn, peer, out = new_server()
     events = conn.receive_data(peer.request(1) + data(1, b"hello ") + data(1, b"world", end=True))
