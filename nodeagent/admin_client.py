@@ -4,11 +4,11 @@ Why this module exists: `nodeagent inspect certificates|workloads|connections|po
 tunnel's /config_dump (the same shape as ztunnel's) and print it as an istioctl-style table, JSON or
 YAML. One reader and one table printer keep their errors and their look identical.
 
-Where the dump comes from: `--admin URL` (default: this node's tunnel on 127.0.0.1:15000), or with
-`--node NODE` the nodeagent pod on that node through the API server (kube_remote.py: pods/portforward,
-kubeconfig from `--kubeconfig`/`--context`, read when the command runs — kube_remote and the Kubernetes
-client are imported only then). In the lab, without a cluster, run the command inside the node with
-`nodeagent lab exec --node N -- nodeagent inspect ...`.
+Where the dump comes from: `--admin HOST:PORT` or `--admin URL` (default: this node's tunnel on
+127.0.0.1:15000), or with `--node NODE` the nodeagent pod on that node through the API server
+(kube_remote.py: pods/portforward, kubeconfig from `--kubeconfig`/`--context`, read when the command
+runs — kube_remote and the Kubernetes client are imported only then). In the lab, without a cluster,
+run the command inside the node with `nodeagent lab exec --node N -- nodeagent inspect ...`.
 
 What it deliberately does not do: no interpretation of the sections, which belongs to the subsystem that
 owns each one.
@@ -38,7 +38,13 @@ class AdminError(Exception):
 
 
 def add_admin_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--admin", default=DEFAULT_ADMIN, help=f"admin endpoint of the node's tunnel ({DEFAULT_ADMIN})")
+    parser.add_argument(
+        "--admin",
+        default=DEFAULT_ADMIN,
+        metavar="HOST:PORT|URL",
+        help=f"admin endpoint of the node's tunnel: HOST:PORT as `nodeagent tunnel --admin` takes it, or a URL "
+        f"(default: {DEFAULT_ADMIN})",
+    )
     # --node and the kubectl flags that reach a node's pod through the API server (instead of --admin)
     parser.add_argument("--node", help="the node to inspect, reached through the API server (pods/portforward)")
     parser.add_argument("--kubeconfig", type=Path, help="with --node: kubeconfig file (default: $KUBECONFIG, ~/.kube)")
@@ -61,8 +67,23 @@ def fetch_remote_dump(args: argparse.Namespace, node: str, port: int) -> Any:
         raise AdminError(str(exc)) from None
 
 
+def admin_url(admin: str) -> str:
+    """The base URL of `--admin`: a URL as given, or HOST:PORT / [V6]:PORT / :PORT (the form `nodeagent tunnel
+    --admin` takes; an empty host is this node's 127.0.0.1) as http://. AdminError if it is neither."""
+    if "://" in admin:
+        return admin.rstrip("/")
+    host, sep, port = admin.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise AdminError(
+            f"--admin {admin!r} is neither a URL nor HOST:PORT (e.g. 127.0.0.1:15000 or http://127.0.0.1:15000)"
+        )
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    host = host or "127.0.0.1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def fetch_section(admin: str, section: str, timeout: float = 10.0) -> Any:
-    url = admin.rstrip("/") + "/config_dump"
+    url = admin_url(admin) + "/config_dump"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             dump = json.load(response)

@@ -34,6 +34,7 @@ from nodeagent.admin import (
 )
 from nodeagent.ca import commands
 from nodeagent.ca.client import CAClient
+from nodeagent.cli import main as cli_main
 from nodeagent.metrics import CertManagerMetrics
 from nodeagent.ztunnel.certs import CertificateManager, CertManagerInputs
 
@@ -268,4 +269,24 @@ async def test_logging_post_sets_and_resets_levels(monkeypatch: pytest.MonkeyPat
     finally:
         access.setLevel(levels[0])
         logging.root.setLevel(levels[1])
+        await admin.stop()
+
+
+async def test_inspect_reads_an_admin_given_as_host_port_like_the_tunnel_takes_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`--admin 127.0.0.1:PORT` (what `nodeagent tunnel --admin` takes) was handed to urlopen as a URL."""
+    workloads = [{"namespace": "shop", "name": "web-1", "workloadIps": ["10.1.0.5"], "node": "node1"}]
+    admin = AdminServer(routes=[CONFIG_DUMP])
+    admin.add_config_provider("workloads", lambda: workloads)
+    host, port = await admin.start("127.0.0.1", 0)
+    try:
+        for given in (f"{host}:{port}", f"localhost:{port}", f"http://{host}:{port}/"):
+            rc = await asyncio.to_thread(cli_main, ["inspect", "workloads", "--admin", given, "-o", "json"])
+            out, err = capsys.readouterr()
+            assert rc == 0, (given, err)
+            assert json.loads(out) == workloads, given
+        assert await asyncio.to_thread(cli_main, ["inspect", "workloads", "--admin", "127.0.0.1"]) == 1
+        assert "neither a URL nor HOST:PORT" in capsys.readouterr().err
+    finally:
         await admin.stop()
