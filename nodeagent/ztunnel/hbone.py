@@ -1219,20 +1219,15 @@ class HboneConnection:
             self._on_end(event.stream_id, out)
         elif isinstance(event, h2.events.StreamReset):
             assert event.stream_id is not None
-            gone = self._streams.pop(event.stream_id, None)
-            if gone is not None:
-                self._forget(gone)
-                if not gone.answered and self.role is Role.SERVER:
-                    self._abusive_streams += 1
-                if event.stream_id in batch.opened:
-                    batch.hidden.add(event.stream_id)  # its StreamOpened is withdrawn; say nothing
-                else:
-                    out.append(StreamReset(event.stream_id, int(event.error_code or 0), remote=event.remote_reset))
+            self._gone(event.stream_id, int(event.error_code or 0), event.remote_reset, batch, out)
         elif isinstance(event, h2.events.TrailersReceived):
+            # RFC 9113 8.5: a CONNECT stream carries DATA and stream management frames only; anything else
+            # is a stream error. Trailers make it a malformed request (8.1.1): RST_STREAM(PROTOCOL_ERROR),
+            # and the stream ends exactly as if the peer had reset it (held bytes, rapid reset, this read).
             assert event.stream_id is not None
-            if self._streams.pop(event.stream_id, None) is not None:
+            if event.stream_id in self._streams:
                 self._reset(event.stream_id, ErrorCodes.PROTOCOL_ERROR)
-                out.append(StreamReset(event.stream_id, ErrorCodes.PROTOCOL_ERROR, remote=False))
+                self._gone(event.stream_id, ErrorCodes.PROTOCOL_ERROR, False, batch, out)
         elif isinstance(event, h2.events.PingAckReceived):
             if self._ping_sent_at is not None and event.ping_data == self._ping_payload:
                 self._ping_due = self._ping_sent_at + self.limits.keepalive_interval
@@ -1242,6 +1237,21 @@ class HboneConnection:
             debug = (event.additional_data or b"")[:200].decode("latin-1")
             out.extend(self._terminated(code, f"peer sent GOAWAY ({debug})" if debug else "peer sent GOAWAY", True))
         # Everything else (PING and SETTINGS bookkeeping, priorities, unknown frames, 1xx) needs nothing here.
+
+    def _gone(self, stream_id: int, error_code: int, remote: bool, batch: _Batch, out: list[Event]) -> None:
+        """A stream reset (by the peer, or by h2 or us for its protocol error) is forgotten: its held bytes
+        go back to the connection window, one never answered counts as abuse (rapid reset), and one opened
+        in this read is withdrawn without a word (its StreamOpened is never surfaced)."""
+        gone = self._streams.pop(stream_id, None)
+        if gone is None:
+            return
+        self._forget(gone)
+        if not gone.answered and self.role is Role.SERVER:
+            self._abusive_streams += 1
+        if stream_id in batch.opened:
+            batch.hidden.add(stream_id)
+        else:
+            out.append(StreamReset(stream_id, error_code, remote=remote))
 
     def _on_request(self, event: h2.events.RequestReceived, batch: _Batch, out: list[Event]) -> None:
         stream_id = event.stream_id

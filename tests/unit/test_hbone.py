@@ -382,6 +382,60 @@ def test_reset_before_answer_in_separate_reads_also_ends_in_goaway() -> None:
     assert resets == conn.limits.abusive_streams
 
 
+TRAILERS = [(b"x-trailer", b"1")]
+
+
+def test_trailers_before_accept_end_the_stream_like_a_reset() -> None:
+    """RFC 9113 8.5: only DATA and stream management frames on a CONNECT stream. A trailers HEADERS is a
+    stream error (RST_STREAM PROTOCOL_ERROR), and the bytes held for the stream go back to the connection."""
+    conn, peer, out = new_server()
+    wire = b""
+    for sid in (1, 3):  # 8 MiB held: h2 updates the 16 MiB connection window once half of it is processed
+        wire += peer.request(sid) + b"".join(data(sid, bytes(MiB)) for _ in range(4))
+    assert [type(e) for e in conn.receive_data(wire)] == [StreamOpened, StreamOpened]
+    out.read(conn.data_to_send())
+    events = conn.receive_data(b"".join(peer.request(sid, TRAILERS, end_stream=True) for sid in (1, 3)))
+    assert events == [StreamReset(sid, ErrorCodes.PROTOCOL_ERROR, remote=False) for sid in (1, 3)]
+    frames = out.read(conn.data_to_send())
+    assert [(f.stream_id, f.error_code) for f in frames if isinstance(f, RstStreamFrame)] == [
+        (1, ErrorCodes.PROTOCOL_ERROR),
+        (3, ErrorCodes.PROTOCOL_ERROR),
+    ]
+    assert sum(f.window_increment for f in frames if isinstance(f, WindowUpdateFrame) and f.stream_id == 0) == 8 * MiB
+    assert conn._abusive_streams == 2 and conn.open_streams == 0 and not conn.closed
+    with pytest.raises(StreamStateError):
+        conn.accept(1)
+
+
+def test_trailers_on_an_answered_stream_reset_it_without_abuse() -> None:
+    conn, peer, out = new_server()
+    conn.receive_data(peer.request(1))
+    conn.accept(1)
+    out.read(conn.data_to_send())
+    events = conn.receive_data(peer.request(1, TRAILERS, end_stream=True))
+    assert events == [StreamReset(1, ErrorCodes.PROTOCOL_ERROR, remote=False)]
+    assert conn._abusive_streams == 0 and not conn.closed
+
+
+@pytest.mark.parametrize("batch", [1, 100])
+def test_rapid_reset_through_trailers_never_opens_and_ends_in_goaway(batch: int) -> None:
+    conn, peer, out = new_server()
+    opened: list[int] = []
+    events: list[hbone.Event] = []
+    stream_id = 1
+    while stream_id < 2 * 10_000 and not conn.closed:
+        wire = b""
+        for _ in range(batch):
+            wire += peer.request(stream_id) + peer.request(stream_id, TRAILERS, end_stream=True)
+            stream_id += 2
+        events = conn.receive_data(wire)
+        opened += [e.stream_id for e in events if isinstance(e, StreamOpened)]
+        out.read(conn.data_to_send())
+    assert terminated(events).error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert opened == [], "a stream that ends in the read that opened it must never be surfaced"
+    assert conn._peer_streams < 1000
+
+
 def test_answered_streams_that_are_reset_are_not_abuse() -> None:
     conn, peer, _out = new_server()
     for stream_id in range(1, 1001, 2):
