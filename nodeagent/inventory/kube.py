@@ -47,6 +47,7 @@ import kubernetes.client
 import kubernetes.config
 import urllib3.exceptions
 from kubernetes.client.exceptions import ApiException
+from kubernetes.config import kube_config
 from kubernetes.watch.watch import iter_resp_lines
 
 from nodeagent.inventory import translate
@@ -63,6 +64,7 @@ DEFAULT_WATCH_TIMEOUT = 300  # seconds the server keeps one watch open (it ends 
 DEFAULT_REQUEST_TIMEOUT = 30.0
 BACKOFF_INITIAL = 0.5
 BACKOFF_MAX = 30.0
+DEFAULT_KUBECONFIG = "~/.kube/config"
 
 
 class KubeConfigError(ValueError):
@@ -72,7 +74,14 @@ class KubeConfigError(ValueError):
 def api_client(
     kubeconfig: str | os.PathLike[str] | None = None, context: str | None = None
 ) -> kubernetes.client.ApiClient:
-    """A configured ApiClient: `kubeconfig` (and `context`) if given, else in-cluster, else ~/.kube/config.
+    """A configured ApiClient (KUBECONFIG_HELP in nodeagent.admin_client says the same to users): in a pod,
+    with neither `kubeconfig` nor `context`, the pod's service account; else the file `kubeconfig`, else
+    the files of $KUBECONFIG merged as kubectl merges them, else ~/.kube/config; `context`, else the
+    current-context.
+
+    $KUBECONFIG's path list is merged by the client's own KubeConfigMerger (first file wins for each
+    cluster, user and context; missing files skipped). Its loader takes the *last* file's current-context;
+    kubectl takes the first file's, so without `context` that one is named explicitly.
 
     Called only when a command runs, never at import. In a pod the in-cluster loader re-reads the
     projected service-account token when it is rotated.
@@ -82,11 +91,17 @@ def api_client(
         if kubeconfig is None and context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
             kubernetes.config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
         else:
-            path = os.fspath(kubeconfig) if kubeconfig is not None else os.environ.get("KUBECONFIG")
+            # Passed on whole: the client's default reads $KUBECONFIG once, when it is imported.
+            paths = (
+                os.fspath(kubeconfig) if kubeconfig is not None else os.environ.get("KUBECONFIG") or DEFAULT_KUBECONFIG
+            )
+            if context is None:
+                merged = kube_config.KubeConfigMerger(paths)  # type: ignore[no-untyped-call]
+                context = next(
+                    (c["current-context"] for c in merged.config_files.values() if c.get("current-context")), None
+                )
             kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
-                config_file=path.split(os.pathsep)[0] if path else None,
-                context=context,
-                client_configuration=configuration,
+                config_file=paths, context=context, client_configuration=configuration
             )
     except (kubernetes.config.ConfigException, OSError, ValueError) as exc:
         raise KubeConfigError(

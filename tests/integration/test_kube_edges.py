@@ -323,6 +323,37 @@ def test_enroll_summary_and_label(api: KubeStandIn, tmp_path: Path, capsys: pyte
     assert "istio.io/dataplane-mode" not in (api.get("Namespace", "shop") or {})["metadata"]["labels"]
 
 
+def test_kubeconfig_path_list_is_merged_like_kubectl(
+    api: KubeStandIn, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KUBECONFIG=a:b: every file is read (a context of the second file is found) and, as kubectl does, the
+    first file's current-context is the one in force."""
+    standin = api.kubeconfig(str(tmp_path / "standin.yaml"))
+    other = tmp_path / "other.yaml"
+    other.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "nowhere", "cluster": {"server": "https://127.0.0.1:1"}}],
+                "users": [{"name": "nobody", "user": {"token": "x"}}],
+                "contexts": [{"name": "nowhere", "context": {"cluster": "nowhere", "user": "nobody"}}],
+                "current-context": "nowhere",
+            }
+        )
+    )
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+
+    for kubeconfig, context in (
+        (f"{other}:{standin}", ["--context", "standin"]),  # the context is in the second file
+        (f"{standin}:{other}", []),  # standin's current-context, not the last file's
+        (f"{tmp_path / 'missing.yaml'}:{standin}", []),  # a missing file is skipped
+    ):
+        monkeypatch.setenv("KUBECONFIG", kubeconfig)
+        assert main(["enroll", "shop", *context, "--dry-run"]) == 0, (kubeconfig, capsys.readouterr().err)
+        assert "3 joins" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
