@@ -30,6 +30,11 @@ import yaml
 from nodeagent.model import Identity, IdentityError
 
 DEFAULT_ADMIN = "http://127.0.0.1:15000"
+# Every command's --kubeconfig reaches the API server through inventory.kube.api_client: one help for all.
+KUBECONFIG_HELP = (
+    "kubeconfig file (default: in a pod, and without --context, the pod's service account; else the files of "
+    "$KUBECONFIG, merged as kubectl merges them; else ~/.kube/config)"
+)
 OUTPUTS = ("table", "json", "yaml")
 
 
@@ -47,7 +52,7 @@ def add_admin_arguments(parser: argparse.ArgumentParser) -> None:
     )
     # --node and the kubectl flags that reach a node's pod through the API server (instead of --admin)
     parser.add_argument("--node", help="the node to inspect, reached through the API server (pods/portforward)")
-    parser.add_argument("--kubeconfig", type=Path, help="with --node: kubeconfig file (default: $KUBECONFIG, ~/.kube)")
+    parser.add_argument("--kubeconfig", type=Path, help=f"with --node: {KUBECONFIG_HELP}")
     parser.add_argument("--context", help="with --node: kubeconfig context")
     parser.add_argument(
         "--agent-namespace", default="nodeagent-system", help="with --node: the DaemonSet's namespace (%(default)s)"

@@ -29,6 +29,7 @@ import urllib3.exceptions
 import yaml
 from kubernetes.client.exceptions import ApiException
 
+from nodeagent.admin_client import KUBECONFIG_HELP
 from nodeagent.inventory import translate
 from nodeagent.inventory.kube import KubeConfigError, api_client, describe
 from nodeagent.model import (
@@ -56,7 +57,7 @@ class PodChange:
 
 
 def add_kube_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kubeconfig", type=Path, help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config)")
+    parser.add_argument("--kubeconfig", type=Path, help=KUBECONFIG_HELP)
     parser.add_argument("--context", help="kubeconfig context to use")
 
 

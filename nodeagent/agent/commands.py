@@ -19,7 +19,14 @@ from typing import Any
 
 import yaml
 
-from nodeagent.admin_client import AdminError, add_namespace_arguments, fetch_remote_dump, namespace_of, table
+from nodeagent.admin_client import (
+    KUBECONFIG_HELP,
+    AdminError,
+    add_namespace_arguments,
+    fetch_remote_dump,
+    namespace_of,
+    table,
+)
 from nodeagent.agent import inspect as redirects
 from nodeagent.agent.kube_netns import ProcNetnsResolver
 from nodeagent.agent.netns_resolver import NetnsResolver
@@ -115,7 +122,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help="watch this node's pods and the namespaces in the API server; write ambient.istio.io/redirection",
     )
-    kube.add_argument("--kubeconfig", type=Path, help="kubeconfig file (default: in-cluster, else ~/.kube/config)")
+    kube.add_argument("--kubeconfig", type=Path, help=KUBECONFIG_HELP)
     kube.add_argument("--context", help="kubeconfig context")
     kube.add_argument("--trust-domain", default="cluster.local", help="SPIFFE trust domain (default: %(default)s)")
     kube.add_argument("--no-pod-status", action="store_true", help="do not patch pods/status (read-only RBAC)")
@@ -158,7 +165,7 @@ def register_inspect_redirects(inspect_subparsers: argparse._SubParsersAction[ar
         action="store_true",
         help="list each --node's pods (and the namespaces) from the API server; netns found by pod IP",
     )
-    kube.add_argument("--kubeconfig", type=Path, help="kubeconfig file (default: in-cluster, else ~/.kube/config)")
+    kube.add_argument("--kubeconfig", type=Path, help=KUBECONFIG_HELP)
     kube.add_argument("--context", help="kubeconfig context")
     kube.add_argument("--host-proc", default="/proc", metavar="DIR", help="the host's /proc (default: %(default)s)")
     kube.add_argument(

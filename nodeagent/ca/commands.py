@@ -25,6 +25,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, start_http_server
 
 from nodeagent.admin_client import (
+    KUBECONFIG_HELP,
     add_admin_arguments,
     add_namespace_arguments,
     identity_namespace,
@@ -85,7 +86,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help="TokenReview for node-agent tokens; pods of each node from the API server",
     )
-    serve.add_argument("--kubeconfig", type=Path, help="with --kubernetes: kubeconfig (default: in-cluster)")
+    serve.add_argument("--kubeconfig", type=Path, help=f"with --kubernetes: {KUBECONFIG_HELP}")
     serve.add_argument("--context", help="with --kubernetes: kubeconfig context")
     serve.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN, help="with --kubernetes: SPIFFE trust domain")
     serve.add_argument("--listen", default="127.0.0.1:15012", help="host:port to listen on")

@@ -22,6 +22,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 
+from nodeagent.admin_client import KUBECONFIG_HELP
 from nodeagent.inventory.local import InventoryError, load_inventory
 from nodeagent.inventory.policies import PolicyError, load_policies
 from nodeagent.metrics import CertManagerMetrics
@@ -57,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], ca
         action="store_true",
         help="watch pods, namespaces, services and security.istio.io/v1 policies in the API server",
     )
-    p.add_argument("--kubeconfig", type=Path, help="with --kubernetes: kubeconfig (default: in-cluster)")
+    p.add_argument("--kubeconfig", type=Path, help=f"with --kubernetes: {KUBECONFIG_HELP}")
     p.add_argument("--context", help="with --kubernetes: kubeconfig context")
     p.add_argument("--trust-domain", default="cluster.local", help="with --kubernetes: SPIFFE trust domain")
     p.add_argument("--zds-socket", default=wire.DEFAULT_SOCKET_PATH, help="the node agent's ZDS socket")

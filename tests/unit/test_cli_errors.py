@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+import argparse
+import re
+from collections.abc import Iterator
+
 import pytest
 
 from nodeagent.admin_client import AdminError, admin_url
+from nodeagent.cli import build_parser
+
+
+def _commands(
+    parser: argparse.ArgumentParser, path: str = "nodeagent"
+) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    """Every (sub)command of `parser`, depth first, with its command line."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _commands(sub, f"{path} {name}")
 
 
 @pytest.mark.parametrize(
@@ -27,3 +43,20 @@ def test_inspect_admin_takes_host_port_as_the_tunnel_does_or_a_url(given: str, u
 def test_inspect_admin_that_is_neither_is_refused_with_both_forms(given: str) -> None:
     with pytest.raises(AdminError, match="neither a URL nor HOST:PORT"):
         admin_url(given)
+
+
+def test_every_kubeconfig_flag_says_the_same_accurate_thing() -> None:
+    """One code path (inventory.kube.api_client) behind every --kubeconfig: in a pod the service account,
+    else $KUBECONFIG (merged), else ~/.kube/config. The help said three different things."""
+    helps = {}
+    for path, parser in _commands(build_parser()):
+        for action in parser._actions:
+            if "--kubeconfig" in action.option_strings:
+                assert action.help is not None
+                helps[path] = re.sub(r"^with --[a-z-]+: ", "", action.help)  # which mode the flag belongs to
+    assert {"nodeagent agent", "nodeagent tunnel", "nodeagent ca serve", "nodeagent enroll"} <= helps.keys()
+    assert {"nodeagent inspect redirects", "nodeagent inspect workloads"} <= helps.keys()
+    assert len(set(helps.values())) == 1, helps
+    text = next(iter(helps.values()))
+    order = [text.find(source) for source in ("service account", "$KUBECONFIG", "~/.kube/config")]
+    assert -1 not in order and order == sorted(order), text
