@@ -520,6 +520,33 @@ def test_ping_flood_output_is_bounded() -> None:
     assert goaway(frames) is not None
 
 
+def _rejected_stream() -> tuple[HboneConnection, Output]:
+    conn, peer, out = new_server()
+    conn.receive_data(peer.request(1, [(b":method", b"GET"), (b":authority", b"10.0.0.2:80")]))  # 400 + RST
+    out.read(conn.data_to_send())
+    return conn, out
+
+
+def test_rst_stream_replies_are_bounded_like_ping_replies() -> None:
+    """h2 answers every frame on a reset stream with RST_STREAM: 20 000 one-byte DATA frames in one read
+    must not queue 20 000 of them (more bytes out than in); they share the PING/SETTINGS reply budget."""
+    conn, out = _rejected_stream()
+    events = conn.receive_data(data(1, b"x") * 20_000)
+    assert terminated(events).error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    frames = out.read(conn.data_to_send())
+    resets = [f for f in frames if isinstance(f, RstStreamFrame)]
+    assert len(resets) <= conn.limits.max_queued_control_replies + 1
+    assert goaway(frames).error_code == ErrorCodes.ENHANCE_YOUR_CALM  # type: ignore[union-attr]
+
+
+def test_rst_stream_replies_are_fine_while_output_is_drained() -> None:
+    conn, out = _rejected_stream()
+    for _ in range(20):
+        assert conn.receive_data(data(1, b"x") * 500) == []
+        assert len([f for f in out.read(conn.data_to_send()) if isinstance(f, RstStreamFrame)]) == 500
+    assert not conn.closed
+
+
 def test_pings_answered_while_output_is_drained() -> None:
     conn, _peer, out = new_server()
     for _ in range(20):
