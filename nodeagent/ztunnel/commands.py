@@ -141,8 +141,17 @@ def build_inputs(args: argparse.Namespace, ca_client: CaClientFactory) -> Tunnel
         inventory = file_source(str(args.inventory), load_inventory)
         # Read it once now: a missing or invalid file is a start-up error with its reason, not a traceback
         # (and never an empty inventory, which would plan every destination as plaintext passthrough).
-        if inventory() is None:
+        loaded = inventory()
+        if loaded is None:
             raise ValueError(f"the inventory file {args.inventory} does not exist; write it first or use --kubernetes")
+        # A node the file does not name has no pods: the tunnel would run and serve nothing, silently. (With
+        # --kubernetes the node's pods come and go in the API server; nothing is checked there.)
+        known = sorted(n.name for n in loaded.nodes)
+        if args.node not in known:
+            raise ValueError(
+                f"node {args.node!r} is not in the inventory {args.inventory} (known: {', '.join(known)}); "
+                "pass one of them as --node, or add the node to the inventory"
+            )
     return TunnelInputs(
         node=args.node,
         socket_factory=NetnsSocketFactory(spoof=args.spoof),

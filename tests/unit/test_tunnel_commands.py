@@ -8,6 +8,7 @@ import pytest
 
 from nodeagent.ca.store import CAStore
 from nodeagent.cli import main
+from nodeagent.ztunnel import commands as tunnel_commands
 
 
 @pytest.mark.parametrize(
@@ -80,3 +81,19 @@ def test_tunnel_on_an_address_this_host_lacks_is_an_error_not_a_traceback(
     line = _one_error_line(capsys.readouterr().err)
     assert "cannot listen on 192.0.2.1:25000: Cannot assign requested address" in line, line
     assert "is not an address of this host" in line, line
+
+
+def test_tunnel_for_a_node_the_inventory_lacks_refuses_to_start_naming_the_known_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started = []
+    monkeypatch.setattr(tunnel_commands, "run_tunnel", started.append)
+    argv = _tunnel_argv(tmp_path, tmp_path / "bundle.pem", "--admin", "127.0.0.1:0")
+    argv[argv.index("node1")] = "nodeZZ"
+    assert main(argv) == 1
+    assert not started
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"node 'nodeZZ' is not in the inventory {LAB_INVENTORY} (known: node1, node2)" in line, line
+
+    assert main(_tunnel_argv(tmp_path, tmp_path / "bundle.pem", "--admin", "127.0.0.1:0")) == 0  # node1 is
+    assert len(started) == 1 and started[0].node == "node1"
