@@ -1,8 +1,8 @@
 """The `nodeagent` command: the argparse front door.
 
 Each subsystem contributes its own subcommands through a `register(subparsers)` function in its
-`commands` module, so this file only wires them together. Nothing imports this module; only
-subcommands that work are registered.
+`commands` module, so this file only wires them together. Nothing imports this module but
+nodeagent/__main__.py (`python -m nodeagent`); only subcommands that work are registered.
 
 Only the subsystem a command line names is imported: `nodeagent agent` is a long-running process, and
 importing every subsystem (the Kubernetes client, gRPC, the tunnel) would cost it some 40 MB of RSS and

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from nodeagent import __version__
 from nodeagent.admin_client import AdminError, admin_url
 from nodeagent.cli import build_parser
 
@@ -60,3 +64,14 @@ def test_every_kubeconfig_flag_says_the_same_accurate_thing() -> None:
     text = next(iter(helps.values()))
     order = [text.find(source) for source in ("service account", "$KUBECONFIG", "~/.kube/config")]
     assert -1 not in order and order == sorted(order), text
+
+
+def test_python_dash_m_nodeagent_is_the_nodeagent_command(tmp_path: Path) -> None:
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "nodeagent", *argv]
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
+
+    version = run("--version")
+    assert (version.returncode, version.stdout.strip()) == (0, f"nodeagent {__version__}"), version.stderr
+    refused = run("inspect", "workloads", "--admin", "127.0.0.1")  # the exit status is main()'s
+    assert refused.returncode == 1 and refused.stderr.startswith("error: "), refused.stderr
