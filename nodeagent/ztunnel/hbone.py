@@ -338,7 +338,8 @@ class ConnectFailed:
 @dataclass(frozen=True, slots=True)
 class DataReceived:
     """Tunnel bytes. Report them with consumed(stream_id, len(data)) once written upstream. A bytearray
-    (a large payload received directly) is the caller's to keep: the core never touches it again."""
+    (a large payload received directly, or what accept() hands out) is the caller's to keep: the core
+    never touches it again."""
 
     stream_id: int
     data: bytes | bytearray
@@ -721,7 +722,7 @@ class _Stream:
     stream_id: int
     answered: bool = False  # server: 200 sent; client: 200 received
     # Both made only when needed and dropped when empty: thousands of idle streams hold neither.
-    held: list[bytes] | None = None  # server: data received before accept()
+    held: bytearray | None = None  # server: data received before accept(), in one buffer (see _on_data)
     held_end: bool = False
     queue: deque[memoryview] | None = None  # data waiting for flow-control window
     queued: int = 0
@@ -1025,7 +1026,7 @@ class HboneConnection:
         if not self._send_headers_block(stream_id, _STATUS_200):
             self._h2.send_headers(stream_id, [(b":status", b"200")])
         stream.answered = True
-        out: list[Event] = [DataReceived(stream_id, chunk) for chunk in stream.held or ()]
+        out: list[Event] = [DataReceived(stream_id, stream.held)] if stream.held else []
         stream.held = None
         if stream.held_end:
             stream.remote_closed = True
@@ -1161,12 +1162,9 @@ class HboneConnection:
 
     def _forget(self, stream: _Stream) -> None:
         """Return held, never-delivered bytes to the connection window."""
-        if not stream.held:
-            return
-        held = sum(len(chunk) for chunk in stream.held)
+        if stream.held:
+            self._h2.acknowledge_received_data(len(stream.held), stream.stream_id)
         stream.held = None
-        if held:
-            self._h2.acknowledge_received_data(held, stream.stream_id)
 
     def _flush(self, stream: _Stream) -> None:
         conn = self._h2
@@ -1322,9 +1320,12 @@ class HboneConnection:
             if data:
                 out.append(DataReceived(stream_id, data))
         elif data:  # server before accept() (h2 refuses DATA before the response on a client)
+            # One buffer, not one object per frame: bounded by the unacknowledged stream window in bytes
+            # of memory too (1-byte DATA frames held as a list cost ~43 bytes of heap per byte).
             if stream.held is None:
-                stream.held = []
-            stream.held.append(data)  # bounded by the unacknowledged stream window
+                stream.held = data if isinstance(data, bytearray) else bytearray(data)  # a direct payload is ours
+            else:
+                stream.held += data
 
     def _on_end(self, stream_id: int, out: list[Event]) -> None:
         stream = self._streams.get(stream_id)

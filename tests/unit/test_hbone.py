@@ -7,6 +7,7 @@ h2 client, so the tests exercise what a malicious peer can actually put on the w
 from __future__ import annotations
 
 import ipaddress
+import tracemalloc
 from collections.abc import Iterable
 from unittest import mock
 
@@ -280,8 +281,27 @@ def test_data_before_accept_is_held_then_delivered_in_order() -> None:
     assert events == [StreamOpened(1, ConnectRequest(SocketAddress(POD, 8080)))]
     frames = out.read(conn.data_to_send())
     assert not [f for f in frames if isinstance(f, WindowUpdateFrame)], "held data must not be acknowledged"
-    assert conn.accept(1) == [DataReceived(1, b"hello "), DataReceived(1, b"world"), StreamEnded(1)]
+    assert conn.accept(1) == [DataReceived(1, b"hello world"), StreamEnded(1)]
     assert statuses(out.read(conn.data_to_send())) == {1: b"200"}
+
+
+def test_data_held_before_accept_costs_about_its_size_in_memory() -> None:
+    """Held bytes are bounded by the stream window; the memory they take must be too, whatever the framing:
+    20 000 one-byte DATA frames are 20 000 bytes to hold, not 20 000 objects."""
+    conn, peer, _out = new_server()
+    conn.receive_data(peer.request(1))
+    n = 20_000
+    wire = data(1, b"x") * n
+    tracemalloc.start()
+    try:
+        for off in range(0, len(wire), 16 * 1024):
+            conn.receive_data(wire[off : off + 16 * 1024])
+            conn.data_to_send()
+        held, _peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 2 * n + 16 * 1024, f"{held} bytes of heap for {n} bytes held"
+    assert conn.accept(1) == [DataReceived(1, b"x" * n)]
 
 
 def test_rejected_stream_returns_held_bytes_to_the_connection_window() -> None:
