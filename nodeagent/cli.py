@@ -44,7 +44,9 @@ def _register_tunnel(sub: SubParsers) -> None:
 
 
 def _register_inspect(sub: SubParsers) -> None:
-    inspect = sub.add_parser("inspect", help="look at what a node holds: redirects, certificates, connections")
+    inspect = sub.add_parser(
+        "inspect", help="look at what a node holds: redirects, certificates, workloads, policies, connections"
+    )
     inspect_sub = inspect.add_subparsers(dest="inspect_command", required=True, metavar="WHAT")
     for module, function in (
         ("nodeagent.agent.commands", "register_inspect_redirects"),

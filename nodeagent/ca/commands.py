@@ -46,7 +46,7 @@ DEFAULT_STATE_DIR = "/var/lib/nodeagent/ca"
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    ca = subparsers.add_parser("ca", help="the certificate authority: init, show, rotate, serve")
+    ca = subparsers.add_parser("ca", help="the certificate authority: init, show, export, rotate, serve")
     ca_sub = ca.add_subparsers(dest="ca_command", required=True, metavar="SUBCOMMAND")
 
     def state_args(p: argparse.ArgumentParser, trust_domain: bool = True) -> None:

@@ -75,3 +75,14 @@ def test_python_dash_m_nodeagent_is_the_nodeagent_command(tmp_path: Path) -> Non
     assert (version.returncode, version.stdout.strip()) == (0, f"nodeagent {__version__}"), version.stderr
     refused = run("inspect", "workloads", "--admin", "127.0.0.1")  # the exit status is main()'s
     assert refused.returncode == 1 and refused.stderr.startswith("error: "), refused.stderr
+
+
+@pytest.mark.parametrize("command", ["ca", "inspect"])
+def test_a_command_summary_names_every_subcommand_it_has(command: str) -> None:
+    """`nodeagent --help` lists `ca` and `inspect` with their subcommands; `export`, `workloads` and `policies`
+    were missing."""
+    top = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    summary = next(a.help for a in top._choices_actions if a.dest == command)
+    children = next(a for a in top.choices[command]._actions if isinstance(a, argparse._SubParsersAction))
+    listed = re.split(r",\s*", str(summary).split(": ", 1)[1])
+    assert listed == list(children.choices), summary
