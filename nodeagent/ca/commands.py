@@ -40,7 +40,7 @@ from nodeagent.ca.server import CAServer, ServerInputs, watch_file
 from nodeagent.ca.store import CAStore, StoreError
 from nodeagent.inventory.local import load_inventory
 from nodeagent.metrics import CAMetrics
-from nodeagent.model import DEFAULT_TRUST_DOMAIN, Identity, Pod
+from nodeagent.model import DEFAULT_TRUST_DOMAIN, Identity, IdentityError, Pod
 
 DEFAULT_STATE_DIR = "/var/lib/nodeagent/ca"
 
@@ -52,7 +52,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     def state_args(p: argparse.ArgumentParser, trust_domain: bool = True) -> None:
         p.add_argument("--state-dir", type=Path, default=Path(DEFAULT_STATE_DIR), help="CA state directory")
         if trust_domain:
-            p.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN, help="SPIFFE trust domain")
+            p.add_argument(
+                "--trust-domain", type=trust_domain_arg, default=DEFAULT_TRUST_DOMAIN, help="SPIFFE trust domain"
+            )
 
     init = ca_sub.add_parser("init", help="create a self-signed root if none exists (or import cacerts)")
     state_args(init)
@@ -88,7 +90,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     serve.add_argument("--kubeconfig", type=Path, help=f"with --kubernetes: {KUBECONFIG_HELP}")
     serve.add_argument("--context", help="with --kubernetes: kubeconfig context")
-    serve.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN, help="with --kubernetes: SPIFFE trust domain")
+    serve.add_argument(
+        "--trust-domain",
+        type=trust_domain_arg,
+        default=DEFAULT_TRUST_DOMAIN,
+        help="with --kubernetes: SPIFFE trust domain",
+    )
     serve.add_argument("--listen", default="127.0.0.1:15012", help="host:port to listen on")
     serve.add_argument(
         "--node-account",
@@ -103,6 +110,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="serve Prometheus /metrics (request counts by result and reason) here, e.g. 127.0.0.1:15014",
     )
     serve.set_defaults(func=cmd_serve)
+
+
+def trust_domain_arg(text: str) -> str:
+    """--trust-domain as workload identities accept it (model.Identity), so a root is never made for a trust
+    domain no certificate could be issued in."""
+    try:
+        Identity(text, "ns", "sa")
+    except IdentityError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def register_inspect(inspect_subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

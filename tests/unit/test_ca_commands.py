@@ -78,3 +78,15 @@ def test_serve_on_an_address_it_cannot_listen_on_says_which_and_why(
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert expected.format(taken=taken_port) in err, err
+
+
+@pytest.mark.parametrize("command", [["init"], ["serve", "--kubernetes"]])
+def test_a_trust_domain_identities_would_reject_is_refused_before_a_root_is_made(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    state = tmp_path / "ca"
+    with pytest.raises(SystemExit) as exited:
+        _run(["ca", *command, "--state-dir", str(state), "--trust-domain", "bad domain/x"])
+    assert exited.value.code == 2
+    assert "--trust-domain: trust domain 'bad domain/x' must be" in capsys.readouterr().err
+    assert not state.exists()
