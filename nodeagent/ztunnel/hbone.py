@@ -125,7 +125,7 @@ class Limits:
     keepalive_interval: float = 10.0
     keepalive_timeout: float = 20.0
     max_queued_control_replies: int = 1000  # PING/SETTINGS ACKs and RST_STREAMs queued since data_to_send()
-    max_empty_data_run: int = 100  # consecutive empty DATA frames without END_STREAM
+    max_empty_data_run: int = 100  # consecutive DATA frames without payload (padding only) or END_STREAM
     window_update_allowance: int = 1000  # WINDOW_UPDATEs accepted beyond 4 per DATA frame we sent
     abusive_streams: int = 100  # streams reset before an answer or rejected with 400 before GOAWAY ...
     abusive_stream_ratio: float = 0.5  # ... once they exceed this share of all streams the peer opened
@@ -642,7 +642,7 @@ class _FrameReader(FrameBuffer):
         with memoryview(buf) as view, view[start:stop] as payload:
             frame.data = payload.tobytes()
         frame.body_len = length
-        if length == 0 and not flags & _FLAG_END_STREAM:
+        if start == stop and not flags & _FLAG_END_STREAM:  # no payload byte, be it padded or not
             self._empty_data_run += 1
             if self._empty_data_run > self._limits.max_empty_data_run:
                 raise _Abuse(f"more than {self._limits.max_empty_data_run} empty DATA frames in a row")

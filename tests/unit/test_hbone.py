@@ -594,6 +594,16 @@ def test_empty_data_flood() -> None:
     assert terminated(conn.receive_data(data(1, b"") * 1000)).error_code == ErrorCodes.ENHANCE_YOUR_CALM
 
 
+@pytest.mark.parametrize("pad", [0, 10])
+def test_padding_only_data_flood_counts_as_empty(pad: int) -> None:
+    """A PADDED DATA frame without data carries nothing either: it must not restart the empty-DATA run."""
+    conn, peer, _out = new_server()
+    conn.receive_data(peer.request(1))
+    conn.accept(1)
+    padding_only = frame(0x0, 0x8, 1, bytes([pad]) + bytes(pad))
+    assert terminated(conn.receive_data(padding_only * 1000)).error_code == ErrorCodes.ENHANCE_YOUR_CALM
+
+
 def test_concurrent_stream_limit() -> None:
     conn, peer, _out = new_server()
     events = conn.receive_data(b"".join(peer.request(1 + 2 * i) for i in range(200)))
