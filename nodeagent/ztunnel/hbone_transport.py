@@ -602,9 +602,6 @@ class HboneProtocol(asyncio.BufferedProtocol):
                     elif self._on_stream_reset is not None:  # server: reset before we answered
                         self._on_stream_reset(self, event.stream_id)
             elif isinstance(event, hbone.SendDrained):
-                code = self._pending_resets.pop(event.stream_id, None)
-                if code is not None:
-                    self.core.reset_stream(event.stream_id, code)
                 stream = streams.get(event.stream_id)
                 if stream is not None:
                     stream._check_pressure()
@@ -622,6 +619,18 @@ class HboneProtocol(asyncio.BufferedProtocol):
                     if event.error_code == ErrorCodes.NO_ERROR and not self._streams
                     else ConnectionResetError(f"HBONE connection terminated: {event.reason}")
                 )
+        if self._pending_resets:
+            self._send_pending_resets()
+
+    def _send_pending_resets(self) -> None:
+        """Resets waiting for their stream's queue (`_reset(after_queued=True)`) go once it is framed: at
+        its SendDrained, or when the core framed it and forgot the stream (the peer had half-closed: no
+        SendDrained then, and the reset is moot - reset_stream() ignores a stream the core has done with)."""
+        if self.core.closed:
+            self._pending_resets.clear()
+            return
+        for stream_id in [s for s in self._pending_resets if not self.core.outbound_buffered(s)]:
+            self.core.reset_stream(stream_id, self._pending_resets.pop(stream_id))
 
     def _fail_open(self, stream_id: int, exc: BaseException) -> bool:
         waiter = self._opening.pop(stream_id, None)

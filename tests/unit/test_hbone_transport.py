@@ -1,0 +1,115 @@
+"""hbone_transport.HboneProtocol on a stand-in transport: the adapter's own bookkeeping, fed raw frames.
+
+The core's behaviour is tested in test_hbone.py; here, what the asyncio adapter keeps per stream must go
+when the stream does, whichever way the core ends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from h2.errors import ErrorCodes
+from hyperframe.frame import DataFrame, RstStreamFrame
+from test_hbone import LOCAL, PREFACE, Peer, data, parse_frames, settings_frame, window_update
+
+from nodeagent.ztunnel import hbone, hbone_transport
+
+
+class StandInTransport(asyncio.Transport):
+    """Collects what the protocol writes; never pushes back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = bytearray()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def write(self, data: Any) -> None:
+        self.out += data
+
+    def writelines(self, chunks: Any) -> None:
+        for chunk in chunks:
+            self.out += chunk
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+class Leg:
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> None:
+        pass
+
+    def pause_writing(self) -> None:
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        pass
+
+
+def feed(protocol: hbone_transport.HboneProtocol, wire: bytes) -> None:
+    while wire:
+        buf = protocol.get_buffer(len(wire))
+        n = min(len(buf), len(wire))
+        buf[:n] = wire[:n]
+        protocol.buffer_updated(n)
+        wire = wire[n:]
+
+
+def server() -> tuple[hbone_transport.HboneProtocol, StandInTransport]:
+    transport = StandInTransport()
+    protocol = hbone_transport.HboneProtocol(hbone.Role.SERVER, local_addresses=LOCAL, on_stream=lambda *_: None)
+    protocol.connection_made(transport)
+    feed(protocol, PREFACE + settings_frame())
+    return protocol, transport
+
+
+async def test_closing_a_stream_the_peer_still_sends_on_resets_it_after_the_queued_bytes() -> None:
+    protocol, transport = server()
+    feed(protocol, Peer().request(1))
+    stream = protocol.accept(1)
+    stream.attach(Leg())  # type: ignore[arg-type]
+    stream.resume_reading()
+    stream.write(b"r" * 100_000)  # more than the peer's 65 535-byte window: the rest is queued
+    stream.close()
+    transport.out.clear()
+    feed(protocol, window_update(1, 100_000) + window_update(0, 100_000))
+    frames = parse_frames(bytes(transport.out))
+    *queued, last, reset = frames
+    assert all(isinstance(f, DataFrame) for f in [*queued, last]) and isinstance(reset, RstStreamFrame)
+    assert "END_STREAM" in last.flags and reset.error_code == ErrorCodes.NO_ERROR
+    assert sum(len(f.data) for f in [*queued, last]) == 100_000 - 65_535
+    assert protocol._pending_resets == {}
+
+
+async def test_a_reset_waiting_for_a_queue_the_peer_then_took_whole_is_forgotten() -> None:
+    """close() on a stream with bytes queued resets the still-sending peer only once they are framed. When
+    the peer half-closes meanwhile and then opens its window, the core frames the rest with END_STREAM and
+    forgets the stream (no SendDrained for it): the pending reset used to stay, one entry per such stream
+    for the life of the (pooled) connection."""
+    protocol, _ = server()
+    peer = Peer()
+    for stream_id in range(1, 101, 2):
+        feed(protocol, peer.request(stream_id))
+        stream = protocol.accept(stream_id)
+        stream.attach(Leg())  # type: ignore[arg-type]
+        stream.resume_reading()
+        stream.write(b"r" * 100_000)  # more than the peer's 65 535-byte window: the rest is queued
+        stream.close()  # END_STREAM after the queue; the peer, still sending, is reset then
+        feed(protocol, data(stream_id, b"", end=True))  # ... but it half-closes first
+        feed(protocol, window_update(stream_id, 100_000) + window_update(0, 100_000))  # the queue goes out
+    assert protocol.core.open_streams == 0 and protocol.active_streams == 0
+    assert protocol._pending_resets == {}
