@@ -186,6 +186,7 @@ class ConnectionRecord:
     src: Peer = field(default_factory=Peer)
     dst: Peer = field(default_factory=Peer)
     hbone_addr: str = ""
+    original_addr: str = ""  # outbound: what the app dialled (a service VIP), when not dst_addr itself
     service: str | None = None  # "namespace/name" of the destination service
     mutual_tls: bool = False
     started: float = field(default_factory=time.monotonic)
@@ -409,7 +410,7 @@ class ConnectionTable:
         for r in self._open.values():
             entry = {
                 "src": r.src_addr,
-                "originalDst": r.dst_addr,
+                "originalDst": r.original_addr or r.dst_addr,
                 "actualDst": r.hbone_addr or r.dst_addr,
                 "protocol": "HBONE" if r.mutual_tls else "TCP",
                 "srcWorkload": f"{r.src.pod}.{r.src.namespace}",

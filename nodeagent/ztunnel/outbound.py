@@ -133,6 +133,7 @@ class Outbound:
             Direction.OUTBOUND,
             src_addr=str(client),
             dst_addr=str(original if isinstance(plan, Denial) else plan.target),
+            original_addr=str(original),
             src=Peer.of(source, pod.identity, view.cluster),
             dst=Peer.of(
                 dst_workload.pod if dst_workload else None,

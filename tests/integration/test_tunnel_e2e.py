@@ -8,6 +8,7 @@ the server's accept() returned, and the peer certificates of the HBONE connectio
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import urllib.request
@@ -17,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tunnel_harness import APP_PORT, ByteServer, cluster, connect_captured, pattern, recv_all, send_all, uri_san
 
-from nodeagent.model import SocketAddress
+from nodeagent.model import Service, ServicePort, SocketAddress
 from nodeagent.ztunnel import hbone
 
 MiB = 1 << 20
@@ -188,3 +189,29 @@ async def _get(endpoint: tuple[str, int], path: str) -> str:
 
 async def _get_json(endpoint: tuple[str, int], path: str) -> dict:  # type: ignore[type-arg]
     return json.loads(await _get(endpoint, path))  # type: ignore[no-any-return]
+
+
+async def test_the_config_dump_shows_what_the_app_dialled_as_the_original_destination(tmp_path: Path) -> None:
+    """Outbound connections in /config_dump (and `inspect connections` REMOTE TARGET): originalDst is the
+    address the app connected to - a service's VIP - and actualDst where the tunnel took it (the chosen
+    endpoint's HBONE address), as ztunnel's connection dump has them."""
+    vip = SocketAddress.parse("10.96.0.10:80")
+    async with cluster(tmp_path) as c:
+        service = Service("server", "shop", {"app": "server"}, (ServicePort(80, APP_PORT),), vip.ip)  # type: ignore[arg-type]  # an IPv4 VIP
+        c.inventory[0] = dataclasses.replace(c.inventory[0], services=(service,))
+        t1, _ = await c.start_both()
+        server_pod = c.pod("server")
+        assert server_pod.ip is not None
+        app = ByteServer(server_pod.ip, size=10).start()
+        try:
+            sock = await connect_captured(c.net, c.pod("client"), vip)
+            with sock:
+                await send_all(sock, 3, b"abc")
+                async with asyncio.timeout(5):
+                    while not len(t1.table):  # noqa: ASYNC110
+                        await asyncio.sleep(0.01)
+                dump = await _get_json(t1.addresses["admin"], "/config_dump")
+                [entry] = dump["connections"]["outbound"]
+                assert (entry["originalDst"], entry["actualDst"]) == (str(vip), f"{server_pod.ip}:15008")
+        finally:
+            await app.close()
