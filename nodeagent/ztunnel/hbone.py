@@ -81,7 +81,7 @@ import h2.stream
 from h2.errors import ErrorCodes
 from h2.frame_buffer import FrameBuffer
 from hpack import NeverIndexedHeaderTuple
-from hyperframe.exceptions import HyperframeError
+from hyperframe.exceptions import HyperframeError, InvalidFrameError
 from hyperframe.frame import FRAMES, ContinuationFrame, DataFrame, ExtensionFrame, Frame, HeadersFrame
 
 from nodeagent.model import IPAddress, SocketAddress
@@ -619,7 +619,11 @@ class _FrameReader(FrameBuffer):
                 frame.parse_flags(flags)
                 frame.parse_body(memoryview(bytes(buf[9:end])))
         except HyperframeError as e:
-            raise _Abuse(f"malformed frame of type {kind}: {e}", ErrorCodes.PROTOCOL_ERROR) from None
+            # As h2's own reader: a body too short or long for its type (PING, SETTINGS, WINDOW_UPDATE,
+            # RST_STREAM, ...) is FRAME_SIZE_ERROR (RFC 9113 4.2 and each frame's section), other bad
+            # contents PROTOCOL_ERROR.
+            code = ErrorCodes.FRAME_SIZE_ERROR if isinstance(e, InvalidFrameError) else ErrorCodes.PROTOCOL_ERROR
+            raise _Abuse(f"malformed frame of type {kind}: {e}", code) from None
         del buf[:end]
         if kind == _GOAWAY and not stream_id and not frame.error_code and not self._block:  # type: ignore[attr-defined]
             # Graceful: h2 would close the whole connection on it (python-hyper/h2#1181); the connection
@@ -634,8 +638,10 @@ class _FrameReader(FrameBuffer):
         frame.parse_flags(flags)
         start, stop = 9, 9 + length
         if flags & _FLAG_PADDED:
-            pad = buf[9] if length else 0
-            if not length or pad >= length:
+            if not length:  # no room for the Pad Length field (RFC 9113 4.2; h2 says the same)
+                raise _Abuse("PADDED DATA frame without a Pad Length", ErrorCodes.FRAME_SIZE_ERROR)
+            pad = buf[9]
+            if pad >= length:  # RFC 9113 6.1
                 raise _Abuse("DATA padding longer than the frame", ErrorCodes.PROTOCOL_ERROR)
             frame.pad_length = pad
             start, stop = 10, stop - pad
@@ -655,6 +661,8 @@ class _FrameReader(FrameBuffer):
             self.control_replies += 1
             if self.control_replies > self._limits.max_queued_control_replies:
                 raise _Abuse(self._too_many_replies())
+        elif kind == _SETTINGS and length:  # an ACK with a payload: RFC 9113 6.5 (h2 says PROTOCOL_ERROR)
+            raise _Abuse(f"SETTINGS ACK with {length} bytes of payload", ErrorCodes.FRAME_SIZE_ERROR)
         elif kind == _WINDOW_UPDATE:
             self._window_updates += 1
             if self._window_updates > self._limits.window_update_allowance + 4 * self.data_frames_sent:

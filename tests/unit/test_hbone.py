@@ -618,6 +618,31 @@ def test_oversized_frame() -> None:
     assert terminated(conn.receive_data(header_only)).error_code == ErrorCodes.FRAME_SIZE_ERROR
 
 
+WRONG_LENGTH = {
+    "PING of 7": frame(0x6, 0, 0, b"1234567"),
+    "PING ACK of 9": frame(0x6, 0x1, 0, b"123456789"),
+    "WINDOW_UPDATE of 3": frame(0x8, 0, 0, b"\0\0\1"),
+    "stream WINDOW_UPDATE of 5": frame(0x8, 0, 1, b"\0\0\0\1\0"),
+    "RST_STREAM of 3": frame(0x3, 0, 1, b"\0\0\0"),
+    "SETTINGS of 5": frame(0x4, 0, 0, b"\0\1\0\0\0"),
+    "SETTINGS ACK of 6": frame(0x4, 0x1, 0, b"\0\1\0\0\0\0"),
+    "PRIORITY of 4": frame(0x2, 0, 1, b"\0\0\0\3"),
+    "GOAWAY of 7": frame(0x7, 0, 0, bytes(7)),
+    "PADDED DATA of 0": frame(0x0, 0x8, 1),
+    "PADDED HEADERS of 0": frame(0x1, 0x8 | 0x4, 3),
+}
+
+
+@pytest.mark.parametrize("wire", WRONG_LENGTH.values(), ids=list(WRONG_LENGTH))
+def test_frames_of_the_wrong_length_are_frame_size_errors(wire: bytes) -> None:
+    """RFC 9113 4.2 and 6.x: a frame too short or too long for its type is FRAME_SIZE_ERROR."""
+    conn, peer, out = new_server()
+    conn.receive_data(peer.request(1))
+    conn.accept(1)
+    assert terminated(conn.receive_data(wire)).error_code == ErrorCodes.FRAME_SIZE_ERROR
+    assert goaway(out.read(conn.data_to_send())).error_code == ErrorCodes.FRAME_SIZE_ERROR  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize(
     "garbage",
     [
