@@ -152,7 +152,7 @@ class Relay:
         return sum(s.buffered() for s in self._sinks if s is not None)
 
     def close(self) -> None:
-        """Close both sides gracefully (flush queued bytes first), e.g. when draining."""
+        """Close both sides gracefully (flush queued bytes first, then FIN; see LINGER), e.g. when draining."""
         for side, sink in enumerate(self._sinks):
             if sink is not None and not self._lost & (1 << side):
                 sink.close()
@@ -285,6 +285,11 @@ def _scratch_buffer() -> memoryview:
 
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+# A graceful close of a socket whose peer is still sending: closing it with unread input makes the kernel
+# send RST and drop whatever of ours is still unsent (bytes the relay counted as relayed). So close() sends
+# FIN after the queued bytes, then reads and discards until the peer's FIN, at most this long (s), and only
+# then closes - a lingering close, as HTTP servers do.
+LINGER = 2.0
 
 
 def set_nodelay(transport: asyncio.BaseTransport) -> None:
@@ -300,7 +305,7 @@ def set_nodelay(transport: asyncio.BaseTransport) -> None:
 class TcpSide(asyncio.BufferedProtocol):
     """A TCP connection as a relay side: the protocol reads into the scratch buffer, the sink writes."""
 
-    __slots__ = ("_buf", "_early", "_early_eof", "_held", "_leg", "_started", "_transport")
+    __slots__ = ("_buf", "_early", "_early_eof", "_eof_in", "_held", "_leg", "_linger", "_started", "_transport")
 
     def __init__(self, leg: Leg) -> None:
         self._leg = leg
@@ -311,6 +316,8 @@ class TcpSide(asyncio.BufferedProtocol):
         self._early: bytes = b""
         self._early_eof = False
         self._held = False  # the relay asked us to stop reading (the other side is full)
+        self._eof_in = False  # the peer's FIN has arrived
+        self._linger: asyncio.TimerHandle | None = None  # set while close() waits for the peer's FIN
 
     # -- asyncio.BufferedProtocol --------------------------------------------------------------------
 
@@ -326,6 +333,8 @@ class TcpSide(asyncio.BufferedProtocol):
         return self._buf
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._linger is not None:
+            return  # closing: what the peer still sends is read only to be dropped (see LINGER)
         if self._started:
             self._leg.data_received(self._buf[:nbytes])
         else:
@@ -334,6 +343,9 @@ class TcpSide(asyncio.BufferedProtocol):
             self._transport.pause_reading()
 
     def eof_received(self) -> bool:
+        self._eof_in = True
+        if self._linger is not None:
+            return False  # the lingering close is over: the transport closes (after what it still holds)
         if self._started:
             self._leg.eof_received()
         else:
@@ -347,6 +359,8 @@ class TcpSide(asyncio.BufferedProtocol):
         self._leg.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
         self._leg.connection_lost(exc)
 
     # -- Sink ------------------------------------------------------------------------------------------
@@ -385,8 +399,17 @@ class TcpSide(asyncio.BufferedProtocol):
             self._transport.resume_reading()
 
     def close(self) -> None:
-        assert self._transport is not None
-        self._transport.close()
+        transport = self._transport
+        assert transport is not None
+        if transport.is_closing() or self._linger is not None:
+            return
+        if self._eof_in or not transport.can_write_eof():
+            transport.close()  # nothing unread can come: a plain close sends FIN after the queued bytes
+            return
+        transport.write_eof()  # FIN once the queued bytes are out; then read to the peer's FIN (LINGER)
+        self._linger = asyncio.get_running_loop().call_later(LINGER, transport.close)
+        if not transport.is_reading():
+            transport.resume_reading()
 
     def abort(self) -> None:
         assert self._transport is not None
@@ -431,6 +454,7 @@ class _Direction:
         self.pending = 0
         self.count = 0
         self.eof = False
+        self.input_ended = False  # the source's own EOF (not finish_input's)
         self.done = False
         self._reading = False
         self._writing = False
@@ -507,7 +531,7 @@ class _Direction:
                 return
             n = got
         if n == 0:
-            self.eof = True
+            self.eof = self.input_ended = True
             self._read_off()
         self.pending += n
         self._flush()
@@ -580,6 +604,8 @@ class SpliceRelay:
             sock.setblocking(False)
         self._dirs = (_Direction(self, downstream, upstream), _Direction(self, upstream, downstream))
         self._error: BaseException | None = None
+        self._lingering: set[socket.socket] = set()  # closed gracefully with unread input (see LINGER)
+        self._linger_timer: asyncio.TimerHandle | None = None
         for d in self._dirs:
             d.start()
 
@@ -596,7 +622,8 @@ class SpliceRelay:
         return sum(d.pending for d in self._dirs)
 
     def close(self) -> None:
-        """Stop reading, deliver what is already read, shut both sides down, then close."""
+        """Stop reading, deliver what is already read, shut both sides down, then close (a side still
+        sending is read and dropped until its FIN, for at most LINGER s, rather than reset)."""
         for d in self._dirs:
             if not self.done.done():
                 d.finish_input()
@@ -606,8 +633,31 @@ class SpliceRelay:
         self._fail(reason)
 
     def _direction_done(self) -> None:
-        if all(d.done for d in self._dirs):
-            self._finish()
+        if all(d.done for d in self._dirs) and not self._lingering:
+            # Both shut down. A side whose own EOF has not come (close() stopped reading it) may still be
+            # sending: read and drop that until its FIN before closing it (LINGER), not reset it.
+            for d in self._dirs:
+                d.stop()
+            self._lingering = {sock for sock, d in zip(self._socks, self._dirs, strict=True) if not d.input_ended}
+            for sock in self._lingering:
+                self._loop.add_reader(sock.fileno(), self._discard, sock)
+            if self._lingering:
+                self._linger_timer = self._loop.call_later(LINGER, self._finish)
+            else:
+                self._finish()
+
+    def _discard(self, sock: socket.socket) -> None:
+        try:
+            ended = not sock.recv_into(_scratch_buffer())
+        except BlockingIOError:
+            return
+        except OSError:
+            ended = True
+        if ended:
+            self._loop.remove_reader(sock.fileno())
+            self._lingering.discard(sock)
+            if not self._lingering:
+                self._finish()
 
     def _fail(self, exc: BaseException | None) -> None:
         if self.done.done():
@@ -620,8 +670,15 @@ class SpliceRelay:
         self._finish()
 
     def _finish(self) -> None:
+        if self.done.done():
+            return
         for d in self._dirs:
             d.stop()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+        for sock in self._lingering:
+            self._loop.remove_reader(sock.fileno())
+        self._lingering = set()
         for sock in self._socks:
             sock.close()
         self.done.set_result(RelayResult(self.bytes_in, self.bytes_out, self._error))

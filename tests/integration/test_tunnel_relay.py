@@ -220,7 +220,59 @@ async def test_close_delivers_queued_bytes_then_ends_both_ways(rig: Rig) -> None
     rig.relay.close()
     assert await receive(rig.server) == (10, hashlib.sha256(b"last words").hexdigest())
     assert await asyncio.wait_for(loop.sock_recv(rig.client, 100), 5) == b""
-    assert (await asyncio.wait_for(rig.done, 5)).error is None
+    for sock in (rig.client, rig.server):
+        sock.shutdown(socket.SHUT_WR)  # each answers the FIN with its own: the relay's close ends there
+    assert (await asyncio.wait_for(rig.done, 1.5)).error is None  # not after the LINGER
+
+
+async def test_a_peer_that_never_sends_its_fin_is_closed_after_the_linger(rig: Rig) -> None:
+    rig.relay.close()
+    loop = asyncio.get_running_loop()
+    assert await asyncio.wait_for(loop.sock_recv(rig.client, 100), 5) == b""
+    began = loop.time()
+    assert (await asyncio.wait_for(rig.done, r.LINGER + 2)).error is None
+    assert loop.time() - began >= r.LINGER - 0.5
+
+
+async def send_until_stalled(sock: socket.socket, total: int) -> int:
+    """Send up to `total` bytes without the peer reading: stops when nothing moves for 0.3 s."""
+    sent, stalled = 0, 0
+    while sent < total and stalled < 30:
+        try:
+            sent += sock.send(b"d" * min(65536, total - sent))
+            stalled = 0
+        except BlockingIOError:
+            stalled += 1
+            await asyncio.sleep(0.01)
+    return sent
+
+
+async def read_to_the_end(sock: socket.socket) -> tuple[int, str]:
+    loop = asyncio.get_running_loop()
+    total = 0
+    try:
+        while n := len(await asyncio.wait_for(loop.sock_recv(sock, MiB), 5)):
+            total += n
+    except OSError as exc:
+        return total, type(exc).__name__
+    return total, "EOF"
+
+
+async def test_close_with_input_still_unread_delivers_what_it_relayed_then_eof(rig: Rig) -> None:
+    """The drain's graceful close() while both peers are still sending (the relay stalled both ways): what
+    the relay took from one side (and counts) reaches the other, then EOF. Closing a socket with unread
+    input makes the kernel send RST and drop its unsent queue: the peers used to get a reset and lose
+    bytes counted as relayed. Now the relay reads and discards until the peer's FIN (or a short linger)."""
+    await asyncio.gather(send_until_stalled(rig.client, 8 * MiB), send_until_stalled(rig.server, 8 * MiB))
+    rig.relay.close()
+    at_client, at_server = await asyncio.gather(read_to_the_end(rig.client), read_to_the_end(rig.server))
+    assert (at_server[1], at_client[1]) == ("EOF", "EOF")
+    for sock in (rig.client, rig.server):
+        sock.shutdown(socket.SHUT_WR)  # what they still had to send is discarded; their FIN ends the linger
+    result = await asyncio.wait_for(rig.done, 5)
+    assert result.error is None
+    assert (at_server, at_client) == ((result.bytes_in, "EOF"), (result.bytes_out, "EOF"))
+    assert result.bytes_in > 0 and result.bytes_out > 0
 
 
 async def test_slow_reader_bounds_relay_memory(rig: Rig) -> None:
