@@ -829,10 +829,16 @@ class HboneConnection:
         """Bytes to write to the transport now (possibly empty). Joins data_to_write()."""
         return b"".join(self.data_to_write())
 
-    def data_to_write(self) -> list[bytes | memoryview]:
+    def data_to_write(self, *, unsent: bool = False) -> list[bytes | memoryview]:
         """What to write to the transport now, in order, as buffers for `writelines()`: DATA payloads
-        are views of the buffers given to send_data(), not copies (possibly an empty list)."""
-        self._reader.control_replies = 0
+        are views of the buffers given to send_data(), not copies (possibly an empty list).
+
+        `unsent`: the transport is over its high-water mark (the peer is not reading), so what is handed
+        out now is not on the wire yet: the PING/SETTINGS/RST_STREAM replies keep counting against
+        `max_queued_control_replies` until a write with room, and a peer that sends but never reads
+        cannot grow our output without bound (CVE-2019-9512/9514/9515)."""
+        if not unsent:
+            self._reader.control_replies = 0
         pending = self._h2.data_to_send()
         out = self._out
         if not out:

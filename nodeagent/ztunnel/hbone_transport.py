@@ -528,7 +528,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
 
     def _flush_now(self) -> None:
         self._flush_pending = False
-        chunks = self.core.data_to_write()
+        chunks = self.core.data_to_write(unsent=self.write_paused)
         if chunks and self.transport is not None and not self.transport.is_closing():
             if len(chunks) > 1 and sum(len(c) for c in chunks) <= _ONE_RECORD:
                 chunks = [b"".join(chunks)]  # small: one TLS record rather than one per buffer

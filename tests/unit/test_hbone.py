@@ -574,6 +574,20 @@ def test_pings_answered_while_output_is_drained() -> None:
         assert len([f for f in out.read(conn.data_to_send()) if isinstance(f, PingFrame)]) == 500
 
 
+def test_replies_the_transport_could_not_send_keep_counting() -> None:
+    """A peer that sends PINGs but never reads: our writes pile up in the transport, which reports itself
+    over its high-water mark (`unsent=True`). Replies handed out then are not on the wire, so the budget
+    is not renewed: the connection ends instead of buffering PING ACKs without bound."""
+    conn, _peer, out = new_server()
+    for _ in range(20):
+        events = conn.receive_data(ping() * 100)
+        out.read(b"".join(conn.data_to_write(unsent=True)))
+        if conn.closed:
+            break
+    assert terminated(events).error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert conn.limits.max_queued_control_replies <= 11 * 100
+
+
 def test_settings_flood() -> None:
     conn, _peer, _out = new_server()
     events = conn.receive_data(settings_frame([(4, 65535)]) * 5000)

@@ -11,7 +11,7 @@ from typing import Any
 
 from h2.errors import ErrorCodes
 from hyperframe.frame import DataFrame, RstStreamFrame
-from test_hbone import LOCAL, PREFACE, Peer, data, parse_frames, settings_frame, window_update
+from test_hbone import LOCAL, PREFACE, Peer, data, parse_frames, ping, settings_frame, window_update
 
 from nodeagent.ztunnel import hbone, hbone_transport
 
@@ -113,3 +113,15 @@ async def test_a_reset_waiting_for_a_queue_the_peer_then_took_whole_is_forgotten
         feed(protocol, window_update(stream_id, 100_000) + window_update(0, 100_000))  # the queue goes out
     assert protocol.core.open_streams == 0 and protocol.active_streams == 0
     assert protocol._pending_resets == {}
+
+
+async def test_a_peer_that_sends_pings_but_never_reads_is_cut_off() -> None:
+    """While the transport is over its high-water mark (pause_writing), the PING ACKs written to it are not
+    on the wire: they must not renew the core's reply budget after every read, or a peer that never reads
+    grows our output without bound (CVE-2019-9512, measured: 3.7 MiB over a 1 MiB high-water mark)."""
+    protocol, transport = server()
+    protocol.pause_writing()  # as the transport reports it when the peer does not read
+    for _ in range(20):
+        feed(protocol, ping() * 100)
+    assert protocol.core.closed
+    assert len(transport.out) < (protocol.core.limits.max_queued_control_replies + 200) * 17
