@@ -142,16 +142,23 @@ def captured(lab: dict[str, str], ebpf: Any) -> Iterator[dict[str, str]]:
         loader.remove(lab["uid"])
 
 
-@pytest.fixture
-def standin(captured: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
+def in_pod_netns(captured: dict[str, str], script: str) -> subprocess.Popen[str]:
+    """`script` run with the pod's uid as argument in its netns (not its cgroup), as the tunnel runs."""
     proc = subprocess.Popen(
-        ["nsenter", f"--net={captured['netns']}", "--", sys.executable, "-c", STANDIN, captured["uid"]],
+        ["nsenter", f"--net={captured['netns']}", "--", sys.executable, "-c", script, captured["uid"]],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=str(Path(__file__).parents[2]),
     )
+    assert proc.stdout is not None and proc.stdin is not None
+    return proc
+
+
+@pytest.fixture
+def standin(captured: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
+    proc = in_pod_netns(captured, STANDIN)
     assert proc.stdout is not None and proc.stdin is not None
     ready, _, _ = select.select([proc.stdout], [], [], 30)
     assert ready and proc.stdout.readline().strip() == "ready", proc.stderr.read() if proc.stderr else ""
@@ -465,14 +472,7 @@ def test_an_emptied_listener_slot_is_reclaimed_and_a_held_one_kept(captured: dic
     """maps.reclaim_inbound_listener, which the tunnel calls periodically: while a listener is in the pod's
     map_listener it is left there; once that socket closes, inbound plaintext is refused (fail closed)
     until the reclaim puts the other listener in, and then reaches it."""
-    proc = subprocess.Popen(
-        ["nsenter", f"--net={captured['netns']}", "--", sys.executable, "-c", RECLAIM, captured["uid"]],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=str(Path(__file__).parents[2]),
-    )
+    proc = in_pod_netns(captured, RECLAIM)
     assert proc.stdout is not None and proc.stdin is not None
     try:
         assert json.loads(proc.stdout.readline() or "null") == {"reclaimed": False}, proc.stderr
