@@ -134,14 +134,17 @@ class _Served:
     listeners: list[socket.socket] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     hbone: HboneInbound | None = None
-    plaintext: socket.socket | None = None  # the :15006 listener (also in `listeners`)
-    reclaim_error: str | None = None  # the last failure to put it back in the capture, logged once
+    reclaim_error: str | None = None  # the last failure to put :15006 back in the capture, logged once
+
+    @property
+    def plaintext(self) -> socket.socket | None:
+        """The :15006 listener, while bound (listeners: 15001, 15006, 15008)."""
+        return self.listeners[1] if len(self.listeners) == 3 else None
 
     def close_listeners(self) -> None:
         for sock in self.listeners:
             sock.close()
         self.listeners.clear()
-        self.plaintext = None
         for task in self.tasks:
             task.cancel()
         self.tasks.clear()
@@ -400,7 +403,6 @@ class Tunnel:
 
         await asyncio.get_running_loop().run_in_executor(None, work)
         outbound, plaintext, hbone_listener = served.listeners
-        served.plaintext = plaintext
         served.hbone = HboneInbound(self.deps, pod)
         served.tasks += [
             self._tasks.spawn(self._outbound.serve(pod, outbound), name=f"accept :15001 {pod.key}"),
@@ -423,8 +425,6 @@ class Tunnel:
         while not self.draining:
             await asyncio.sleep(self._in.reclaim_interval)
             for served in list(self._pods.values()):
-                if self.draining:
-                    return
                 self._reclaim(served)
 
     def _reclaim(self, served: _Served) -> None:
