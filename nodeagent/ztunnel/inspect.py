@@ -47,7 +47,8 @@ def workload_rows(dump: Iterable[Mapping[str, Any]]) -> list[tuple[str, ...]]:
 
 
 def connection_rows(dump: Mapping[str, Any], wide: bool) -> list[tuple[str, ...]]:
-    """Outbound rows are seen from the source workload, inbound rows from the destination."""
+    """Outbound rows are seen from the source workload, inbound rows from the destination. DIRECTION is
+    spelled as istioctl's table spells it (`Inbound`, `Outbound`); the dump's keys stay lowercase."""
     rows = []
     for direction in ("outbound", "inbound"):
         row: tuple[Any, ...]
@@ -55,7 +56,7 @@ def connection_rows(dump: Mapping[str, Any], wide: bool) -> list[tuple[str, ...]
             if direction == "outbound":
                 row = (
                     c.get("srcWorkload", ""),
-                    direction,
+                    "Outbound",
                     c.get("src", ""),
                     c.get("actualDst", ""),
                     c.get("originalDst", ""),
@@ -64,7 +65,7 @@ def connection_rows(dump: Mapping[str, Any], wide: bool) -> list[tuple[str, ...]
             else:
                 row = (
                     c.get("dstWorkload", ""),
-                    direction,
+                    "Inbound",
                     c.get("originalDst", ""),
                     c.get("src", ""),
                     c.get("originalDst", ""),

@@ -98,8 +98,15 @@ def test_certificates_in_a_namespace() -> None:
 
 def test_connection_rows_take_each_direction_from_the_local_side() -> None:
     out, inbound = connection_rows(CONNECTIONS, wide=False)
-    assert out == ("frontend.shop", "outbound", "10.10.1.2:40000", "10.10.2.2:15008", "10.10.2.2:8080", "HBONE")
-    assert inbound == ("checkout.shop", "inbound", "10.10.2.2:8080", "10.10.1.2:40000", "10.10.2.2:8080", "HBONE")
+    assert out == ("frontend.shop", "Outbound", "10.10.1.2:40000", "10.10.2.2:15008", "10.10.2.2:8080", "HBONE")
+    assert inbound == ("checkout.shop", "Inbound", "10.10.2.2:8080", "10.10.1.2:40000", "10.10.2.2:8080", "HBONE")
+
+
+def test_connection_direction_is_spelled_as_istioctl_spells_it() -> None:
+    """istioctl ztunnel-config connections prints `Inbound` / `Outbound` (istioctl/pkg/writer/ztunnel/
+    configdump/connections.go); users grep for those words. The dump's own keys stay lowercase."""
+    assert sorted(row[1] for row in connection_rows(CONNECTIONS, wide=True)) == ["Inbound", "Outbound"]
+    assert set(CONNECTIONS) == {"outbound", "inbound", "pool"}
 
 
 def test_wide_connection_rows_carry_both_identities() -> None:
