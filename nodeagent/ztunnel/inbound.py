@@ -43,6 +43,7 @@ from nodeagent.ztunnel.edges import ClusterView, LocalPod, ProxyState, SocketFac
 from nodeagent.ztunnel.hbone_transport import HboneProtocol
 from nodeagent.ztunnel.metrics import ConnectionRecord, ConnectionTable, Direction, Flags, Peer, TunnelMetrics
 from nodeagent.ztunnel.relay import DOWNSTREAM, UPSTREAM, Relay, RelayResult, SpliceRelay, tcp_side
+from nodeagent.ztunnel.routing import inbound_service
 
 log = logging.getLogger(__name__)
 
@@ -312,6 +313,7 @@ class HboneInbound:
             src=Peer.of(src_workload.pod if src_workload else None, peer, view.cluster),
             dst=Peer.of(view.pod_of(pod), pod.identity, view.cluster),
             hbone_addr=hbone_text,
+            service=inbound_service(view.routing, target),
             mutual_tls=True,
         )
         deps.table.pending(record)
@@ -457,6 +459,7 @@ class PlaintextInbound:
             dst_addr=str(target),
             src=Peer.of(src_workload.pod if src_workload else None, None, view.cluster),
             dst=Peer.of(view.pod_of(pod), pod.identity, view.cluster),
+            service=inbound_service(view.routing, target),
         )
         deps.table.pending(record)
         decision = authorize(view, pod, client.ip, target, None)

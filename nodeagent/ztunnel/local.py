@@ -63,7 +63,7 @@ from nodeagent.ztunnel.inbound import (
 )
 from nodeagent.ztunnel.metrics import ConnectionRecord, Direction, Flags, Peer
 from nodeagent.ztunnel.relay import SpliceRelay
-from nodeagent.ztunnel.routing import Denial, Hbone, OutboundPlan, Workload
+from nodeagent.ztunnel.routing import Denial, Hbone, OutboundPlan, Workload, inbound_service
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,7 @@ class SameNodePath:
             dst_addr=str(plan.target),
             src=outbound.src,
             dst=Peer.of(view.pod_of(dest), dest.identity, view.cluster),
+            service=inbound_service(view.routing, plan.target, told=plan.service),
             mutual_tls=True,
         )
         deps.table.pending(inbound)

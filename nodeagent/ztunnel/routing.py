@@ -19,6 +19,9 @@ Rules (ztunnel src/proxy/outbound.rs, simplified to L4 without waypoints):
 - anything else (outside the cluster, unknown IPs): passthrough to the original destination;
 - the tunnel's own ports (15001/15006/15008) on a pod are loop targets: denial.
 
+The inbound side asks one question of the same snapshot: which service to report a connection under
+(`inbound_service`, ztunnel's guess: it never sees the VIP the client dialled).
+
 What it deliberately does not do: no sockets, no certificates, no pooling, no authorization (the inbound
 side decides that), no DNS, no waypoints, no multi-network.
 """
@@ -79,6 +82,9 @@ class RoutingSnapshot:
     trust_domain: str
     workloads: Mapping[IPAddress, Workload]
     services: Mapping[IPAddress, ServiceRoute]
+    # The services whose selector matches the pod at an IP (ready or not, headless ones too), in inventory
+    # order: what `inbound_service` guesses from.
+    services_of: Mapping[IPAddress, tuple[Service, ...]]
 
     @classmethod
     def from_inventory(
@@ -108,18 +114,32 @@ class RoutingSnapshot:
                 workloads[pod.ip] = Workload(pod, identity, in_mesh)
         labelled: dict[tuple[str, str, str], list[Workload]] = {}
         for w in (*workloads.values(), *host_pods):
-            if w.pod.phase is PodPhase.RUNNING and w.pod.ready and not w.pod.terminating:
-                for key, value in w.pod.labels.items():
-                    labelled.setdefault((w.pod.namespace, key, value), []).append(w)
+            for key, value in w.pod.labels.items():
+                labelled.setdefault((w.pod.namespace, key, value), []).append(w)
         services: dict[IPAddress, ServiceRoute] = {}
+        services_of: dict[IPAddress, list[Service]] = {}
         for svc in inventory.services:
-            if svc.vip is None:
-                continue
             first = next(iter(svc.selector.items()), None)  # an empty selector selects nothing
             candidates = labelled.get((svc.namespace, *first), ()) if first is not None else ()
-            ready = tuple(w for w in candidates if svc.selects(w.pod))
-            services[svc.vip] = ServiceRoute(svc, ready)
-        return cls(inventory.trust_domain, MappingProxyType(workloads), MappingProxyType(services))
+            selected = [w for w in candidates if svc.selects(w.pod)]
+            for w in selected:
+                if not w.pod.host_network:
+                    assert w.pod.ip is not None  # the snapshot only holds pods with an IP
+                    services_of.setdefault(w.pod.ip, []).append(svc)
+            if svc.vip is not None:
+                ready = tuple(w for w in selected if _serving(w.pod))
+                services[svc.vip] = ServiceRoute(svc, ready)
+        return cls(
+            inventory.trust_domain,
+            MappingProxyType(workloads),
+            MappingProxyType(services),
+            MappingProxyType({addr: tuple(found) for addr, found in services_of.items()}),
+        )
+
+
+def _serving(pod: Pod) -> bool:
+    """An endpoint a service sends new connections to: running, Ready and not being deleted."""
+    return pod.phase is PodPhase.RUNNING and pod.ready and not pod.terminating
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,3 +229,26 @@ def plan_outbound(
     source_identity = source.identity(snapshot.trust_domain)
     key = PoolKey(source_identity, workload.identity, source.ip, SocketAddress(dst.ip, HBONE_PORT))
     return Hbone(dst, key, workload.key, service)
+
+
+def inbound_service(snapshot: RoutingSnapshot, target: SocketAddress, told: str | None = None) -> str | None:
+    """The destination service an inbound connection to `target` (a pod's IP and port) is reported under.
+
+    The inbound side never sees the VIP the client dialled: the HBONE `:authority` and the captured
+    original destination are the pod's own address. So, as ztunnel does (proxy.rs
+    guess_inbound_service), the service is `told` when the caller knows it and it selects the pod, else
+    the first service selecting the pod with a port that forwards to `target.port` (a numeric targetPort,
+    or a named one the pod resolves to it); None when no service does. A best guess: a pod behind two
+    services with the same target port is reported under the first.
+    """
+    workload = snapshot.workloads.get(target.ip)
+    if workload is None:
+        return None
+    candidates = snapshot.services_of.get(target.ip, ())
+    for svc in candidates:
+        if f"{svc.namespace}/{svc.name}" == told:
+            return told
+    for svc in candidates:
+        if any(port.target_on(workload.pod) == target.port for port in svc.ports):
+            return f"{svc.namespace}/{svc.name}"
+    return None

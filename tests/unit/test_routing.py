@@ -1,4 +1,4 @@
-"""Table for nodeagent.ztunnel.routing.plan_outbound; a property for RoutingSnapshot's service endpoints."""
+"""Tables for nodeagent.ztunnel.routing (plan_outbound, inbound_service); properties for RoutingSnapshot's indexes."""
 
 from __future__ import annotations
 
@@ -21,7 +21,15 @@ from nodeagent.model import (
     ServicePort,
     SocketAddress,
 )
-from nodeagent.ztunnel.routing import Denial, Hbone, Passthrough, PoolKey, RoutingSnapshot, plan_outbound
+from nodeagent.ztunnel.routing import (
+    Denial,
+    Hbone,
+    Passthrough,
+    PoolKey,
+    RoutingSnapshot,
+    inbound_service,
+    plan_outbound,
+)
 
 TD = "cluster.local"
 ip = ipaddress.IPv4Address
@@ -236,6 +244,31 @@ def test_snapshot_leaves_out_pending_endpoints_and_ipless_pods() -> None:
     assert all(w.pod.ip is not None for w in SNAP.workloads.values())
 
 
+# -- inbound: the service a connection to a pod is reported under (ztunnel's guess_inbound_service) ---------
+
+INBOUND_CASES: list[tuple[str, str, str | None, str | None]] = [
+    ("numeric target port", "10.2.0.7:8080", None, "mesh/web"),
+    ("the first service whose port forwards there", "10.2.0.7:15008", None, "mesh/loop"),
+    ("no service port forwards there", "10.2.0.7:9999", None, None),
+    ("named target port resolved on the pod", "10.2.0.20:9000", None, "mesh/api"),
+    ("pod without the named port", "10.2.0.21:9000", None, None),
+    ("unready pod still belongs to its service", "10.2.0.22:8080", None, "mesh/api"),
+    ("pending pod", "10.2.0.13:8080", None, "mesh/web"),
+    ("pod no service selects", "10.1.0.5:8080", None, None),
+    ("not a workload", "1.1.1.1:80", None, None),
+    ("host-network pod's IP is its node's", "192.168.0.1:9100", None, None),
+    ("told service selecting the pod wins", "10.2.0.7:8080", "mesh/loop", "mesh/loop"),
+    ("told service not selecting the pod is ignored", "10.2.0.7:8080", "plain/legacy", "mesh/web"),
+]
+
+
+@pytest.mark.parametrize(
+    ("target", "told", "expected"), [c[1:] for c in INBOUND_CASES], ids=[c[0] for c in INBOUND_CASES]
+)
+def test_inbound_service(target: str, told: str | None, expected: str | None) -> None:
+    assert inbound_service(SNAP, addr(target), told) == expected
+
+
 # -- service endpoints: the label index must answer exactly what matching every pod would -------------------
 
 _names = st.sampled_from(["a", "b", "c"])
@@ -276,3 +309,13 @@ def test_service_endpoints_are_the_ready_pods_the_selector_matches(inventory: In
             p for p in candidates if p.phase is PodPhase.RUNNING and p.ready and not p.terminating and svc.selects(p)
         ]
         assert [w.pod for w in snap.services[svc.vip].endpoints] == expected
+
+
+@given(_inventories())
+def test_services_of_a_pod_are_those_whose_selector_matches_it(inventory: Inventory) -> None:
+    """Ready or not, in inventory order; host-network pods have none (their IP is their node's)."""
+    snap = RoutingSnapshot.from_inventory(inventory)
+    for address, workload in snap.workloads.items():
+        expected = tuple(svc for svc in inventory.services if svc.selects(workload.pod))
+        assert snap.services_of.get(address, ()) == expected
+    assert set(snap.services_of) <= set(snap.workloads)

@@ -1,0 +1,94 @@
+"""destination_service on both reporters: the Service a connection went to, as Istio's dashboards group it.
+
+The outbound side knows the Service when the app dialled its VIP; the inbound side only ever sees the pod's
+own address (the CONNECT :authority, the captured original destination), so it reports the first Service
+selecting the pod with a port forwarding to the one connected, as ztunnel does (guess_inbound_service).
+Kiali and Istio's service dashboards read `reporter="destination"` series by destination_service, so an
+inbound "unknown" hides every meshed service's inbound traffic. Oracle: the Prometheus registries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import socket
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+from tunnel_harness import APP_PORT, ByteServer, Cluster, Net, cluster, connect_captured, make_pod, recv_all
+
+from nodeagent.model import Pod, Service, ServicePort, SocketAddress
+from nodeagent.ztunnel import sockets
+
+VIP = ipaddress.IPv4Address("10.96.0.10")
+WEB = Service("web", "shop", MappingProxyType({"app": "server"}), (ServicePort(80, APP_PORT),), VIP)
+# Selects the same pod, but none of its ports forwards to APP_PORT: never the guess for APP_PORT.
+ADMIN = Service("admin", "shop", MappingProxyType({"app": "server"}), (ServicePort(9000, 9000),))
+
+
+def pods(net: Net) -> list[Pod]:
+    return [
+        make_pod(net, "client", "node1", 10),
+        make_pod(net, "neighbour", "node2", 11),  # the server's node: the same-node path
+        make_pod(net, "legacy", "node1", 12, ns="legacy"),  # not in the mesh: plaintext on :15006
+        make_pod(net, "server", "node2", 20),
+    ]
+
+
+def service_series(c: Cluster, node: str, source: str, reporter: str) -> dict[str, float]:
+    """destination_service -> connections closed, of one source workload as `reporter` saw them on `node`."""
+    found: dict[str, float] = {}
+    for metric in c.registries[node].collect():
+        for s in metric.samples:
+            if (
+                s.name == "istio_tcp_connections_closed_total"
+                and s.labels["reporter"] == reporter
+                and s.labels["source_workload"] == source
+            ):
+                found[s.labels["destination_service"]] = found.get(s.labels["destination_service"], 0) + s.value
+    return found
+
+
+async def exchange(c: Cluster, source: str, target: SocketAddress, via: int = sockets.OUTBOUND_PORT) -> None:
+    sock = await connect_captured(c.net, c.pod(source), target, via)
+    with sock:
+        await asyncio.get_running_loop().sock_sendall(sock, b"hello")
+        sock.shutdown(socket.SHUT_WR)
+        async with asyncio.timeout(10):
+            got = await recv_all(sock)
+    assert got.nbytes == 5
+
+
+@pytest.mark.parametrize(
+    ("source", "dial", "via", "outbound", "inbound"),
+    [
+        ("client", "vip", sockets.OUTBOUND_PORT, "web.shop.svc.cluster.local", "web.shop.svc.cluster.local"),
+        ("client", "pod", sockets.OUTBOUND_PORT, "unknown", "web.shop.svc.cluster.local"),
+        ("neighbour", "vip", sockets.OUTBOUND_PORT, "web.shop.svc.cluster.local", "web.shop.svc.cluster.local"),
+        ("legacy", "pod", sockets.INBOUND_PLAINTEXT_PORT, None, "web.shop.svc.cluster.local"),
+    ],
+    ids=["hbone-via-vip", "hbone-via-pod-ip", "same-node-via-vip", "plaintext-15006"],
+)
+async def test_destination_service_on_both_reporters(
+    tmp_path: Path, *, source: str, dial: str, via: int, outbound: str | None, inbound: str
+) -> None:
+    async with cluster(tmp_path, pods) as c:
+        c.inventory[0] = dataclasses.replace(c.inventory[0], services=(ADMIN, WEB))
+        await c.start_both()
+        server = c.pod("server")
+        assert server.ip is not None
+        app = ByteServer(server.ip, size=5).start()
+        try:
+            target = SocketAddress(VIP, 80) if dial == "vip" else SocketAddress(server.ip, APP_PORT)
+            await exchange(c, source, target, via)
+        finally:
+            await app.close()
+        source_node = c.pod(source).node
+        async with asyncio.timeout(5):
+            while any(len(t.table) for t in c.tunnels.values()):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert service_series(c, "node2", source, "destination") == {inbound: 1}
+        if outbound is not None:
+            assert service_series(c, source_node, source, "source") == {outbound: 1}
