@@ -30,7 +30,10 @@ How it uses h2 (4.4), and why in these places:
   the GOAWAY with our error code. It also hands h2 at most `_FRAMES_PER_STEP` frames at a time, so stream
   abuse (rapid reset, floods of malformed CONNECTs) is stopped within a large read rather than after it.
 - h2's own header validation is off: a malformed CONNECT must be a 400 on its stream, not a connection
-  error, so `parse_connect_request` validates pseudo-headers itself.
+  error, so `parse_connect_request` validates pseudo-headers itself. For the same reason trailers without
+  END_STREAM, which h2 makes a connection error, reset only their stream here (RFC 9113 8.1;
+  `_H2Connection._receive_headers_frame`): one malformed stream must not end every other stream of a
+  pooled connection.
 - DATA frames we send are framed here, not by h2 (`_send_data_frame`): h2 copies a payload three times on
   its way out (memoryview.tobytes, header + body, its output bytearray, then `data_to_send()`), and those
   copies were most of the sender's user-space memmove in the tunnel profile. The payload is queued as-is
@@ -724,6 +727,35 @@ class _H2Connection(h2.connection.H2Connection):
         self._data_to_send += b"".join(f.serialize() for f in frames)
         assert all(f.body_len <= self.max_outbound_frame_size for f in frames)
 
+    def _receive_headers_frame(self, frame: HeadersFrame) -> tuple[list[Frame], list[h2.events.Event]]:
+        """h2's, except that trailers without END_STREAM end only their stream. h2 raises a plain
+        ProtocolError for them ("Trailers must have END_STREAM set", h2/stream.py receive_headers), which
+        its receive loop turns into GOAWAY: every other stream of a pooled connection would die with it.
+        RFC 9113 8.1 makes such a message malformed, a stream error of type PROTOCOL_ERROR (as Rust h2
+        treats it: "trailers frame was not EOS"). Caught here, on the error path only, after h2 has decoded
+        the block (so both ends' HPACK tables stay in step) and taken it as trailers: the stream is reset
+        with RST_STREAM(PROTOCOL_ERROR), as h2's reset_stream() would, and reported as h2 reports a stream
+        error it resets itself (StreamReset, not remote). Any other failure stays a connection error."""
+        try:
+            return super()._receive_headers_frame(frame)
+        except h2.exceptions.ProtocolError as e:
+            stream = self.streams.get(frame.stream_id)
+            if (
+                type(e) is not h2.exceptions.ProtocolError
+                or "END_STREAM" in frame.flags
+                or stream is None
+                # In these states a HEADERS frame on a stream with headers is taken as trailers, and one
+                # taken before would have ended the stream (or reset it, here): this one set the flag.
+                or stream.state_machine.state not in _RECEIVABLE
+                or not stream.state_machine.trailers_received
+            ):
+                raise
+            self.state_machine.process_input(h2.connection.ConnectionInputs.SEND_RST_STREAM)
+            reset = h2.events.StreamReset(
+                stream_id=frame.stream_id, error_code=ErrorCodes.PROTOCOL_ERROR, remote_reset=False
+            )
+            return stream.reset_stream(ErrorCodes.PROTOCOL_ERROR), [reset]
+
 
 class Role(enum.Enum):
     CLIENT = "client"
@@ -1262,6 +1294,7 @@ class HboneConnection:
             # RFC 9113 8.5: a CONNECT stream carries DATA and stream management frames only; anything else
             # is a stream error. Trailers make it a malformed request (8.1.1): RST_STREAM(PROTOCOL_ERROR),
             # and the stream ends exactly as if the peer had reset it (held bytes, rapid reset, this read).
+            # (Trailers without END_STREAM arrive as h2's StreamReset instead: _H2Connection.)
             assert event.stream_id is not None
             if event.stream_id in self._streams:
                 self._reset(event.stream_id, ErrorCodes.PROTOCOL_ERROR)

@@ -437,6 +437,76 @@ def test_trailers_on_an_answered_stream_reset_it_without_abuse() -> None:
     assert conn._abusive_streams == 0 and not conn.closed
 
 
+def test_trailers_without_end_stream_reset_only_their_stream() -> None:
+    """RFC 9113 8.1: a HEADERS frame without END_STREAM after the request's is a malformed message, a stream
+    error. h2 raises a connection error for it ("Trailers must have END_STREAM set"): every other stream of
+    the pooled connection would die with the one the peer got wrong."""
+    conn, peer, out = new_server()
+    conn.receive_data(peer.request(1) + peer.request(3))
+    conn.accept(1)
+    conn.accept(3)
+    out.read(conn.data_to_send())
+    events = conn.receive_data(peer.request(1, TRAILERS) + data(3, b"still here"))
+    assert events == [StreamReset(1, ErrorCodes.PROTOCOL_ERROR, remote=False), DataReceived(3, b"still here")], (
+        "trailers without END_STREAM must reset their stream only, not end the connection"
+    )
+    frames = out.read(conn.data_to_send())
+    assert goaway(frames) is None and not conn.closed
+    assert [(f.stream_id, f.error_code) for f in frames if isinstance(f, RstStreamFrame)] == [
+        (1, ErrorCodes.PROTOCOL_ERROR)
+    ]
+    # DATA the peer sent on stream 1 before it saw our reset is a stream matter too (RFC 9113 5.1, "closed").
+    assert conn.receive_data(data(1, b"in flight") + data(3, b"more")) == [DataReceived(3, b"more")]
+    # The trailers were HPACK-decoded: a block that refers to their dynamic-table entry still decodes.
+    [opened] = conn.receive_data(peer.request(5, [*OK, *TRAILERS]))
+    assert isinstance(opened, StreamOpened) and opened.stream_id == 5
+    conn.send_data(3, b"reply")
+    frames = out.read(conn.data_to_send())
+    assert [f.data for f in frames if isinstance(f, hyperframe.frame.DataFrame) and f.stream_id == 3] == [b"reply"]
+    assert conn.open_streams == 2 and conn._abusive_streams == 0
+
+
+def test_trailers_without_end_stream_before_accept_end_the_stream_like_a_reset() -> None:
+    conn, peer, out = new_server()
+    events = conn.receive_data(peer.request(1) + data(1, b"held"))
+    assert [type(e) for e in events] == [StreamOpened]
+    out.read(conn.data_to_send())
+    assert conn.receive_data(peer.request(1, TRAILERS)) == [StreamReset(1, ErrorCodes.PROTOCOL_ERROR, remote=False)]
+    frames = out.read(conn.data_to_send())
+    assert goaway(frames) is None and not conn.closed
+    assert [(f.stream_id, f.error_code) for f in frames if isinstance(f, RstStreamFrame)] == [
+        (1, ErrorCodes.PROTOCOL_ERROR)
+    ]
+    assert conn._abusive_streams == 1  # reset before an answer: it counts towards rapid reset
+    with pytest.raises(StreamStateError):
+        conn.accept(1)
+
+
+def test_trailers_without_end_stream_in_the_read_that_opened_the_stream_never_surface_it() -> None:
+    conn, peer, _out = new_server()
+    events = conn.receive_data(peer.request(1) + peer.request(1, TRAILERS) + peer.request(3))
+    assert [(type(e), getattr(e, "stream_id", None)) for e in events] == [(StreamOpened, 3)], events
+    assert not conn.closed
+
+
+def test_client_resets_a_stream_whose_response_trailers_lack_end_stream() -> None:
+    client = HboneConnection(Role.CLIENT, 0.0)
+    request = ConnectRequest(SocketAddress(POD, 8080))
+    first, second = client.open_stream(request), client.open_stream(request)
+    encoder = hpack.Encoder()
+    ok = [(b":status", b"200")]
+    wire = settings_frame() + headers_frame(first, encoder.encode(ok)) + headers_frame(second, encoder.encode(ok))
+    assert client.receive_data(wire) == [StreamEstablished(first), StreamEstablished(second)]
+    events = client.receive_data(headers_frame(first, encoder.encode(TRAILERS)) + data(second, b"down"))
+    assert events == [StreamReset(first, ErrorCodes.PROTOCOL_ERROR, remote=False), DataReceived(second, b"down")]
+    assert not client.closed and client.open_streams == 1
+    frames = parse_frames(client.data_to_send()[len(PREFACE) :])
+    assert goaway(frames) is None
+    assert [(f.stream_id, f.error_code) for f in frames if isinstance(f, RstStreamFrame)] == [
+        (first, ErrorCodes.PROTOCOL_ERROR)
+    ]
+
+
 @pytest.mark.parametrize("batch", [1, 100])
 def test_rapid_reset_through_trailers_never_opens_and_ends_in_goaway(batch: int) -> None:
     conn, peer, out = new_server()

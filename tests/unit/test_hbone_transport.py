@@ -11,7 +11,7 @@ from typing import Any
 
 from h2.errors import ErrorCodes
 from hyperframe.frame import DataFrame, RstStreamFrame
-from test_hbone import LOCAL, PREFACE, Peer, data, parse_frames, ping, settings_frame, window_update
+from test_hbone import LOCAL, PREFACE, TRAILERS, Peer, data, parse_frames, ping, settings_frame, window_update
 
 from nodeagent.ztunnel import hbone, hbone_transport
 
@@ -125,3 +125,37 @@ async def test_a_peer_that_sends_pings_but_never_reads_is_cut_off() -> None:
         feed(protocol, ping() * 100)
     assert protocol.core.closed
     assert len(transport.out) < (protocol.core.limits.max_queued_control_replies + 200) * 17
+
+
+class RecordingLeg(Leg):
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.lost: list[BaseException | None] = []
+
+    def data_received(self, data: bytes) -> None:
+        self.received += data
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost.append(exc)
+
+
+async def test_trailers_without_end_stream_reset_that_relay_only() -> None:
+    """The relay of the stream the peer sent malformed trailers on sees a reset; the relays of the other
+    streams of the (pooled) connection carry on. h2 used to end the whole connection for it."""
+    protocol, transport = server()
+    peer = Peer()
+    legs: dict[int, RecordingLeg] = {}
+    for stream_id in (1, 3):
+        feed(protocol, peer.request(stream_id))
+        stream = protocol.accept(stream_id)
+        stream.attach(legs.setdefault(stream_id, RecordingLeg()))  # type: ignore[arg-type]
+        stream.resume_reading()
+    feed(protocol, peer.request(1, TRAILERS) + data(3, b"after"))
+    [lost] = legs[1].lost
+    assert isinstance(lost, ConnectionResetError) and "reset by the tunnel" in str(lost), lost
+    assert legs[3].lost == [] and legs[3].received == b"after"
+    assert not protocol.core.closed and protocol.core.open_streams == 1
+    transport.out.clear()
+    feed(protocol, data(3, b"more"))
+    assert legs[3].received == b"aftermore"
+    assert protocol._streams.keys() == {3}
