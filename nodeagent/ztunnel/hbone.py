@@ -26,9 +26,11 @@ How it uses h2 (4.4), and why in these places:
 - The same reader enforces what must be checked before h2 sees a frame: the raw header block size
   (HEADERS + CONTINUATION, before HPACK decoding), CONTINUATION counts, PING/SETTINGS replies and
   RST_STREAMs (h2 answers every frame on a reset stream with one) queued since the last `data_to_send()`,
-  runs of empty DATA frames and WINDOW_UPDATE floods. Violations become h2 ProtocolErrors, so h2 queues
-  the GOAWAY with our error code. It also hands h2 at most `_FRAMES_PER_STEP` frames at a time, so stream
-  abuse (rapid reset, floods of malformed CONNECTs) is stopped within a large read rather than after it.
+  runs of empty DATA frames, WINDOW_UPDATE floods, and frames h2 only ignores (PRIORITY, ALTSVC, unknown
+  types; `Limits.ignored_frames_per_stream` says why 100 per stream). Violations become h2 ProtocolErrors,
+  so h2 queues the GOAWAY with our error code. It also hands h2 at most `_FRAMES_PER_STEP` frames at a
+  time, so stream abuse (rapid reset, floods of malformed CONNECTs) is stopped within a large read rather
+  than after it.
 - h2's own header validation is off: a malformed CONNECT must be a 400 on its stream, not a connection
   error, so `parse_connect_request` validates pseudo-headers itself. For the same reason trailers without
   END_STREAM, which h2 makes a connection error, reset only their stream here (RFC 9113 8.1;
@@ -132,6 +134,15 @@ class Limits:
     window_update_allowance: int = 1000  # WINDOW_UPDATEs accepted beyond 4 per DATA frame we sent
     abusive_streams: int = 100  # streams reset before an answer or rejected with 400 before GOAWAY ...
     abusive_stream_ratio: float = 0.5  # ... once they exceed this share of all streams the peer opened
+    # PRIORITY, ALTSVC and unknown-type frames change nothing here, yet h2 spends 4-10 µs of CPU on each
+    # (CVE-2019-9513 class): at most this many times (1 + the streams on the connection) over its lifetime,
+    # then GOAWAY(ENHANCE_YOUR_CALM). It is Envoy's bound, counted the same way (PRIORITY frames against
+    # max_inbound_priority_frames_per_stream = 100 x (1 + inbound streams)); nginx allows max(128, 100) +
+    # 128 per stream, nghttp2 >= 1.67 a bucket of 10 000 refilled at 330/s. Rust h2 (ztunnel) ignores them
+    # without a bound, and neither it nor python-h2 nor Envoy sends any on its own; RFC 9113 5.3.2
+    # deprecates PRIORITY. A legitimate HBONE peer stays far below; a flood gets at most ~1 ms of CPU per
+    # stream it had to open (a CONNECT answered, or counted by the rapid-reset rule) and per connection.
+    ignored_frames_per_stream: int = 100
 
 
 class HboneError(Exception):
@@ -438,6 +449,8 @@ class _FrameReader(FrameBuffer):
         self._block_bytes = 0
         self.control_replies = 0  # PING/SETTINGS ACKs and RST_STREAMs queued; reset by data_to_write()
         self.data_frames_sent = 0  # maintained by HboneConnection
+        self.streams = 0  # streams opened on the connection, by either end; maintained by HboneConnection
+        self._ignored_frames = 0
         self._empty_data_run = 0
         self._window_updates = 0
         self.budget = 0  # frames h2 may take in this step; set by HboneConnection.receive_data()
@@ -672,6 +685,13 @@ class _FrameReader(FrameBuffer):
                 raise _Abuse("WINDOW_UPDATE flood: far more updates than DATA frames sent")
         elif kind == _PUSH_PROMISE:
             raise _Abuse("PUSH_PROMISE received although push is disabled", ErrorCodes.PROTOCOL_ERROR)
+        elif kind == _PRIORITY or kind > _CONTINUATION:  # frames h2 ignores: PRIORITY, ALTSVC, unknown types
+            self._ignored_frames += 1
+            if self._ignored_frames > self._limits.ignored_frames_per_stream * (1 + self.streams):
+                raise _Abuse(
+                    f"PRIORITY/unknown frame flood: more than {self._limits.ignored_frames_per_stream} per stream "
+                    f"({self.streams} streams)"
+                )
 
     def _too_many_replies(self) -> str:
         limit = self._limits.max_queued_control_replies
@@ -1057,6 +1077,7 @@ class HboneConnection:
             h2_stream._authority = str(request.target).encode()
             h2_stream.request_method = b"CONNECT"
         self._streams[stream_id] = _Stream(stream_id)
+        self._reader.streams += 1
         return stream_id
 
     @property
@@ -1328,6 +1349,7 @@ class HboneConnection:
         stream_id = event.stream_id
         assert stream_id is not None
         self._peer_streams += 1
+        self._reader.streams += 1
         if self._our_last_stream is not None and stream_id > self._our_last_stream:
             self._reset(stream_id, ErrorCodes.REFUSED_STREAM)  # it crossed our graceful GOAWAY (RFC 9113 6.8)
             return

@@ -671,6 +671,79 @@ def test_window_update_flood() -> None:
     assert terminated(events).error_code == ErrorCodes.ENHANCE_YOUR_CALM
 
 
+def priority(stream_id: int, depends_on: int = 0, weight: int = 15) -> bytes:
+    return frame(0x2, 0, stream_id, depends_on.to_bytes(4, "big") + bytes([weight]))
+
+
+IGNORED_FRAMES = {
+    "PRIORITY on the open stream": priority(1),
+    "PRIORITY on an idle stream": priority(101, depends_on=1),
+    "ALTSVC": frame(0xA, 0, 0, b"\x00\x00"),
+    "unknown type on stream 0": frame(0xFA, 0, 0, b"grease"),
+    "unknown type on the open stream": frame(0x20, 0xFF, 1, bytes(100)),
+}
+
+
+@pytest.mark.parametrize("wire", IGNORED_FRAMES.values(), ids=IGNORED_FRAMES.keys())
+def test_frames_h2_ignores_are_bounded_in_one_read(wire: bytes) -> None:
+    """CVE-2019-9513 class: PRIORITY, ALTSVC and unknown-type frames change nothing, send nothing back, and
+    cost h2 several µs each; a peer must not be able to make us process them forever."""
+    conn, peer, out = new_server()
+    conn.receive_data(peer.request(1))
+    conn.accept(1)
+    out.read(conn.data_to_send())
+    events = conn.receive_data(wire * 100_000)
+    assert conn.closed, f"100 000 ignored frames in one read did not end the connection: {events[-3:]}"
+    assert terminated(events).error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert goaway(out.read(conn.data_to_send())).error_code == ErrorCodes.ENHANCE_YOUR_CALM  # type: ignore[union-attr]
+    assert conn._reader._ignored_frames == conn.limits.ignored_frames_per_stream * 2 + 1  # cut at once
+
+
+@pytest.mark.parametrize("wire", IGNORED_FRAMES.values(), ids=IGNORED_FRAMES.keys())
+def test_frames_h2_ignores_are_bounded_over_the_connections_life(wire: bytes) -> None:
+    """A peer that sends a few at a time and reads everything: no per-read budget would ever stop it."""
+    conn, peer, out = new_server()
+    conn.receive_data(peer.request(1))
+    conn.accept(1)
+    reads = 0
+    events: list[hbone.Event] = []
+    while not conn.closed and reads < 10_000:
+        events = conn.receive_data(wire * 10 + ping())
+        out.read(conn.data_to_send())
+        reads += 1
+    assert conn.closed, "10 000 reads of 10 ignored frames each did not end the connection"
+    assert terminated(events).error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert reads == conn.limits.ignored_frames_per_stream * 2 // 10 + 1
+
+
+def test_frames_h2_ignores_are_fine_below_the_budget_of_each_stream() -> None:
+    """The budget grows with the streams of the connection: a peer that reprioritises each of its streams
+    (up to 100 times) is never cut off, however long the connection lives."""
+    conn, peer, out = new_server()
+    for stream_id in range(1, 2 * 300, 2):
+        [opened] = conn.receive_data(peer.request(stream_id))
+        assert isinstance(opened, StreamOpened)
+        conn.accept(stream_id)
+        conn.receive_data(priority(stream_id) * 99 + frame(0xFA, 0, stream_id) + rst(stream_id))
+        out.read(conn.data_to_send())
+        assert not conn.closed
+    assert conn.receive_data(priority(1) * 100) == [] and not conn.closed  # the 1 of "1 + streams"
+    events = conn.receive_data(priority(1))
+    assert conn.closed, f"the budget of 100 x (1 + 300 streams) was exceeded and nothing happened: {events}"
+    assert terminated(events).error_code == ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def test_client_bounds_frames_h2_ignores_too() -> None:
+    client = HboneConnection(Role.CLIENT, 0.0)
+    sid = client.open_stream(ConnectRequest(SocketAddress(POD, 8080)))
+    ok = headers_frame(sid, hpack.Encoder().encode([(b":status", b"200")]))
+    assert client.receive_data(settings_frame() + ok) == [StreamEstablished(sid)]
+    events = client.receive_data(frame(0xFA, 0, 0) * 100_000)
+    assert client.closed, f"100 000 unknown frames in one read did not end the connection: {events[-3:]}"
+    assert terminated(events).error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    assert client._reader._ignored_frames == client.limits.ignored_frames_per_stream * 2 + 1
+
+
 def test_empty_data_flood() -> None:
     conn, peer, _out = new_server()
     conn.receive_data(peer.request(1))
