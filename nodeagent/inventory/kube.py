@@ -46,6 +46,7 @@ from typing import Any, Generic, TypeVar
 import kubernetes.client
 import kubernetes.config
 import urllib3.exceptions
+import yaml
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config import kube_config
 from kubernetes.watch.watch import iter_resp_lines
@@ -65,6 +66,7 @@ DEFAULT_REQUEST_TIMEOUT = 30.0
 BACKOFF_INITIAL = 0.5
 BACKOFF_MAX = 30.0
 DEFAULT_KUBECONFIG = "~/.kube/config"
+_CANNOT = "cannot configure the Kubernetes client: "
 
 
 class KubeConfigError(ValueError):
@@ -83,6 +85,10 @@ def api_client(
     cluster, user and context; missing files skipped). Its loader takes the *last* file's current-context;
     kubectl takes the first file's, so without `context` that one is named explicitly.
 
+    Every failure is a KubeConfigError with one line that says what to do; a kubeconfig file that does not
+    exist (--kubeconfig) or cannot be read is named in it (the client's loader would raise a bare parser
+    error naming no file).
+
     Called only when a command runs, never at import. In a pod the in-cluster loader re-reads the
     projected service-account token when it is rotated.
     """
@@ -95,6 +101,20 @@ def api_client(
             paths = (
                 os.fspath(kubeconfig) if kubeconfig is not None else os.environ.get("KUBECONFIG") or DEFAULT_KUBECONFIG
             )
+            if kubeconfig is not None and not os.path.exists(os.path.expanduser(paths)):  # $KUBECONFIG: skipped
+                raise KubeConfigError(
+                    f"{_CANNOT}the kubeconfig file {paths} does not exist; pass --kubeconfig an existing file"
+                )
+            for path in paths.split(kube_config.ENV_KUBECONFIG_PATH_SEPARATOR):
+                problem = _kubeconfig_problem(os.path.expanduser(path))
+                if problem is not None:
+                    if kubeconfig is not None:
+                        fix = "fix it, or pass --kubeconfig a working one"
+                    elif os.environ.get("KUBECONFIG"):
+                        fix = "fix it, take it out of $KUBECONFIG, or pass --kubeconfig FILE"
+                    else:
+                        fix = "fix it, or pass --kubeconfig FILE (or set KUBECONFIG)"
+                    raise KubeConfigError(f"{_CANNOT}the kubeconfig file {os.path.expanduser(path)} {problem}; {fix}")
             if context is None:
                 merged = kube_config.KubeConfigMerger(paths)  # type: ignore[no-untyped-call]
                 context = next(
@@ -103,12 +123,43 @@ def api_client(
             kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
                 config_file=paths, context=context, client_configuration=configuration
             )
+    except KubeConfigError:
+        raise
     except (kubernetes.config.ConfigException, OSError, ValueError) as exc:
         raise KubeConfigError(
-            f"cannot configure the Kubernetes client: {exc}; pass --kubeconfig FILE (and --context), set "
+            f"{_CANNOT}{exc}; pass --kubeconfig FILE (and --context), set "
             "KUBECONFIG, or run inside a pod with a service account"
         ) from None
     return kubernetes.client.ApiClient(configuration)
+
+
+def _kubeconfig_problem(path: str) -> str | None:
+    """What keeps the client's loader from reading the kubeconfig file `path`, or None (also when it is absent:
+    the loader skips those). The loader takes for granted UTF-8 YAML (JSON is YAML) holding a mapping whose
+    clusters, contexts and users are lists of named entries, and meets any other file with a parser's
+    traceback (yaml.YAMLError, TypeError) that names no file."""
+    if not path or not os.path.exists(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            doc = yaml.safe_load(f.read().decode("utf-8"))
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror})"
+    except UnicodeDecodeError as exc:
+        return f"is not a text file (byte {exc.start} is not UTF-8)"
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        return f"is not YAML or JSON{where}: {getattr(exc, 'problem', None) or exc}"
+    if doc is None:
+        return "is empty"
+    if not isinstance(doc, dict):
+        return f"holds a {type(doc).__name__}, not a kubeconfig (a mapping of apiVersion, clusters, users, ...)"
+    for key in ("clusters", "contexts", "users"):
+        entries = doc.get(key) or []
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and "name" in e for e in entries):
+            return f"is not a kubeconfig: its `{key}` is not a list of entries with a `name`"
+    return None
 
 
 class _Relist(Exception):

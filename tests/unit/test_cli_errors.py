@@ -13,7 +13,7 @@ import pytest
 
 from nodeagent import __version__
 from nodeagent.admin_client import AdminError, admin_url
-from nodeagent.cli import build_parser
+from nodeagent.cli import build_parser, main
 
 
 def _commands(
@@ -86,3 +86,72 @@ def test_a_command_summary_names_every_subcommand_it_has(command: str) -> None:
     children = next(a for a in top.choices[command]._actions if isinstance(a, argparse._SubParsersAction))
     listed = re.split(r",\s*", str(summary).split(": ", 1)[1])
     assert listed == list(children.choices), summary
+
+
+# -- a kubeconfig file that cannot be read is one line naming it, from every command that reads one ---------
+
+BAD_KUBECONFIGS = {
+    "gzipped": b"\x1f\x8b\x08\x00" + bytes(range(256)),  # not UTF-8 at byte 1
+    "json-syntax-error": b'{"apiVersion": "v1", "clusters": [',
+    "yaml-syntax-error": b"apiVersion: v1\nkind: Config\nclusters: [\n",
+    "a-list": b"- apiVersion\n- v1\n",
+    "clusters-not-a-list": b"apiVersion: v1\nclusters: oops\n",
+}
+KUBE_COMMANDS = {  # each command line that reads a kubeconfig (split on blanks)
+    "enroll": "enroll shop --dry-run",
+    "inspect --node": "inspect workloads --node node1",
+    "inspect redirects --kubernetes": "inspect redirects --kubernetes --node node1",
+    "agent --kubernetes": "agent --node node1 --kubernetes --zds-socket {tmp}/zds.sock",
+    "tunnel --kubernetes": "tunnel --node node1 --kubernetes --ca 127.0.0.1:1 --ca-token t "
+    "--trust-bundle {tmp}/bundle.pem --zds-socket {tmp}/zds.sock",
+    "ca serve --kubernetes": "ca serve --kubernetes --state-dir {tmp}/ca --listen 127.0.0.1:0",
+}
+
+
+@pytest.mark.parametrize("content", BAD_KUBECONFIGS.values(), ids=BAD_KUBECONFIGS.keys())
+@pytest.mark.parametrize("command", KUBE_COMMANDS.values(), ids=KUBE_COMMANDS.keys())
+def test_a_kubeconfig_that_is_not_one_is_an_error_naming_the_file(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+    content: bytes,
+) -> None:
+    """A kubeconfig that does not parse (binary, a JSON or YAML syntax error, not a mapping) gave a yaml or
+    TypeError traceback from inside the kubernetes client, naming no file; `agent --kubernetes` gave a
+    traceback for any unusable kubeconfig. Now: one line, the file, what is wrong with it, what to do."""
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)  # not the in-cluster path
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    (tmp_path / "bundle.pem").write_text("")
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_bytes(content)
+    rc = main([*command.format(tmp=tmp_path).split(), "--kubeconfig", str(kubeconfig)])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0
+    assert err.startswith(f"error: cannot configure the Kubernetes client: the kubeconfig file {kubeconfig} "), err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.endswith("; fix it, or pass --kubeconfig a working one"), err
+
+
+def test_a_bad_file_in_the_kubeconfig_list_is_named_among_the_good_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """$KUBECONFIG is a list, merged as kubectl merges it: the error names the one file that is broken and says to
+    take it out of the list; a missing entry is skipped, as kubectl skips it."""
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.write_text("apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\nusers: []\n")
+    bad.write_bytes(BAD_KUBECONFIGS["json-syntax-error"])
+    monkeypatch.setenv("KUBECONFIG", f"{good}:{tmp_path / 'missing'}:{bad}")
+    assert main(["enroll", "shop", "--dry-run"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: cannot configure the Kubernetes client: the kubeconfig file {bad} is not YAML"), err
+    assert "(line 1, column 35)" in err and err.endswith("take it out of $KUBECONFIG, or pass --kubeconfig FILE"), err
+
+
+def test_a_kubeconfig_flag_naming_no_file_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    assert main(["enroll", "shop", "--kubeconfig", str(tmp_path / "nope")]) == 1
+    assert f"the kubeconfig file {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
