@@ -206,26 +206,22 @@ def _agent(args: argparse.Namespace) -> int:
     )
     if args.kubernetes:
         from nodeagent.agent.kube_agent import KubeAgent, KubeSettings
-        from nodeagent.inventory.kube import KubeConfigError, api_client
+        from nodeagent.inventory.kube import KubeConfigError
 
-        # Read the kubeconfig before anything starts: a file that cannot be used is a one-line error
-        # naming it, not a traceback out of the event loop after capture was already detected.
-        try:
-            api = api_client(args.kubeconfig, args.context)
-        except KubeConfigError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
         settings = KubeSettings(
             args.kubeconfig,
             args.context,
-            client=lambda: api,
             trust_domain=args.trust_domain,
             status=not args.no_pod_status,
             netns=args.kube_netns,
             proc=args.host_proc,
             admin=None if args.admin == "none" else args.admin,
         )
-        return run(config, lambda c, f: KubeAgent(c, f, settings=settings))
+        try:
+            return run(config, lambda c, f: KubeAgent(c, f, settings=settings))
+        except KubeConfigError as exc:  # the kubeconfig is read when the agent starts: one line, not a traceback
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     return run(config)
 
 
