@@ -152,6 +152,20 @@ def apply_log_levels(request: dict[str, int] | str) -> str:
     )
 
 
+def endpoint_name(routes: Iterable[str]) -> str:
+    """What the log calls an instance serving `routes`, e.g. `metrics endpoint (/metrics)`: a process runs
+    several (the tunnel's admin, metrics and readiness ports), and "admin endpoint" for each of them left
+    the reader to guess which port is which."""
+    served = frozenset(routes)
+    if served & {CONFIG_DUMP, LOGGING}:
+        kind = "admin"
+    elif METRICS in served:
+        kind = "metrics"
+    else:
+        kind = "readiness"
+    return f"{kind} endpoint ({', '.join(sorted(served))})"
+
+
 class AdminServer:
     def __init__(self, registry: CollectorRegistry | None = None, routes: Iterable[str] = ALL_ROUTES) -> None:
         """`routes`: which of CONFIG_DUMP, METRICS, READY and LOGGING this instance serves (others get 404)."""
@@ -161,6 +175,7 @@ class AdminServer:
             raise ValueError(f"unknown admin routes {sorted(unknown)}; choose from {sorted(ALL_ROUTES)}")
         if METRICS in self.routes and registry is None:
             raise ValueError(f"serving {METRICS} needs a metrics registry")
+        self.name = endpoint_name(self.routes)
         self._registry = registry
         self._providers: dict[str, Callable[[], Any]] = {}
         self._async_providers: dict[str, Callable[[], Awaitable[Any]]] = {}
@@ -238,7 +253,7 @@ class AdminServer:
             raise listen_error(host, port, exc) from None
         self._servers.append(server)
         bound = server.sockets[0].getsockname()
-        log.info("admin endpoint on http://%s:%d", bound[0], bound[1])
+        log.info("%s on http://%s:%d", self.name, bound[0], bound[1])
         return bound[0], bound[1]
 
     async def start_unix(self, path: str) -> None:
@@ -252,7 +267,7 @@ class AdminServer:
             os.unlink(path)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self._servers.append(await asyncio.start_unix_server(self._handle, path, limit=MAX_REQUEST_HEAD))
-        log.info("admin endpoint on unix:%s", path)
+        log.info("%s on unix:%s", self.name, path)
 
     async def start_when_free(self, host: str, port: int, what: str) -> tuple[str, int]:
         """start(), retrying every BIND_RETRY_S while the address is taken: on hostNetwork a rolling update's
