@@ -78,6 +78,9 @@ def connection_rows(dump: Mapping[str, Any], wide: bool) -> list[tuple[str, ...]
 
 
 def policy_rows(dump: Iterable[Mapping[str, Any]]) -> list[tuple[str, ...]]:
+    """ACTION is an AuthorizationPolicy's Allow/Deny or a PeerAuthentication's mTLS mode; SCOPE is where
+    either applies (ztunnel's RbacScope: Global, Namespace, WorkloadSelector). A tunnel older than this
+    CLI dumps PeerAuthentications without a scope: their kind stands there instead."""
     return sorted(
         (
             str(p.get("namespace", "")),

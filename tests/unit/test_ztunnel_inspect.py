@@ -115,13 +115,15 @@ def test_wide_connection_rows_carry_both_identities() -> None:
 
 
 def test_policy_rows_cover_authorization_and_peer_authentication() -> None:
-    dump = [
+    dump: list[dict[str, Any]] = [
         {"name": "deny-legacy", "namespace": "shop", "action": "Deny", "scope": "Namespace", "rules": 1},
-        {"name": "strict", "namespace": "shop", "kind": "PeerAuthentication", "mode": "STRICT"},
+        {"name": "strict", "namespace": "shop", "kind": "PeerAuthentication", "mode": "STRICT", "scope": "Namespace"},
+        {"name": "old", "namespace": "shop", "kind": "PeerAuthentication", "mode": "STRICT"},  # an older tunnel's
     ]
     assert policy_rows(dump) == [
         ("shop", "deny-legacy", "Deny", "Namespace"),
-        ("shop", "strict", "STRICT", "PeerAuthentication"),
+        ("shop", "old", "STRICT", "PeerAuthentication"),
+        ("shop", "strict", "STRICT", "Namespace"),
     ]
 
 

@@ -46,7 +46,7 @@ from prometheus_client import CollectorRegistry
 from nodeagent.admin import CONFIG_DUMP, LOGGING, METRICS, READY, AdminServer
 from nodeagent.model import Identity, Inventory, IPAddress
 from nodeagent.netns import SYSCTL_NET, NetnsError, in_netns, net_sysctl
-from nodeagent.policy import PolicySet, revalidate
+from nodeagent.policy import PeerAuthentication, PolicySet, Scope, revalidate
 from nodeagent.zds.codec import Workload
 from nodeagent.zds.tasks import TaskSet
 from nodeagent.ztunnel import hbone, sockets
@@ -73,6 +73,19 @@ DRAIN_MARGIN = 5.0
 # deadline for the ack.
 CERT_WAIT = 3.0
 MIGRATE_REQ_SYSCTL = "ipv4/tcp_migrate_req"  # under TunnelInputs.sysctl_net
+
+
+def _scope_name(scope: Scope) -> str:
+    """ztunnel's RbacScope as its config dump spells it: Global, Namespace, WorkloadSelector."""
+    return scope.name.title().replace("_", "")
+
+
+def _peer_authentication_scope(pa: PeerAuthentication, root_namespace: str) -> Scope:
+    """A PeerAuthentication's level as policy.effective_mtls reads it: a selector binds it to workloads, else
+    the root namespace makes it mesh-wide, else it covers its namespace."""
+    if pa.selector:
+        return Scope.WORKLOAD_SELECTOR
+    return Scope.GLOBAL if pa.namespace == root_namespace else Scope.NAMESPACE
 
 
 class CertSource(Protocol):
@@ -544,13 +557,19 @@ class Tunnel:
                 "name": p.name,
                 "namespace": p.namespace,
                 "action": p.action.value.capitalize(),
-                "scope": p.scope.name.title().replace("_", ""),
+                "scope": _scope_name(p.scope),
                 "rules": len(p.rules),
             }
             for p in policies.authorization
         ]
         out += [
-            {"name": pa.name, "namespace": pa.namespace, "kind": "PeerAuthentication", "mode": pa.mode.value}
+            {
+                "name": pa.name,
+                "namespace": pa.namespace,
+                "kind": "PeerAuthentication",
+                "mode": pa.mode.value,
+                "scope": _scope_name(_peer_authentication_scope(pa, policies.root_namespace)),
+            }
             for pa in policies.peer_authentication
         ]
         return out
