@@ -63,6 +63,7 @@ class Reason(enum.Enum):
     CSR_URI_SAN_COUNT = "csr_uri_san_count"
     CSR_IDENTITY_MISMATCH = "csr_identity_mismatch"
     BAD_CA_MATERIAL = "bad_ca_material"
+    REQUEST_MALFORMED = "request_malformed"  # the body is not an IstioCertificateRequest (e.g. a non-UTF-8 string)
     SIGNER_EXPIRED = "signer_expired"
 
 

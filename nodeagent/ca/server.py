@@ -5,7 +5,8 @@ apart (bearer token, CSR, ImpersonatedIdentity from the metadata Struct), asks c
 asks ca.authority what that caller may have and to sign it, and turns every refusal into a gRPC status:
 authentication and authorization failures are an opaque UNAUTHENTICATED (the real reason goes to the
 log and to the `nodeagent_ca_requests{result,reason}` counter), a bad CSR is INVALID_ARGUMENT with a
-message that says what to fix.
+message that says what to fix. So is a body that does not parse: the request is decoded here, not by the
+generated code, whose failure gRPC reports as INTERNAL before the handler runs.
 
 It is bounded: requests larger than `max_message_bytes` are refused by gRPC (RESOURCE_EXHAUSTED), CSRs
 over 64 KiB by the authority, at most `max_concurrent_rpcs` are admitted (more get RESOURCE_EXHAUSTED)
@@ -25,7 +26,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,6 +35,7 @@ from typing import Generic, TypeVar
 import grpc
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from google.protobuf.message import DecodeError
 
 from nodeagent.admin import ListenError, listen_error
 from nodeagent.ca import authority
@@ -146,7 +148,7 @@ class CertificateService(ca_pb2_grpc.IstioCertificateServiceServicer):  # type: 
         self._state = state
 
     def CreateCertificate(
-        self, request: ca_pb2.IstioCertificateRequest, context: grpc.ServicerContext
+        self, request: ca_pb2.IstioCertificateRequest | Undecodable, context: grpc.ServicerContext
     ) -> ca_pb2.IstioCertificateResponse:
         started = time.perf_counter()
         try:
@@ -167,8 +169,11 @@ class CertificateService(ca_pb2_grpc.IstioCertificateServiceServicer):  # type: 
         return ca_pb2.IstioCertificateResponse(cert_chain=list(chain))
 
     def _create(
-        self, request: ca_pb2.IstioCertificateRequest, context: grpc.ServicerContext
+        self, request: ca_pb2.IstioCertificateRequest | Undecodable, context: grpc.ServicerContext
     ) -> tuple[Identity, tuple[str, ...]]:
+        if isinstance(request, Undecodable):
+            error = AuthorityError(Reason.REQUEST_MALFORMED, request.problem)
+            raise _Denied(grpc.StatusCode.INVALID_ARGUMENT, "invalid", error, error.message)
         csr = request.csr.encode()
         if len(csr) > authority.MAX_CSR_BYTES:
             error = CSRError(
@@ -201,6 +206,129 @@ class CertificateService(ca_pb2_grpc.IstioCertificateServiceServicer):  # type: 
         except authority.SignerExpired as exc:
             raise _Denied(grpc.StatusCode.UNAVAILABLE, "error", exc, exc.message) from exc
         return identity, issued.chain_pem
+
+
+# -- the request body: decoded by us, so that a body protobuf refuses is INVALID_ARGUMENT, not INTERNAL ------
+# gRPC answers a deserializer's exception with INTERNAL ("Exception deserializing request!") before the
+# handler runs. protobuf refuses any body with a string field that is not UTF-8 (proto3 strings must be)
+# and names neither the field nor the byte; the request's shape is small enough to say which.
+
+SERVICE = ca_pb2.DESCRIPTOR.services_by_name["IstioCertificateService"].full_name
+_LEN = 2  # the length-delimited wire type (strings, messages)
+_MAX_DEPTH = 100  # protobuf's own recursion limit: a deeper body is refused before any string is looked at
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A request body that is not an IstioCertificateRequest; `problem` says what is wrong with it."""
+
+    problem: str
+
+
+def decode_request(data: bytes) -> ca_pb2.IstioCertificateRequest | Undecodable:
+    try:
+        return ca_pb2.IstioCertificateRequest.FromString(data)
+    except DecodeError as exc:
+        return Undecodable(_undecodable(data, exc))
+
+
+def _undecodable(data: bytes, exc: DecodeError) -> str:
+    what = "the request is not an IstioCertificateRequest"
+    try:
+        for number, wire, value in _wire_fields(data):
+            if number == 1 and wire == _LEN:
+                _check_utf8(value, "csr (field 1)")
+            elif number == 4 and wire == _LEN:
+                _check_struct(value, "metadata (field 4)")
+    except _NotUtf8 as bad:
+        fix = (
+            "send the CSR as PEM text"
+            if str(bad).startswith("csr")
+            else f"metadata keys and strings are text ({authority.IMPERSONATED_IDENTITY_KEY}: spiffe://<td>/ns/<ns>/sa/<sa>)"
+        )
+        return f"{what}: {bad} is not UTF-8 (at its byte {bad.at}), which protobuf strings must be; {fix}"
+    except ValueError as bad:
+        return f"{what}: {bad}; send one serialized istio.v1.auth.IstioCertificateRequest"
+    return f"{what}: {exc}"
+
+
+class _NotUtf8(ValueError):
+    def __init__(self, where: str, at: int) -> None:
+        super().__init__(where)
+        self.at = at
+
+
+def _check_utf8(value: bytes, where: str) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _NotUtf8(where, exc.start) from None
+
+
+def _check_struct(data: bytes, where: str, depth: int = 0) -> None:
+    """google.protobuf.Struct: fields = 1 (map entries: key = 1, Value = 2). As deep as protobuf parses."""
+    if depth > _MAX_DEPTH:
+        raise ValueError(f"{where} nests deeper than {_MAX_DEPTH} levels")
+    for number, wire, entry in _wire_fields(data):
+        if number == 1 and wire == _LEN:
+            key = ""
+            for n, w, v in _wire_fields(entry):
+                if n == 1 and w == _LEN:
+                    key = _check_utf8(v, f"a key of {where}")
+                elif n == 2 and w == _LEN:
+                    _check_value(v, f"{where}[{key[:64]!r}]", depth)
+
+
+def _check_value(data: bytes, where: str, depth: int) -> None:
+    """google.protobuf.Value: string_value = 3, struct_value = 5, list_value = 6 (values = 1)."""
+    for number, wire, value in _wire_fields(data):
+        if wire != _LEN:
+            continue
+        if number == 3:
+            _check_utf8(value, where)
+        elif number == 5:
+            _check_struct(value, where, depth + 1)
+        elif number == 6:
+            for index, (n, w, item) in enumerate(_wire_fields(value)):
+                if n == 1 and w == _LEN:
+                    _check_value(item, f"{where}[{index}]", depth + 1)
+
+
+def _wire_fields(data: bytes) -> Iterator[tuple[int, int, bytes]]:
+    """(field number, wire type, payload) of each field of one message level; ValueError where `data` is not
+    protobuf wire format. Only length-delimited payloads are returned whole (others as b"")."""
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise ValueError(f"field number 0 at byte {pos}")
+        if wire == 0:
+            _, pos = _varint(data, pos)
+            payload = b""
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+            payload = b""
+        elif wire == _LEN:
+            length, pos = _varint(data, pos)
+            payload, pos = data[pos : pos + length], pos + length
+        else:
+            raise ValueError(f"field {number} has wire type {wire}, which this API never sends")
+        if pos > len(data):
+            raise ValueError(f"field {number} runs past the end of the request ({len(data)} bytes)")
+        yield number, wire, payload
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while pos < len(data) and shift < 64:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    raise ValueError(f"a varint is cut off or too long at byte {pos}")
 
 
 def _bearer(context: grpc.ServicerContext) -> str:
@@ -337,7 +465,17 @@ class CAServer:
                 # bounds the work instead.
             ],
         )
-        ca_pb2_grpc.add_IstioCertificateServiceServicer_to_server(CertificateService(self._in, self.state), server)
+        # The generated add_IstioCertificateServiceServicer_to_server, with our decode_request as the deserializer.
+        service = CertificateService(self._in, self.state)
+        handlers = {
+            "CreateCertificate": grpc.unary_unary_rpc_method_handler(
+                service.CreateCertificate,
+                request_deserializer=decode_request,
+                response_serializer=ca_pb2.IstioCertificateResponse.SerializeToString,
+            )
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        server.add_registered_method_handlers(SERVICE, handlers)
         initial = self._serving.configuration()
         assert initial is not None
         credentials = grpc.dynamic_ssl_server_credentials(initial, self._serving.configuration)

@@ -274,9 +274,53 @@ async def test_malformed_protobuf_is_refused(ca: RunningCA, body: bytes) -> None
         call = channel.unary_unary(METHOD)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await call(body, metadata=(("authorization", f"Bearer {NODE1_TOKEN}"),), timeout=10)
-        assert info.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT)
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        assert "the request is not an IstioCertificateRequest" in (info.value.details() or "")
         response = await _create(channel, make_csr([FRONTEND.uri]).decode())
     assert response.cert_chain
+
+
+def _metadata(key: bytes, value: bytes) -> bytes:
+    """IstioCertificateRequest.metadata = 4 holding one Struct entry whose Value is a string (raw bytes)."""
+    return _len_field(4, _len_field(1, _len_field(1, key) + _len_field(2, _len_field(3, value))))
+
+
+NOT_UTF8 = b"\xc3\x28\xff"  # a lead byte without its continuation, then a byte UTF-8 never uses
+
+
+@pytest.mark.parametrize(
+    ("body", "names"),
+    [
+        (_len_field(1, make_csr([FRONTEND.uri])[:40] + NOT_UTF8), "csr (field 1) is not UTF-8 (at its byte 40)"),
+        (
+            _len_field(1, make_csr([FRONTEND.uri])) + _metadata(b"ImpersonatedIdentity", b"spiffe://" + NOT_UTF8),
+            "metadata (field 4)['ImpersonatedIdentity'] is not UTF-8 (at its byte 9)",
+        ),
+        (
+            _len_field(1, make_csr([FRONTEND.uri])) + _metadata(NOT_UTF8, b"x"),
+            "a key of metadata (field 4) is not UTF-8",
+        ),
+    ],
+    ids=["csr", "impersonated-identity", "metadata-key"],
+)
+async def test_a_string_field_that_is_not_utf8_is_invalid_argument_naming_the_field(
+    ca: RunningCA, caplog: pytest.LogCaptureFixture, body: bytes, names: str
+) -> None:
+    """protobuf refuses a proto3 string that is not UTF-8 while gRPC deserializes the request, which gRPC
+    answered with INTERNAL ("Exception deserializing request!") before the CA saw it. It is the caller's
+    mistake: INVALID_ARGUMENT, saying which field, counted, and the CA keeps serving."""
+    caplog.set_level(logging.WARNING, logger="nodeagent.ca.server")
+    async with _channel(ca) as channel:
+        call = channel.unary_unary(METHOD)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(body, metadata=(("authorization", f"Bearer {NODE1_TOKEN}"),), timeout=10)
+        details = info.value.details() or ""
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, details
+        assert names in details and "which protobuf strings must be" in details, details
+        response = await _create(channel, make_csr([FRONTEND.uri]).decode())
+    assert response.cert_chain
+    assert ca.count("invalid", "request_malformed") == 1
+    assert "[reason=request_malformed]" in caplog.text
 
 
 def _rss_mib(pid: int) -> float:
