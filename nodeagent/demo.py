@@ -5,7 +5,9 @@ without a restart, their traffic captured inside their own netns, carried betwee
 mutual TLS with each workload's own SPIFFE identity, and nothing readable on the wire. The demo runs the
 real processes (the CA, one node agent and one tunnel per node, inside the lab's node namespaces) and
 shows what an operator would look at: the redirects read from the kernel, the certificates, the
-connections with both identities, the metrics, and tcpdump's view of the fabric. Then it cleans up.
+connections with both identities, the metrics, and tcpdump's view of the fabric. Then it cleans up, or,
+with `--keep`, leaves the mesh running for the user to explore (inspect, curl, policies, enrollment) until
+Ctrl-C, printing the commands to try with this lab's names.
 
 What it deliberately does not do: nothing here is simulated or printed from memory; every table comes
 from the `nodeagent inspect` commands or from the tools' own output, and a tool that saw nothing (tcpdump
@@ -62,6 +64,8 @@ MARKER = "NODEAGENT-DEMO-SECRET"
 OUTSIDER_MARKER = "LEGACY-PLAINTEXT"
 RUN = RUN_ROOT / "demo"
 OWNER_FILE = "demo.pid"  # in RUN while a demo's lab exists: a lab with this file is a demo's, not a user's
+POLICIES = RUN / "policies.yaml"  # the tunnels' --policies: Istio YAML, reloaded when it changes
+KEEP_POLL_S = 1.0  # --keep: how often the demo checks that its mesh processes still run
 TCPDUMP_START_S = 15.0  # until tcpdump says "listening on" (a loaded host can take seconds)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 EXIT_OUTPUT_CLOSED = 128 + signal.SIGPIPE  # what a shell reports for a writer killed by SIGPIPE
@@ -131,8 +135,10 @@ def heading(text: str) -> None:
 class Demo:
     """The demo's lab and mesh (nodeagent.labmesh.Mesh), plus what it shows with them."""
 
-    def __init__(self, workdir: Path, capture: str = "iptables") -> None:
+    def __init__(self, workdir: Path, capture: str = "iptables", keep: bool = False) -> None:
         self.workdir = workdir
+        self.keep = keep
+        self.claimed = False  # RUN is this demo's (made under the lab lock); until then it may be another's
         self.capture = capture  # the agents' --capture (iptables | ebpf | auto)
         self.lab: Lab | None = None
         self.mesh: Mesh | None = None
@@ -175,7 +181,8 @@ class Demo:
         return target
 
     def start_mesh(self) -> None:
-        self.mesh = Mesh(self.L, RUN, capture=self.capture)
+        POLICIES.write_text("")  # no policy: everything is allowed; with --keep, yours go here
+        self.mesh = Mesh(self.L, RUN, capture=self.capture, policies=POLICIES)
         try:
             self.M.start()
         except MeshError as exc:
@@ -342,6 +349,7 @@ def _claim_lab() -> None:
 def _demo_lab(demo: Demo) -> Iterator[None]:
     """The demo's own lab, from `_claim_lab` to `lab down`, whatever happens in between."""
     _claim_lab()
+    demo.claimed = True
     try:
         topology = demo.write_topology()
         t0 = time.monotonic()
@@ -365,29 +373,34 @@ def _demo_lab(demo: Demo) -> Iterator[None]:
         say("host clean: no lab namespace left" if not left else f"left behind: {left}; run `sudo nodeagent lab down`")
 
 
-def run_demo(capture: str = "iptables") -> int:
+def run_demo(capture: str = "iptables", keep: bool = False) -> int:
     if os.geteuid() != 0:
         say("the demo builds network namespaces: run it as root (sudo make demo)")
         return 2
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="nodeagent-demo-") as tmp:
-        demo = Demo(Path(tmp), capture)
+        demo = Demo(Path(tmp), capture, keep)
         try:
             with _stop_signals(demo), exclusive(), _demo_lab(demo):
                 _walkthrough(demo)
         except DemoError as exc:
+            _remove_run(demo, keep_logs=True)
             logs = f"\nprocess logs: {RUN}/*.log" if any(RUN.glob("*.log")) else ""
             _last_words(f"\ndemo failed: {exc}{logs}")
             return 1
         except OutputClosed:
+            _remove_run(demo)
             return EXIT_OUTPUT_CLOSED
         except KeyboardInterrupt:
+            _remove_run(demo)
             _last_words("\ndemo interrupted (Ctrl-C); the lab was removed")
             return 128 + signal.SIGINT
         except Stopped as exc:
+            _remove_run(demo)
             _last_words(f"\ndemo stopped by {exc}; the lab was removed")
             return 128 + exc.signum
         except Exception as exc:  # a bug: the lab is gone already; say so without a traceback on the terminal
+            _remove_run(demo, keep_logs=True)
             trace = RUN / "demo-traceback.txt"
             with contextlib.suppress(OSError):
                 RUN.mkdir(parents=True, exist_ok=True)
@@ -396,11 +409,23 @@ def run_demo(capture: str = "iptables") -> int:
                 f"\ndemo failed: {type(exc).__name__}: {exc}\n(unexpected; traceback in {trace}: please report it)"
             )
             return 1
+    _remove_run(demo)
+    _last_words(f"\ndemo done in {time.monotonic() - started:.1f} s")
+    return EXIT_OUTPUT_CLOSED if _Stdout.lost else 0
+
+
+def _remove_run(demo: Demo, *, keep_logs: bool = False) -> None:
+    """The demo's working files go with its lab; after a failure only the logs stay, for the user to read
+    (never the CA's private key: the CA state is removed on every path). A demo stopped while it waited
+    for the lab lock removes nothing: RUN is the running demo's."""
+    if not demo.claimed:
+        return
+    if keep_logs:
+        shutil.rmtree(RUN / "ca", ignore_errors=True)
+        return
     shutil.rmtree(RUN, ignore_errors=True)
     with contextlib.suppress(OSError):
         RUN_ROOT.rmdir()  # only when empty: the lab and other parts of nodeagent keep files there
-    _last_words(f"\ndemo done in {time.monotonic() - started:.1f} s")
-    return EXIT_OUTPUT_CLOSED if _Stdout.lost else 0
 
 
 def _last_words(text: str) -> None:
@@ -480,6 +505,41 @@ def _walkthrough(demo: Demo) -> None:
     holder.kill()
     if problem is not None:
         raise DemoError(problem)
+    if demo.keep:
+        _stay_up(demo)
+
+
+def explore_hints(lab: Lab) -> list[str]:
+    """What to try on the running mesh (`--keep`), with this lab's names and addresses."""
+    client, server = lab.inventory.pod(CLIENT), lab.inventory.pod(CROSS_NODE)
+    return [
+        f"sudo nodeagent lab exec {CLIENT} -- curl -s --http0.9 {server.ip}:{APP_PORT}"
+        f"    # through both tunnels; the app answers with the source IP it saw",
+        f"sudo nodeagent lab exec --node {server.node} -- nodeagent inspect connections --wide",
+        f"sudo nodeagent lab exec --node {client.node} -- nodeagent inspect certificates",
+        f"sudo nodeagent lab exec --node {server.node} -- curl -s localhost:15020/metrics | grep istio_tcp",
+        f"sudo nodeagent lab exec --node {client.node} -- curl -s localhost:15000/config_dump",
+        f"sudo nodeagent inspect redirects --verify --state-dir {RUN / 'agent'}",
+        "sudo nodeagent lab exec --fabric -- tcpdump -ni br0 port 15008",
+        f"policies: write Istio AuthorizationPolicy / PeerAuthentication YAML to {POLICIES} (the tunnels reload it)",
+        f"enrollment: edit the namespaces' labels in {lab.inventory_path} (the agents watch it)",
+        f"process logs: {RUN}/*.log",
+    ]
+
+
+def _stay_up(demo: Demo) -> None:
+    """--keep: leave the mesh running for the user to explore until a stop signal, which is the normal end
+    here (the lab is removed and the demo exits 0); a mesh process dying ends the demo as a failure."""
+    heading("10. the mesh stays up (--keep): try it from another terminal; Ctrl-C here removes it all")
+    for hint in explore_hints(demo.L):
+        say(hint)
+    try:
+        while True:
+            demo.check_alive()
+            time.sleep(KEEP_POLL_S)
+    except (KeyboardInterrupt, Stopped) as exc:
+        name = "Ctrl-C" if isinstance(exc, KeyboardInterrupt) else str(exc)
+        say(f"\n{name}: removing the mesh and the lab")
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -487,4 +547,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     demo.add_argument(
         "--capture", choices=("iptables", "ebpf", "auto"), default="iptables", help="the agents' capture backend"
     )
-    demo.set_defaults(func=lambda args: run_demo(args.capture))
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="after the walkthrough, keep the lab and the mesh running (to inspect, curl, add policies) until Ctrl-C",
+    )
+    demo.set_defaults(func=lambda args: run_demo(args.capture, args.keep))

@@ -116,6 +116,7 @@ class Mesh:
         verify_interval: float = 2.0,
         inventory_poll: float | None = None,
         kubeconfig: Path | None = None,
+        policies: Path | None = None,
     ) -> None:
         self.lab = lab
         self.run_dir = run_dir
@@ -125,6 +126,7 @@ class Mesh:
         self.verify_interval = verify_interval
         self.inventory_poll = inventory_poll
         self.kubeconfig = kubeconfig
+        self.policies = policies  # the tunnels' --policies (Istio YAML, reloaded when it changes)
         self.procs: list[Proc] = []
         self.ready_after: dict[str, float] = {}  # node -> seconds from start() until its tunnel was ready
         self._tunnels: dict[str, Proc] = {}  # the newest tunnel per node
@@ -220,6 +222,7 @@ class Mesh:
             "--admin", f"127.0.0.1:{ADMIN_PORT + port_offset}", "--metrics", f":{METRICS_PORT + port_offset}",
             "--ready", f":{READY_PORT + port_offset}",
             *(["--spoof"] if self.spoof else []), *(["--grace", str(grace)] if grace is not None else []),
+            *(["--policies", str(self.policies)] if self.policies is not None else []),
         ]  # fmt: skip
         proc = self._spawn(name or f"tunnel-{node}", "tunnel", node, self.lab.node_exec_argv(node, argv))
         proc.ready_port = READY_PORT + port_offset

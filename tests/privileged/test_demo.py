@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import shlex
 import shutil
 import signal
 import subprocess
@@ -97,6 +98,7 @@ def assert_host_clean(pins_before: list[str]) -> None:
     assert leftover.returncode == 1, f"processes left running: {leftover.stdout!r}"
     assert not Path("/run/nodeagent/lab").exists()
     assert _pins() == pins_before
+    assert not RUN.exists(), f"the demo left its files: {sorted(str(p) for p in RUN.rglob('*'))[:10]}"
 
 
 def _pins() -> list[str]:
@@ -138,6 +140,56 @@ def test_a_closed_output_pipe_stops_the_demo_quietly() -> None:
     assert_host_clean(pins)
 
 
+def run_hint(hint: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """One of the commands `demo --keep` prints, as a user would paste it (as root: without sudo)."""
+    argv = shlex.split(hint.split("  #", maxsplit=1)[0])
+    assert argv[:2] == ["sudo", "nodeagent"], hint
+    nodeagent = str(Path(sys.executable).with_name("nodeagent"))
+    return subprocess.run([nodeagent, *argv[2:]], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+DENY_FRONTEND = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-frontend, namespace: shop}
+spec:
+  action: DENY
+  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/frontend]}}]}]
+"""
+
+
+def test_keep_leaves_the_mesh_up_to_explore_until_ctrl_c() -> None:
+    """`demo --keep`: the printed commands work on the running mesh, a policy written where it says is
+    enforced, and Ctrl-C is the normal end (exit 0, everything removed)."""
+    pins = _pins()
+    proc = demo_popen("--keep", start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        # One read: select() cannot see lines already in the text stream's buffer.
+        hints = read_until(proc.stdout, "process logs:", timeout=120).split("=== 10.")[1].splitlines()
+        curl = next(h for h in hints if "curl -s --http0.9" in h)
+        answer = run_hint(curl)
+        assert answer.returncode == 0 and answer.stdout.startswith("from 10.10.1.10: GET / HTTP/1.1"), answer
+        connections = run_hint(next(h for h in hints if "inspect connections" in h))
+        assert connections.returncode == 0 and "DIRECTION" in connections.stdout, connections
+        verify = run_hint(next(h for h in hints if "inspect redirects --verify" in h))
+        assert verify.returncode == 0 and "verified: no problems found" in verify.stdout, verify
+        policies = Path(next(h for h in hints if h.startswith("policies:")).split(" to ")[1].split()[0])
+        policies.write_text(DENY_FRONTEND)
+        deadline = time.monotonic() + 10
+        while run_hint(curl).returncode == 0:
+            assert time.monotonic() < deadline, "the DENY policy written where the demo said was not enforced"
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-2000:] + err[-2000:]
+    assert "Ctrl-C: removing the mesh and the lab" in out and "demo done" in out
+    assert "Traceback" not in err
+    assert_host_clean(pins)
+
+
 def test_an_unexpected_error_is_reported_not_a_traceback() -> None:
     pins = _pins()
     script = (
@@ -153,8 +205,11 @@ def test_an_unexpected_error_is_reported_not_a_traceback() -> None:
     assert "demo failed: RuntimeError: injected failure" in proc.stdout
     assert "/run/nodeagent/demo/demo-traceback.txt" in proc.stdout
     assert "Traceback" not in proc.stderr
-    assert_host_clean(pins)
+    # The logs stay for the user to read, the CA's private key does not.
+    assert (RUN / "demo-traceback.txt").exists() and list(RUN.glob("*.log"))
+    assert not list(RUN.rglob("*key*")), sorted(str(p) for p in RUN.rglob("*"))
     shutil.rmtree(RUN, ignore_errors=True)
+    assert_host_clean(pins)
 
 
 def test_a_waiting_demo_leaves_the_running_demos_files_alone() -> None:
@@ -240,7 +295,10 @@ def test_tcpdump_that_saw_nothing_is_not_plaintext(tmp_path: Path, mode: str) ->
     else:
         assert proc.returncode == 1
         assert "demo failed: tcpdump captured nothing between shop/frontend and shop/checkout" in out
+    if mode != "slow":  # a failed demo keeps its logs for the user, never the CA's private key
+        assert "process logs: /run/nodeagent/demo/*.log" in out and list(RUN.glob("*.log"))
+        assert not list(RUN.rglob("*key*")), sorted(str(p) for p in RUN.rglob("*"))
+        shutil.rmtree(RUN, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            RUN.parent.rmdir()
     assert_host_clean(pins)
-    shutil.rmtree(RUN, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        RUN.parent.rmdir()

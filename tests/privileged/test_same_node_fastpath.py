@@ -11,8 +11,7 @@ What this proves, for shop/frontend -> shop/payments (both on node1, served by n
 - a DENY policy added while it is open closes it within a second, and a new connection is then denied,
   reported with response_flags=DENY by both reporters.
 
-Mesh passes no policy file to its tunnels, so `PolicyMesh` adds `--policies` to the tunnels it spawns
-(nodeagent.labmesh is the driver; policies are this test's business). Apps are small scripts here.
+The mesh's tunnels read a policy file the test rewrites (Mesh's `policies`). Apps are small scripts here.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ import pytest
 from waiting import wait_for
 
 from nodeagent.lab.cluster import Lab
-from nodeagent.labmesh import Mesh, Proc
+from nodeagent.labmesh import Mesh
 
 pytestmark = [pytest.mark.privileged, pytest.mark.timeout(180)]
 
@@ -134,19 +133,6 @@ class SyscallBytes:
         return read, spliced
 
 
-class PolicyMesh(Mesh):
-    """The mesh, its tunnels reading `policies` (AuthorizationPolicy YAML, reloaded when it changes)."""
-
-    def __init__(self, *args: Any, policies: Path, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.policies = policies
-
-    def _spawn(self, name: str, kind: str, node: str, argv: list[str]) -> Proc:
-        if kind == "tunnel":
-            argv = [*argv, "--policies", str(self.policies)]
-        return super()._spawn(name, kind, node, argv)
-
-
 DENY_FRONTEND = """\
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -185,17 +171,17 @@ def istio_samples(metrics: str, name: str, **labels: str) -> list[float]:
 
 
 @pytest.fixture(params=["iptables", "ebpf"])
-def mesh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PolicyMesh]:
-    def make(lab: Lab, run_dir: Path) -> PolicyMesh:
+def mesh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Mesh]:
+    def make(lab: Lab, run_dir: Path) -> Mesh:
         policies = run_dir / "policies.yaml"
         policies.write_text("")
-        return PolicyMesh(lab, run_dir, capture=str(request.param), policies=policies)
+        return Mesh(lab, run_dir, capture=str(request.param), policies=policies)
 
     with oracles.lab_mesh(tmp_path, make, "na-fp-") as started:
         yield started
 
 
-def test_same_node_fast_path(mesh: PolicyMesh) -> None:
+def test_same_node_fast_path(mesh: Mesh) -> None:
     lab = mesh.lab
     mesh.wait_enabled([FRONTEND, PAYMENTS, CHECKOUT])
     for pod in (PAYMENTS, CHECKOUT):
