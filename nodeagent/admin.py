@@ -71,6 +71,18 @@ LOG_LEVELS = {
     "off": logging.CRITICAL + 1,
 }
 RESET = "reset"
+DAEMON_LOG_LEVELS = ("debug", "info", "warning", "error")  # a daemon's --log-level
+
+
+def use_log_level(name: str) -> None:
+    """A daemon's `--log-level` (agent, tunnel): the process's level, as ztunnel's RUST_LOG=info by default.
+    The CLI's `-v`/`-vv` may only lower it (more detail), never raise it: `nodeagent -vv tunnel` debugs."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    requested = LOG_LEVELS[name.lower()]
+    verbose = logging.NOTSET < root.level < logging.WARNING  # the CLI's WARNING, lowered by -v
+    root.setLevel(min(requested, root.level) if verbose else requested)
 
 
 class ListenError(OSError):

@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from nodeagent.admin import DAEMON_LOG_LEVELS, use_log_level
 from nodeagent.admin_client import (
     KUBECONFIG_HELP,
     AdminError,
@@ -115,7 +115,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "this agent's, else 500 and what is pending. On hostNetwork a rolling update's old pod shares the "
         "node's ports and the ZDS socket, so only a file in the pod's own volume answers for this agent",
     )
-    agent.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    agent.add_argument("--log-level", choices=DAEMON_LOG_LEVELS, default="info", help="(-v/-vv lower it further)")
     kube = agent.add_argument_group("Kubernetes mode (instead of --inventory)")
     kube.add_argument(
         "--kubernetes",
@@ -186,9 +186,7 @@ def _positive(text: str) -> float:
 
 
 def _agent(args: argparse.Namespace) -> int:
-    logging.getLogger().setLevel(args.log_level.upper())
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    use_log_level(args.log_level)
     config = AgentConfig(
         node=args.node,
         inventory=args.inventory,

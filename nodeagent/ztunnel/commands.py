@@ -22,6 +22,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 
+from nodeagent.admin import DAEMON_LOG_LEVELS, use_log_level
 from nodeagent.admin_client import KUBECONFIG_HELP
 from nodeagent.inventory.local import InventoryError, load_inventory
 from nodeagent.inventory.policies import PolicyError, load_policies
@@ -49,7 +50,14 @@ CaClientFactory = Callable[[str, Callable[[], str], Callable[[], str]], CaClient
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], ca_client: CaClientFactory) -> None:
-    p = subparsers.add_parser("tunnel", help="run the node's tunnel: per-pod HBONE proxies fed by the node agent")
+    summary = "run the node's tunnel: per-pod HBONE proxies fed by the node agent"
+    p = subparsers.add_parser(
+        "tunnel",
+        help=summary,
+        description=f"{summary}. Listens in each enrolled pod's netns (15001 outbound, 15006 plaintext inbound, "
+        "15008 HBONE), fetches each local workload's certificate from the CA, enforces L4 policy, and serves "
+        "metrics (:15020), readiness (:15021) and admin (127.0.0.1:15000).",
+    )
     p.add_argument("--node", required=True, help="this node's name (as in the inventory)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--inventory", type=Path, help="inventory YAML (reloaded when it changes)")
@@ -68,6 +76,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], ca
     token.add_argument("--ca-token-file", type=Path, help="file holding the token (re-read on every request)")
     p.add_argument("--trust-bundle", type=Path, required=True, help="PEM file of the mesh roots (watched)")
     p.add_argument("--policies", type=Path, help="AuthorizationPolicy/PeerAuthentication YAML (reloaded)")
+    p.add_argument("--log-level", choices=DAEMON_LOG_LEVELS, default="info", help="(-v/-vv lower it further)")
     p.add_argument("--admin", default="127.0.0.1:15000", help="admin endpoint (/config_dump)")
     p.add_argument("--metrics", default=":15020", help="Prometheus endpoint (/metrics)")
     p.add_argument("--ready", default=":15021", help="readiness endpoint (/healthz/ready)")
@@ -172,7 +181,8 @@ def build_inputs(args: argparse.Namespace, ca_client: CaClientFactory) -> Tunnel
 
 
 def cmd_tunnel(args: argparse.Namespace, ca_client: CaClientFactory) -> int:
-    # One access-log line per connection is the tunnel's normal output, whatever the CLI's verbosity.
+    use_log_level(args.log_level)
+    # One access-log line per connection is the tunnel's normal output, whatever its --log-level.
     logging.getLogger("nodeagent.access").setLevel(logging.INFO)
     try:
         inputs = build_inputs(args, ca_client)
