@@ -1,6 +1,7 @@
-"""`nodeagent inspect workloads|connections|policies`: the tunnel's view, in istioctl ztunnel-config columns.
+"""`nodeagent inspect workloads|services|connections|policies`: the tunnel's view, in istioctl ztunnel-config
+columns.
 
-Why this module exists: operators know `istioctl ztunnel-config workloads|connections|policies`; these
+Why this module exists: operators know `istioctl ztunnel-config workloads|services|connections|policies`; these
 commands print the same columns from the node tunnel's /config_dump, so the mesh's state on a node can
 be read without learning a new vocabulary. The row builders are pure functions of the dump, and so are
 the `-n NAMESPACE` selectors, which narrow a section in its own shape before it is printed in any form
@@ -29,6 +30,7 @@ WORKLOAD_COLUMNS = ("NAMESPACE", "POD NAME", "ADDRESS", "NODE", "WAYPOINT", "PRO
 CONNECTION_COLUMNS = ("WORKLOAD", "DIRECTION", "LOCAL", "REMOTE", "REMOTE TARGET", "PROTOCOL")
 CONNECTION_WIDE_COLUMNS = (*CONNECTION_COLUMNS, "SOURCE IDENTITY", "DESTINATION IDENTITY")
 POLICY_COLUMNS = ("NAMESPACE", "POLICY NAME", "ACTION", "SCOPE")
+SERVICE_COLUMNS = ("NAMESPACE", "SERVICE NAME", "SERVICE VIP", "WAYPOINT", "ENDPOINTS")
 
 
 def workload_rows(dump: Iterable[Mapping[str, Any]]) -> list[tuple[str, ...]]:
@@ -43,6 +45,24 @@ def workload_rows(dump: Iterable[Mapping[str, Any]]) -> list[tuple[str, ...]]:
         )
         for w in dump
     ]
+    return sorted(rows)
+
+
+def service_rows(dump: Iterable[Mapping[str, Any]]) -> list[tuple[str, ...]]:
+    """As istioctl prints services: VIPs without their network prefix, ENDPOINTS as healthy/all."""
+    rows = []
+    for svc in dump:
+        endpoints = list((svc.get("endpoints") or {}).values())
+        healthy = sum(1 for e in endpoints if e.get("status") == "Healthy")
+        rows.append(
+            (
+                str(svc.get("namespace", "")),
+                str(svc.get("name", "")),
+                ",".join(str(v).rpartition("/")[2] for v in svc.get("vips") or []),
+                str(svc.get("waypoint") or "None"),
+                f"{healthy}/{len(endpoints)}",
+            )
+        )
     return sorted(rows)
 
 
@@ -96,7 +116,7 @@ def policy_rows(dump: Iterable[Mapping[str, Any]]) -> list[tuple[str, ...]]:
 
 
 def entries_in(dump: Iterable[Mapping[str, Any]], namespace: str | None) -> list[Mapping[str, Any]]:
-    """workloads, policies: the entries whose `namespace` is `namespace` (all for None)."""
+    """workloads, services, policies: the entries whose `namespace` is `namespace` (all for None)."""
     return [e for e in dump if namespace is None or e.get("namespace") == namespace]
 
 
@@ -121,9 +141,12 @@ def connections_in(dump: Mapping[str, Any], namespace: str | None) -> dict[str, 
 
 def register_inspect(inspect_subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     workloads = inspect_subparsers.add_parser("workloads", help="workloads the node's tunnel knows (istioctl columns)")
+    services = inspect_subparsers.add_parser(
+        "services", help="services the node's tunnel routes, with their VIPs and healthy/all endpoints"
+    )
     policies = inspect_subparsers.add_parser("policies", help="L4 policies the node's tunnel enforces")
     connections = inspect_subparsers.add_parser("connections", help="open connections through the node's tunnel")
-    for p in (workloads, policies, connections):
+    for p in (workloads, services, policies, connections):
         add_admin_arguments(p)
         add_namespace_arguments(p)
     workloads.set_defaults(
@@ -132,6 +155,11 @@ def register_inspect(inspect_subparsers: argparse._SubParsersAction[argparse.Arg
             "workloads",
             lambda d: table(WORKLOAD_COLUMNS, workload_rows(d)),
             lambda d: entries_in(d, namespace_of(a)),
+        )
+    )
+    services.set_defaults(
+        func=lambda a: print_section(
+            a, "services", lambda d: table(SERVICE_COLUMNS, service_rows(d)), lambda d: entries_in(d, namespace_of(a))
         )
     )
     policies.set_defaults(

@@ -127,7 +127,7 @@ class RoutingSnapshot:
                     assert w.pod.ip is not None  # the snapshot only holds pods with an IP
                     services_of.setdefault(w.pod.ip, []).append(svc)
             if svc.vip is not None:
-                ready = tuple(w for w in selected if _serving(w.pod))
+                ready = tuple(w for w in selected if serving(w.pod))
                 services[svc.vip] = ServiceRoute(svc, ready)
         return cls(
             inventory.trust_domain,
@@ -137,8 +137,8 @@ class RoutingSnapshot:
         )
 
 
-def _serving(pod: Pod) -> bool:
-    """An endpoint a service sends new connections to: running, Ready and not being deleted."""
+def serving(pod: Pod) -> bool:
+    """An endpoint a service sends new connections to (ztunnel's Healthy): running, Ready, not being deleted."""
     return pod.phase is PodPhase.RUNNING and pod.ready and not pod.terminating
 
 

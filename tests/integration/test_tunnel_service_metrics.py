@@ -1,4 +1,5 @@
-"""destination_service on both reporters: the Service a connection went to, as Istio's dashboards group it.
+"""destination_service on both reporters: the Service a connection went to, as Istio's dashboards group it;
+and the services section of /config_dump, read back by `nodeagent inspect services`.
 
 The outbound side knows the Service when the app dialled its VIP; the inbound side only ever sees the pod's
 own address (the CONNECT :authority, the captured original destination), so it reports the first Service
@@ -9,10 +10,15 @@ inbound "unknown" hides every meshed service's inbound traffic. Oracle: the Prom
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import dataclasses
+import io
 import ipaddress
+import json
 import socket
+import urllib.request
 from pathlib import Path
 from types import MappingProxyType
 
@@ -20,7 +26,7 @@ import pytest
 from tunnel_harness import APP_PORT, ByteServer, Cluster, Net, cluster, connect_captured, make_pod, recv_all
 
 from nodeagent.model import Pod, Service, ServicePort, SocketAddress
-from nodeagent.ztunnel import sockets
+from nodeagent.ztunnel import inspect, sockets
 
 VIP = ipaddress.IPv4Address("10.96.0.10")
 WEB = Service("web", "shop", MappingProxyType({"app": "server"}), (ServicePort(80, APP_PORT),), VIP)
@@ -92,3 +98,52 @@ async def test_destination_service_on_both_reporters(
         assert service_series(c, "node2", source, "destination") == {inbound: 1}
         if outbound is not None:
             assert service_series(c, source_node, source, "source") == {outbound: 1}
+
+
+def _inspect_services(admin: str) -> str:
+    parser = argparse.ArgumentParser()
+    inspect.register_inspect(parser.add_subparsers())
+    args = parser.parse_args(["services", "--admin", admin])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert args.func(args) == 0
+    return out.getvalue()
+
+
+async def test_config_dump_services_and_inspect_services(tmp_path: Path) -> None:
+    """Each Service with its VIP, ports and selected pods (an unready one Unhealthy, as its workload entry);
+    `inspect services` prints istioctl's columns with ENDPOINTS healthy/all."""
+
+    def with_unready(net: Net) -> list[Pod]:
+        unready = dataclasses.replace(make_pod(net, "server2", "node2", 21), labels={"app": "server"}, ready=False)
+        return [*pods(net), unready]
+
+    async with cluster(tmp_path, with_unready) as c:
+        c.inventory[0] = dataclasses.replace(c.inventory[0], services=(ADMIN, WEB))
+        t1, _ = await c.start_both()
+        host, port = t1.addresses["admin"]
+
+        def fetch() -> dict:  # type: ignore[type-arg]
+            with urllib.request.urlopen(f"http://{host}:{port}/config_dump", timeout=5) as r:
+                return json.loads(r.read())  # type: ignore[no-any-return]
+
+        dump = await asyncio.to_thread(fetch)
+        server, server2 = c.pod("server"), c.pod("server2")
+        web = next(s for s in dump["services"] if s["name"] == "web")
+        assert web["hostname"] == "web.shop.svc.cluster.local"
+        assert web["vips"] == [f"/{VIP}"] and web["ports"] == {"80": APP_PORT}
+        assert {uid: (e["port"], e["status"]) for uid, e in web["endpoints"].items()} == {
+            server.uid: ({"80": APP_PORT}, "Healthy"),
+            server2.uid: ({"80": APP_PORT}, "Unhealthy"),
+        }
+        admin = next(s for s in dump["services"] if s["name"] == "admin")
+        assert admin["vips"] == [] and set(admin["endpoints"]) == {server.uid, server2.uid}
+        status = {w["name"]: w["status"] for w in dump["workloads"]}
+        assert status["server"] == "Healthy" and status["server2"] == "Unhealthy"
+
+        table = await asyncio.to_thread(_inspect_services, f"{host}:{port}")
+        assert [line.split() for line in table.splitlines()] == [
+            ["NAMESPACE", "SERVICE", "NAME", "SERVICE", "VIP", "WAYPOINT", "ENDPOINTS"],
+            ["shop", "admin", "None", "1/2"],  # headless: no VIP
+            ["shop", "web", str(VIP), "None", "1/2"],
+        ], table

@@ -9,7 +9,14 @@ import pytest
 
 from nodeagent.admin_client import identity_namespace, table
 from nodeagent.ca.commands import certificates_in
-from nodeagent.ztunnel.inspect import connection_rows, connections_in, entries_in, policy_rows, workload_rows
+from nodeagent.ztunnel.inspect import (
+    connection_rows,
+    connections_in,
+    entries_in,
+    policy_rows,
+    service_rows,
+    workload_rows,
+)
 
 WORKLOADS = [
     {"name": "checkout", "namespace": "shop", "workloadIps": ["10.10.2.2"], "node": "node2", "protocol": "HBONE"},
@@ -130,3 +137,28 @@ def test_policy_rows_cover_authorization_and_peer_authentication() -> None:
 def test_table_aligns_columns_without_trailing_blanks() -> None:
     text = table(("A", "LONG NAME"), [("x", "y"), ("longer", "")])
     assert text.splitlines() == ["A        LONG NAME", "x        y", "longer"]
+
+
+def _endpoint(uid: str, status: str) -> dict[str, Any]:
+    return {"workloadUid": uid, "service": "", "port": {"80": 8080}, "status": status}
+
+
+SERVICES = [
+    {
+        "name": "web",
+        "namespace": "shop",
+        "vips": ["/10.96.0.10"],
+        "endpoints": {"a": _endpoint("a", "Healthy"), "b": _endpoint("b", "Unhealthy")},
+    },
+    {"name": "db", "namespace": "shop", "vips": [], "endpoints": {}},  # headless, nothing selected
+    {"name": "api", "namespace": "api", "vips": ["net1/10.96.0.11", "/10.96.0.12"], "endpoints": {}},
+]
+
+
+def test_service_rows_as_istioctl_prints_them() -> None:
+    """VIPs without their network prefix, WAYPOINT None, ENDPOINTS healthy/all; sorted by namespace, name."""
+    assert service_rows(SERVICES) == [
+        ("api", "api", "10.96.0.11,10.96.0.12", "None", "0/0"),
+        ("shop", "db", "", "None", "0/0"),
+        ("shop", "web", "10.96.0.10", "None", "1/2"),
+    ]

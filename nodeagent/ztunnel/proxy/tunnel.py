@@ -63,6 +63,8 @@ from nodeagent.ztunnel.metrics import (
 )
 from nodeagent.ztunnel.outbound import HboneConnector, Outbound
 from nodeagent.ztunnel.pool import HbonePool
+from nodeagent.ztunnel.routing import Workload as RoutedWorkload
+from nodeagent.ztunnel.routing import serving
 from nodeagent.ztunnel.zds_client import Backoff, ZdsClient
 
 log = logging.getLogger(__name__)
@@ -215,6 +217,7 @@ class Tunnel:
         admin = AdminServer(routes=(CONFIG_DUMP, READY, LOGGING))
         for name, provider in (
             ("workloads", self._dump_workloads),
+            ("services", self._dump_services),
             ("certificates", self._in.credentials.config_dump),
             ("trustBundle", self._in.credentials.trust_bundle_dump),
             ("policies", self._dump_policies),
@@ -544,8 +547,43 @@ class Tunnel:
                     "protocol": "HBONE" if w.enrolled else "TCP",
                     "trustDomain": view.trust_domain,
                     "clusterId": view.cluster,
-                    "status": "Healthy",
+                    "status": "Healthy" if serving(w.pod) else "Unhealthy",
                     "waypoint": None,
+                }
+            )
+        return out
+
+    def _dump_services(self) -> list[dict[str, Any]]:
+        """ztunnel's service entries: VIPs as network/address (one network: ""), ports as port -> targetPort (0:
+        a named one, resolved per endpoint), endpoints by workload uid with their own port map. Each endpoint
+        also says its workload's status, so `inspect services` counts healthy endpoints without the
+        workloads section."""
+        view = self.state.view
+        selected: dict[tuple[str, str], list[RoutedWorkload]] = {}
+        for ip, services in view.routing.services_of.items():
+            for svc in services:
+                selected.setdefault((svc.namespace, svc.name), []).append(view.routing.workloads[ip])
+        out = []
+        for svc in view.inventory.services:
+            endpoints = {}
+            for w in selected.get((svc.namespace, svc.name), ()):
+                ports = {p.port: t for p in svc.ports if (t := p.target_on(w.pod)) is not None}
+                if ports:
+                    endpoints[w.pod.uid] = {
+                        "workloadUid": w.pod.uid,
+                        "service": "",
+                        "port": ports,
+                        "status": "Healthy" if serving(w.pod) else "Unhealthy",
+                    }
+            out.append(
+                {
+                    "name": svc.name,
+                    "namespace": svc.namespace,
+                    "hostname": f"{svc.name}.{svc.namespace}.svc.{self._in.cluster_domain}",
+                    "vips": [f"/{svc.vip}"] if svc.vip is not None else [],
+                    "ports": {str(p.port): p.target_port for p in svc.ports},
+                    "endpoints": endpoints,
+                    "ipFamilies": "IPv4",
                 }
             )
         return out
