@@ -34,7 +34,7 @@ from nodeagent.agent.service import CAPTURE_CHOICES, DEFAULT_VERIFY_S, AgentConf
 from nodeagent.agent.status import DEFAULT_STATE_DIR
 from nodeagent.agent.workloads import DEFAULT_POLL_S
 from nodeagent.capture.ebpf import KUBELET_CGROUPS, LAB_CGROUP_PATTERN
-from nodeagent.inventory.local import InventoryError, load_inventory
+from nodeagent.inventory.local import InventoryError, lab_inventory_problem, load_inventory
 from nodeagent.model import Inventory
 from nodeagent.netns import NETNS_RUN_DIR, SYSCTL_NET
 from nodeagent.zds.wire import DEFAULT_SOCKET_PATH
@@ -243,8 +243,7 @@ def _inspect_redirects(args: argparse.Namespace) -> int:
         try:
             inventory = load_inventory(args.inventory)
         except InventoryError as exc:
-            hint = " (is the lab up? `sudo nodeagent lab up`)" if args.inventory == LAB_INVENTORY else ""
-            print(f"error: {exc}{hint}", file=sys.stderr)
+            print(f"error: {lab_inventory_problem(exc) if args.inventory == LAB_INVENTORY else exc}", file=sys.stderr)
             return 2
         known = [n.name for n in inventory.nodes]
         nodes = args.node or known

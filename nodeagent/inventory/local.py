@@ -106,12 +106,26 @@ _PORT_FIELDS = {"port", "target_port", "name"}
 class InventoryError(ValueError):
     """The inventory is invalid. `path` names the field (`pods[2].node`), `problem` says what is wrong."""
 
-    def __init__(self, path: str, problem: str, source: str = "") -> None:
+    def __init__(self, path: str, problem: str, source: str = "", *, missing: bool = False) -> None:
         self.path = path
         self.problem = problem
         self.source = source
+        self.missing = missing  # the file `source` does not exist (rather than holding something invalid)
         where = ": ".join(part for part in (source, path) if part)
         super().__init__(f"{where}: {problem}" if where else problem)
+
+
+def lab_inventory_problem(exc: InventoryError) -> str:
+    """What to tell a user whose lab inventory (the lab's copy of its topology) does not load: `lab status`,
+    `lab exec` and `inspect redirects` say the same. No file: is the lab up? Anything else is an edit to
+    fix (the field and the file are named) or a lab to build again; `lab up` would not help, it is up."""
+    if exc.missing:
+        return f"{exc} (is the lab up? `sudo nodeagent lab up`)"
+    what = "that field" if exc.path else "it"
+    return (
+        f"the lab's inventory is invalid: {exc}\n"
+        f"fix {what} in {exc.source}, or run `sudo nodeagent lab down` and `lab up` again"
+    )
 
 
 def load_inventory(path: str | os.PathLike[str]) -> Inventory:
@@ -121,7 +135,8 @@ def load_inventory(path: str | os.PathLike[str]) -> Inventory:
         with open(source, encoding="utf-8") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as exc:
-        raise InventoryError("", f"cannot read the inventory file: {exc}", source) from None
+        missing = isinstance(exc, FileNotFoundError)
+        raise InventoryError("", f"cannot read the inventory file: {exc}", source, missing=missing) from None
     try:
         data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: safe
     except yaml.YAMLError as exc:

@@ -19,12 +19,10 @@ from pathlib import Path
 
 import yaml
 
-from nodeagent.inventory.local import InventoryError
+from nodeagent.inventory.local import InventoryError, lab_inventory_problem
 from nodeagent.lab.cluster import (
     DEFAULT_TOPOLOGY,
-    INVENTORY_FILE,
     NOT_UP_HINT,
-    STATE_DIR,
     CommandNotFoundError,
     Lab,
     LabError,
@@ -120,11 +118,7 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _bad_inventory(command: str, exc: InventoryError) -> int:
-    return _fail(
-        command,
-        f"the lab's inventory is invalid: {exc}\n"
-        f"fix that field in {STATE_DIR / INVENTORY_FILE}, or run `sudo nodeagent lab down` and `lab up` again",
-    )
+    return _fail(command, lab_inventory_problem(exc))
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -394,15 +394,33 @@ def test_down_removes_only_the_lab_pods_pins(clean_host: dict[str, Any], tmp_pat
         assert host_snapshot() == clean_host
 
 
-@pytest.mark.parametrize("args", [("status",), ("exec", "shop/frontend", "--", "true")], ids=["status", "exec"])
-def test_a_bad_inventory_edit_is_a_clear_error(lab: None, args: tuple[str, ...]) -> None:
-    """Users edit the lab's inventory.yaml (README): a mistake is named with its field and what to do, no traceback."""
+@pytest.mark.parametrize(
+    ("argv", "rc"),
+    [
+        (("lab", "status"), 1),
+        (("lab", "exec", "shop/frontend", "--", "true"), 1),
+        (("inspect", "redirects"), 2),  # its default inventory is the lab's
+    ],
+    ids=["status", "exec", "inspect-redirects"],
+)
+@pytest.mark.parametrize(
+    "edit",
+    [("node", "node9", "pods[1].node: unknown node 'node9'"), ("ip", "10.10.1.300", "pods[1].ip: '10.10.1.300'")],
+    ids=["node", "ip"],
+)
+def test_a_bad_inventory_edit_is_a_clear_error(
+    lab: None, argv: tuple[str, ...], rc: int, edit: tuple[str, str, str]
+) -> None:
+    """Users edit the lab's inventory.yaml (README): a mistake is named with its field and what to do, no traceback
+    - and never `lab up` as the fix (`inspect redirects` asked "is the lab up?" of a lab that was up)."""
+    field, value, problem = edit
     inventory = STATE_DIR / "inventory.yaml"
     data = yaml.safe_load(inventory.read_text())
-    data["pods"][1]["node"] = "node9"
+    data["pods"][1][field] = value
     inventory.write_text(yaml.safe_dump(data))
-    proc = cli(*args, check=False)
-    assert proc.returncode == 1, proc.stderr
+    proc = subprocess.run([NODEAGENT, *argv], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == rc, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert "pods[1].node: unknown node 'node9'" in proc.stderr
+    assert problem in proc.stderr
     assert f"fix that field in {inventory}" in proc.stderr and "lab down" in proc.stderr
+    assert "is the lab up" not in proc.stderr

@@ -155,3 +155,29 @@ def test_a_kubeconfig_flag_naming_no_file_says_so(
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     assert main(["enroll", "shop", "--kubeconfig", str(tmp_path / "nope")]) == 1
     assert f"the kubeconfig file {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
+
+
+# -- the lab's inventory: `lab up` is the advice only when there is no file -----------------------------------
+
+
+def test_inspect_redirects_without_the_lab_inventory_asks_whether_the_lab_is_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nodeagent.agent import commands
+
+    missing = tmp_path / "lab" / "inventory.yaml"
+    monkeypatch.setattr(commands, "LAB_INVENTORY", missing)
+    assert main(["inspect", "redirects", "--inventory", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "(is the lab up? `sudo nodeagent lab up`)" in err and "invalid" not in err, err
+
+
+def test_an_invalid_inventory_that_is_not_the_labs_is_named_with_its_field_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inventory = tmp_path / "inventory.yaml"
+    inventory.write_text("cluster: {name: x, fabric_cidr: 10.99.0.0/24}\nnodes: []\n")
+    assert main(["inspect", "redirects", "--inventory", str(inventory)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {inventory}: nodes: "), err
+    assert "lab" not in err, err
