@@ -245,8 +245,16 @@ def verify(report: Redirects) -> int:
         total += len(r.problems)
     for n in report.nodes:
         if n.agent != "running":
-            what = "not running" if n.agent == "not running" else "has never run here (no status file)"
-            n.problems.append(f"the node agent {what}: capture stays, but nothing repairs drift or serves new pods")
+            n.problems.append(_agent_down(n, [r for r in report.rows if r.node == n.node]))
         n.problems += [f"kubelet-probe bypass: {d}" for d in n.probe_drift]
         total += len(n.problems)
     return total
+
+
+def _agent_down(node: NodeReport, rows: list[RedirectRow]) -> str:
+    """The node's agent is not running: what that means for its pods, as their rows show it (capture an
+    earlier run installed stays in the kernel; on a node where nothing was ever captured, there is none)."""
+    what = "is not running" if node.agent == "not running" else "has never run here (no status file)"
+    if any(r.rules in ("ok", "drift") or r.objects for r in rows):
+        return f"the node agent {what}: capture stays, but nothing repairs drift or serves new pods"
+    return f"the node agent {what}: no pod of this node is captured, and none will be until it runs"

@@ -148,7 +148,8 @@ def _status(args: argparse.Namespace) -> int:
             print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
     bad = [r for r in rows if r.problem]
     if bad:
-        return _fail("status", f"{len(bad)} objects differ from the topology; `sudo nodeagent lab down` and up again")
+        differ = "1 object differs" if len(bad) == 1 else f"{len(bad)} objects differ"
+        return _fail("status", f"{differ} from the topology; `sudo nodeagent lab down` and up again")
     return 0
 
 

@@ -232,6 +232,7 @@ def test_status_matches_the_kernel(lab: None) -> None:
     broken = cli("status", check=False)
     assert broken.returncode == 1
     assert "netns na-node2.legacy.batch is missing" in broken.stdout
+    assert "1 object differs from the topology" in broken.stderr, broken.stderr
     again = cli("up", check=False)
     assert again.returncode != 0 and "already up" in again.stderr and "lab down" in again.stderr
 

@@ -1,0 +1,67 @@
+"""`inspect redirects --verify`: the sentences about a node whose agent is not running say what is true there.
+
+A fresh lab (no agent has run, nothing captured) was told "capture stays", and a stopped agent's node read
+"the node agent not running". The rows are built by hand: verify() is a pure function of them.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from nodeagent.agent.inspect import NodeReport, RedirectRow, Redirects, verify
+
+
+def report(agent: str, rules: str) -> Redirects:
+    rows = [
+        RedirectRow("node1", "shop", "frontend", "10.10.1.10", "ambient", "-", rules, []),
+        RedirectRow("node1", "legacy", "batch", "10.10.1.11", "none", "-", "none", []),
+        RedirectRow("node2", "shop", "checkout", "10.10.2.10", "ambient", "-", "ok", []),  # another node's
+    ]
+    return Redirects(rows, [NodeReport("node1", agent, "nft", [], [])])
+
+
+@pytest.mark.parametrize(
+    ("agent", "rules", "sentence"),
+    [
+        (
+            "no status file",
+            "none",
+            "the node agent has never run here (no status file): no pod of this node is captured, "
+            "and none will be until it runs",
+        ),
+        (
+            "not running",
+            "none",
+            "the node agent is not running: no pod of this node is captured, and none will be until it runs",
+        ),
+        (
+            "not running",
+            "ok",
+            "the node agent is not running: capture stays, but nothing repairs drift or serves new pods",
+        ),
+        (
+            "no status file",
+            "drift",
+            "the node agent has never run here (no status file): capture stays, but nothing repairs drift or "
+            "serves new pods",
+        ),
+    ],
+    ids=["fresh", "stopped-nothing-captured", "stopped-captured", "status-file-lost-captured"],
+)
+def test_a_node_without_a_running_agent_is_described_as_it_is(agent: str, rules: str, sentence: str) -> None:
+    r = report(agent, rules)
+    verify(r)
+    assert r.nodes[0].problems == [sentence]
+
+
+def test_a_namespace_filter_does_not_change_what_is_said_of_the_node(capsys: pytest.CaptureFixture[str]) -> None:
+    """-n legacy shows only batch (not captured), but node1's frontend is: its capture still stays."""
+    from argparse import Namespace
+
+    from nodeagent.agent.commands import _print_redirects
+
+    args = Namespace(namespace="legacy", all_namespaces=False, verify=True, output="table")
+    assert _print_redirects(args, report("not running", "ok")) == 1
+    out = capsys.readouterr().out
+    assert "PROBLEM node node1: the node agent is not running: capture stays" in out, out
+    assert "frontend" not in out, out
