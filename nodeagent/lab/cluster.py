@@ -170,8 +170,9 @@ class StatusRow:
 @dataclass
 class TeardownReport:
     processes: int = 0
-    netns: int = 0
-    cgroups: int = 0
+    netns: list[str] = field(default_factory=list)  # the network namespaces removed, by name
+    cgroups: int = 0  # cgroup directories removed: the pods' and their parents (nodeagent-lab/, one per node)
+    pod_cgroups: int = 0  # of those, the pods' own: what `lab status` shows and a user calls the lab's cgroups
     unmounted: list[str] = field(default_factory=list)
     pins: list[str] = field(default_factory=list)  # pin directories of the lab's pods that were removed
     pins_kept: list[str] = field(default_factory=list)  # other pin directories under the root: not the lab's
@@ -182,15 +183,44 @@ class TeardownReport:
         return bool(self.processes or self.netns or self.cgroups or self.unmounted or self.pins)
 
     def summary(self) -> str:
-        """One line for a user: what was stopped and removed, and which BPF pins were left alone."""
+        """One line for a user: what was stopped and removed, and which BPF pins were left alone. Namespaces
+        and cgroups are counted as `lab status` lists them: the fabric's, each node's and each pod's netns;
+        a cgroup per pod (their parent directories go with them, uncounted)."""
+        removed = []
+        if self.netns:
+            removed.append(f"{_count(len(self.netns), 'network namespace')} ({_netns_kinds(self.netns)})")
+        if self.pod_cgroups:
+            removed.append(_count(self.pod_cgroups, "pod cgroup"))
+        elif self.cgroups:
+            removed.append(f"the lab's empty cgroup directory ({CGROUP_BASE})")
         text = (
-            f"stopped {self.processes} processes, removed {self.netns} namespaces and {self.cgroups} cgroups"
+            f"stopped {_count(self.processes, 'process', 'processes')}, "
+            + (f"removed {' and '.join(removed)}" if removed else "removed no namespaces or cgroups")
             + (f", unmounted {', '.join(self.unmounted)}" if self.unmounted else "")
-            + (f", removed the BPF pins of {len(self.pins)} lab pods ({', '.join(self.pins)})" if self.pins else "")
+            + (
+                f", removed the BPF pins of {_count(len(self.pins), 'lab pod')} ({', '.join(self.pins)})"
+                if self.pins
+                else ""
+            )
         )
         if self.pins_kept:
-            text += f"; left {len(self.pins_kept)} other pin directories alone ({', '.join(self.pins_kept)})"
+            kept = _count(len(self.pins_kept), "other pin directory", "other pin directories")
+            text += f"; left {kept} alone ({', '.join(self.pins_kept)})"
         return text
+
+
+def _count(n: int, noun: str, plural: str = "") -> str:
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
+def _netns_kinds(names: list[str]) -> str:
+    """`the fabric, 2 nodes, 4 pods` for the lab's netns names (plan.py's layout: pods' names are dotted)."""
+    pods = sum(1 for n in names if "." in n)
+    nodes = sum(1 for n in names if "." not in n and n != FABRIC_NETNS)
+    kinds = ["the fabric"] if FABRIC_NETNS in names else []
+    kinds += [_count(nodes, "node")] if nodes else []
+    kinds += [_count(pods, "pod")] if pods else []
+    return ", ".join(kinds)
 
 
 class Lab:
@@ -477,8 +507,11 @@ def teardown(*, state_dir: Path = STATE_DIR, pin_root: Path = BPF_PIN_DIR) -> Te
             _ip_batch(ip, None, [f"netns del {name}" for name in netns], force=True)
         except LabError as exc:
             report.problems.append(str(exc))
-        report.netns = len(netns) - len(set(netns) & _existing_netns())
-    report.cgroups, problems = _remove_cgroups(cgroup_dirs)
+        remaining = _existing_netns()
+        report.netns = [name for name in netns if name not in remaining]
+    removed, problems = _remove_cgroups(cgroup_dirs)
+    report.cgroups = len(removed)
+    report.pod_cgroups = sum(1 for d in removed if d.parent.parent.name == CGROUP_BASE)  # <base>/<node>/<ns>.<pod>
     report.problems += problems
 
     fallback = str(FALLBACK_CGROUP2)
@@ -594,14 +627,15 @@ def _subtree(base: Path) -> list[Path]:
     return sorted(dirs, key=lambda p: len(p.parts), reverse=True)
 
 
-def _remove_cgroups(dirs: list[Path]) -> tuple[int, list[str]]:
-    removed, problems = 0, []
+def _remove_cgroups(dirs: list[Path]) -> tuple[list[Path], list[str]]:
+    removed: list[Path] = []
+    problems: list[str] = []
     for d in dirs:
         deadline = time.monotonic() + 1.0
         while True:
             try:
                 d.rmdir()
-                removed += 1
+                removed.append(d)
                 break
             except FileNotFoundError:
                 break

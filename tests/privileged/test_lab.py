@@ -327,7 +327,10 @@ def test_down_without_state_sweeps_by_name(clean_host: dict[str, Any]) -> None:
         wait_for_pid_in_netns(sleeper.pid, "na-node2.shop.checkout")
         subprocess.run(["rm", "-rf", str(STATE_DIR)], check=True)
         down = cli("down")
-        assert "stopped 1 processes, removed 7 namespaces and 7 cgroups" in down.stdout
+        assert (
+            "stopped 1 process, removed 7 network namespaces (the fabric, 2 nodes, 4 pods) and 4 pod cgroups"
+            in down.stdout
+        ), down.stdout
         assert sleeper.wait(timeout=5) == -signal.SIGTERM
     finally:
         sleeper.kill()
@@ -382,11 +385,11 @@ def test_down_removes_only_the_lab_pods_pins(clean_host: dict[str, Any], tmp_pat
     prod_pin = bpftool_pin_map(prod_dir) if real_agent_pins else None
     try:
         down = cli("down")
-        assert "removed the BPF pins of 1 lab pods (lab-pin-test-frontend)" in down.stdout
+        assert "removed the BPF pins of 1 lab pod (lab-pin-test-frontend)" in down.stdout
         assert not lab_pin.parent.exists()
         if prod_pin is not None:
             assert json.loads(sh("bpftool", "-j", "map", "show", "pinned", str(prod_pin)))["name"] == "na_orig_dst"
-            assert f"left 1 other pin directories alone ({prod_dir})" in down.stdout
+            assert f"left 1 other pin directory alone ({prod_dir})" in down.stdout
     finally:
         subprocess.run(["rm", "-rf", str(prod_dir), str(lab_pin.parent)], check=True)
         if not any(line.startswith(f"{PIN_ROOT}/") for line in clean_host["bpf"]):
