@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import resource
 import sys
 import time
@@ -113,6 +114,22 @@ async def hold(host: str, port: int, count: int) -> None:
         w.close()
 
 
+def print_all(text: str) -> None:
+    """Write `text` and a newline to stdout, every byte of it, buffered or not.
+
+    Why not print(): with PYTHONUNBUFFERED=1 (or -u), as the bench's environment has it, sys.stdout is a
+    TextIOWrapper straight over the raw file, and it ignores a short write (python/cpython#85393). connrate's
+    report is 0.3-1 MB, many times a pipe's 64 KiB, so the write blocks until the bench reads, and a
+    blocking pipe write returns short, with what it has written so far, when the writer is signalled or
+    stopped meanwhile. print() then dropped the rest without an error and the bench read 64 or 128 KiB
+    and a newline (`json.loads`: "line 2 column 1 (char 131073)"). os.write in a loop writes the rest.
+    """
+    sys.stdout.flush()
+    data = memoryview((text + "\n").encode())
+    while data:
+        data = data[os.write(sys.stdout.fileno(), data) :]
+
+
 def main(argv: list[str]) -> None:
     _raise_fd_limit()
     try:
@@ -125,7 +142,7 @@ def main(argv: list[str]) -> None:
     if mode == "echo-server":
         run(echo_server(int(argv[2])))
     elif mode == "connrate":
-        print(json.dumps(run(connrate(argv[2], int(argv[3]), float(argv[4]), int(argv[5])))))
+        print_all(json.dumps(run(connrate(argv[2], int(argv[3]), float(argv[4]), int(argv[5])))))
     elif mode == "hold":
         run(hold(argv[2], int(argv[3]), int(argv[4])))
     else:
