@@ -17,6 +17,7 @@ import resource
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Iterator, Mapping
@@ -184,24 +185,34 @@ class BenchLab:
         return _run(self.exec_argv(pod, argv), timeout).stdout
 
     def start(self, argv: list[str], ready: str | None = None, stdin: bool = False) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-            text=True,
-            cwd=REPO,
-        )
-        self._procs.append(proc)
-        if ready is not None:
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            if ready not in line:
-                raise RuntimeError(f"{argv} did not become ready: {line!r} {proc.stderr.read() if proc.stderr else ''}")
-        else:
-            time.sleep(0.3)
-        if proc.poll() is not None:
-            raise RuntimeError(f"{argv} exited early: {proc.stderr.read() if proc.stderr else ''}")
+        """A process that runs until `stop_all`. Its stdout is a pipe only when `ready` is read from it (the
+        process says that line and little else); otherwise nothing would read the pipe, and a server that
+        writes on (iperf3 -s prints a report per test) would block once 64 KiB were queued, stalling the run.
+        stderr goes to a file, read if the process fails to start."""
+        with tempfile.TemporaryFile("w+") as errors:
+            proc = subprocess.Popen(
+                argv,
+                stdout=subprocess.PIPE if ready is not None else subprocess.DEVNULL,
+                stderr=errors,
+                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                text=True,
+                cwd=REPO,
+            )
+            self._procs.append(proc)
+
+            def stderr_text() -> str:
+                errors.seek(0)
+                return errors.read()[-2000:]
+
+            if ready is not None:
+                assert proc.stdout is not None
+                line = proc.stdout.readline()
+                if ready not in line:
+                    raise RuntimeError(f"{argv} did not become ready: {line!r} {stderr_text()}")
+            else:
+                time.sleep(0.3)
+            if proc.poll() is not None:
+                raise RuntimeError(f"{argv} exited early: {stderr_text()}")
         return proc
 
     def stop_all(self) -> None:
