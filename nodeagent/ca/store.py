@@ -56,6 +56,7 @@ CA_KEY = "ca-key.pem"
 ROOT_CERT = "root-cert.pem"
 CERT_CHAIN = "cert-chain.pem"
 BUNDLE = "trust-bundle.pem"
+SIGNER_FILES = (CA_CERT, CA_KEY, ROOT_CERT)  # what a signer needs (cert-chain.pem is optional)
 
 
 class StoreError(Exception):
@@ -139,7 +140,13 @@ class CAStore:
         """Install an operator-supplied signer from a directory laid out like Istio's cacerts."""
         if self.exists() and not force:
             raise StoreError(f"{self._dir('ca')} already holds a signer; pass --force to replace it")
-        signer = self._read_signer(source)
+        signer = self._read_signer(
+            source,
+            lambda m: (
+                f"{source} (--cacerts) lacks {', '.join(m)}: Istio-style cacerts hold "
+                f"{', '.join(SIGNER_FILES)} and optionally {CERT_CHAIN}"
+            ),
+        )
         others = authority.other_roots((source / ROOT_CERT).read_bytes(), signer)
         self._ensure_state_dir()
         self._write_signer(self._dir("ca"), signer)
@@ -178,13 +185,11 @@ class CAStore:
         write_atomic(target / ROOT_CERT, authority.cert_pem(signer.root).encode())
         write_atomic(target / CERT_CHAIN, "".join(signer.chain_pem).encode())
 
-    def _read_signer(self, source: Path) -> Signer:
-        missing = [n for n in (CA_CERT, CA_KEY, ROOT_CERT) if not (source / n).is_file()]
+    def _read_signer(self, source: Path, lacking: Callable[[list[str]], str]) -> Signer:
+        """The signer in `source`; StoreError worded by `lacking` (given the missing files) if it is not there."""
+        missing = [n for n in SIGNER_FILES if not (source / n).is_file()]
         if missing:
-            raise StoreError(
-                f"{source} lacks {', '.join(missing)}; run `nodeagent ca init --state-dir {self.state_dir}` "
-                "to create a root, or supply Istio-style cacerts"
-            )
+            raise StoreError(lacking(missing))
         chain = source / CERT_CHAIN
         return authority.load_signer(
             ca_cert=(source / CA_CERT).read_bytes(),
@@ -195,12 +200,30 @@ class CAStore:
 
     # --- reading -----------------------------------------------------------------------------------
 
+    def _no_signer(self, missing: list[str]) -> str:
+        """Said in terms of the --state-dir the user gave (its ca/ subdirectory is the store's business)."""
+        init = f"nodeagent ca init --state-dir {self.state_dir}"
+        if len(missing) == len(SIGNER_FILES):
+            return (
+                f"no CA in {self.state_dir} (--state-dir): run `{init}` to create a root, "
+                f"or `{init} --cacerts DIR` to import Istio-style cacerts"
+            )
+        return (
+            f"the CA in {self.state_dir} (--state-dir) is incomplete: its signer lacks {', '.join(missing)}; "
+            f"import a signer (a `nodeagent ca export` of it, say) with `{init} --cacerts DIR --force`"
+        )
+
     def load(self) -> CAState:
-        signer = self._read_signer(self._dir("ca"))
+        signer = self._read_signer(self._dir("ca"), self._no_signer)
         roots = [signer.root]
         rotation = "none"
         if (self._dir("next") / ROOT_CERT).is_file():
-            roots.append(self._read_signer(self._dir("next")).root)
+            nxt = self._dir("next")
+            roots.append(
+                self._read_signer(
+                    nxt, lambda m: f"the root prepared by `rotate prepare` in {nxt} lacks {', '.join(m)}"
+                ).root
+            )
             rotation = "prepared"
         if (self._dir("previous") / ROOT_CERT).is_file():
             roots.append(TrustBundle.from_pem((self._dir("previous") / ROOT_CERT).read_bytes()).roots[0])

@@ -90,3 +90,33 @@ def test_a_trust_domain_identities_would_reject_is_refused_before_a_root_is_made
     assert exited.value.code == 2
     assert "--trust-domain: trust domain 'bad domain/x' must be" in capsys.readouterr().err
     assert not state.exists()
+
+
+def test_show_without_a_ca_speaks_of_the_state_dir_given(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It said "<state-dir>/ca lacks ca-cert.pem ..." (/var/lib/nodeagent/ca/ca by default): the store's ca/
+    subdirectory is no name the user gave."""
+    state = tmp_path / "ca"
+    assert _run(["ca", "show", "--state-dir", str(state)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: no CA in {state} (--state-dir): run `nodeagent ca init --state-dir {state}` to create a root, "
+        f"or `nodeagent ca init --state-dir {state} --cacerts DIR` to import Istio-style cacerts\n"
+    )
+    assert _run(["ca", "init", "--state-dir", str(state)]) == 0
+    (state / "ca" / "ca-key.pem").unlink()
+    capsys.readouterr()
+    assert _run(["ca", "show", "--state-dir", str(state)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: the CA in {state} (--state-dir) is incomplete: its signer lacks ca-key.pem; "), err
+    assert f"`nodeagent ca init --state-dir {state} --cacerts DIR --force`" in err, err
+
+
+def test_importing_cacerts_that_lack_files_names_them_not_ca_init(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "cacerts").mkdir()
+    (tmp_path / "cacerts" / "root-cert.pem").write_text("")
+    assert _run(["ca", "init", "--state-dir", str(tmp_path / "ca"), "--cacerts", str(tmp_path / "cacerts")]) == 1
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'cacerts'} (--cacerts) lacks ca-cert.pem, ca-key.pem: Istio-style cacerts hold "
+        "ca-cert.pem, ca-key.pem, root-cert.pem and optionally cert-chain.pem\n"
+    )
