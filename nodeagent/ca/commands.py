@@ -71,7 +71,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "export", help="write the signer as Istio cacerts, root-cert.pem = every trusted root (cluster Secret)"
     )
     state_args(export)
-    export.add_argument("--out", type=Path, required=True, help="a new or empty directory")
+    export.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="directory for the four cacerts files (created if missing): an earlier export there is replaced; a "
+        "directory holding any other file is refused",
+    )
     export.set_defaults(func=cmd_export)
 
     rotate = ca_sub.add_parser("rotate", help="rotate the root: prepare, then activate, then finish")

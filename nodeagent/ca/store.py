@@ -159,14 +159,18 @@ class CAStore:
         self.publish()
 
     def export_cacerts(self, target: Path) -> TrustBundle:
-        """Write the active signer in Istio's cacerts layout into `target` (a new or empty directory), with
-        root-cert.pem = every trusted root, the signer's first: what the cluster's Secret and ConfigMap need
-        (`import_cacerts` of it gives the same signer and bundle)."""
+        """Write the active signer in Istio's cacerts layout into `target`, with root-cert.pem = every trusted
+        root, the signer's first: what the cluster's Secret and ConfigMap need (`import_cacerts` of it gives the
+        same signer and bundle). `target` is created if missing; the cacerts files of an earlier export there
+        are replaced; any other file refuses the export (the Secret is made of the whole directory)."""
         state = self.load()
         target.mkdir(mode=0o700, parents=True, exist_ok=True)
         stray = sorted(p.name for p in target.iterdir() if p.name not in (CA_CERT, CA_KEY, ROOT_CERT, CERT_CHAIN))
         if stray:
-            raise StoreError(f"{target} holds other files ({', '.join(stray)}); export into an empty directory")
+            raise StoreError(
+                f"{target} holds other files ({', '.join(stray)}); export into a new or empty directory, or one "
+                "holding only an earlier export (its files are replaced)"
+            )
         self._write_signer(target, state.signer)
         write_atomic(target / ROOT_CERT, state.bundle.to_pem().encode())
         return state.bundle

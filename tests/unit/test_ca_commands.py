@@ -120,3 +120,26 @@ def test_importing_cacerts_that_lack_files_names_them_not_ca_init(
         f"error: {tmp_path / 'cacerts'} (--cacerts) lacks ca-cert.pem, ca-key.pem: Istio-style cacerts hold "
         "ca-cert.pem, ca-key.pem, root-cert.pem and optionally cert-chain.pem\n"
     )
+
+
+def test_export_help_says_what_export_does_to_an_existing_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The help said "a new or empty directory", but an earlier export there is replaced (only other files are
+    refused): the help says so, and the code does what it says."""
+    parser = argparse.ArgumentParser()
+    commands.register(parser.add_subparsers())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["ca", "export", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--out DIR directory for the four cacerts files (created if missing): an earlier export there is " in text
+    assert "replaced; a directory holding any other file is refused" in text, text
+
+    state, out = ["--state-dir", str(tmp_path / "ca")], tmp_path / "out"
+    assert _run(["ca", "init", *state]) == 0
+    for _ in range(2):
+        assert _run(["ca", "export", *state, "--out", str(out)]) == 0
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert _run(["ca", "export", *state, "--out", str(out)]) == 1
+    assert "holds other files (notes.txt)" in capsys.readouterr().err
