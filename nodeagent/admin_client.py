@@ -122,6 +122,11 @@ def namespace_of(args: argparse.Namespace) -> str | None:
     return None if args.all_namespaces else args.namespace
 
 
+def say_none_found(namespace: str) -> None:
+    """kubectl's line for a -n that matches nothing, on stderr, instead of a table of headers only (exit 0)."""
+    print(f"No resources found in {namespace} namespace.", file=sys.stderr)
+
+
 def identity_namespace(uri: object) -> str | None:
     """The namespace of a SPIFFE ID as a dump spells it (certificates, pooled connections); None if it is
     not one."""
@@ -162,5 +167,10 @@ def print_section(
     elif args.output == "yaml":
         print(yaml.safe_dump(data, sort_keys=False), end="")
     else:
-        print(render(data), end="")
+        rendered = render(data)
+        namespace = namespace_of(args) if hasattr(args, "all_namespaces") else None
+        if namespace is not None and len(rendered.splitlines()) <= 1:  # `table` with its header line only
+            say_none_found(namespace)
+        else:
+            print(rendered, end="")
     return 0

@@ -25,6 +25,7 @@ from nodeagent.admin_client import (
     add_namespace_arguments,
     fetch_remote_dump,
     namespace_of,
+    say_none_found,
     table,
 )
 from nodeagent.agent import inspect as redirects
@@ -286,7 +287,9 @@ def _print_redirects(args: argparse.Namespace, report: redirects.Redirects) -> i
     elif args.output == "yaml":
         print(yaml.safe_dump(report.as_dict(), sort_keys=False), end="")
     else:
-        print(_table(report, show_problems=args.verify))
+        if namespace is not None and not report.rows:
+            say_none_found(namespace)
+        print(_table(report, show_problems=args.verify, pods=namespace is None or bool(report.rows)))
     return 1 if args.verify and problems else 0
 
 
@@ -316,7 +319,8 @@ def _kube_inventory(args: argparse.Namespace) -> Inventory | None:
     return inventory
 
 
-def _table(report: redirects.Redirects, *, show_problems: bool) -> str:
+def _table(report: redirects.Redirects, *, show_problems: bool, pods: bool = True) -> str:
+    """The pods' table (unless not `pods`: -n matched none), then a line per node, then the problems."""
     rows = [
         (
             r.namespace,
@@ -329,7 +333,7 @@ def _table(report: redirects.Redirects, *, show_problems: bool) -> str:
         )
         for r in report.rows
     ]
-    out = table(_COLUMNS, rows).splitlines()
+    out = table(_COLUMNS, rows).splitlines() if pods else []
     for r in report.rows:
         for o in r.objects if r.mode == "ebpf" else []:  # programs and maps, as the kernel lists them
             out.append(f"  {r.namespace}/{r.pod}: {o}")

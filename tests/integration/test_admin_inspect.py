@@ -290,3 +290,44 @@ async def test_inspect_reads_an_admin_given_as_host_port_like_the_tunnel_takes_i
         assert "neither a URL nor HOST:PORT" in capsys.readouterr().err
     finally:
         await admin.stop()
+
+
+DUMP = {  # one entry of namespace `shop` in every section the inspect commands read
+    "workloads": [{"namespace": "shop", "name": "web-1", "workloadIps": ["10.1.0.5"], "node": "node1"}],
+    "services": [{"namespace": "shop", "name": "web", "vips": ["/10.96.0.10"], "endpoints": {}}],
+    "policies": [{"namespace": "shop", "name": "allow-web", "action": "Allow", "scope": "Namespace"}],
+    "connections": {
+        "outbound": [{"srcWorkload": "web-1.shop", "src": "10.1.0.5:40000", "actualDst": "10.1.0.6:15008"}],
+        "inbound": [],
+    },
+    "certificates": [{"identity": "spiffe://cluster.local/ns/shop/sa/web", "state": "Available"}],
+}
+
+
+@pytest.mark.parametrize("section", list(DUMP))
+async def test_a_namespace_with_nothing_in_it_says_so_as_kubectl_does(
+    section: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`-n nosuch` printed a table of headers only; kubectl says "No resources found in nosuch namespace." on
+    stderr (exit 0). JSON and YAML stay the section narrowed to nothing, in its own shape."""
+    admin = AdminServer(routes=[CONFIG_DUMP])
+    admin.add_config_provider(section, lambda: DUMP[section])
+    host, port = await admin.start("127.0.0.1", 0)
+
+    async def run(*argv: str) -> tuple[int, str, str]:
+        rc = await asyncio.to_thread(cli_main, ["inspect", section, "--admin", f"{host}:{port}", *argv])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    try:
+        assert await run("-n", "nosuch") == (0, "", "No resources found in nosuch namespace.\n")
+        rc, out, err = await run("-n", "nosuch", "-o", "json")
+        assert (rc, err) == (0, "")
+        empty = json.loads(out)
+        assert empty == [] or (isinstance(empty, dict) and not any(empty.values())), empty
+        rc, out, err = await run("-n", "nosuch", "-o", "yaml")
+        assert (rc, err, yaml.safe_load(out)) == (0, "", empty)
+        rc, out, err = await run("-n", "shop")
+        assert (rc, err) == (0, "") and len(out.splitlines()) == 2, out  # the header and shop's row
+    finally:
+        await admin.stop()

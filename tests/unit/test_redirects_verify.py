@@ -1,10 +1,13 @@
 """`inspect redirects --verify`: the sentences about a node whose agent is not running say what is true there.
 
 A fresh lab (no agent has run, nothing captured) was told "capture stays", and a stopped agent's node read
-"the node agent not running". The rows are built by hand: verify() is a pure function of them.
+"the node agent not running". The rows are built by hand: verify() is a pure function of them, and so is
+the printing of a report (`-n` narrows the rows it prints).
 """
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -65,3 +68,21 @@ def test_a_namespace_filter_does_not_change_what_is_said_of_the_node(capsys: pyt
     out = capsys.readouterr().out
     assert "PROBLEM node node1: the node agent is not running: capture stays" in out, out
     assert "frontend" not in out, out
+
+
+@pytest.mark.parametrize("output", ["table", "json"])
+def test_a_namespace_with_no_pods_says_so_as_kubectl_does(output: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """-n nosuch printed the pods' table with headers only; kubectl says "No resources found in nosuch namespace."
+    on stderr. The node lines stay (they are about the node); JSON keeps its shape, with no rows."""
+    from argparse import Namespace
+
+    from nodeagent.agent.commands import _print_redirects
+
+    args = Namespace(namespace="nosuch", all_namespaces=False, verify=False, output=output)
+    assert _print_redirects(args, report("running", "ok")) == 0
+    out, err = capsys.readouterr()
+    if output == "json":
+        assert err == "" and json.loads(out)["rows"] == []
+    else:
+        assert err == "No resources found in nosuch namespace.\n"
+        assert out == "node node1: agent running, iptables nft, kubelet-probe bypass none (no pod captured)\n", out
