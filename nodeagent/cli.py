@@ -45,7 +45,12 @@ def _register_tunnel(sub: SubParsers) -> None:
 
 def _register_inspect(sub: SubParsers) -> None:
     inspect = sub.add_parser(
-        "inspect", help="look at what a node holds: redirects, certificates, workloads, policies, connections"
+        "inspect",
+        help="look at what a node holds: redirects, certificates, workloads, services, policies, connections",
+        description="Look at what a node holds, as a table (or -o json|yaml; -n/-A as kubectl's). `redirects` "
+        "reads the kernel: this machine's, or a cluster node's through its agent (--node with --kubeconfig). The "
+        "others print istioctl ztunnel-config's columns from the node tunnel's admin endpoint (--admin, or --node "
+        "through the API server).",
     )
     inspect_sub = inspect.add_subparsers(dest="inspect_command", required=True, metavar="WHAT")
     for module, function in (
@@ -91,7 +96,20 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     for name, register in COMMANDS.items():
         if wanted is None or wanted == name:
             register(sub)
+    _describe(parser)
     return parser
+
+
+def _describe(parser: argparse.ArgumentParser) -> None:
+    """A (sub)command registered without a description gets its one-line help as one, so that its --help
+    says what it does too, as the listing of its parent does."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                child = action.choices[choice.dest]
+                if child.description is None and choice.help:
+                    child.description = f"{choice.help[0].upper()}{choice.help[1:]}."
+                _describe(child)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -543,7 +543,15 @@ def _stay_up(demo: Demo) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    demo = subparsers.add_parser("demo", help="the whole mesh on this host in under a minute (root)")
+    demo = subparsers.add_parser(
+        "demo",
+        help="the whole mesh on this host in under a minute (root)",
+        description="Builds the lab and runs the real mesh on it (the CA, and a node agent and a tunnel per node), "
+        "then shows what an operator would look at: the redirects read from the kernel, the certificates, the "
+        "connections with both identities, the metrics, and tcpdump's view of the fabric. Then it removes "
+        "everything it made, or with --keep leaves the mesh running to explore until Ctrl-C. Needs root; it "
+        "refuses to run over a lab brought up with `nodeagent lab up`.",
+    )
     demo.add_argument(
         "--capture", choices=("iptables", "ebpf", "auto"), default="iptables", help="the agents' capture backend"
     )

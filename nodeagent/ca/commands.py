@@ -46,7 +46,14 @@ DEFAULT_STATE_DIR = "/var/lib/nodeagent/ca"
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    ca = subparsers.add_parser("ca", help="the certificate authority: init, show, export, rotate, serve")
+    ca = subparsers.add_parser(
+        "ca",
+        help="the certificate authority: init, show, export, rotate, serve",
+        description="The mesh's certificate authority, kept in a state directory (--state-dir): `init` creates "
+        "its root or imports Istio-style cacerts, `show` prints the signer and the trusted roots, `export` writes "
+        "them out for the cluster's Secret, `rotate` replaces the root in three steps without breaking "
+        "connections, and `serve` issues workload certificates to the node tunnels over gRPC.",
+    )
     ca_sub = ca.add_subparsers(dest="ca_command", required=True, metavar="SUBCOMMAND")
 
     def state_args(p: argparse.ArgumentParser, trust_domain: bool = True) -> None:

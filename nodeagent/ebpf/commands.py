@@ -16,7 +16,12 @@ from nodeagent.ebpf.loader import FASTPATH_FILE, PROGRAMS_DIR, BuildConfig, anno
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    ebpf = subparsers.add_parser("ebpf", help="nodeagent's eBPF programs")
+    ebpf = subparsers.add_parser(
+        "ebpf",
+        help="nodeagent's eBPF programs",
+        description="The eBPF programs of the agent's eBPF capture (`nodeagent agent --capture ebpf`): `source` "
+        "prints them as bcc compiles them for every pod.",
+    )
     sub = ebpf.add_subparsers(dest="ebpf_command", required=True)
     src = sub.add_parser(
         "source",

@@ -88,6 +88,16 @@ def test_a_command_summary_names_every_subcommand_it_has(command: str) -> None:
     assert listed == list(children.choices), summary
 
 
+def test_every_command_says_what_it_does_at_the_top_of_its_own_help() -> None:
+    """`nodeagent demo --help` (and `ca`, `ebpf`, `inspect` and their subcommands) had no description line."""
+    assert [path for path, p in _commands(build_parser()) if not p.description] == []
+
+
+def test_the_demo_help_says_what_the_demo_does_and_what_it_needs() -> None:
+    demo = dict(_commands(build_parser()))["nodeagent demo"]
+    assert demo.description is not None and "--keep" in demo.description and "Needs root" in demo.description
+
+
 # -- a kubeconfig file that cannot be read is one line naming it, from every command that reads one ---------
 
 BAD_KUBECONFIGS = {
