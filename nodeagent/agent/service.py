@@ -260,15 +260,15 @@ class Agent:
             changed.clear()
             targets = self.reconciler.probe_targets()
             try:
-                repaired = await (self.probes.ensure(targets) if targets else self._remove_probes())
+                if targets:
+                    # what ensure() returns is the drift it found in the kernel, and has repaired by now
+                    if fixed := await self.probes.ensure(targets):
+                        pods = f"{len(targets)} pod{'' if len(targets) == 1 else 's'}"
+                        log.info("kubelet-probe bypass now covers %s; found and fixed: %s", pods, "; ".join(fixed))
+                elif await self.probes.remove():
+                    log.info("kubelet-probe bypass removed from the node: no pod is captured")
             except Exception as exc:  # CaptureError or a bug: report, the next verify retries
                 log.error("kubelet-probe bypass on the node: %s; retrying with the next verify", exc)
-                continue
-            if repaired:
-                log.info("kubelet-probe bypass updated for %d pods: %s", len(targets), "; ".join(repaired))
-
-    async def _remove_probes(self) -> tuple[str, ...]:
-        return ("chain removed (no pod is captured)",) if await self.probes.remove() else ()
 
     async def _status_writer(self) -> None:
         # A change is written at once (`enabled` ends the pod-add path); only bursts are coalesced.
