@@ -515,7 +515,15 @@ def explore_hints(lab: Lab) -> list[str]:
     return [
         f"sudo nodeagent lab exec {CLIENT} -- curl -s --http0.9 {server.ip}:{APP_PORT}"
         f"    # through both tunnels; the app answers with the source IP it saw",
+        *(
+            f"sudo nodeagent lab exec {CLIENT} -- curl -s --http0.9 {svc.vip}:{port.port}"
+            f"    # service {svc.namespace}/{svc.name}'s VIP: the tunnel picks a ready endpoint"
+            for svc in lab.inventory.services[:1]
+            if svc.vip is not None
+            for port in svc.ports[:1]
+        ),
         f"sudo nodeagent lab exec --node {server.node} -- nodeagent inspect connections --wide",
+        f"sudo nodeagent lab exec --node {client.node} -- nodeagent inspect services",
         f"sudo nodeagent lab exec --node {client.node} -- nodeagent inspect certificates",
         f"sudo nodeagent lab exec --node {server.node} -- curl -s localhost:15020/metrics | grep istio_tcp",
         f"sudo nodeagent lab exec --node {client.node} -- curl -s localhost:15000/config_dump",
