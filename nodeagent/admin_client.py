@@ -21,7 +21,7 @@ import json
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,8 @@ def admin_url(admin: str) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def fetch_section(admin: str, section: str, timeout: float = 10.0) -> Any:
+def fetch_dump(admin: str, section: str, timeout: float = 10.0) -> dict[str, Any]:
+    """The whole /config_dump of `admin`; AdminError unless it has `section`."""
     url = admin_url(admin) + "/config_dump"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
@@ -99,7 +100,7 @@ def fetch_section(admin: str, section: str, timeout: float = 10.0) -> Any:
         ) from None
     if not isinstance(dump, dict) or section not in dump:
         raise AdminError(f"{url} has no `{section}` section; is this a nodeagent tunnel?")
-    return dump[section]
+    return dump
 
 
 def table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -139,12 +140,13 @@ def identity_namespace(uri: object) -> str | None:
 def print_section(
     args: argparse.Namespace,
     section: str,
-    render: Callable[[Any], str],
+    render: Callable[[Any, Mapping[str, Any]], str],
     select: Callable[[Any], Any] | None = None,
 ) -> int:
     """Fetch `section` from `args.admin` (or the tunnel on `args.node`) and print it in `args.output` form; 1
     with a message on error. `select` narrows the section first (e.g. to a namespace), in its own shape,
-    so JSON and YAML show what the table shows."""
+    so JSON and YAML show what the table shows. `render` makes the table from the section and the whole
+    dump (where other sections name what the section holds by address)."""
     try:
         if args.node:
             from nodeagent.kube_remote import TUNNEL_ADMIN_PORT
@@ -154,12 +156,12 @@ def print_section(
                 raise AdminError(
                     f"the tunnel on node {args.node} has no `{section}` section; is it a nodeagent tunnel?"
                 )
-            data = dump[section]
         else:
-            data = fetch_section(args.admin, section)
+            dump = fetch_dump(args.admin, section)
     except AdminError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    data = dump[section]
     if select is not None:
         data = select(data)
     if args.output == "json":
@@ -167,7 +169,7 @@ def print_section(
     elif args.output == "yaml":
         print(yaml.safe_dump(data, sort_keys=False), end="")
     else:
-        rendered = render(data)
+        rendered = render(data, dump)
         namespace = namespace_of(args) if hasattr(args, "all_namespaces") else None
         if namespace is not None and len(rendered.splitlines()) <= 1:  # `table` with its header line only
             say_none_found(namespace)

@@ -367,6 +367,6 @@ def cmd_inspect_certificates(args: argparse.Namespace) -> int:
     return print_section(
         args,
         "certificates",
-        lambda dump: certificates_table(dump, dt.datetime.now(dt.UTC)),
+        lambda section, _: certificates_table(section, dt.datetime.now(dt.UTC)),
         lambda dump: certificates_in(dump, namespace_of(args)),
     )

@@ -66,35 +66,65 @@ def service_rows(dump: Iterable[Mapping[str, Any]]) -> list[tuple[str, ...]]:
     return sorted(rows)
 
 
-def connection_rows(dump: Mapping[str, Any], wide: bool) -> list[tuple[str, ...]]:
-    """Outbound rows are seen from the source workload, inbound rows from the destination. DIRECTION is
-    spelled as istioctl's table spells it (`Inbound`, `Outbound`); the dump's keys stay lowercase."""
-    rows = []
-    for direction in ("outbound", "inbound"):
-        row: tuple[Any, ...]
-        for c in dump.get(direction) or []:
-            if direction == "outbound":
-                row = (
-                    c.get("srcWorkload", ""),
-                    "Outbound",
-                    c.get("src", ""),
-                    c.get("actualDst", ""),
+def address_names(dump: Mapping[str, Any]) -> dict[str, str]:
+    """IP -> what istioctl prints for it: a service VIP as its hostname, a workload IP as name.namespace."""
+    names: dict[str, str] = {}
+    for w in dump.get("workloads") or []:
+        for ip in (w.get("workloadIps") or [])[:1]:
+            names[str(ip)] = f"{w.get('name', '')}.{w.get('namespace', '')}"
+    for svc in dump.get("services") or []:
+        for vip in (svc.get("vips") or [])[:1]:
+            names[str(vip).rpartition("/")[2]] = str(svc.get("hostname", ""))
+    return names
+
+
+def _named(address: object, names: Mapping[str, str]) -> str:
+    """`ip:port` with the IP's name from `names`, as istioctl's lookupIP; anything else as it is."""
+    ip, sep, port = str(address).rpartition(":")
+    name = names.get(ip) if sep else None
+    return f"{name}:{port}" if name else str(address)
+
+
+def connection_rows(
+    dump: Mapping[str, Any], wide: bool, names: Mapping[str, str] | None = None, direction: str | None = None
+) -> list[tuple[str, ...]]:
+    """As istioctl ztunnel-config connections: grouped by local workload (by namespace, then name), its
+    inbound rows before its outbound ones; outbound rows seen from the source workload, inbound rows from
+    the destination. `names` (address_names) replaces addresses by service hostnames and workload names
+    where istioctl does (not in an inbound REMOTE TARGET); None prints them raw (its --raw). DIRECTION is
+    spelled as istioctl spells it (`Inbound`, `Outbound`); the dump's keys stay lowercase."""
+    lookup = names or {}
+    keyed = []
+    for kind in ("inbound", "outbound"):
+        if direction not in (None, kind):
+            continue
+        for c in dump.get(kind) or []:
+            if kind == "inbound":
+                workload = str(c.get("dstWorkload", ""))
+                row: tuple[Any, ...] = (
+                    workload,
+                    "Inbound",
+                    _named(c.get("originalDst", ""), lookup),
+                    _named(c.get("src", ""), lookup),
                     c.get("originalDst", ""),
                     c.get("protocol", ""),
                 )
             else:
+                workload = str(c.get("srcWorkload", ""))
                 row = (
-                    c.get("dstWorkload", ""),
-                    "Inbound",
-                    c.get("originalDst", ""),
-                    c.get("src", ""),
-                    c.get("originalDst", ""),
+                    workload,
+                    "Outbound",
+                    _named(c.get("src", ""), lookup),
+                    _named(c.get("actualDst", ""), lookup),
+                    _named(c.get("originalDst", ""), lookup),
                     c.get("protocol", ""),
                 )
             if wide:
                 row = (*row, c.get("srcIdentity", ""), c.get("dstIdentity", ""))
-            rows.append(tuple(str(x) for x in row))
-    return rows
+            name, _, namespace = workload.rpartition(".")
+            keyed.append(((namespace, name, kind != "inbound"), tuple(str(x) for x in row)))
+    keyed.sort(key=lambda item: item[0])  # stable: within a workload and direction, the dump's order
+    return [row for _, row in keyed]
 
 
 def policy_rows(dump: Iterable[Mapping[str, Any]]) -> list[tuple[str, ...]]:
@@ -153,26 +183,37 @@ def register_inspect(inspect_subparsers: argparse._SubParsersAction[argparse.Arg
         func=lambda a: print_section(
             a,
             "workloads",
-            lambda d: table(WORKLOAD_COLUMNS, workload_rows(d)),
+            lambda d, _: table(WORKLOAD_COLUMNS, workload_rows(d)),
             lambda d: entries_in(d, namespace_of(a)),
         )
     )
     services.set_defaults(
         func=lambda a: print_section(
-            a, "services", lambda d: table(SERVICE_COLUMNS, service_rows(d)), lambda d: entries_in(d, namespace_of(a))
+            a,
+            "services",
+            lambda d, _: table(SERVICE_COLUMNS, service_rows(d)),
+            lambda d: entries_in(d, namespace_of(a)),
         )
     )
     policies.set_defaults(
         func=lambda a: print_section(
-            a, "policies", lambda d: table(POLICY_COLUMNS, policy_rows(d)), lambda d: entries_in(d, namespace_of(a))
+            a,
+            "policies",
+            lambda d, _: table(POLICY_COLUMNS, policy_rows(d)),
+            lambda d: entries_in(d, namespace_of(a)),
         )
     )
     connections.add_argument("--wide", action="store_true", help="also show both peers' SPIFFE identities")
+    connections.add_argument("--raw", action="store_true", help="addresses as they are, not service/workload names")
+    connections.add_argument("--direction", choices=("inbound", "outbound"), help="only this direction's rows")
     connections.set_defaults(
         func=lambda a: print_section(
             a,
             "connections",
-            lambda d: table(CONNECTION_WIDE_COLUMNS if a.wide else CONNECTION_COLUMNS, connection_rows(d, a.wide)),
+            lambda d, dump: table(
+                CONNECTION_WIDE_COLUMNS if a.wide else CONNECTION_COLUMNS,
+                connection_rows(d, a.wide, None if a.raw else address_names(dump), a.direction),
+            ),
             lambda d: connections_in(d, namespace_of(a)),
         )
     )

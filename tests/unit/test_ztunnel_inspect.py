@@ -10,6 +10,7 @@ import pytest
 from nodeagent.admin_client import identity_namespace, table
 from nodeagent.ca.commands import certificates_in
 from nodeagent.ztunnel.inspect import (
+    address_names,
     connection_rows,
     connections_in,
     entries_in,
@@ -104,9 +105,58 @@ def test_certificates_in_a_namespace() -> None:
 
 
 def test_connection_rows_take_each_direction_from_the_local_side() -> None:
-    out, inbound = connection_rows(CONNECTIONS, wide=False)
+    inbound, out = connection_rows(CONNECTIONS, wide=False)  # raw addresses: istioctl's --raw
     assert out == ("frontend.shop", "Outbound", "10.10.1.2:40000", "10.10.2.2:15008", "10.10.2.2:8080", "HBONE")
     assert inbound == ("checkout.shop", "Inbound", "10.10.2.2:8080", "10.10.1.2:40000", "10.10.2.2:8080", "HBONE")
+
+
+DUMP = {
+    "workloads": [*WORKLOADS, {"name": "frontend", "namespace": "shop", "workloadIps": ["10.10.1.2"]}],
+    "services": [{"hostname": "checkout.shop.svc.cluster.local", "vips": ["/10.96.0.10"]}],
+}
+VIA_VIP = {**CONNECTIONS["outbound"][0], "originalDst": "10.96.0.10:80"}
+
+
+def test_connection_rows_name_addresses_as_istioctl_does() -> None:
+    """Service VIPs by hostname, workload IPs as name.namespace; an inbound REMOTE TARGET stays raw."""
+    rows = connection_rows({"outbound": [VIA_VIP], "inbound": CONNECTIONS["inbound"]}, False, address_names(DUMP))
+    assert rows == [
+        ("checkout.shop", "Inbound", "checkout.shop:8080", "frontend.shop:40000", "10.10.2.2:8080", "HBONE"),
+        (
+            "frontend.shop",
+            "Outbound",
+            "frontend.shop:40000",
+            "checkout.shop:15008",
+            "checkout.shop.svc.cluster.local:80",
+            "HBONE",
+        ),
+    ]
+
+
+def _conn(kind: str, workload: str, src: str) -> dict[str, str]:
+    return {"src": src, "srcWorkload" if kind == "outbound" else "dstWorkload": workload}
+
+
+def test_connection_rows_group_by_workload_inbound_first() -> None:
+    """istioctl's order: workloads by namespace then name; each one's inbound rows, then its outbound ones
+    (in the dump's order within each); --direction keeps one direction."""
+    dump = {
+        "outbound": [_conn("outbound", "web.shop", "o1"), _conn("outbound", "api.shop", "o2")],
+        "inbound": [
+            _conn("inbound", "web.shop", "i1"),
+            _conn("inbound", "batch.legacy", "i2"),
+            _conn("inbound", "web.shop", "i3"),
+        ],
+    }
+    order = [(r[0], r[1], r[3] if r[1] == "Inbound" else r[2]) for r in connection_rows(dump, wide=False)]
+    assert order == [
+        ("batch.legacy", "Inbound", "i2"),
+        ("api.shop", "Outbound", "o2"),
+        ("web.shop", "Inbound", "i1"),
+        ("web.shop", "Inbound", "i3"),
+        ("web.shop", "Outbound", "o1"),
+    ]
+    assert [r[1] for r in connection_rows(dump, wide=False, direction="outbound")] == ["Outbound", "Outbound"]
 
 
 def test_connection_direction_is_spelled_as_istioctl_spells_it() -> None:
@@ -117,7 +167,7 @@ def test_connection_direction_is_spelled_as_istioctl_spells_it() -> None:
 
 
 def test_wide_connection_rows_carry_both_identities() -> None:
-    row = connection_rows(CONNECTIONS, wide=True)[0]
+    row = connection_rows(CONNECTIONS, wide=True, direction="outbound")[0]
     assert row[-2:] == ("spiffe://cluster.local/ns/shop/sa/frontend", "spiffe://cluster.local/ns/shop/sa/checkout")
 
 
