@@ -24,8 +24,8 @@ connect() to podIP:15001 before any iptables rule sees a packet (after eBPF -> i
 capture all outbound; nat OUTPUT lets podIP:15001 on lo through), nat PREROUTING REDIRECTs inbound
 plaintext to 15006 before sk_lookup, which steers it to that same listener; while the pod has pins the
 tunnel connects to the app with the 0x111 mark, which tcp_fwmark_accept and the shared policy routing
-route back to it. The costs: the agent verifies and repairs, and `inspect redirects` lists, only the
-current mode's objects; the old mode's stay unrepaired and unlisted until unenroll.
+route back to it. The costs: the agent verifies and repairs only the current mode's objects; the old
+mode's stay unrepaired until unenroll (`inspect redirects` names them beside the pod's row).
 
 What it deliberately does not do: it does not remove the other mode's objects from a pod that stays
 enrolled (each backend's remove() also deletes the policy routing both modes use, and the pod's traffic

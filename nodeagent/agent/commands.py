@@ -339,6 +339,11 @@ def _table(report: redirects.Redirects, *, show_problems: bool, pods: bool = Tru
             out.append(f"  {r.namespace}/{r.pod}: {o}")
         for d in r.drift if r.rules == "drift" else []:
             out.append(f"  {r.namespace}/{r.pod}: {d}")
+        if r.other_mode and r.mode in ("ambient", "ebpf"):
+            out.append(
+                f"  {r.namespace}/{r.pod}: also holds the other capture mode's objects, from an earlier run of the "
+                f"agent (harmless: both modes agree; removed when the pod is unenrolled): {', '.join(r.other_mode)}"
+            )
     for n in report.nodes:
         state = "; ".join(n.probe_drift) if n.probe_drift else ("ok" if n.probe_bypass else "none (no pod captured)")
         out.append(f"node {n.node}: agent {n.agent}, iptables {n.iptables}, kubelet-probe bypass {state}")

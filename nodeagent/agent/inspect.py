@@ -33,6 +33,8 @@ from nodeagent.capture.backend import CaptureError
 from nodeagent.capture.ebpf import LAB_CGROUP_PATTERN, CgroupResolver, EbpfBackend
 from nodeagent.capture.iptables import Flavour, Iptables, IptablesBackend, ProbeBypass, detect_flavour, run_command
 from nodeagent.capture.rules import INBOUND_HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT
+from nodeagent.ebpf import pins
+from nodeagent.ebpf.structs import PIN_ROOT
 from nodeagent.inventory import translate
 from nodeagent.model import DEFAULT_EXCLUDED_NAMESPACES, Inventory, Pod
 
@@ -57,6 +59,9 @@ class RedirectRow:
     drift: list[str] = field(default_factory=list)
     objects: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # filled by verify()
+    # Capture of the other mode (iptables <-> eBPF) that an earlier run of the agent left: harmless on an
+    # enrolled pod (both modes agree; capture_modes.py), removed when it is unenrolled; a leftover otherwise.
+    other_mode: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -86,6 +91,7 @@ class Layout:
     pod_pattern: str = "na-{node}.{namespace}.{name}"
     node_pattern: str = "na-{node}"
     state_dir: Path = Path("/run/nodeagent/agent")
+    pin_root: str = PIN_ROOT  # eBPF pins, one directory per pod uid
 
 
 def kube_inventory(api: Any, nodes: list[str], *, trust_domain: str = "cluster.local") -> tuple[Inventory, list[str]]:
@@ -158,6 +164,17 @@ async def _collect_node(
     enrolled = desired_pods(inventory, node, DEFAULT_EXCLUDED_NAMESPACES)
     agent_pods: dict[str, Any] = (status or {}).get("pods", {})
     alive = status is not None and agent_alive(status)
+    pinned = set(pins.pinned_uids(layout.pin_root)) if ebpf is None else set()
+
+    async def other_mode(pod: Pod, netns: str) -> list[str]:
+        """What the mode the agent does not use holds for `pod` (BothModes looks in the same places)."""
+        if ebpf is None:
+            return [f"eBPF pins under {layout.pin_root}/{pod.uid}"] if pod.uid in pinned else []
+        try:
+            state = await backend.inspect(netns)
+        except CaptureError:  # the mode in use decides the row (and reports an unreadable netns itself)
+            return []
+        return [f"iptables: {o}" for o in state.objects]
 
     async def row(pod: Pod) -> RedirectRow:
         mode = "hostNetwork" if pod.host_network else ("ambient" if pod.uid in enrolled else "none")
@@ -177,7 +194,7 @@ async def _collect_node(
             return r
         try:
             inspected = ebpf.inspect_pod(pod, netns) if ebpf is not None else backend.inspect(netns)
-            state, listeners = await asyncio.gather(inspected, _listeners(netns))
+            state, listeners, r.other_mode = await asyncio.gather(inspected, _listeners(netns), other_mode(pod, netns))
         except CaptureError as exc:
             r.rules, r.drift = "error", [str(exc)]
             return r
@@ -240,7 +257,7 @@ def verify(report: Redirects) -> int:
                 r.problems.append("the status says enabled but the kernel disagrees (see above)")
             if r.status == "-":
                 r.problems.append("the agent has not recorded this pod (is `nodeagent agent` running for its node?)")
-        elif r.mode == "none" and r.objects:
+        elif r.mode == "none" and (r.objects or r.other_mode):
             r.problems.append("not enrolled, yet its netns holds nodeagent capture (a leftover): restart the agent")
         total += len(r.problems)
     for n in report.nodes:

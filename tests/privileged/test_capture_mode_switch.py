@@ -366,6 +366,8 @@ def test_a_capture_mode_switch_with_the_pods_enrolled_keeps_the_mesh_whole(
         ENROLLED, expected
     )
     assert code == 0, report
+    # ... which also says that each enrolled pod still holds the earlier mode's objects (until unenrolled).
+    assert all(rows[pod]["other_mode"] for pod in ENROLLED), {pod: rows[pod]["other_mode"] for pod in ENROLLED}
 
     # Unenrolled, the pods lose the capture of both modes and the policy routing (the agent's removal).
     mesh.unenroll("shop")

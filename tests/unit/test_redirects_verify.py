@@ -11,6 +11,7 @@ import json
 
 import pytest
 
+from nodeagent.agent.commands import _table
 from nodeagent.agent.inspect import NodeReport, RedirectRow, Redirects, verify
 
 
@@ -86,3 +87,22 @@ def test_a_namespace_with_no_pods_says_so_as_kubectl_does(output: str, capsys: p
     else:
         assert err == "No resources found in nosuch namespace.\n"
         assert out == "node node1: agent running, iptables nft, kubelet-probe bypass none (no pod captured)\n", out
+
+
+def test_the_other_capture_modes_objects_are_a_remark_when_enrolled_and_a_leftover_when_not(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """After a capture-mode switch an enrolled pod keeps the earlier run's objects too (harmless, removed at
+    unenroll): said beside the row, not a problem; the same objects on a pod out of the mesh refuse its TCP."""
+    enrolled = RedirectRow("node1", "shop", "frontend", "10.10.1.10", "ebpf", "enabled", "ok", [15001, 15006, 15008])
+    enrolled.other_mode = ["iptables: nat NODEAGENT_PREROUTING"]
+    outside = RedirectRow("node1", "legacy", "batch", "10.10.1.11", "none", "-", "none", [])
+    outside.other_mode = ["iptables: nat NODEAGENT_OUTPUT"]
+    r = Redirects([enrolled, outside], [NodeReport("node1", "running", "nft", ["probe"], [])])
+    assert verify(r) == 1
+    assert enrolled.problems == []
+    assert outside.problems == ["not enrolled, yet its netns holds nodeagent capture (a leftover): restart the agent"]
+    text = _table(r, show_problems=True)
+    assert "  shop/frontend: also holds the other capture mode's objects, from an earlier run" in text
+    assert "iptables: nat NODEAGENT_PREROUTING" in text
+    assert "legacy/batch: also holds" not in text  # its line is the PROBLEM
