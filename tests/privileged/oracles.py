@@ -38,6 +38,15 @@ NODE = {FRONTEND: "node1", PAYMENTS: "node1", CHECKOUT: "node2", BATCH: "node2"}
 NETNS = {key: f"na-{NODE[key]}.{key.replace('/', '.')}" for key in IP}
 TUNNEL_PORTS = {15001, 15006, 15008}
 APP_PORT = 8080
+# An AuthorizationPolicy, as a user writes it to a tunnel's --policies file: frontend may reach nothing in shop.
+DENY_FRONTEND = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-frontend, namespace: shop}
+spec:
+  action: DENY
+  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/frontend]}}]}]
+"""
 
 PIN_ROOT = Path("/sys/fs/bpf/nodeagent")
 # The pod's attachments as bpftool names them: attach type -> program name.

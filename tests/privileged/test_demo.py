@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+from oracles import DENY_FRONTEND
 
 REPO = Path(__file__).resolve().parent.parent.parent
 
@@ -149,16 +150,6 @@ def run_hint(hint: str, timeout: float = 30) -> subprocess.CompletedProcess[str]
     return subprocess.run([nodeagent, *argv[2:]], capture_output=True, text=True, timeout=timeout, check=False)
 
 
-DENY_FRONTEND = """\
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny-frontend, namespace: shop}
-spec:
-  action: DENY
-  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/frontend]}}]}]
-"""
-
-
 def test_keep_leaves_the_mesh_up_to_explore_until_ctrl_c() -> None:
     """`demo --keep`: the printed commands work on the running mesh, a policy written where it says is
     enforced, and Ctrl-C is the normal end (exit 0, everything removed)."""
@@ -166,7 +157,6 @@ def test_keep_leaves_the_mesh_up_to_explore_until_ctrl_c() -> None:
     proc = demo_popen("--keep", start_new_session=True)
     try:
         assert proc.stdout is not None
-        # One read: select() cannot see lines already in the text stream's buffer.
         seen = read_until(proc.stdout, "process logs:", timeout=120)  # also what a failed demo ends with
         assert "=== 10." in seen, seen[-3000:]
         hints = seen.split("=== 10.")[1].splitlines()

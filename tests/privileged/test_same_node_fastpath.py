@@ -133,16 +133,6 @@ class SyscallBytes:
         return read, spliced
 
 
-DENY_FRONTEND = """\
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: deny-frontend, namespace: shop}
-spec:
-  action: DENY
-  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/frontend]}}]}]
-"""
-
-
 def write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -240,7 +230,7 @@ def test_same_node_fast_path(mesh: Mesh) -> None:
 
         # A DENY policy written while it is open closes it within a second.
         written = time.monotonic()
-        write_atomically(mesh.policies, DENY_FRONTEND)
+        write_atomically(mesh.policies, oracles.DENY_FRONTEND)
         held.wait(timeout=10)  # the client exits when its connection fails
         result = json.loads(held.stdout.read().splitlines()[-1])
     finally:
