@@ -303,6 +303,24 @@ class TunnelMetrics:
             ["reason"],
             registry=registry,
         )
+        self.pods = Gauge(
+            "nodeagent_tunnel_pods",
+            "Pods this tunnel serves now (listeners up; 0 while it drains). Below the agent's enrolled pods "
+            "(nodeagent_agent_pods) for long: the tunnel refused some (its log says why: certificate, netns, "
+            "listen errors) or is not connected to the agent.",
+            registry=registry,
+        )
+        self.pods_started = Counter(
+            "nodeagent_tunnel_pods_started",
+            "Pods this tunnel started serving (listeners bound, after the agent's ZDS Add). Rising while the "
+            "node's pods do not change: pods are re-added over and over; see the tunnel's and the agent's logs.",
+            registry=registry,
+        )
+        self.pods_stopped = Counter(
+            "nodeagent_tunnel_pods_stopped",
+            "Pods this tunnel stopped serving (ZDS Del, left out of the agent's snapshot, a new netns, shutdown).",
+            registry=registry,
+        )
         for d in Direction:
             self.active.labels(d.value)
             self.pending.labels(d.value)

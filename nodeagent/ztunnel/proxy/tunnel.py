@@ -280,6 +280,7 @@ class Tunnel:
             served.close_listeners()
             if served.hbone is not None:
                 served.hbone.refuse_new_streams()
+        self._count_pods()
         # The outbound pool keeps opening streams: only connections the listeners accepted before they closed
         # still ask for one, and the app sees those as established — refusing them would reset them.
         if self._zds is not None:
@@ -373,6 +374,8 @@ class Tunnel:
             raise
         self._pods[pod.uid] = served
         self._in.credentials.set_local_workloads({s.pod.identity for s in self._pods.values()})
+        self._metrics.pods_started.inc()
+        self._count_pods()
         log.info("serving pod %s (%s)", pod.key, identity)
 
     async def _await_certificate(self, identity: Identity) -> None:
@@ -476,6 +479,12 @@ class Tunnel:
         self.pool.close_from(served.pod.uid)
         served.pod.close()
         self._pods.pop(served.pod.uid, None)
+        self._metrics.pods_stopped.inc()
+        self._count_pods()
+
+    def _count_pods(self) -> None:
+        """nodeagent_tunnel_pods: the pods served with listeners up (none once draining)."""
+        self._metrics.pods.set(0 if self.draining else len(self._pods))
 
     def _served_pod(self, uid: str) -> LocalPod | None:
         served = self._pods.get(uid)
