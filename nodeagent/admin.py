@@ -85,6 +85,14 @@ def use_log_level(name: str) -> None:
     root.setLevel(min(requested, root.level) if verbose else requested)
 
 
+def parse_endpoint(text: str) -> tuple[str, int]:
+    """A daemon's endpoint option (`--metrics`, `--admin`, ...): `host:port` or `:port` (all addresses)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not host:port or :port")
+    return (host.strip("[]") or "0.0.0.0", int(port))
+
+
 class ListenError(OSError):
     """An address that cannot be listened on; str() is the message alone, without OSError's `[Errno N]`."""
 

@@ -22,7 +22,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 
-from nodeagent.admin import DAEMON_LOG_LEVELS, use_log_level
+from nodeagent.admin import DAEMON_LOG_LEVELS, parse_endpoint, use_log_level
 from nodeagent.admin_client import KUBECONFIG_HELP
 from nodeagent.inventory.local import InventoryError, load_inventory
 from nodeagent.inventory.policies import PolicyError, load_policies
@@ -34,7 +34,7 @@ from nodeagent.zds import wire
 from nodeagent.ztunnel.certs import CertificateManager, CertManagerInputs
 from nodeagent.ztunnel.edges import NetnsSocketFactory
 from nodeagent.ztunnel.metrics import DEFAULT_CLUSTER_DOMAIN
-from nodeagent.ztunnel.proxy.tunnel import DEFAULT_GRACE, Endpoint, TunnelInputs, file_source, run_tunnel
+from nodeagent.ztunnel.proxy.tunnel import DEFAULT_GRACE, TunnelInputs, file_source, run_tunnel
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +113,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser], ca
         f"inbound policy check (default: ${FAST_PATH_ENV}, else on)",
     )
     p.set_defaults(func=lambda args: cmd_tunnel(args, ca_client))
-
-
-def parse_endpoint(text: str) -> Endpoint:
-    """`host:port` or `:port` (all addresses)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{text!r} is not host:port or :port")
-    return (host.strip("[]") or "0.0.0.0", int(port))
 
 
 def build_inputs(args: argparse.Namespace, ca_client: CaClientFactory) -> TunnelInputs:
