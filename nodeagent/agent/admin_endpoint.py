@@ -71,9 +71,10 @@ def redirects_server(
     return server
 
 
-async def serve(server: AdminServer, address: tuple[str, int]) -> None:
-    """Serve until cancelled; while the address is taken (a rolling update's old pod), retry."""
-    await server.start_when_free(*address, what="agent admin endpoint")
+async def serve(server: AdminServer, address: tuple[str, int], what: str = "agent admin endpoint") -> None:
+    """Serve until cancelled; while the address is taken (a rolling update's old pod), retry (`what` names
+    the endpoint in the log)."""
+    await server.start_when_free(*address, what=what)
     try:
         await asyncio.Event().wait()
     finally:

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from nodeagent.admin import DAEMON_LOG_LEVELS, use_log_level
+from nodeagent.admin import DAEMON_LOG_LEVELS, parse_endpoint, use_log_level
 from nodeagent.admin_client import (
     KUBECONFIG_HELP,
     AdminError,
@@ -31,7 +31,7 @@ from nodeagent.admin_client import (
 from nodeagent.agent import inspect as redirects
 from nodeagent.agent.kube_netns import ProcNetnsResolver
 from nodeagent.agent.netns_resolver import NetnsResolver
-from nodeagent.agent.service import CAPTURE_CHOICES, DEFAULT_VERIFY_S, AgentConfig, run
+from nodeagent.agent.service import CAPTURE_CHOICES, DEFAULT_METRICS_PORT, DEFAULT_VERIFY_S, AgentConfig, run
 from nodeagent.agent.status import DEFAULT_STATE_DIR
 from nodeagent.agent.workloads import DEFAULT_POLL_S
 from nodeagent.capture.ebpf import KUBELET_CGROUPS, LAB_CGROUP_PATTERN
@@ -50,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="run the node agent: enroll this node's pods, capture their traffic, hand them to the tunnel",
         description="The node agent for one node. Reads the inventory (re-read on change), captures every "
         "enrolled pod of NODE inside its netns, serves ZDS to the node's tunnel, and records each pod's "
-        "status in STATE_DIR/NODE/status.json. SIGTERM stops it and leaves capture in place.",
+        "status in STATE_DIR/NODE/status.json and its metrics on :15014. SIGTERM stops it and leaves capture in place.",
     )
     agent.add_argument("--node", required=True, help="the node this agent serves")
     agent.add_argument(
@@ -116,6 +116,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "this agent's, else 500 and what is pending. On hostNetwork a rolling update's old pod shares the "
         "node's ports and the ZDS socket, so only a file in the pod's own volume answers for this agent",
     )
+    agent.add_argument(
+        "--metrics",
+        type=_endpoint_or_off,
+        default=f":{DEFAULT_METRICS_PORT}",
+        metavar="HOST:PORT",
+        help="Prometheus endpoint (/metrics, /stats/prometheus): pods by capture state, capture repairs and "
+        "failures, tunnels connected over ZDS; HOST:PORT or :PORT (all addresses), `off`: not served "
+        "(default: %(default)s, istio-cni's node agent's port)",
+    )
     agent.add_argument("--log-level", choices=DAEMON_LOG_LEVELS, default="info", help="(-v/-vv lower it further)")
     kube = agent.add_argument_group("Kubernetes mode (instead of --inventory)")
     kube.add_argument(
@@ -179,6 +188,15 @@ def register_inspect_redirects(inspect_subparsers: argparse._SubParsersAction[ar
     cmd.set_defaults(func=_inspect_redirects)
 
 
+def _endpoint_or_off(text: str) -> tuple[str, int] | None:
+    if text.strip().lower() in ("", "off"):
+        return None
+    try:
+        return parse_endpoint(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}; or off") from None
+
+
 def _positive(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -202,6 +220,7 @@ def _agent(args: argparse.Namespace) -> int:
         verify_interval=args.verify_interval,
         inventory_poll=args.inventory_poll,
         ready_socket=args.ready_socket,
+        metrics=args.metrics,
     )
     if args.kubernetes:
         from nodeagent.agent.kube_agent import KubeAgent, KubeSettings

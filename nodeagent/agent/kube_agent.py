@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes.client
+from prometheus_client import CollectorRegistry
 
 from nodeagent.agent import admin_endpoint
 from nodeagent.agent.enrollment import Status
@@ -151,8 +152,15 @@ class KubeWorkloads:
 
 
 class KubeAgent(Agent):
-    def __init__(self, config: AgentConfig, flavour: Flavour, *, settings: KubeSettings) -> None:
-        super().__init__(config, flavour)
+    def __init__(
+        self,
+        config: AgentConfig,
+        flavour: Flavour,
+        *,
+        settings: KubeSettings,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        super().__init__(config, flavour, registry=registry)
         api = settings.api()
         self.api_failure_grace = settings.api_failure_grace
         self.workloads = KubeWorkloads(

@@ -11,7 +11,8 @@ captured by a previous agent run is adopted untouched, and drift is repaired and
 the netns; hand it to the tunnel with a ZDS Add (after capture: without a tunnel the pod is captured and
 refused - fail closed). For a pod that is no longer enrolled: remove capture, Del to every tunnel, close
 the fd. Status is derived, never stored: FAILED while capture is incomplete, ENABLED when the tunnel's
-ack is recorded, PENDING otherwise.
+ack is recorded, PENDING otherwise. Drift repaired on a captured pod and every failed install or removal
+are counted (metrics.AgentMetrics, by backend and by operation: never by pod).
 
 Removal is careful about whose netns it touches. A departed pod's netns is the one the agent holds, not
 looked up again: its IP may already be another pod's, and the Kubernetes resolver finds netns by IP. When
@@ -41,10 +42,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from prometheus_client import CollectorRegistry
+
 from nodeagent.agent.enrollment import Status, status_of
 from nodeagent.agent.netns_resolver import NetnsResolver
 from nodeagent.agent.zds_server import Delivery, SnapshotEntry
 from nodeagent.capture.backend import CaptureBackend, CaptureError
+from nodeagent.metrics import AgentMetrics
 from nodeagent.model import Pod
 from nodeagent.netns import netns_inode
 from nodeagent.zds.tasks import TaskSet
@@ -93,8 +97,11 @@ class Reconciler:
         on_change: Callable[[], None],
         concurrency: int = DEFAULT_CONCURRENCY,
         own_netns: str = "/proc/self/ns/net",
+        metrics: AgentMetrics | None = None,
     ) -> None:
+        """`metrics`: where repairs and failed capture operations are counted (None: a registry of its own)."""
         self._backend = backend
+        self._metrics = metrics if metrics is not None else AgentMetrics(CollectorRegistry())
         self._own_netns = netns_inode(own_netns)  # the agent's (the node's): never a pod's
         self._resolver = resolver
         self._tunnels = tunnels
@@ -270,6 +277,7 @@ class Reconciler:
             async with slots:
                 repaired = await self._backend.install(pod, netns)
         except CaptureError as exc:
+            self._metrics.failed("install")
             if record.error != str(exc):
                 log.error("cannot capture %s: %s", pod.key, exc)
             record.error = str(exc)
@@ -277,6 +285,7 @@ class Reconciler:
             return
         first = not record.captured
         if repaired and not first:
+            self._metrics.repaired(self._backend.name)
             log.warning("capture drift in %s repaired: %s", pod.key, "; ".join(repaired))
         elif first:  # with the time it took (slot wait included): the largest share of a pod add's latency
             how = "captured" if repaired else "adopted (capture already complete in the kernel)"
@@ -312,6 +321,7 @@ class Reconciler:
             async with slots:
                 await self._release(pod, self._netns_to_clean(record))
         except CaptureError as exc:
+            self._metrics.failed("remove")
             log.error("cannot remove the capture of %s: %s; retrying with the next verify", pod.key, exc)
             record.error = str(exc)
             return
@@ -337,6 +347,7 @@ class Reconciler:
             async with slots:
                 removed = await self._release(pod, self._resolver.resolve(pod))
         except CaptureError as exc:
+            self._metrics.failed("remove")
             log.error("cannot remove the leftover capture of %s: %s; retrying with the next verify", pod.key, exc)
             return False
         if removed:
@@ -349,6 +360,7 @@ class Reconciler:
             async with slots:
                 removed = await self._backend.forget(uid)
         except CaptureError as exc:
+            self._metrics.failed("remove")
             log.error(
                 "cannot remove what an earlier run kept for the deleted pod %s: %s; retrying with the next verify",
                 uid,

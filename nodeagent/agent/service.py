@@ -8,6 +8,14 @@ once (adopted, captured or released); only then does it bind the ZDS socket. On 
 its tasks, closes the ZDS socket and its netns fds, and LEAVES capture in place: a restarted agent adopts
 it without touching the kernel, and meanwhile enrolled pods stay captured (fail closed).
 
+`--metrics HOST:PORT` (the CLI's default :15014, istio-cni's node agent's port) serves Prometheus metrics
+(nodeagent.metrics.AgentMetrics) on /metrics and /stats/prometheus: the node's pods by capture state,
+capture repairs and failures, tunnels connected over ZDS. The pods gauge is set where the status file is
+written, from the very statuses written there: status is derived, never stored (reconciler.py), and that
+write already walks every pod after each change (coalesced), so the gauge always agrees with the status
+file and pods/status, costs no scan of its own, and a scrape only reads the registry. While the port is
+taken (hostNetwork: a rolling update's old pod holds it until it stops) it is retried in the background.
+
 `--ready-socket PATH` serves that readiness on /healthz/ready (agent/admin_endpoint.py) for the DaemonSet's
 probe, and it stays true only while the socket at the ZDS path is the one this agent bound: a newer agent
 (a rolling update's surge pod) takes the path over, and tunnels that connect from then on never reach this
@@ -30,6 +38,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
+import ipaddress
 import logging
 import os
 import signal
@@ -40,10 +50,12 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
+from prometheus_client import CollectorRegistry
 
+from nodeagent.admin import METRICS, AdminServer
 from nodeagent.agent import admin_endpoint
 from nodeagent.agent.capture_modes import BothModes, log_leftover_mode
-from nodeagent.agent.enrollment import desired_pods
+from nodeagent.agent.enrollment import Status, desired_pods
 from nodeagent.agent.netns_resolver import DirectoryNetnsResolver
 from nodeagent.agent.reconciler import DEFAULT_CONCURRENCY, Reconciler
 from nodeagent.agent.status import DEFAULT_STATE_DIR, run_writer, status_path, write_status
@@ -52,6 +64,7 @@ from nodeagent.agent.zds_server import ServerEvent, TunnelDropped, TunnelReady, 
 from nodeagent.capture.backend import CaptureBackend
 from nodeagent.capture.ebpf import LAB_CGROUP_PATTERN, CgroupResolver, EbpfBackend, unavailable_reason
 from nodeagent.capture.iptables import Flavour, Iptables, IptablesBackend, ProbeBypass, detect_flavour
+from nodeagent.metrics import AgentMetrics
 from nodeagent.model import DEFAULT_EXCLUDED_NAMESPACES, Inventory
 from nodeagent.netns import SYSCTL_NET
 from nodeagent.zds.wire import DEFAULT_SOCKET_PATH
@@ -65,6 +78,8 @@ STATUS_COALESCE_S = 0.05
 STATUS_SETTLE_S = 5.0
 PROBE_COALESCE_S = 0.1
 CAPTURE_CHOICES = ("iptables", "ebpf", "auto")
+DEFAULT_METRICS_PORT = 15014  # istio-cni's node agent's
+PROBE_BYPASS = "probe_bypass"  # the kind of repair, and the operation, of the node's kubelet-probe chain
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +100,8 @@ class AgentConfig:
     concurrency: int = DEFAULT_CONCURRENCY
     # Serve /healthz/ready on this unix socket (the pod's own volume: the kubelet's exec probe); None: not served.
     ready_socket: str | None = None
+    # Serve Prometheus metrics on (host, port); None: not served (the CLI's default is :15014).
+    metrics: tuple[str, int] | None = None
 
 
 def capture_backend(config: AgentConfig, flavour: Flavour) -> CaptureBackend:
@@ -99,19 +116,26 @@ def capture_backend(config: AgentConfig, flavour: Flavour) -> CaptureBackend:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, flavour: Flavour) -> None:
+    def __init__(self, config: AgentConfig, flavour: Flavour, *, registry: CollectorRegistry | None = None) -> None:
+        """`registry`: where the agent's metrics live (None: a new one), served on `config.metrics`."""
         self.config = config
         iptables = Iptables(flavour)
         self.flavour = flavour
         self.backend: CaptureBackend = capture_backend(config, flavour)
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = AgentMetrics(self.registry, repair_kinds=(self.backend.name, PROBE_BYPASS))
+        self.metrics.set_pods(dict.fromkeys((s.value for s in Status), 0))
+        self.metrics_server = AdminServer(self.registry, routes=(METRICS,))
+        self.metrics_address: tuple[str, int] | None = None  # where /metrics was bound (port 0 picks one)
         self.probes = ProbeBypass(iptables)  # the agent runs in the node's netns: its own
-        self.zds = ZdsServer(self._snapshot, config.zds_socket, on_event=self._on_zds_event)
+        self.zds = ZdsServer(self._snapshot, config.zds_socket, on_event=self._on_zds_event, metrics=self.metrics)
         self.reconciler = Reconciler(
             self.backend,
             DirectoryNetnsResolver(config.netns_dir, config.netns_pattern),
             self.zds,
             on_change=self._status_changed,
             concurrency=config.concurrency,
+            metrics=self.metrics,
         )
         self.inventory = InventoryFile(
             config.inventory,
@@ -144,6 +168,8 @@ class Agent:
                     await self.readiness.start_unix(self.config.ready_socket)
                 except OSError as exc:
                     raise SystemExit(f"--ready-socket {self.config.ready_socket}: {exc}") from None
+            if self.config.metrics is not None:
+                await self._serve_metrics(*self.config.metrics)
             self._guard(self._status_writer(), "status-writer")
             if not self.inventory.check() and self.inventory.current is None:
                 # the source has said why (a rejected file logs the error; the API server's first list may
@@ -172,7 +198,20 @@ class Agent:
         self.ready = False
         self._write_status(running=False)
         await self.readiness.stop()
+        await self.metrics_server.stop()
         log.info("agent stopped; capture left in place for the next agent")
+
+    async def _serve_metrics(self, host: str, port: int) -> None:
+        """Serve /metrics on host:port; while the port is taken (hostNetwork: a rolling update's old pod holds
+        it until it stops), retry in the background - metrics never keep the agent from its work. Any other
+        failure to listen (an address not of this host) is a start-up error."""
+        try:
+            self.metrics_address = await self.metrics_server.start(host, port)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise SystemExit(f"--metrics {host}:{port}: {exc}") from None
+            endpoint = admin_endpoint.serve(self.metrics_server, (host, port), what="agent metrics endpoint")
+            self._guard(endpoint, "metrics")
 
     def _guard(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -254,6 +293,8 @@ class Agent:
         # Until every pod is adopted or captured, the captured set is partial: rewriting the node's chain
         # from it would drop (then re-add) the probe rules of pods a restarted agent has not reached yet.
         await self._reconciled.wait()
+        # The pods the chain was last made to cover (None: not known).
+        applied: dict[str, ipaddress.IPv4Address] | None = None
         while True:
             await changed.wait()
             await asyncio.sleep(PROBE_COALESCE_S)  # a burst of pod adds rewrites the node's chain once
@@ -263,11 +304,16 @@ class Agent:
                 if targets:
                     # what ensure() returns is the drift it found in the kernel, and has repaired by now
                     if fixed := await self.probes.ensure(targets):
+                        if targets == applied:  # the same pods as last time: not a pod's add, the chain drifted
+                            self.metrics.repaired(PROBE_BYPASS)
                         pods = f"{len(targets)} pod{'' if len(targets) == 1 else 's'}"
                         log.info("kubelet-probe bypass now covers %s; found and fixed: %s", pods, "; ".join(fixed))
                 elif await self.probes.remove():
                     log.info("kubelet-probe bypass removed from the node: no pod is captured")
+                applied = dict(targets)
             except Exception as exc:  # CaptureError or a bug: report, the next verify retries
+                applied = None  # the retry may finish this attempt's own changes: no drift of anyone else's
+                self.metrics.failed(PROBE_BYPASS)
                 log.error("kubelet-probe bypass on the node: %s; retrying with the next verify", exc)
 
     async def _status_writer(self) -> None:
@@ -306,12 +352,15 @@ class Agent:
 
     def _write_status(self, *, running: bool) -> None:
         pods = {}
+        counts = dict.fromkeys((s.value for s in Status), 0)
         for uid, record in self.reconciler.records.items():
+            status = self.reconciler.status(uid).value
+            counts[status] += 1
             pods[uid] = {
                 "namespace": record.pod.namespace,
                 "name": record.pod.name,
                 "ip": str(record.pod.ip) if record.pod.ip else "",
-                "status": self.reconciler.status(uid).value,
+                "status": status,
                 "detail": record.error or ("" if record.delivered else "no tunnel has acked this pod yet"),
                 "netns": record.netns or "",
             }
@@ -330,6 +379,7 @@ class Agent:
             "updated": time.time(),
             "pods": pods,
         }
+        self.metrics.set_pods(counts)  # the states just derived (module docstring: no scan of its own)
         try:
             write_status(self._status_path, document)
         except OSError as exc:

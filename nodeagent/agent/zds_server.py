@@ -28,6 +28,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+from prometheus_client import CollectorRegistry
+
+from nodeagent.metrics import AgentMetrics
 from nodeagent.model import Pod
 from nodeagent.zds import wire
 from nodeagent.zds.codec import (
@@ -234,7 +237,8 @@ class ZdsServer:
 
     `snapshot()` returns the pods the agent currently enrolls, each with its netns fd or None; it is
     called once per tunnel connection, right after the hello. `on_event` hears TunnelReady and
-    TunnelDropped (after the server's own logging). `deadline` bounds the hello and every ack.
+    TunnelDropped (after the server's own logging). `deadline` bounds the hello and every ack. `metrics`
+    counts accepted connections and shows how many tunnels are connected (None: a registry of its own).
     """
 
     def __init__(
@@ -244,8 +248,10 @@ class ZdsServer:
         *,
         deadline: float = DEFAULT_DEADLINE,
         on_event: Callable[[ServerEvent], None] | None = None,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         self.path = path
+        self._metrics = metrics if metrics is not None else AgentMetrics(CollectorRegistry())
         self._snapshot = snapshot
         self._deadline = deadline
         self._on_event = on_event
@@ -328,6 +334,7 @@ class ZdsServer:
                 await asyncio.sleep(0.1)
                 continue
             serial += 1
+            self._metrics.tunnel_accepted()
             self._tasks.spawn(self._serve(channel, serial), name=f"zds-server-conn {serial}")
 
     async def _serve(self, channel: wire.ZdsChannel, serial: int) -> None:
@@ -355,6 +362,7 @@ class ZdsServer:
                 tunnel.enqueue(item)
             tunnel.enqueue(_Outgoing(SnapshotSent(), None))
             self._tunnels.append(tunnel)
+            self._metrics.tunnels_connected(len(self._tunnels))
             log.info("%s connected; sending a snapshot of %d pods", channel.peer, len(items))
             reader = self._tasks.spawn(tunnel.read_acks(), name=f"zds-server-conn {serial} reader")
             try:
@@ -370,6 +378,7 @@ class ZdsServer:
             if tunnel is not None:
                 tunnel.fail(ZdsClosed(reason))
                 self._tunnels.remove(tunnel)
+                self._metrics.tunnels_connected(len(self._tunnels))
             channel.close()
             log.log(logging.INFO if reason is shutdown else logging.WARNING, "dropped %s: %s", channel.peer, reason)
             self._emit(TunnelDropped(channel.peer, reason))

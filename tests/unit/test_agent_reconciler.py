@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 
 import pytest
+from metrics_scrape import registry_samples
+from prometheus_client import CollectorRegistry
 
 from nodeagent.agent.enrollment import Status, desired_pods, status_of
 from nodeagent.agent.reconciler import Reconciler
@@ -18,6 +20,7 @@ from nodeagent.agent.workloads import InventoryFile
 from nodeagent.agent.zds_server import Delivery
 from nodeagent.capture.backend import CaptureError, CaptureState
 from nodeagent.inventory.local import parse_inventory
+from nodeagent.metrics import AgentMetrics
 from nodeagent.model import Inventory, Pod
 
 
@@ -406,6 +409,57 @@ async def test_a_stray_enrolled_again_is_adopted_not_removed(netns_dir: Path) ->
         await rec.wait_idle()
     assert backend.kernel[str(netns_dir / "shop.a")]
     assert ("remove", "shop/a") not in backend.calls
+    await rec.close()
+
+
+async def test_drift_repairs_and_failed_capture_operations_are_counted(netns_dir: Path) -> None:
+    """By the backend's name and by operation, never by pod. Adopting a pod an earlier run captured and a pod's
+    first capture are no repairs; every failed attempt counts (each verify retries it)."""
+    registry = CollectorRegistry()
+    backend = FlakyBackend(failures=0)
+    backend.kernel[str(netns_dir / "shop.a")] = True  # complete, left by an earlier run: adopted
+    metrics = AgentMetrics(registry, repair_kinds=("fake",))
+    rec = Reconciler(backend, Resolver(netns_dir), FakeTunnels(True), on_change=lambda: None, metrics=metrics)
+
+    def counted() -> dict[str, float]:
+        got = registry_samples(registry)
+        return {
+            "repairs": got['nodeagent_agent_capture_repairs_total{kind="fake"}'],
+            **{op: got[f'nodeagent_agent_capture_failures_total{{operation="{op}"}}'] for op in ("install", "remove")},
+        }
+
+    async def verify(rounds: int = 1) -> None:
+        for _ in range(rounds):
+            rec.verify_all()
+            await rec.wait_idle()
+
+    inv = inventory(AMBIENT)
+    rec.set_desired(desired_pods(inv, "node1"))
+    await rec.wait_idle()
+    assert counted() == {"repairs": 0, "install": 0, "remove": 0}  # b's capture found "rules missing": its first
+
+    backend.kernel.clear()  # something flushed both pods' rules
+    await verify()
+    assert counted() == {"repairs": 2, "install": 0, "remove": 0}
+    await verify()  # nothing drifted since
+    assert counted()["repairs"] == 2
+
+    backend.fail = "iptables-restore: line 3 failed"
+    await verify(rounds=2)
+    assert counted() == {"repairs": 2, "install": 4, "remove": 0}  # two pods, two rounds
+    backend.fail = None
+    await verify()  # captured again: complete in the kernel, so adopted, not repaired
+    assert counted() == {"repairs": 2, "install": 4, "remove": 0}
+
+    backend.failures = 1  # the xtables lock held once
+    rec.set_desired({})
+    await rec.wait_idle()
+    await verify()
+    assert rec.records == {} and counted()["remove"] == 1
+    backend.failures, backend.pinned = 1, {"uid-of-a-deleted-pod"}  # a leftover of an earlier run, as well
+    rec.sweep(inv.pods, "node1")
+    await rec.wait_idle()
+    assert counted()["remove"] == 2
     await rec.close()
 
 
