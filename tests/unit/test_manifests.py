@@ -8,6 +8,7 @@ The kustomization is rendered by a minimal renderer of the features it uses (`re
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shutil
@@ -18,6 +19,8 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+
+from nodeagent.agent import commands as agent_commands
 
 ROOT = Path(__file__).resolve().parents[2]
 DAEMONSET = ROOT / "daemonset"
@@ -166,6 +169,36 @@ def test_daemonset_conventions() -> None:
     assert entrypoint is not None and containers["agent"]["command"][0] == entrypoint.group(1)
     token = next(v for v in pod["volumes"] if v["name"] == "ca-token")["projected"]["sources"][0]
     assert token["serviceAccountToken"]["audience"] == "istio-ca"
+
+
+def agent_command_line() -> argparse.Namespace:
+    """The agent container's command and args as `nodeagent agent` parses them, $(VAR)s from its env and the
+    ConfigMap (the image's entrypoint script and `nodeagent agent` itself stripped off)."""
+    containers = {c["name"]: c for c in by_kind("DaemonSet", "nodeagent")["spec"]["template"]["spec"]["containers"]}
+    agent = containers["agent"]
+    env = {**by_kind("ConfigMap", "nodeagent-config")["data"], "NODE_NAME": "node1"}
+    words = [*agent["command"], *agent["args"]]
+    words = words[words.index("agent") + 1 :]
+    words = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], w) for w in words]
+    parser = argparse.ArgumentParser()
+    agent_commands.register(parser.add_subparsers())
+    return parser.parse_args(["agent", *words])
+
+
+def test_the_agent_serves_metrics_on_15014_and_no_port_is_declared() -> None:
+    """The agent's metrics on istio-cni's port, in every address (Prometheus scrapes the node's IP). Not as a
+    declared container port: on hostNetwork that is a hostPort, and the scheduler keeps a rolling update's
+    surge pod off the node while the old pod holds it - the update (maxUnavailable 0) would stall. So the
+    DaemonSet says how to scrape it instead (a PodMonitor relabeling the address)."""
+    pod = by_kind("DaemonSet", "nodeagent")["spec"]["template"]["spec"]
+    [agent] = [c for c in pod["containers"] if c["name"] == "agent"]
+    assert "--metrics=:15014" in agent["args"], "said, not left to the default: the scrape note names the port"
+    assert agent_command_line().metrics == ("0.0.0.0", 15014)
+    assert pod["hostNetwork"] is True
+    for c in pod["containers"]:
+        assert not c.get("ports"), f"the {c['name']} container declares ports: hostPorts on hostNetwork"
+    text = (DAEMONSET / "daemonset.yaml").read_text()
+    assert "PodMonitor" in text and '"$1:15014"' in text, "the DaemonSet says how to scrape the agent's 15014"
 
 
 def assert_ready_probe_on_own_socket(pod: dict[str, Any], container: dict[str, Any]) -> None:
