@@ -51,6 +51,8 @@ from nodeagent.netns import in_netns
 NODEAGENT = [sys.executable, "-m", "nodeagent.cli"]
 CA_PORT = 15012
 ADMIN_PORT, METRICS_PORT, READY_PORT = 15000, 15020, 15021
+AGENT_METRICS_PORT = 15014
+SURGE_PORT_OFFSET = 100  # a second agent beside a running one (a rolling update's surge pod) listens here above
 STOP_GRACE_S = 5.0
 
 
@@ -70,6 +72,7 @@ class Proc:
     popen: subprocess.Popen[bytes]
     spawned: float  # time.monotonic() just before the process was started
     ready_port: int | None = None  # tunnels: the readiness port in the node's netns
+    metrics_port: int | None = None  # agents and tunnels: the /metrics port in the node's netns
     expect_exit: bool = False  # killed on purpose (or an aux process): its exit is no failure
     _log: IO[bytes] | None = field(default=None, repr=False)
 
@@ -226,22 +229,38 @@ class Mesh:
         ]  # fmt: skip
         proc = self._spawn(name or f"tunnel-{node}", "tunnel", node, self.lab.node_exec_argv(node, argv))
         proc.ready_port = READY_PORT + port_offset
+        proc.metrics_port = METRICS_PORT + port_offset
         self._tunnels[node] = proc
         if wait:
             self.wait_tunnel_ready(proc, timeout)
         return proc
 
-    def start_agent(self, node: str, name: str | None = None, *, wait: bool = True, timeout: float = 30.0) -> Proc:
+    def start_agent(
+        self,
+        node: str,
+        name: str | None = None,
+        *,
+        port_offset: int | None = None,
+        wait: bool = True,
+        timeout: float = 30.0,
+    ) -> Proc:
         """Start `node`'s agent (it becomes `agent(node)`); with `wait`, return once its status file says this
         process is ready. A second agent beside a running one (a rolling update's surge pod) needs `name`:
-        each process keeps a log of its own."""
+        each process keeps a log of its own. Its metrics port (AGENT_METRICS_PORT + `port_offset`, in the
+        node's netns) must differ from the running one's too: by default the offset is SURGE_PORT_OFFSET while
+        an agent this mesh started still runs on `node`, else 0."""
+        if port_offset is None:
+            running = self._agents.get(node)
+            port_offset = SURGE_PORT_OFFSET if running is not None and running.alive() else 0
         argv = [
             *NODEAGENT, "agent", "--node", node, *self._source(),
             "--zds-socket", str(self.zds_socket(node)), "--state-dir", str(self.agent_state),
             "--capture", self.capture, "--verify-interval", str(self.verify_interval),
+            "--metrics", f":{AGENT_METRICS_PORT + port_offset}",
             *(["--inventory-poll", str(self.inventory_poll)] if self.inventory_poll is not None else []),
         ]  # fmt: skip
         proc = self._spawn(name or f"agent-{node}", "agent", node, self.lab.node_exec_argv(node, argv))
+        proc.metrics_port = AGENT_METRICS_PORT + port_offset
         self._agents[node] = proc
         if wait:
             self.wait(f"the agent on {node} to be ready", functools.partial(self.agent_ready, node), timeout)
@@ -328,6 +347,15 @@ class Mesh:
 
     def tunnel_ready(self, proc: Proc) -> bool:
         return self.node_get(proc.node, f"http://127.0.0.1:{proc.ready_port}/healthz/ready")[0] == 200
+
+    def metrics(self, proc: Proc) -> str:
+        """The Prometheus text an agent or a tunnel serves on its /metrics, read inside its node's netns."""
+        if proc.metrics_port is None:
+            raise MeshError(f"{proc.name} serves no metrics")
+        status, body = self.node_get(proc.node, f"http://127.0.0.1:{proc.metrics_port}/metrics")
+        if status != 200:
+            raise MeshError(f"GET /metrics of {proc.name} on {proc.node}: {status or 'no answer'} {body.strip()}")
+        return body
 
     def node_get(self, node: str, url: str) -> tuple[int, str]:
         """GET `url` from inside `node`'s netns: (status, body); status 0 when nothing answered."""

@@ -36,6 +36,7 @@ from typing import Any
 
 import oracles
 import pytest
+from metrics_scrape import samples
 from oracles import APP_PORT, BATCH, CHECKOUT, FRONTEND, IP, NETNS, NODE, PAYMENTS, SHOP, TUNNEL_PORTS
 from waiting import wait_for
 
@@ -473,10 +474,17 @@ def test_fail_closed_while_the_tunnel_is_dead_and_traffic_resumes_after_its_rest
     env.server(CHECKOUT)
     env.server(PAYMENTS)
     assert once(lab, FRONTEND, CHECKOUT) == {"ok": True, "peer": IP[FRONTEND]}
+    node1 = (FRONTEND, PAYMENTS)
+    assert all(listeners(NETNS[pod]) >= TUNNEL_PORTS for pod in node1)  # the kernel's view (ss), and node1's
+    # metrics (scraped in its netns) say the same
+    assert served(mesh) == {"enabled": 2, "pending": 0, "failed": 0, "tunnels": 1, "tunnel pods": 2}
 
     assert mesh.kill_tunnel("node1", signal.SIGKILL) == -signal.SIGKILL
-    for pod in (FRONTEND, PAYMENTS):  # capture stays in the kernel; only the listeners are gone
+    for pod in node1:  # capture stays in the kernel; only the listeners are gone
         assert capture_in_kernel(env.mode, pod) and not (TUNNEL_PORTS & listeners(NETNS[pod])), pod
+    # alertable: the agent has no tunnel, and its pods are pending (captured, passing no traffic)
+    wait_for("the agent to count no tunnel", lambda: served(mesh, tunnel=False)["tunnels"] == 0)
+    assert served(mesh, tunnel=False) == {"enabled": 0, "pending": 2, "failed": 0, "tunnels": 0}
     marker = f"FAIL-CLOSED-{uuid.uuid4().hex}"
     dump = Tcpdump(lab, env.tmp / "fabric.pcap")
     try:
@@ -511,7 +519,21 @@ def test_fail_closed_while_the_tunnel_is_dead_and_traffic_resumes_after_its_rest
     )
     # Measured from the restarted tunnel's spawn (python start, ZDS snapshot, CA certificate, HBONE).
     assert since_spawn < 2.0
+    mesh.wait_enabled(ENROLLED)
+    assert served(mesh) == {"enabled": 2, "pending": 0, "failed": 0, "tunnels": 1, "tunnel pods": 2}
+    assert samples(mesh.metrics(mesh.agent("node1")))["nodeagent_agent_zds_connections_total"] == 2
     no_errors_in_logs(env)
+
+
+def served(mesh: Mesh, *, tunnel: bool = True) -> dict[str, float]:
+    """node1's pods by state and its tunnels as its agent's /metrics says, and (`tunnel`) the pods its tunnel's
+    /metrics says it serves."""
+    agent = samples(mesh.metrics(mesh.agent("node1")))
+    got = {state: agent[f'nodeagent_agent_pods{{state="{state}"}}'] for state in ("enabled", "pending", "failed")}
+    got["tunnels"] = agent["nodeagent_agent_zds_tunnels"]
+    if tunnel:
+        got["tunnel pods"] = samples(mesh.metrics(mesh.tunnel("node1")))["nodeagent_tunnel_pods"]
+    return got
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
