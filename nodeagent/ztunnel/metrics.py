@@ -350,6 +350,7 @@ class ConnectionTable:
         self.metrics = metrics
         self.cluster_domain = cluster_domain
         self._open: dict[int, ConnectionRecord] = {}
+        self.in_setup = 0  # connections accepted (pending) and not yet established nor finished
         # Children resolved once: per direction (gauges) and per label set (counters).
         self._pending = {d: metrics.pending.labels(d.value) for d in Direction}
         self._active = {d: metrics.active.labels(d.value) for d in Direction}
@@ -365,11 +366,13 @@ class ConnectionTable:
         return children
 
     def pending(self, record: ConnectionRecord) -> None:
+        self.in_setup += 1
         self._pending[record.direction].inc()
 
     def established(self, record: ConnectionRecord) -> None:
         """The tunnel is up: count it as opened and keep it in the table until `finished`."""
         record.established = True
+        self.in_setup -= 1
         self._pending[record.direction].dec()
         self._active[record.direction].inc()
         self._counters(record, Flags.NONE).opened.inc()
@@ -383,6 +386,7 @@ class ConnectionTable:
             self._open.pop(record.id, None)
             self._active[record.direction].dec()
         else:
+            self.in_setup -= 1
             self._pending[record.direction].dec()
         children = self._counters(record, flags)
         if not record.established:

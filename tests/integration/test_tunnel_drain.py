@@ -217,3 +217,46 @@ async def test_drain_delivers_what_the_server_sent_then_ends_with_eof(tmp_path: 
                 assert got == size  # all of it, then EOF (a reset would have raised)
         finally:
             await app.close()
+
+
+async def test_a_connection_still_being_set_up_when_the_drain_starts_comes_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The app's connect() returned when the listener accepted it; the drain must not cut it while its
+    CONNECT waits for an answer - even with no drain window at all (grace = margin). The tunnel used to
+    wait for established connections only, then stop() cancelled the one in setup: the app saw its
+    connection close before a byte (a rolling update's failure in the lab's capture-mode-switch test)."""
+    caplog.set_level("INFO", logger="nodeagent.access")
+    async with cluster(tmp_path) as c:
+        server_pod = c.pod("server")
+        assert server_pod.ip is not None
+        loop = asyncio.get_running_loop()
+        # An app whose accept queue is full: the server tunnel's SYN to it is dropped and retried after ~1 s,
+        # so the CONNECT's 200 (and the client tunnel's connection) waits that long.
+        app = socket.socket()
+        app.bind((str(server_pod.ip), APP_PORT))
+        app.listen(0)  # room for one connection, which a filler takes
+        fillers = [socket.create_connection((str(server_pod.ip), APP_PORT), timeout=5)]
+        try:
+            node1 = await c.start_tunnel("node1", grace=1.0, drain_margin=1.0)
+            await c.wait_ready(node1)
+            await c.wait_ready(await c.start_tunnel("node2"))
+            sock = await connect_captured(c.net, c.pod("client"), SocketAddress(server_pod.ip, APP_PORT))
+            with sock:
+                await asyncio.sleep(0.2)
+                assert node1.table.in_setup == 1  # waiting for the CONNECT's answer
+                draining = asyncio.ensure_future(node1.drain())
+                await asyncio.sleep(0.2)
+                app.accept()[0].close()  # room in the accept queue: the retried SYN gets through
+                async with asyncio.timeout(10):
+                    await draining
+                    assert await loop.sock_recv(sock, 10) == b""  # came up, then closed cleanly by the drain
+            async with asyncio.timeout(5):
+                while len(node1.table) or node1.table.in_setup:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+        finally:
+            for s in fillers:
+                s.close()
+            app.close()
+    outbound = [r.getMessage() for r in caplog.records if 'direction="outbound"' in r.getMessage()]
+    assert len(outbound) == 1 and "error=" not in outbound[0], outbound

@@ -17,7 +17,8 @@ through SO_REUSEPORT takes new connections and receives the pods over ZDS, becau
 connection; tcp_migrate_req, set in each pod's netns, hands it the connections still queued on the closed
 listeners instead of resetting them; a graceful HTTP/2 GOAWAY on each inbound HBONE connection tells
 peer tunnels to open new streams elsewhere, as ztunnel's own drain does), established connections run on
-until `grace - drain_margin`, then close cleanly (HTTP/2 GOAWAY, TLS close_notify, TCP FIN).
+until `grace - drain_margin` (connections still being set up then get up to SETUP_SETTLE more to come
+up), then close cleanly (HTTP/2 GOAWAY, TLS close_notify, TCP FIN).
 
 Every edge is a field of `TunnelInputs`: socket factory, credentials (the certificate manager), the
 inventory and policy sources, the metrics registry, the clock, the ZDS socket and the endpoints.
@@ -71,6 +72,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_GRACE = 30.0
 DRAIN_MARGIN = 5.0
+SETUP_SETTLE = 2.0  # drain: how long connections still being set up may take to come up after the window
 # How long a pod's Add waits for the pod's certificate before listening anyway; below the agent's 5 s ZDS
 # deadline for the ack.
 CERT_WAIT = 3.0
@@ -287,8 +289,14 @@ class Tunnel:
             await self._zds.close()
             self._zds = None
         deadline = self._in.clock() + max(0.0, self._in.grace - self._in.drain_margin)
-        while len(self.table) and self._in.clock() < deadline:  # noqa: ASYNC110 (a deadline, not an event)
+        while (len(self.table) or self.table.in_setup) and self._in.clock() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(min(0.05, max(0.0, deadline - self._in.clock())))
+        # A connection the listeners accepted before they closed is the app's already: one still being set
+        # up (waiting for its CONNECT's answer) gets a moment to come up, so it is closed cleanly below
+        # rather than cut by stop() - even when the drain window is over (or was none).
+        settle = self._in.clock() + SETUP_SETTLE
+        while self.table.in_setup and self._in.clock() < settle:  # noqa: ASYNC110 (a deadline, not an event)
+            await asyncio.sleep(0.02)
         if len(self.table):
             log.info("drain deadline reached: closing %d connections cleanly", len(self.table))
         for record in self.table:
