@@ -29,8 +29,8 @@ pods) or `auto` (eBPF where the kernel, headers and capabilities allow it, else 
 saying why). The node's kubelet-probe bypass is an iptables chain on the node in every mode. Removal
 removes the other mode's objects too (agent/capture_modes.py): the mode may differ from the last run's.
 
-What it deliberately does not do: no Kubernetes yet (the inventory file is the workload source), no
-capture logic of its own.
+What it deliberately does not do: no Kubernetes client (the workload source is injected: the inventory
+file here, the API server through agent/kube_agent.py), no capture logic of its own.
 """
 
 from __future__ import annotations
