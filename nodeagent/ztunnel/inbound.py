@@ -374,6 +374,15 @@ class HboneInbound:
                     record, 0, 0, "the client reset the stream before it was answered", Flags.DOWNSTREAM_CLOSED
                 )
             raise
+        except Exception as exc:  # e.g. the accepted app socket failing as the transport takes it
+            if upstream is not None:
+                upstream.close()
+            if not record.established:  # else the relay's end finishes it
+                self._pending.pop(key, None)
+                with contextlib.suppress(Exception):  # the stream may be gone or answered already
+                    proto.reject(event.stream_id, 503)
+                deps.table.finished(record, 0, 0, f"{type(exc).__name__}: {exc}", Flags.UPSTREAM_FAILURE)
+            raise
 
     def refuse_new_streams(self) -> None:
         """Draining: a graceful GOAWAY on every connection; open streams carry on, new CONNECTs go to a new

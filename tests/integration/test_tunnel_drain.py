@@ -6,6 +6,7 @@ connections. Established connections keep flowing until grace - margin, then end
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -13,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -21,6 +23,7 @@ from tunnel_harness import APP_PORT, ByteServer, Cluster, cluster, connect_captu
 from nodeagent import admin
 from nodeagent.agent.zds_server import ZdsServer
 from nodeagent.model import SocketAddress
+from nodeagent.ztunnel import inbound
 from nodeagent.ztunnel.zds_client import Backoff
 
 DAEMONSET = Path(__file__).resolve().parents[2] / "daemonset" / "daemonset.yaml"
@@ -260,3 +263,45 @@ async def test_a_connection_still_being_set_up_when_the_drain_starts_comes_up(
             app.close()
     outbound = [r.getMessage() for r in caplog.records if 'direction="outbound"' in r.getMessage()]
     assert len(outbound) == 1 and "error=" not in outbound[0], outbound
+
+
+async def test_an_unexpected_failure_setting_up_an_inbound_stream_still_finishes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever fails between a CONNECT's arrival and its relay, the connection is answered (503) and
+    finished: one left "in setup" kept the pending gauge up for good and made every later drain wait its
+    whole window (the outbound side handled it; the inbound side only handled cancellation)."""
+    real, calls = inbound.tcp_side, 0
+
+    async def failing_once(sock: socket.socket, leg: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return await real(sock, leg)
+
+    monkeypatch.setattr(inbound, "tcp_side", failing_once)
+    async with cluster(tmp_path) as c:
+        server_pod = c.pod("server")
+        assert server_pod.ip is not None
+        app = ByteServer(server_pod.ip, size=2).start()
+        try:
+            await c.wait_ready(await c.start_tunnel("node1"))
+            node2 = await c.start_tunnel("node2", grace=1.0, drain_margin=1.0)
+            await c.wait_ready(node2)
+            loop = asyncio.get_running_loop()
+            sock = await connect_captured(c.net, c.pod("client"), SocketAddress(server_pod.ip, APP_PORT))
+            with sock, contextlib.suppress(ConnectionResetError):
+                async with asyncio.timeout(5):
+                    assert await loop.sock_recv(sock, 10) == b""  # answered 503: the client tunnel resets it
+            assert calls == 1
+            async with asyncio.timeout(5):
+                while node2.table.in_setup:  # noqa: ASYNC110
+                    await asyncio.sleep(0.02)
+            assert (
+                c.registries["node2"].get_sample_value("nodeagent_tunnel_connections_pending", {"direction": "inbound"})
+                == 0
+            )
+            assert await roundtrip(c)  # the next connection is served
+        finally:
+            await app.close()
