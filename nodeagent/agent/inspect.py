@@ -167,14 +167,15 @@ async def _collect_node(
     pinned = set(pins.pinned_uids(layout.pin_root)) if ebpf is None else set()
 
     async def other_mode(pod: Pod, netns: str) -> list[str]:
-        """What the mode the agent does not use holds for `pod` (BothModes looks in the same places)."""
+        """What the mode the agent does not use holds for `pod`, looked for as BothModes looks: the pin
+        directory, or the iptables rules alone (the policy routing is both modes')."""
         if ebpf is None:
             return [f"eBPF pins under {layout.pin_root}/{pod.uid}"] if pod.uid in pinned else []
         try:
-            state = await backend.inspect(netns)
+            rules = await backend.rules(netns)
         except CaptureError:  # the mode in use decides the row (and reports an unreadable netns itself)
             return []
-        return [f"iptables: {o}" for o in state.objects]
+        return [f"iptables: {line}" for line in rules]
 
     async def row(pod: Pod) -> RedirectRow:
         mode = "hostNetwork" if pod.host_network else ("ambient" if pod.uid in enrolled else "none")

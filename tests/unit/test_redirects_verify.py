@@ -7,12 +7,23 @@ the printing of a report (`-n` narrows the rows it prints).
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import json
+import os
+from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 
+from nodeagent.agent import inspect as redirects
 from nodeagent.agent.commands import _table
 from nodeagent.agent.inspect import NodeReport, RedirectRow, Redirects, verify
+from nodeagent.capture import iptables, routing
+from nodeagent.capture.backend import CaptureState
+from nodeagent.capture.ebpf import EbpfBackend
+from nodeagent.capture.rules import Saved, parse_save
+from nodeagent.model import DATAPLANE_MODE_LABEL, Inventory, Namespace, Node, Pod
 
 
 def report(agent: str, rules: str) -> Redirects:
@@ -106,3 +117,58 @@ def test_the_other_capture_modes_objects_are_a_remark_when_enrolled_and_a_leftov
     assert "  shop/frontend: also holds the other capture mode's objects, from an earlier run" in text
     assert "iptables: nat NODEAGENT_PREROUTING" in text
     assert "legacy/batch: also holds" not in text  # its line is the PROBLEM
+
+
+NAT_LEFTOVER = "*nat\n:NODEAGENT_OUTPUT - [0:0]\n-A NODEAGENT_OUTPUT -p tcp -j REDIRECT --to-ports 15001\nCOMMIT\n"
+
+
+@pytest.mark.parametrize(
+    ("saved", "expected"),
+    [("", []), (NAT_LEFTOVER, ["iptables: -t nat -A NODEAGENT_OUTPUT -p tcp -j REDIRECT --to-ports 15001"])],
+    ids=["never-iptables", "iptables-leftover"],
+)
+def test_an_ebpf_pod_is_said_to_hold_iptables_capture_only_for_iptables_rules(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, saved: str, expected: list[str]
+) -> None:
+    """The policy routing belongs to both modes (the eBPF install makes it too): on a node that never ran
+    iptables mode it is no leftover. collect() runs with the kernel reads stubbed: a complete eBPF pod."""
+    pod = Pod("frontend", "shop", "u1", "node1", "frontend", ipaddress.IPv4Address("10.10.1.10"))
+    inventory = Inventory(
+        "c",
+        "cluster.local",
+        ipaddress.IPv4Network("10.0.0.0/24"),
+        (Node("node1", ipaddress.IPv4Network("10.10.1.0/24"), ipaddress.IPv4Address("10.0.0.1")),),
+        (Namespace("shop", MappingProxyType({DATAPLANE_MODE_LABEL: "ambient"})),),
+        (pod,),
+    )
+    status = {"capture": "ebpf", "iptables": "nft", "pid": os.getpid(), "pods": {"u1": {"status": "enabled"}}}
+    routes = routing.RoutingState(1, True)  # as the eBPF install leaves it
+
+    async def ebpf_pod(self: object, p: Pod, netns: str) -> CaptureState:
+        return CaptureState("ebpf", ("prog capture_connect4", *routes.objects()), ())
+
+    async def save(self: object, netns: str) -> Saved:
+        return parse_save(saved)
+
+    async def listening(netns: str) -> list[int]:
+        return [15001, 15006, 15008]
+
+    async def probe(self: object, pods: object) -> CaptureState:
+        return CaptureState("probe bypass", ("chain",), ())
+
+    monkeypatch.setattr(redirects, "read_status", lambda path: status)
+    monkeypatch.setattr(redirects, "agent_alive", lambda s: True)
+    monkeypatch.setattr(EbpfBackend, "inspect_pod", ebpf_pod)
+    monkeypatch.setattr(iptables.Iptables, "save", save)
+    monkeypatch.setattr(iptables, "ipv6_available", lambda: False)
+    monkeypatch.setattr(routing, "read", lambda netns: routes)
+    monkeypatch.setattr(redirects, "_listeners", listening)
+    monkeypatch.setattr(iptables.ProbeBypass, "inspect", probe)
+
+    class Resolver:
+        def resolve(self, p: Pod) -> str:
+            return "/run/netns/pod"
+
+    layout = redirects.Layout(state_dir=tmp_path)
+    report = asyncio.run(redirects.collect(inventory, ["node1"], layout, Resolver()))  # type: ignore[arg-type]
+    assert [(r.mode, r.rules, r.other_mode) for r in report.rows] == [("ebpf", "ok", expected)]
