@@ -280,7 +280,10 @@ def _check_struct(data: bytes, where: str, depth: int = 0) -> None:
 
 
 def _check_value(data: bytes, where: str, depth: int) -> None:
-    """google.protobuf.Value: string_value = 3, struct_value = 5, list_value = 6 (values = 1)."""
+    """google.protobuf.Value: string_value = 3, struct_value = 5, list_value = 6 (values = 1). Lists nest
+    without a Struct in between, so the depth is checked here too."""
+    if depth > _MAX_DEPTH:
+        raise ValueError(f"{where} nests deeper than {_MAX_DEPTH} levels")
     for number, wire, value in _wire_fields(data):
         if wire != _LEN:
             continue

@@ -7,6 +7,7 @@ on the wire.
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -48,12 +49,17 @@ def test_a_list_value_deep_in_metadata_is_named_with_its_index() -> None:
     assert "metadata (field 4)['k'][1] is not UTF-8 (at its byte 0)" in decoded.problem
 
 
-def test_metadata_nested_past_protobufs_limit_is_refused_without_recursing_into_it() -> None:
-    """A 256 KiB body can nest Structs tens of thousands of levels deep, past Python's recursion limit (the
-    walk takes two frames a level); it stops where protobuf's parser does."""
+@pytest.mark.parametrize("through", ["struct", "list"])
+def test_metadata_nested_past_protobufs_limit_is_refused_without_recursing_into_it(through: str) -> None:
+    """A 256 KiB body can nest Structs, or ListValues with no Struct between them, tens of thousands of
+    levels deep, past Python's recursion limit; the walk stops where protobuf's parser does."""
+    # Value{struct_value: Struct{fields: {"": value}}}, or Value{list_value: ListValue{values: [value]}}
+    wrap = (
+        (lambda v: _field(5, _field(1, _field(2, v)))) if through == "struct" else (lambda v: _field(6, _field(1, v)))
+    )
     value = _field(3, b"\xff")
-    for _ in range(2_000):
-        value = _field(5, _field(1, _field(2, value)))  # Value{struct_value: Struct{fields: {"": value}}}
+    for _ in range(5_000):
+        value = wrap(value)
     decoded = decode_request(_field(4, _field(1, _field(2, value))))
     assert isinstance(decoded, Undecodable)
     assert "nests deeper than 100 levels" in decoded.problem
