@@ -155,15 +155,18 @@ def _workload_namespace(qualified: object) -> str:
     return str(qualified).rpartition(".")[2]
 
 
-def connections_in(dump: Mapping[str, Any], namespace: str | None) -> dict[str, Any]:
+def connections_in(dump: Mapping[str, Any], namespace: str | None, direction: str | None = None) -> dict[str, Any]:
     """connections: each entry belongs to its local workload's namespace (outbound: the source,
     inbound: the destination), as its table row shows; pooled HBONE connections to their source
-    identity's. Other keys are kept as they are."""
-    if namespace is None:
-        return dict(dump)
+    identity's. `direction` (inbound|outbound) drops the other direction's list. Other keys are kept."""
     out = dict(dump)
-    out["outbound"] = [c for c in dump.get("outbound") or [] if _workload_namespace(c.get("srcWorkload")) == namespace]
-    out["inbound"] = [c for c in dump.get("inbound") or [] if _workload_namespace(c.get("dstWorkload")) == namespace]
+    if direction is not None:
+        out.pop("outbound" if direction == "inbound" else "inbound", None)
+    if namespace is None:
+        return out
+    for kind, local in (("outbound", "srcWorkload"), ("inbound", "dstWorkload")):
+        if kind in out:
+            out[kind] = [c for c in out[kind] or [] if _workload_namespace(c.get(local)) == namespace]
     if "pool" in dump:
         out["pool"] = [p for p in dump.get("pool") or [] if identity_namespace(p.get("sourceIdentity")) == namespace]
     return out
@@ -214,6 +217,6 @@ def register_inspect(inspect_subparsers: argparse._SubParsersAction[argparse.Arg
                 CONNECTION_WIDE_COLUMNS if a.wide else CONNECTION_COLUMNS,
                 connection_rows(d, a.wide, None if a.raw else address_names(dump), a.direction),
             ),
-            lambda d: connections_in(d, namespace_of(a)),
+            lambda d: connections_in(d, namespace_of(a), a.direction),
         )
     )

@@ -85,6 +85,14 @@ def test_connections_in_a_namespace(namespace: str | None, outbound: int, inboun
     assert dump["inbound"][1] is INBOUND_LEGACY  # the dump itself is not changed
 
 
+@pytest.mark.parametrize(("namespace", "direction", "kept"), [(None, "inbound", 2), ("shop", "outbound", 1)])
+def test_connections_in_one_direction(namespace: str | None, direction: str, kept: int) -> None:
+    """--direction narrows -o json|yaml as it narrows the table: the other direction's list is gone."""
+    dump: dict[str, Any] = {**CONNECTIONS, "inbound": [*CONNECTIONS["inbound"], INBOUND_LEGACY], "pool": [POOLED]}
+    got = connections_in(dump, namespace, direction)
+    assert set(got) == {direction, "pool"} and len(got[direction]) == kept
+
+
 @pytest.mark.parametrize(
     ("uri", "namespace"),
     [
