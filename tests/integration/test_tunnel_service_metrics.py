@@ -116,7 +116,11 @@ async def test_config_dump_services_and_inspect_services(tmp_path: Path) -> None
 
     def with_unready(net: Net) -> list[Pod]:
         unready = dataclasses.replace(make_pod(net, "server2", "node2", 21), labels={"app": "server"}, ready=False)
-        return [*pods(net), unready]
+        # A host-network pod (its node's IP): an endpoint the VIP routes to, not a workload address.
+        hostnet = dataclasses.replace(
+            make_pod(net, "exporter", "node2", 99), labels={"app": "server"}, host_network=True
+        )
+        return [*pods(net), unready, hostnet]
 
     async with cluster(tmp_path, with_unready) as c:
         c.inventory[0] = dataclasses.replace(c.inventory[0], services=(ADMIN, WEB))
@@ -128,13 +132,14 @@ async def test_config_dump_services_and_inspect_services(tmp_path: Path) -> None
                 return json.loads(r.read())  # type: ignore[no-any-return]
 
         dump = await asyncio.to_thread(fetch)
-        server, server2 = c.pod("server"), c.pod("server2")
+        server, server2, exporter = c.pod("server"), c.pod("server2"), c.pod("exporter")
         web = next(s for s in dump["services"] if s["name"] == "web")
         assert web["hostname"] == "web.shop.svc.cluster.local"
         assert web["vips"] == [f"/{VIP}"] and web["ports"] == {"80": APP_PORT}
         assert {uid: (e["port"], e["status"]) for uid, e in web["endpoints"].items()} == {
             server.uid: ({"80": APP_PORT}, "Healthy"),
             server2.uid: ({"80": APP_PORT}, "Unhealthy"),
+            exporter.uid: ({"80": APP_PORT}, "Healthy"),
         }
         admin = next(s for s in dump["services"] if s["name"] == "admin")
         assert admin["vips"] == [] and set(admin["endpoints"]) == {server.uid, server2.uid}
@@ -145,5 +150,5 @@ async def test_config_dump_services_and_inspect_services(tmp_path: Path) -> None
         assert [line.split() for line in table.splitlines()] == [
             ["NAMESPACE", "SERVICE", "NAME", "SERVICE", "VIP", "WAYPOINT", "ENDPOINTS"],
             ["shop", "admin", "None", "1/2"],  # headless: no VIP
-            ["shop", "web", str(VIP), "None", "1/2"],
+            ["shop", "web", str(VIP), "None", "2/3"],
         ], table

@@ -582,8 +582,11 @@ class Tunnel:
                 selected.setdefault((svc.namespace, svc.name), []).append(view.routing.workloads[ip])
         out = []
         for svc in view.inventory.services:
+            route = view.routing.services.get(svc.vip) if svc.vip is not None else None
+            # Host-network pods have no workload address of their own; a VIP routes to the ready ones.
+            host = [w for w in route.endpoints if w.pod.host_network] if route is not None else []
             endpoints = {}
-            for w in selected.get((svc.namespace, svc.name), ()):
+            for w in (*selected.get((svc.namespace, svc.name), ()), *host):
                 ports = {p.port: t for p in svc.ports if (t := p.target_on(w.pod)) is not None}
                 if ports:
                     endpoints[w.pod.uid] = {
