@@ -283,7 +283,7 @@ class Reconciler:
             record.error = str(exc)
             record.captured = False
             return
-        first = not record.captured
+        first = not record.captured or reopened  # a new netns (a restarted sandbox) is captured anew, not repaired
         if repaired and not first:
             self._metrics.repaired(self._backend.name)
             log.warning("capture drift in %s repaired: %s", pod.key, "; ".join(repaired))

@@ -463,6 +463,28 @@ async def test_drift_repairs_and_failed_capture_operations_are_counted(netns_dir
     await rec.close()
 
 
+async def test_a_pod_whose_netns_was_replaced_is_captured_anew_not_counted_as_a_repair(netns_dir: Path) -> None:
+    """A restarted sandbox: a new netns at the pod's path, with none of our capture. Capturing it is a first
+    capture (the repair counter says "something keeps undoing capture"); the tunnel gets the new netns."""
+    registry = CollectorRegistry()
+    backend = FlakyBackend(failures=0)
+    tunnels = FakeTunnels(True)
+    metrics = AgentMetrics(registry, repair_kinds=("fake",))
+    rec = Reconciler(backend, Resolver(netns_dir), tunnels, on_change=lambda: None, metrics=metrics)
+    rec.set_desired(desired_pods(inventory(AMBIENT), "node1"))
+    await rec.wait_idle()
+    path = netns_dir / "shop.a"
+    fresh = netns_dir / "fresh"
+    fresh.write_text("")
+    os.replace(fresh, path)  # a new inode at the same path
+    backend.kernel.pop(str(path), None)
+    rec.verify_all()
+    await rec.wait_idle()
+    assert registry_samples(registry)['nodeagent_agent_capture_repairs_total{kind="fake"}'] == 0
+    assert backend.kernel[str(path)] and tunnels.added.count("shop/a") == 2
+    await rec.close()
+
+
 class FixedResolver:
     """Hands every pod one path (a resolver's mistake: a /proc/<pid>/ns/net whose pid was reused)."""
 
