@@ -95,7 +95,7 @@ class RoutingSnapshot:
             namespaces.setdefault(ns.name, ns)  # the first of a name, as Inventory.namespace() answers
         workloads: dict[IPAddress, Workload] = {}
         identities: dict[tuple[str, str], Identity] = {}  # pods share a few accounts: validate each once
-        # Endpoints through an index of ready pods by (namespace, label, value): a service is matched
+        # Services through an index of pods by (namespace, label, value): a service is matched
         # only against the pods that carry its first selector pair. Matching every service against every
         # pod took 5 M label checks, ~0.9 s at 5 000 pods / 1 000 services, on the tunnel's event loop at
         # every change of the cluster. Candidates keep inventory order (host-network pods last).
