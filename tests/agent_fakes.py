@@ -1,11 +1,37 @@
-"""Fakes for driving the node agent without kernel state: a capture backend and a kubelet-probe chain."""
+"""Fakes for driving the node agent without kernel state: a capture backend, a kubelet-probe chain, and
+the configuration of node1's agent of the default lab topology with a netns directory of plain files."""
 
 from __future__ import annotations
 
 import asyncio
+import shutil
+from pathlib import Path
 
+from nodeagent.agent import service
 from nodeagent.capture.backend import CaptureState
+from nodeagent.lab.cluster import DEFAULT_TOPOLOGY
 from nodeagent.model import Pod
+
+NODE1_PODS = ("shop/frontend", "shop/payments")  # the default topology's pods on node1
+
+
+def node1_agent_config(tmp_path: Path, **overrides: object) -> service.AgentConfig:
+    """node1's agent on a copy of the default topology; each pod's "netns" is a file (the resolver only needs
+    one to hold open and hand over). The ZDS socket is tmp_path/zds.sock."""
+    inventory = tmp_path / "inventory.yaml"
+    shutil.copy(DEFAULT_TOPOLOGY, inventory)
+    netns_dir = tmp_path / "netns"
+    netns_dir.mkdir()
+    for key in NODE1_PODS:
+        (netns_dir / f"na-node1.{key.replace('/', '.')}").touch()
+    fields: dict[str, object] = {
+        "node": "node1",
+        "inventory": inventory,
+        "zds_socket": str(tmp_path / "zds.sock"),
+        "state_dir": tmp_path / "state",
+        "netns_dir": str(netns_dir),
+    }
+    return service.AgentConfig(**(fields | overrides))  # type: ignore[arg-type]
 
 
 class FakeCapture:

@@ -10,26 +10,23 @@ scrape of /metrics returns.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from agent_fakes import FakeCapture
+from agent_fakes import NODE1_PODS, FakeCapture, node1_agent_config
 from metrics_scrape import scrape, scrape_until
 
 from nodeagent import admin
 from nodeagent.agent import service
 from nodeagent.capture.backend import CaptureError
 from nodeagent.capture.iptables import Flavour
-from nodeagent.lab.cluster import DEFAULT_TOPOLOGY
 from nodeagent.model import Pod
 from nodeagent.zds.codec import Workload
 from nodeagent.ztunnel.zds_client import Backoff, ZdsClient
 
-NODE1_PODS = ("shop/frontend", "shop/payments")
 Samples = dict[str, float]
 
 
@@ -111,16 +108,7 @@ def node1_agent(
     capture = Capture()
     monkeypatch.setattr(service.IptablesBackend, "for_host", lambda flavour: capture)
     monkeypatch.setattr(service, "ProbeBypass", ProbeChain)
-    inventory = tmp_path / "inventory.yaml"
-    shutil.copy(DEFAULT_TOPOLOGY, inventory)
-    netns_dir = tmp_path / "netns"
-    netns_dir.mkdir()
-    for key in NODE1_PODS:  # the resolver only needs a file to hold open and hand over
-        (netns_dir / f"na-node1.{key.replace('/', '.')}").touch()
-    config = service.AgentConfig(
-        node="node1", inventory=inventory, zds_socket=str(tmp_path / "zds.sock"), state_dir=tmp_path / "state",
-        netns_dir=str(netns_dir), verify_interval=0.1, metrics=metrics,
-    )  # fmt: skip
+    config = node1_agent_config(tmp_path, verify_interval=0.1, metrics=metrics)
     return service.Agent(config, Flavour.NFT), capture
 
 

@@ -13,22 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from agent_fakes import FakeCapture, NoProbes
+from agent_fakes import NODE1_PODS, FakeCapture, NoProbes, node1_agent_config
 
 from nodeagent.agent import service
 from nodeagent.capture.iptables import Flavour
-from nodeagent.lab.cluster import DEFAULT_TOPOLOGY
 from nodeagent.model import pod_uid
 from nodeagent.zds.codec import Workload
 from nodeagent.ztunnel.zds_client import Backoff, ZdsClient
-
-NODE1_PODS = ("shop/frontend", "shop/payments")
 
 
 class Tunnel:
@@ -60,17 +56,8 @@ async def agent_and_tunnel(
     ZdsClient retrying every 10 ms from before the agent starts (it connects the moment the agent accepts)."""
     monkeypatch.setattr(service.IptablesBackend, "for_host", lambda flavour: FakeCapture(install_delay=0.3))
     monkeypatch.setattr(service, "ProbeBypass", NoProbes)
-    inventory = tmp_path / "inventory.yaml"
-    shutil.copy(DEFAULT_TOPOLOGY, inventory)
-    netns_dir = tmp_path / "netns"
-    netns_dir.mkdir()
-    for key in NODE1_PODS:  # the resolver only needs a file to hold open and hand over
-        (netns_dir / f"na-node1.{key.replace('/', '.')}").touch()
-    socket_path = str(tmp_path / "zds.sock")
-    config = service.AgentConfig(
-        node="node1", inventory=inventory, zds_socket=socket_path, state_dir=tmp_path / "state",
-        netns_dir=str(netns_dir), verify_interval=verify_interval,
-    )  # fmt: skip
+    config = node1_agent_config(tmp_path, verify_interval=verify_interval)
+    socket_path = config.zds_socket
     tunnel = Tunnel()
     client = ZdsClient(tunnel, socket_path, backoff=Backoff(initial=0.01, maximum=0.01))
     client.start()
