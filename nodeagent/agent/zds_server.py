@@ -341,6 +341,7 @@ class ZdsServer:
         tunnel: _Tunnel | None = None
         shutdown = "the node agent is shutting down"
         reason = shutdown
+        quiet = False  # an expected goodbye: logged at INFO
         try:
             try:
                 async with asyncio.timeout(self._deadline):
@@ -348,6 +349,13 @@ class ZdsServer:
             except TimeoutError:
                 raise ZdsTimeout(
                     f"{channel.peer} sent no ZdsHello within {self._deadline:g} s; closing the connection"
+                ) from None
+            except ZdsClosed:
+                quiet = True
+                raise ZdsClosed(
+                    "it closed the connection before its ZdsHello, so it was no tunnel: a node agent starting "
+                    "beside this one (a rolling update) checks that this one still listens before taking the "
+                    "socket over"
                 ) from None
             if version != ZDS_VERSION:
                 raise ZdsProtocolError(
@@ -380,7 +388,8 @@ class ZdsServer:
                 self._tunnels.remove(tunnel)
                 self._metrics.tunnels_connected(len(self._tunnels))
             channel.close()
-            log.log(logging.INFO if reason is shutdown else logging.WARNING, "dropped %s: %s", channel.peer, reason)
+            level = logging.INFO if reason is shutdown or quiet else logging.WARNING
+            log.log(level, "dropped %s: %s", channel.peer, reason)
             self._emit(TunnelDropped(channel.peer, reason))
 
     def _snapshot_items(self) -> list[_Outgoing]:

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import inspect
 import ipaddress
+import logging
 import os
 import re
 import socket
@@ -321,6 +322,7 @@ async def test_a_second_agent_takes_the_socket_over_and_says_so(
     """A rolling update starts the new agent beside the old one on the same hostPath socket: it must take
     the socket over (its tunnels then reach it), and say so, since two agents sharing a path by mistake
     look the same."""
+    caplog.set_level(logging.INFO, logger="nodeagent.agent.zds_server")
     async with ZdsServer(list, sock_path):
         old = os.stat(sock_path).st_ino
         async with ZdsServer(list, sock_path):
@@ -328,6 +330,12 @@ async def test_a_second_agent_takes_the_socket_over_and_says_so(
             assert any("taking over the ZDS socket" in r.getMessage() for r in caplog.records)
             async with tunnel(sock_path, Recorder()) as client:
                 await asyncio.wait_for(client.wait_ready(), 3)
+            # The old agent saw the new one's check as a connection closed before its hello: no tunnel, and
+            # nothing to warn about (it used to say "dropped tunnel #1 ... closed the connection").
+            async with asyncio.timeout(3):
+                while not (said := [r for r in caplog.records if "ZdsHello" in r.getMessage()]):  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            assert [(r.levelname, "so it was no tunnel" in r.getMessage()) for r in said] == [("INFO", True)], said
     caplog.clear()
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     stale.bind(sock_path)
