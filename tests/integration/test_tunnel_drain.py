@@ -202,9 +202,7 @@ async def test_drain_delivers_what_the_server_sent_then_ends_with_eof(tmp_path: 
         assert server_pod.ip is not None
         app = ByteServer(server_pod.ip, size=size).start()
         try:
-            await c.wait_ready(await c.start_tunnel("node1"))
-            node2 = await c.start_tunnel("node2", grace=3.0, drain_margin=2.0)
-            await c.wait_ready(node2)
+            _, node2 = await c.start_both(node2={"grace": 3.0, "drain_margin": 2.0})
             loop = asyncio.get_running_loop()
             sock = await connect_captured(c.net, c.pod("client"), SocketAddress(server_pod.ip, APP_PORT))
             with sock:
@@ -241,9 +239,7 @@ async def test_a_connection_still_being_set_up_when_the_drain_starts_comes_up(
         app.listen(0)  # room for one connection, which a filler takes
         fillers = [socket.create_connection((str(server_pod.ip), APP_PORT), timeout=5)]
         try:
-            node1 = await c.start_tunnel("node1", grace=1.0, drain_margin=1.0)
-            await c.wait_ready(node1)
-            await c.wait_ready(await c.start_tunnel("node2"))
+            node1, _ = await c.start_both(node1={"grace": 1.0, "drain_margin": 1.0})
             sock = await connect_captured(c.net, c.pod("client"), SocketAddress(server_pod.ip, APP_PORT))
             with sock:
                 await asyncio.sleep(0.2)
@@ -286,9 +282,7 @@ async def test_an_unexpected_failure_setting_up_an_inbound_stream_still_finishes
         assert server_pod.ip is not None
         app = ByteServer(server_pod.ip, size=2).start()
         try:
-            await c.wait_ready(await c.start_tunnel("node1"))
-            node2 = await c.start_tunnel("node2", grace=1.0, drain_margin=1.0)
-            await c.wait_ready(node2)
+            _, node2 = await c.start_both(node2={"grace": 1.0, "drain_margin": 1.0})
             loop = asyncio.get_running_loop()
             sock = await connect_captured(c.net, c.pod("client"), SocketAddress(server_pod.ip, APP_PORT))
             with sock, contextlib.suppress(ConnectionResetError):

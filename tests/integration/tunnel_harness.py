@@ -14,7 +14,7 @@ import hashlib
 import ipaddress
 import random
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,10 +178,13 @@ class Cluster:
             while tunnel.readiness.readiness():  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
 
-    async def start_both(self) -> tuple[Tunnel, Tunnel]:
-        """node1's and node2's tunnels, both ready (the client side, the server side)."""
-        t1 = await self.start_tunnel("node1")
-        t2 = await self.start_tunnel("node2")
+    async def start_both(
+        self, node1: Mapping[str, object] | None = None, node2: Mapping[str, object] | None = None
+    ) -> tuple[Tunnel, Tunnel]:
+        """node1's and node2's tunnels (each with its TunnelInputs overrides), both ready (the client side,
+        the server side)."""
+        t1 = await self.start_tunnel("node1", **(node1 or {}))
+        t2 = await self.start_tunnel("node2", **(node2 or {}))
         await self.wait_ready(t1)
         await self.wait_ready(t2)
         return t1, t2
