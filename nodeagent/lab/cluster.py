@@ -23,7 +23,8 @@ What it deliberately does not do: no pyroute2 (the kernel is driven with the sam
 debugs with, and the capture code keeps pyroute2 to itself); no container runtime - a pod is a netns plus
 a cgroup, and its processes are whatever `lab exec` starts there; no mount or PID namespaces (so `/sys`
 inside `lab exec` still shows the host); no pod lifecycle (a pod's phase is inventory data only). One
-lab per host: up and down take no lock and are not meant to race each other.
+lab per host: `lab up` and `lab down` refuse while a demo, benchmark or privileged test run holds the
+host's lab lock (`exclusive`), instead of tearing that run's lab down under it.
 """
 
 from __future__ import annotations
@@ -68,15 +69,15 @@ DEFAULT_TOPOLOGY = Path(__file__).with_name("default.yaml")
 STATE_DIR = Path("/run/nodeagent/lab")
 # One lab per host (its namespaces have fixed names): whoever builds and tears labs down in a sequence of
 # steps (the demo, the benchmark, the privileged tests) holds this lock so they never tear down each
-# other's lab. The CLI's single commands do not take it.
+# other's lab; the CLI's `lab up` and `lab down` take it without waiting and refuse when it is taken.
 LAB_LOCK = Path("/run/nodeagent-lab.lock")
 # Set in the environment by a holder of the lock (the privileged test session) for its children.
 LAB_LOCK_HELD_ENV = "NODEAGENT_LAB_LOCK_HELD"
 
 
 @contextlib.contextmanager
-def exclusive(lock: Path = LAB_LOCK) -> Iterator[None]:
-    """Hold the host's lab lock; if another run holds it, say so and wait."""
+def exclusive(lock: Path = LAB_LOCK, *, wait: bool = True) -> Iterator[None]:
+    """Hold the host's lab lock; if another run holds it, say so and wait (or raise LabBusyError)."""
     if os.environ.get(LAB_LOCK_HELD_ENV) == str(lock):
         yield  # our parent holds it for us
         return
@@ -85,6 +86,11 @@ def exclusive(lock: Path = LAB_LOCK) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not wait:
+                raise LabBusyError(
+                    f"a demo, benchmark or privileged test run is using the lab (it holds {lock}): stop it "
+                    "first (Ctrl-C in its terminal ends a demo and removes its lab)"
+                ) from None
             log.warning("waiting for %s: another demo, benchmark or privileged test run uses the lab", lock)
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -109,6 +115,10 @@ class LabError(RuntimeError):
 
 class NoLabError(LabError):
     """There is no lab (no state file)."""
+
+
+class LabBusyError(LabError):
+    """Another run (demo, benchmark, privileged tests) holds the host's lab lock."""
 
 
 class CommandNotFoundError(LabError):

@@ -10,6 +10,7 @@ through nodeagent.lab.cluster), and nothing imports it except nodeagent.cli.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -27,6 +28,7 @@ from nodeagent.lab.cluster import (
     Lab,
     LabError,
     NoLabError,
+    exclusive,
     exec_in,
     teardown,
 )
@@ -85,8 +87,11 @@ def _fail(command: str, message: str, rc: int = 1) -> int:
 
 def _up(args: argparse.Namespace) -> int:
     started = time.monotonic()
+    # Without root there is no lock to take: Lab.up still checks the topology, then says it needs root.
+    busy_check = exclusive(wait=False) if os.geteuid() == 0 else contextlib.nullcontext()
     try:
-        lab = Lab.up(args.topology)
+        with busy_check:
+            lab = Lab.up(args.topology)
     except InventoryError as exc:
         return _fail("up", f"bad topology, nothing was created: {exc}", 2)
     except LabError as exc:
@@ -105,7 +110,11 @@ def _down(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         return _fail("down", "the lab needs root: run `sudo nodeagent lab down`")
     started = time.monotonic()
-    report = teardown()
+    try:
+        with exclusive(wait=False):
+            report = teardown()
+    except LabError as exc:
+        return _fail("down", f"{exc}; nothing was removed")
     for problem in report.problems:
         print(f"nodeagent lab down: {problem}", file=sys.stderr)
     if report.problems:

@@ -123,6 +123,24 @@ def test_down_leaves_the_host_as_it_was(clean_host: dict[str, Any]) -> None:
     assert "nothing to remove" in again.stdout
 
 
+def test_up_and_down_refuse_while_another_run_holds_the_lab(clean_host: dict[str, Any]) -> None:
+    """A user typing `lab down` while `make demo` (or a benchmark, or this test session) runs must not tear
+    that run's lab down under it. This session holds the host's lab lock; a command run without the
+    variable that hands the lock to our children is "another user"."""
+    elsewhere = {k: v for k, v in os.environ.items() if k != "NODEAGENT_LAB_LOCK_HELD"}
+    refused_up = cli("up", check=False, env=elsewhere)
+    assert refused_up.returncode == 1, refused_up.stdout + refused_up.stderr
+    assert "is using the lab" in refused_up.stderr and "/run/nodeagent-lab.lock" in refused_up.stderr
+    assert host_snapshot() == clean_host
+    cli("up")
+    refused_down = cli("down", check=False, env=elsewhere)
+    assert refused_down.returncode == 1, refused_down.stdout + refused_down.stderr
+    assert "nothing was removed" in refused_down.stderr
+    assert len(lab_netns()) == 7  # the fabric, 2 nodes, 4 pods: all still there
+    cli("down")
+    assert host_snapshot() == clean_host
+
+
 def wait_for_pid_in_netns(pid: int, netns: str) -> None:
     want = os.stat(f"/run/netns/{netns}").st_ino
     for _ in range(200):
