@@ -224,9 +224,10 @@ async def test_a_connection_still_being_set_up_when_the_drain_starts_comes_up(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The app's connect() returned when the listener accepted it; the drain must not cut it while its
-    CONNECT waits for an answer - even with no drain window at all (grace = margin). The tunnel used to
-    wait for established connections only, then stop() cancelled the one in setup: the app saw its
-    connection close before a byte (a rolling update's failure in the lab's capture-mode-switch test)."""
+    CONNECT waits for an answer - even with no drain window at all (grace = margin), as long as the grace
+    leaves time for it. The tunnel used to wait for established connections only, then stop() cancelled
+    the one in setup: the app saw its connection close before a byte (a rolling update's failure in the
+    lab's capture-mode-switch test)."""
     caplog.set_level("INFO", logger="nodeagent.access")
     async with cluster(tmp_path) as c:
         server_pod = c.pod("server")
@@ -239,7 +240,7 @@ async def test_a_connection_still_being_set_up_when_the_drain_starts_comes_up(
         app.listen(0)  # room for one connection, which a filler takes
         fillers = [socket.create_connection((str(server_pod.ip), APP_PORT), timeout=5)]
         try:
-            node1, _ = await c.start_both(node1={"grace": 1.0, "drain_margin": 1.0})
+            node1, _ = await c.start_both(node1={"grace": 3.0, "drain_margin": 3.0})
             sock = await connect_captured(c.net, c.pod("client"), SocketAddress(server_pod.ip, APP_PORT))
             with sock:
                 await asyncio.sleep(0.2)
@@ -259,6 +260,33 @@ async def test_a_connection_still_being_set_up_when_the_drain_starts_comes_up(
             app.close()
     outbound = [r.getMessage() for r in caplog.records if 'direction="outbound"' in r.getMessage()]
     assert len(outbound) == 1 and "error=" not in outbound[0], outbound
+
+
+async def test_the_drain_ends_within_the_grace_even_with_a_connection_stuck_in_setup(tmp_path: Path) -> None:
+    """The kubelet kills the tunnel `grace` seconds after SIGTERM: waiting longer for a connection to come
+    up only trades the clean closes for a kill. With a grace of 1 s and an upstream that never accepts, the
+    drain used to wait 2 s for the connection in setup (and up to 1 s more for the closes)."""
+    async with cluster(tmp_path) as c:
+        server_pod = c.pod("server")
+        assert server_pod.ip is not None
+        app = socket.socket()  # its accept queue stays full: the server tunnel's SYNs to it are dropped
+        app.bind((str(server_pod.ip), APP_PORT))
+        app.listen(0)
+        fillers = [socket.create_connection((str(server_pod.ip), APP_PORT), timeout=5)]
+        try:
+            node1, _ = await c.start_both(node1={"grace": 1.0, "drain_margin": 1.0})
+            sock = await connect_captured(c.net, c.pod("client"), SocketAddress(server_pod.ip, APP_PORT))
+            with sock:
+                await asyncio.sleep(0.2)
+                assert node1.table.in_setup == 1
+                started = time.monotonic()
+                await node1.drain()
+                took = time.monotonic() - started
+                assert took < 1.0 + 0.2, f"the drain took {took:.2f} s with a grace of 1 s"
+        finally:
+            for s in fillers:
+                s.close()
+            app.close()
 
 
 async def test_an_unexpected_failure_setting_up_an_inbound_stream_still_finishes_it(

@@ -18,7 +18,8 @@ connection; tcp_migrate_req, set in each pod's netns, hands it the connections s
 listeners instead of resetting them; a graceful HTTP/2 GOAWAY on each inbound HBONE connection tells
 peer tunnels to open new streams elsewhere, as ztunnel's own drain does), established connections run on
 until `grace - drain_margin` (connections still being set up then get up to SETUP_SETTLE more to come
-up), then close cleanly (HTTP/2 GOAWAY, TLS close_notify, TCP FIN).
+up), then close cleanly (HTTP/2 GOAWAY, TLS close_notify, TCP FIN); all of it within `grace`, after which
+the kubelet kills the process.
 
 Every edge is a field of `TunnelInputs`: socket factory, credentials (the certificate manager), the
 inventory and policy sources, the metrics registry, the clock, the ZDS socket and the endpoints.
@@ -73,6 +74,7 @@ log = logging.getLogger(__name__)
 DEFAULT_GRACE = 30.0
 DRAIN_MARGIN = 5.0
 SETUP_SETTLE = 2.0  # drain: how long connections still being set up may take to come up after the window
+CLOSE_WAIT = 1.0  # drain: how long the clean closes (GOAWAY, close_notify, FIN) get to reach the peers
 # How long a pod's Add waits for the pod's certificate before listening anyway; below the agent's 5 s ZDS
 # deadline for the ack.
 CERT_WAIT = 3.0
@@ -288,13 +290,16 @@ class Tunnel:
         if self._zds is not None:
             await self._zds.close()
             self._zds = None
-        deadline = self._in.clock() + max(0.0, self._in.grace - self._in.drain_margin)
+        started = self._in.clock()
+        killed = started + self._in.grace  # the kubelet's SIGKILL: every wait below ends before it
+        deadline = started + max(0.0, self._in.grace - self._in.drain_margin)
         while (len(self.table) or self.table.in_setup) and self._in.clock() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(min(0.05, max(0.0, deadline - self._in.clock())))
         # A connection the listeners accepted before they closed is the app's already: one still being set
         # up (waiting for its CONNECT's answer) gets a moment to come up, so it is closed cleanly below
-        # rather than cut by stop() - even when the drain window is over (or was none).
-        settle = self._in.clock() + SETUP_SETTLE
+        # rather than cut by stop() - even when the drain window is over (or was none), as far as the grace
+        # leaves time for it and for the clean closes.
+        settle = min(self._in.clock() + SETUP_SETTLE, killed - CLOSE_WAIT)
         while self.table.in_setup and self._in.clock() < settle:  # noqa: ASYNC110 (a deadline, not an event)
             await asyncio.sleep(0.02)
         if len(self.table):
@@ -307,9 +312,8 @@ class Tunnel:
                 served.hbone.close()
         self.pool.close_all()
         # Give the clean closes (GOAWAY, close_notify, FIN) a moment to reach the peers.
-        for _ in range(40):
-            if not len(self.table):
-                break
+        closed_by = min(self._in.clock() + CLOSE_WAIT, killed)
+        while len(self.table) and self._in.clock() < closed_by:  # noqa: ASYNC110 (a deadline, not an event)
             await asyncio.sleep(0.025)
 
     async def stop(self) -> None:
