@@ -17,8 +17,9 @@ import contextlib
 import dataclasses
 import errno
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 from nodeagent.ebpf import maps
 from nodeagent.ebpf.maps import AttachType, ProgType
@@ -116,30 +117,14 @@ def _target_id(path: str) -> int | None:
         return None
 
 
-def _prog(path: str) -> maps.ProgInfo | None:
+_Info = TypeVar("_Info")
+
+
+def _info(path: str, read: Callable[[int], _Info]) -> _Info | None:
+    """`read(fd)` of the object pinned at `path`; None when nothing (or nothing of that kind) is pinned there."""
     try:
         with maps.obj_get(path) as fd:
-            return maps.prog_info(fd.fd)
-    except maps.BpfError as exc:
-        if exc.errno in (errno.ENOENT, errno.EINVAL):
-            return None
-        raise
-
-
-def _link(path: str) -> maps.LinkInfo | None:
-    try:
-        with maps.obj_get(path) as fd:
-            return maps.link_info(fd.fd)
-    except maps.BpfError as exc:
-        if exc.errno in (errno.ENOENT, errno.EINVAL):
-            return None
-        raise
-
-
-def _map(path: str) -> maps.MapInfo | None:
-    try:
-        with maps.obj_get(path) as fd:
-            return maps.map_info(fd.fd)
+            return read(fd.fd)
     except maps.BpfError as exc:
         if exc.errno in (errno.ENOENT, errno.EINVAL):
             return None
@@ -167,8 +152,8 @@ def observe(
     states: list[HookState] = []
     for hook in HOOKS:
         target = targets[hook.target]
-        prog = _prog(os.path.join(directory, hook.prog_pin))
-        link = _link(os.path.join(directory, hook.link_pin))
+        prog = _info(os.path.join(directory, hook.prog_pin), maps.prog_info)
+        link = _info(os.path.join(directory, hook.link_pin), maps.link_info)
         attached = None
         with contextlib.suppress(maps.BpfError):
             attached = attached_programs(target, int(hook.attach_type))
@@ -191,7 +176,7 @@ def observe(
             problem = ""
         in_place = link is not None and link.attached and expected_target is not None and link.target == expected_target
         states.append(HookState(hook, target, prog, link, attached, problem, in_place=in_place))
-    map_states = tuple(MapState(name, _map(os.path.join(directory, name))) for name in MAPS)
+    map_states = tuple(MapState(name, _info(os.path.join(directory, name), maps.map_info)) for name in MAPS)
     pinned_maps = {m.info.id for m in map_states if m.info}
     for i, state in enumerate(states):
         prog = state.prog

@@ -7,14 +7,24 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
-from tunnel_harness import APP_PORT, ByteServer, Cluster, Net, cluster, connect_captured, make_pod, recv_all
+from tunnel_harness import (
+    APP_PORT,
+    ByteServer,
+    Cluster,
+    Net,
+    cluster,
+    connect_captured,
+    make_pod,
+    recv_all,
+    recv_exactly,
+    seconds_until_closed,
+)
 
 from nodeagent.inventory.policies import parse_policies
 from nodeagent.model import Pod, SocketAddress
@@ -244,21 +254,10 @@ async def test_policy_or_label_change_while_open_closes_within_a_second(
         try:
             sock = await connect_captured(c.net, c.pod("client"), SocketAddress(server.ip, APP_PORT), via)
             with sock:
-                loop = asyncio.get_running_loop()
-                await loop.sock_sendall(sock, b"first")
-                got = b""
-                async with asyncio.timeout(5):
-                    while len(got) < 5:  # the app's greeting: the connection is up end to end
-                        got += await loop.sock_recv(sock, 5 - len(got))
+                await asyncio.get_running_loop().sock_sendall(sock, b"first")
+                assert len(await recv_exactly(sock, 5)) == 5  # the app's greeting: the connection is up end to end
                 change(c)
-                began = time.monotonic()
-                try:
-                    async with asyncio.timeout(3):
-                        while await loop.sock_recv(sock, 65536):
-                            pass
-                except ConnectionResetError:
-                    pass
-                closed_after = time.monotonic() - began
+                closed_after = await seconds_until_closed(sock)
         finally:
             for app in apps:
                 await app.close()

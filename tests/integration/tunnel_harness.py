@@ -14,6 +14,7 @@ import hashlib
 import ipaddress
 import random
 import socket
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,6 +252,31 @@ async def recv_all(sock: socket.socket) -> Received:
         out.nbytes += n
     out.digest = h.hexdigest()
     return out
+
+
+async def recv_exactly(sock: socket.socket, size: int, limit: float = 5.0) -> bytes:
+    """`size` bytes from `sock` (fewer only at EOF), within `limit` seconds."""
+    loop = asyncio.get_running_loop()
+    got = b""
+    async with asyncio.timeout(limit):
+        while len(got) < size:
+            more = await loop.sock_recv(sock, size - len(got))
+            if not more:
+                break
+            got += more
+    return got
+
+
+async def seconds_until_closed(sock: socket.socket, limit: float = 3.0) -> float:
+    """Read and drop whatever arrives until `sock` is closed (EOF or reset); how long that took. TimeoutError
+    after `limit` seconds."""
+    loop = asyncio.get_running_loop()
+    began = time.monotonic()
+    with contextlib.suppress(ConnectionResetError):
+        async with asyncio.timeout(limit):
+            while await loop.sock_recv(sock, 65536):
+                pass
+    return time.monotonic() - began
 
 
 class ByteServer:
