@@ -27,10 +27,11 @@ How it uses h2 (4.4), and why in these places:
   (HEADERS + CONTINUATION, before HPACK decoding), CONTINUATION counts, PING/SETTINGS replies and
   RST_STREAMs (h2 answers every frame on a reset stream with one) queued since the last `data_to_send()`,
   runs of empty DATA frames, WINDOW_UPDATE floods, and frames h2 only ignores (PRIORITY, ALTSVC, unknown
-  types; `Limits.ignored_frames_per_stream` says why 100 per stream). Violations become h2 ProtocolErrors,
-  so h2 queues the GOAWAY with our error code. It also hands h2 at most `_FRAMES_PER_STEP` frames at a
-  time, so stream abuse (rapid reset, floods of malformed CONNECTs) is stopped within a large read rather
-  than after it.
+  types, PING ACKs for no PING we sent; `Limits.ignored_frames_per_stream` says why 100 per stream); a
+  SETTINGS ACK for no SETTINGS we sent is a PROTOCOL_ERROR, as in Rust h2 and nghttp2. Violations become h2
+  ProtocolErrors, so h2 queues the GOAWAY with our error code. It also hands h2 at most `_FRAMES_PER_STEP`
+  frames at a time, so stream abuse (rapid reset, floods of malformed CONNECTs) is stopped within a large
+  read rather than after it.
 - h2's own header validation is off: a malformed CONNECT must be a 400 on its stream, not a connection
   error, so `parse_connect_request` validates pseudo-headers itself. For the same reason trailers without
   END_STREAM, which h2 makes a connection error, reset only their stream here (RFC 9113 8.1;
@@ -135,7 +136,8 @@ class Limits:
     abusive_streams: int = 100  # streams reset before an answer or rejected with 400 before GOAWAY ...
     abusive_stream_ratio: float = 0.5  # ... once they exceed this share of all streams the peer opened
     # PRIORITY, ALTSVC and unknown-type frames change nothing here, yet h2 spends 4-10 µs of CPU on each
-    # (CVE-2019-9513 class): at most this many times (1 + the streams on the connection) over its lifetime,
+    # (CVE-2019-9513 class); so do PING ACKs that answer no PING of ours (only our keepalive's is not
+    # counted): at most this many times (1 + the streams on the connection) over its lifetime,
     # then GOAWAY(ENHANCE_YOUR_CALM). It is Envoy's bound, counted the same way (PRIORITY frames against
     # max_inbound_priority_frames_per_stream = 100 x (1 + inbound streams)); nginx allows max(128, 100) +
     # 128 per stream, nghttp2 >= 1.67 a bucket of 10 000 refilled at 330/s. Rust h2 (ztunnel) ignores them
@@ -450,7 +452,11 @@ class _FrameReader(FrameBuffer):
         self.control_replies = 0  # PING/SETTINGS ACKs and RST_STREAMs queued; reset by data_to_write()
         self.data_frames_sent = 0  # maintained by HboneConnection
         self.streams = 0  # streams opened on the connection, by either end; maintained by HboneConnection
-        self._ignored_frames = 0
+        self._ignored_frames = 0  # frames that change nothing and get no reply: see ignored()
+        # What the peer's ACKs may answer: our one SETTINGS frame (initiate_connection; we never send another)
+        # and the payload of our keepalive PING in flight (set by HboneConnection.tick), if any.
+        self.settings_unacked = 1
+        self.ping_payload: bytes | None = None
         self._empty_data_run = 0
         self._window_updates = 0
         self.budget = 0  # frames h2 may take in this step; set by HboneConnection.receive_data()
@@ -629,7 +635,7 @@ class _FrameReader(FrameBuffer):
             if kind == _DATA:
                 frame = self._data_frame(buf, flags, stream_id, length)
             else:
-                self._check_control(kind, flags, stream_id, length)
+                self._check_control(buf, kind, flags, stream_id, length)
                 cls = _QUIET_FRAMES.get(kind)
                 frame = cls(stream_id) if cls is not None else _QuietExtensionFrame(kind, stream_id)
                 frame.parse_flags(flags)
@@ -672,13 +678,23 @@ class _FrameReader(FrameBuffer):
             self._empty_data_run = 0
         return frame
 
-    def _check_control(self, kind: int, flags: int, stream_id: int, length: int) -> None:
-        if kind in (_PING, _SETTINGS) and not flags & _FLAG_ACK:
-            self.control_replies += 1
-            if self.control_replies > self._limits.max_queued_control_replies:
-                raise _Abuse(self._too_many_replies())
-        elif kind == _SETTINGS and length:  # an ACK with a payload: RFC 9113 6.5 (h2 says PROTOCOL_ERROR)
-            raise _Abuse(f"SETTINGS ACK with {length} bytes of payload", ErrorCodes.FRAME_SIZE_ERROR)
+    def _check_control(self, buf: bytearray, kind: int, flags: int, stream_id: int, length: int) -> None:
+        if kind in (_PING, _SETTINGS):
+            if not flags & _FLAG_ACK:
+                self.control_replies += 1
+                if self.control_replies > self._limits.max_queued_control_replies:
+                    raise _Abuse(self._too_many_replies())
+            elif kind == _SETTINGS:
+                if length:  # RFC 9113 6.5 (h2 says PROTOCOL_ERROR)
+                    raise _Abuse(f"SETTINGS ACK with {length} bytes of payload", ErrorCodes.FRAME_SIZE_ERROR)
+                if not self.settings_unacked:
+                    # h2 would just apply nothing; Rust h2 (ztunnel) and nghttp2 (Envoy) end the connection.
+                    raise _Abuse("SETTINGS ACK for no SETTINGS we sent", ErrorCodes.PROTOCOL_ERROR)
+                self.settings_unacked -= 1
+            elif self.ping_payload is not None and length == 8 and buf[9:17] == self.ping_payload:
+                self.ping_payload = None  # our keepalive answered: the only PING ACK that is not a flood
+            else:
+                self.ignored("PING ACK for no PING we sent")
         elif kind == _WINDOW_UPDATE:
             self._window_updates += 1
             if self._window_updates > self._limits.window_update_allowance + 4 * self.data_frames_sent:
@@ -686,12 +702,18 @@ class _FrameReader(FrameBuffer):
         elif kind == _PUSH_PROMISE:
             raise _Abuse("PUSH_PROMISE received although push is disabled", ErrorCodes.PROTOCOL_ERROR)
         elif kind == _PRIORITY or kind > _CONTINUATION:  # frames h2 ignores: PRIORITY, ALTSVC, unknown types
-            self._ignored_frames += 1
-            if self._ignored_frames > self._limits.ignored_frames_per_stream * (1 + self.streams):
-                raise _Abuse(
-                    f"PRIORITY/unknown frame flood: more than {self._limits.ignored_frames_per_stream} per stream "
-                    f"({self.streams} streams)"
-                )
+            self.ignored("PRIORITY/unknown frames")
+
+    def ignored(self, what: str) -> None:
+        """One more frame that h2 processes for nothing — no state change, no reply to bound it — counted
+        against `Limits.ignored_frames_per_stream` x (1 + streams): PRIORITY, ALTSVC and unknown types, PING
+        ACKs that answer no PING of ours (Rust h2 ignores them, unbounded)."""
+        self._ignored_frames += 1
+        if self._ignored_frames > self._limits.ignored_frames_per_stream * (1 + self.streams):
+            raise _Abuse(
+                f"flood of frames that change nothing ({what}): more than "
+                f"{self._limits.ignored_frames_per_stream} per stream ({self.streams} streams)"
+            )
 
     def _too_many_replies(self) -> str:
         limit = self._limits.max_queued_control_replies
@@ -1003,6 +1025,7 @@ class HboneConnection:
             self._pings += 1
             self._ping_payload = self._pings.to_bytes(8, "big")
             self._ping_sent_at = now
+            self._reader.ping_payload = self._ping_payload
             self._h2.ping(self._ping_payload)
         return []
 

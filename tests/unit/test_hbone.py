@@ -681,6 +681,7 @@ IGNORED_FRAMES = {
     "ALTSVC": frame(0xA, 0, 0, b"\x00\x00"),
     "unknown type on stream 0": frame(0xFA, 0, 0, b"grease"),
     "unknown type on the open stream": frame(0x20, 0xFF, 1, bytes(100)),
+    "PING ACK for no PING of ours": ping(ack=True),
 }
 
 
@@ -742,6 +743,48 @@ def test_client_bounds_frames_h2_ignores_too() -> None:
     assert client.closed, f"100 000 unknown frames in one read did not end the connection: {events[-3:]}"
     assert terminated(events).error_code == ErrorCodes.ENHANCE_YOUR_CALM
     assert client._reader._ignored_frames == client.limits.ignored_frames_per_stream * 2 + 1
+
+
+def test_ping_acks_answering_our_keepalives_are_never_counted() -> None:
+    """A pooled connection lives for hours: 10 000 keepalive rounds (and the peer's own PINGs, answered) cost
+    nothing from the budget of ignored frames, although the connection has no stream to earn one."""
+    for role in (Role.SERVER, Role.CLIENT):
+        conn = HboneConnection(role, 0.0, local_addresses=LOCAL)
+        conn.receive_data((PREFACE if role is Role.SERVER else b"") + settings_frame())
+        out = Output()
+        out.read(conn.data_to_send())
+        now = 0.0
+        for _ in range(10_000):
+            now = conn.next_deadline
+            assert conn.tick(now) == []
+            [sent] = out.read(conn.data_to_send())
+            assert isinstance(sent, PingFrame) and "ACK" not in sent.flags
+            assert conn.receive_data(ping(b"peer-ask") + ping(sent.opaque_data, ack=True)) == []
+            assert conn.next_deadline == now + conn.limits.keepalive_interval
+            out.read(conn.data_to_send())
+        assert not conn.closed and conn._reader._ignored_frames == 0
+
+
+def test_a_repeated_keepalive_ack_counts_as_unsolicited() -> None:
+    """Only the first ACK of our PING answers it; a second (or one with another payload) answers nothing."""
+    conn, _peer, out = new_server()
+    conn.tick(10.0)
+    [sent] = out.read(conn.data_to_send())
+    conn.receive_data(ping(b"wrong!!!", ack=True) + ping(sent.opaque_data, ack=True) * 2)
+    assert conn._reader._ignored_frames == 2 and conn.next_deadline == 20.0
+
+
+@pytest.mark.parametrize("role", [Role.SERVER, Role.CLIENT])
+def test_settings_ack_for_no_settings_of_ours_is_a_protocol_error(role: Role) -> None:
+    """We send one SETTINGS frame; h2 takes any number of ACKs for it, each for nothing. Rust h2 (ztunnel)
+    and nghttp2 (Envoy) make an unexpected one a connection error: so does the core, at the first."""
+    conn = HboneConnection(role, 0.0, local_addresses=LOCAL)
+    prologue = (PREFACE if role is Role.SERVER else b"") + settings_frame()
+    assert conn.receive_data(prologue + frame(0x4, 0x1, 0)) == []  # the ACK of our SETTINGS
+    conn.data_to_send()
+    events = conn.receive_data(frame(0x4, 0x1, 0) * 100_000)
+    assert terminated(events).error_code == ErrorCodes.PROTOCOL_ERROR
+    assert goaway(parse_frames(conn.data_to_send())).error_code == ErrorCodes.PROTOCOL_ERROR  # type: ignore[union-attr]
 
 
 def test_empty_data_flood() -> None:
