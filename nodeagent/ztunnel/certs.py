@@ -9,7 +9,9 @@ doubling to 150 s (with jitter) while keeping the still-valid certificate. It pr
 identities the node agent reports (`set_local_workloads`), forgets an identity when its last workload
 leaves, and keeps at most 8 CA requests in flight. The trust bundle file (every root the CA publishes,
 two during a rotation) is reloaded when it changes, and certificates whose root left the bundle are
-renewed at once.
+renewed at once. The CA's answer is checked to be a chain from the leaf up to a root, taken apart
+where an element holds several certificates (istiod sends its whole intermediate chain, and during a
+root rotation two roots, as one element each; ztunnel splits them too).
 
 What it deliberately does not do: it does not talk gRPC itself — the CA request is the injected
 `fetch(identity, csr_pem) -> chain` edge (nodeagent.ca.client.CAClient in production, a function in
@@ -27,6 +29,7 @@ import datetime as dt
 import enum
 import logging
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -113,15 +116,60 @@ def _rfc3339(when: dt.datetime) -> str:
 # memory at 1000 identities). Bounded: a bundle rotation adds a handful of entries.
 _SHARED: dict[str, tuple[str, x509.Certificate]] = {}
 _SHARED_MAX = 64
+_PEM_CERTIFICATE = re.compile(r"-----BEGIN CERTIFICATE-----[^-]*-----END CERTIFICATE-----")
 
 
-def _shared_cert(pem: str) -> x509.Certificate:
+def _shared_cert(pem: str) -> tuple[str, x509.Certificate]:
+    """The shared (PEM, certificate) of one PEM certificate block."""
     hit = _SHARED.get(pem)
     if hit is None:
         if len(_SHARED) >= _SHARED_MAX:
             _SHARED.pop(next(iter(_SHARED)))
         hit = _SHARED[pem] = (pem, x509.load_pem_x509_certificate(pem.encode()))
-    return hit[1]
+    return hit
+
+
+def _pem_blocks(element: str, position: int) -> list[str]:
+    """The PEM certificates of one `cert_chain` element, one block each. Istio's API does not promise one
+    certificate per element: istiod sends its whole cert-chain.pem (every intermediate, often the root too)
+    as one element and root-cert.pem (two roots during a plug-in CA's root rotation) as the last."""
+    blocks = [m.group(0) + "\n" for m in _PEM_CERTIFICATE.finditer(element)]
+    if not blocks:
+        raise ValueError(f"CA answer element {position} holds no PEM certificate")
+    return blocks
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _name(cert: x509.Certificate) -> str:
+    return cert.subject.rfc4514_string() or "the leaf"
+
+
+def _path_to_root(
+    leaf: x509.Certificate, offered: Sequence[tuple[str, x509.Certificate]]
+) -> list[tuple[str, x509.Certificate]]:
+    """The issuers of `leaf` among `offered`, nearest first, up to a self-signed root; ValueError where a link
+    is missing. Certificates the path does not use are left out (the other roots of a rotation)."""
+    path: list[tuple[str, x509.Certificate]] = []
+    current = leaf
+    while not (path and _issued_by(current, current)):
+        issuer = next((o for o in offered if o not in path and o[1] is not current and _issued_by(current, o[1])), None)
+        if issuer is None:
+            if not offered:
+                raise ValueError("CA returned the leaf alone, without the chain up to its root")
+            offers = ", ".join(_name(c) for _, c in offered)
+            raise ValueError(
+                f"CA returned a broken chain: none of the certificates it sent ({offers}) signed {_name(current)}"
+            )
+        path.append(issuer)
+        current = issuer[1]
+    return path
 
 
 @dataclass(frozen=True)
@@ -136,7 +184,7 @@ class CertMaterial:
     identity: Identity
     leaf_der: bytes
     issuers: tuple[x509.Certificate, ...]  # intermediates then the root; shared objects
-    chain_pem: tuple[str, ...]  # leaf first, root last
+    chain_pem: tuple[str, ...]  # leaf first, root last, one certificate each
     key_pem: bytes  # PKCS#8, unencrypted
     not_before: float
     not_after: float
@@ -145,12 +193,18 @@ class CertMaterial:
     def from_response(
         cls, identity: Identity, chain_pem: Sequence[str], key: ec.EllipticCurvePrivateKey
     ) -> CertMaterial:
-        """Check the CA's answer really is a chain for `identity` and `key`; ValueError otherwise."""
+        """Check the CA's answer really is a chain for `identity` and `key`, from the leaf up to a root;
+        ValueError otherwise. The answer is leaf first and root last, but an element may hold several
+        certificates (istiod's, see `_pem_blocks`); the chain kept is the one that verifies, one each."""
         if not chain_pem:
             raise ValueError("CA returned an empty certificate chain")
-        leaf = x509.load_pem_x509_certificate(chain_pem[0].encode())
-        issuers = tuple(_shared_cert(p) for p in chain_pem[1:])
-        shared_pem = tuple(_SHARED[p][0] for p in chain_pem[1:])
+        first = _pem_blocks(chain_pem[0], 0)
+        leaf = x509.load_pem_x509_certificate(first[0].encode())
+        offered: list[tuple[str, x509.Certificate]] = []
+        for pem in [*first[1:], *(b for i, e in enumerate(chain_pem[1:], 1) for b in _pem_blocks(e, i))]:
+            shared = _shared_cert(pem)
+            if shared not in offered:
+                offered.append(shared)
         try:
             got = svid_identity(leaf)  # the same X.509-SVID leaf rules peers apply to it
         except PeerVerificationError as exc:
@@ -159,22 +213,15 @@ class CertMaterial:
             raise ValueError(f"CA issued a certificate for {got}, not the requested {identity}")
         if leaf.public_key() != key.public_key():
             raise ValueError("CA issued a certificate for a different key than the CSR's")
-        for cert, issuer in zip((leaf, *issuers), issuers, strict=False):
-            try:
-                cert.verify_directly_issued_by(issuer)
-            except (ValueError, TypeError, InvalidSignature):
-                raise ValueError(
-                    f"CA returned a broken chain: {cert.subject.rfc4514_string() or 'the leaf'} is not signed by "
-                    f"{issuer.subject.rfc4514_string()}"
-                ) from None
+        path = _path_to_root(leaf, offered)
         key_pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
         return cls(
             identity,
             leaf.public_bytes(serialization.Encoding.DER),
-            issuers,
-            (chain_pem[0], *shared_pem),
+            tuple(c for _, c in path),
+            (first[0], *(p for p, _ in path)),
             key_pem,
             leaf.not_valid_before_utc.timestamp(),
             leaf.not_valid_after_utc.timestamp(),

@@ -9,6 +9,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from identity_support import CART, CHECKOUT, FRONTEND, NOW, TD, make_csr
 from prometheus_client import CollectorRegistry
 
@@ -368,4 +372,86 @@ async def test_a_broken_chain_is_a_failed_fetch(tmp_path: Path) -> None:
     await time.next_sleep()
     status = manager.status(FRONTEND)
     assert status.state is CertState.UNAVAILABLE and "broken chain" in status.reason, status
+    await manager.stop()
+
+
+def _intermediate(name: str, parent: authority.Signer) -> authority.Signer:
+    """A CA certificate `name` issued by `parent` (built here, not by the authority under test)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(parent.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - dt.timedelta(days=1))
+        .not_valid_after(NOW + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(parent.key, hashes.SHA256())
+    )
+    return authority.Signer(cert=cert, key=key, parents=(parent.cert, *parent.parents))
+
+
+# How istiod answers (security/pkg/server/ca/server.go): the leaf, then its whole cert-chain.pem as ONE element
+# (every intermediate, often the root too), then root-cert.pem as one element - two roots during a plug-in CA's
+# root rotation (ztunnel splits that last element for the same reason). Letters: the leaf, intermediates 2 (the
+# signer) and 1, the root R the chain ends at, and another root O trusted alongside it.
+ISTIOD_SHAPES = [
+    ("one certificate each (nodeagent's CA)", ["L", "2", "1", "R"]),
+    ("cert-chain.pem in one element", ["L", "21", "R"]),
+    ("cert-chain.pem with the root, then the root", ["L", "21R", "R"]),
+    ("two roots in the last element, the chain's second", ["L", "21", "OR"]),
+    ("two roots in the last element, the chain's first", ["L", "2", "1", "RO"]),
+    ("the leaf element carries the chain", ["L21", "R"]),
+]
+
+
+@pytest.mark.parametrize(("case", "shape"), ISTIOD_SHAPES, ids=[c[0] for c in ISTIOD_SHAPES])
+async def test_an_answer_with_several_certificates_in_one_element_is_taken_apart(
+    tmp_path: Path, case: str, shape: list[str]
+) -> None:
+    """An istiod-shaped answer was refused as "a broken chain" (only each element's first certificate was read),
+    so the tunnel could not use istiod's CA with an intermediate chain or during a root rotation."""
+    time = FakeTime(NOW.timestamp())
+    ca = FakeCA(time)
+    root, other = ca.signer, authority.generate_root(NOW, TD)
+    one = _intermediate("intermediate 1", root)
+    ca.signer = two = _intermediate("intermediate 2", one)
+    pems = {"2": authority.cert_pem(two.cert), "1": authority.cert_pem(one.cert)}
+    pems |= {"R": authority.cert_pem(root.cert), "O": authority.cert_pem(other.cert)}
+
+    async def istiod(identity: Identity, csr: bytes) -> Sequence[str]:
+        leaf = (await ca.fetch(identity, csr))[0]
+        return ["".join(leaf if c == "L" else pems[c] for c in element) for element in shape]
+
+    manager, _ = _manager(tmp_path, istiod, time, root)
+    manager.set_local_workloads([FRONTEND])
+    await manager.start()
+    await time.next_sleep()
+    assert manager.status(FRONTEND).state is CertState.AVAILABLE, manager.status(FRONTEND)
+    material = manager.material(FRONTEND)
+    assert material.issuers == (two.cert, one.cert, root.cert)
+    assert material.chain_pem[1:] == (pems["2"], pems["1"], pems["R"])  # one certificate each, leaf to root
+    presented = x509.load_pem_x509_certificates(material.presented_chain_pem().encode())
+    assert presented[1:] == [two.cert, one.cert]  # what peers get: leaf and intermediates, in order
+    dump = manager.config_dump()[0]
+    assert [c["serialNumber"] for c in dump["rootCerts"]] == [str(root.cert.serial_number)]
+    assert len(dump["certChain"]) == 3
+    await manager.stop()
+
+
+async def test_a_leaf_without_its_chain_is_a_failed_fetch(tmp_path: Path) -> None:
+    time = FakeTime(NOW.timestamp())
+    ca = FakeCA(time)
+
+    async def leaf_only(identity: Identity, csr: bytes) -> Sequence[str]:
+        return (await ca.fetch(identity, csr))[:1]
+
+    manager, _ = _manager(tmp_path, leaf_only, time, ca.signer)
+    manager.set_local_workloads([FRONTEND])
+    await manager.start()
+    await time.next_sleep()
+    status = manager.status(FRONTEND)
+    assert status.state is CertState.UNAVAILABLE and "without the chain up to its root" in status.reason, status
     await manager.stop()
