@@ -14,8 +14,8 @@ Rules applied:
   node that lost contact never unenrolls its pods); for service routing, the Ready condition, a
   deletionTimestamp and the containers' named TCP ports (not compared: no pod change for the agent).
 - Service: spec.selector, spec.ports (TCP; a missing targetPort is the port; a *named* one is resolved
-  per endpoint pod from its container ports, at routing), spec.clusterIP (IPv4 only; `None`/headless ->
-  no VIP).
+  per endpoint pod from its container ports, at routing), spec.clusterIP (IPv4 only: the IPv4 one of
+  spec.clusterIPs when the service is dual-stack with IPv6 first; `None`/headless -> no VIP).
 - Policies: the L4 subset through inventory/policies.py, with metadata.creationTimestamp (the oldest
   PeerAuthentication wins a conflict) and annotations. AuthorizationPolicies istiod never sends ztunnel
   are ignored and reported (value None, the reason in `problem`): dry-run (`istio.io/dry-run`), action
@@ -244,21 +244,32 @@ def service(obj: Mapping[str, Any]) -> Service:
             ports.append(ServicePort(port=port, target_port=0, name=name, target_port_name=target))
             continue
         ports.append(ServicePort(port=port, target_port=_port(target, f"{at}.targetPort"), name=name))
-    vip: ipaddress.IPv4Address | None = None
-    cluster_ip = spec.get("clusterIP")
-    if isinstance(cluster_ip, str) and cluster_ip not in ("", "None"):
-        try:
-            address = ipaddress.ip_address(cluster_ip)
-        except ValueError:
-            raise TranslateError(f"{where}: spec.clusterIP {cluster_ip!r} is not an IP address") from None
-        vip = address if isinstance(address, ipaddress.IPv4Address) else None
     return Service(
         name=_string(meta.get("name"), f"{where}: metadata.name"),
         namespace=_string(meta.get("namespace"), f"{where}: metadata.namespace"),
         selector=_labels(spec.get("selector"), f"{where}: spec.selector"),
         ports=tuple(ports),
-        vip=vip,
+        vip=_cluster_ipv4(spec, where),
     )
+
+
+def _cluster_ipv4(spec: Mapping[str, Any], where: str) -> ipaddress.IPv4Address | None:
+    """The service's IPv4 VIP: spec.clusterIP, or on a dual-stack service whose primary family is IPv6 the
+    IPv4 one of spec.clusterIPs - that address reaches the service too, and a VIP the tunnels do not know is
+    passed through in plaintext (kube-proxy then forwards it to a pod, in the mesh or not)."""
+    candidates: list[object] = [spec.get("clusterIP"), *_list(spec.get("clusterIPs"), f"{where}: spec.clusterIPs")]
+    for text in candidates:
+        if text in (None, "", "None"):
+            continue
+        if not isinstance(text, str):
+            raise TranslateError(f"{where}: spec.clusterIP must be a string")
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            raise TranslateError(f"{where}: spec.clusterIP {text!r} is not an IP address") from None
+        if isinstance(address, ipaddress.IPv4Address):
+            return address
+    return None
 
 
 # --- policies --------------------------------------------------------------------------------------------

@@ -168,6 +168,30 @@ def test_service_ports_vip_and_named_target_ports() -> None:
     assert svc.vip == ipaddress.IPv4Address("10.96.0.10")
 
 
+@pytest.mark.parametrize(
+    ("spec", "vip"),
+    [
+        ({"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00:96::a"]}, "10.96.0.10"),
+        # Dual-stack, IPv6 first (ipFamilies [IPv6, IPv4]): the IPv4 VIP reaches the service just as well. Left
+        # out, a meshed client's connection to it was passed through in plaintext (kube-proxy then picks a pod).
+        ({"clusterIP": "fd00:96::a", "clusterIPs": ["fd00:96::a", "10.96.0.10"]}, "10.96.0.10"),
+        ({"clusterIP": "fd00:96::a", "clusterIPs": ["fd00:96::a"]}, None),  # IPv6 only
+        ({"clusterIP": "None", "clusterIPs": ["None"]}, None),  # headless
+        ({"clusterIPs": ["10.96.0.11"]}, "10.96.0.11"),
+    ],
+)
+def test_service_vip_is_its_ipv4_cluster_ip(spec: dict[str, Any], vip: str | None) -> None:
+    svc = translate.service({"kind": "Service", "metadata": {"name": "web", "namespace": "shop"}, "spec": spec})
+    assert svc.vip == (ipaddress.IPv4Address(vip) if vip else None)
+
+
+def test_service_cluster_ips_must_be_addresses() -> None:
+    with pytest.raises(translate.TranslateError, match="spec.clusterIP 'x' is not an IP address"):
+        translate.service(
+            {"kind": "Service", "metadata": {"name": "w", "namespace": "s"}, "spec": {"clusterIPs": ["x"]}}
+        )
+
+
 def test_pod_readiness_deletion_and_named_ports() -> None:
     """What service routing needs of a pod (not compared: a readiness flip is not a pod change)."""
     ready = translate.pod(_pod())
