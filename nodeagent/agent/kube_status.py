@@ -147,7 +147,12 @@ class PodStatusWriter:
                         self._desired.pop(uid, None)
                     return True
                 return self._failed(
-                    a, describe(exc, f"patching pods/status of {a.namespace}/{a.name}", "patch on pods/status")
+                    a,
+                    describe(
+                        exc,
+                        f"patching pods/status of {a.namespace}/{a.name}",
+                        "patch on pods/status to this service account",
+                    ),
                 )
             except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
                 return self._failed(a, describe(exc, f"patching pods/status of {a.namespace}/{a.name}"))

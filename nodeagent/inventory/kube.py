@@ -179,9 +179,20 @@ def _identical(old: object, new: object) -> bool:
     return old == new
 
 
-def describe(exc: BaseException, what: str, grant: str = "list/watch on it") -> str:
+# What a 404 on listing security.istio.io/v1 objects means: `kubectl apply -k daemonset/` does not install
+# the CRDs (they would take versions away from Istio's own), and Istio serves v1 only from 1.22 on.
+ISTIO_CRDS_MISSING = (
+    "the security.istio.io/v1 AuthorizationPolicy and PeerAuthentication CRDs are not installed or do not serve "
+    "v1: without Istio, kubectl apply -k daemonset/istio-crds/; with Istio, upgrade it to 1.22 or later "
+    "(daemonset/README.md)"
+)
+
+
+def describe(
+    exc: BaseException, what: str, grant: str = "list/watch on it to this service account", not_found: str = ""
+) -> str:
     """A one-line explanation of a failed API call, with what to do about it (`grant`: the RBAC the call
-    needs, for a 403)."""
+    needs and for whom, for a 403; `not_found`: what a 404 means for this call)."""
     if isinstance(exc, ApiException):
         status = exc.status
         reason = exc.reason or ""
@@ -193,11 +204,11 @@ def describe(exc: BaseException, what: str, grant: str = "list/watch on it") -> 
             pass
         detail = message or reason
         if status == 403:
-            return f"{what}: forbidden by RBAC ({detail}); grant {grant} to this service account (daemonset/rbac.yaml)"
+            return f"{what}: forbidden by RBAC ({detail}); grant {grant} (daemonset/rbac.yaml)"
         if status == 401:
             return f"{what}: unauthorized ({detail}); the token or kubeconfig credentials are not accepted"
         if status == 404:
-            return f"{what}: not found ({detail}); is the CRD installed? (kubectl apply -k daemonset/ installs it)"
+            return f"{what}: not found ({detail})" + (f"; {not_found}" if not_found else "")
         return f"{what}: HTTP {status} {detail}".rstrip()
     if isinstance(exc, ValueError):
         return f"{what}: the API server answered something that is not Kubernetes JSON ({exc})"
@@ -223,12 +234,14 @@ class _Reflector(Generic[T]):
         call: Callable[..., Any],
         convert: Callable[[Mapping[str, Any]], T | None],
         selector: dict[str, Any],
+        not_found: str = "",
     ) -> None:
         self.owner = owner
         self.name = name
         self._call = call
         self._convert = convert
         self._selector = selector
+        self._not_found = not_found  # what a 404 on this resource means (describe)
         self.items: dict[str, T] = {}
         self.rv: str | None = None
         self.synced = False
@@ -263,7 +276,9 @@ class _Reflector(Generic[T]):
                 if self.owner.stopping.is_set():
                     return
                 self.stats.errors += 1
-                problem = describe(exc, f"{'watching' if self.synced else 'listing'} {self.name}")
+                problem = describe(
+                    exc, f"{'watching' if self.synced else 'listing'} {self.name}", not_found=self._not_found
+                )
                 kept = "keeping the last good state" if self.synced else "nothing is known yet"
                 wait = delay * (0.5 + random.random())
                 if problem != self.error:
@@ -503,7 +518,7 @@ class KubeSource:
             for plural in ("authorizationpolicies", "peerauthentications"):
                 call = _custom_lister(custom, group, version, plural)
                 reflector: _Reflector[Policy | PeerAuthentication] = _Reflector(
-                    self, f"{plural}.{group}", call, self._convert_policy, {}
+                    self, f"{plural}.{group}", call, self._convert_policy, {}, not_found=ISTIO_CRDS_MISSING
                 )
                 self._policy_reflectors.append(reflector)
                 self._reflectors.append(reflector)

@@ -250,6 +250,23 @@ def test_rbac_403_is_explained_and_retried(
     assert len(src.current().pods) == 3
 
 
+def test_missing_istio_crds_say_which_kustomization_installs_them(
+    api: KubeStandIn, source_factory: Callable[..., KubeSource]
+) -> None:
+    """Without Istio (or with an Istio before 1.22, which serves no security.istio.io/v1) the tunnel's first list
+    of policies is a 404 and the tunnel never serves. The error named `kubectl apply -k daemonset/`, which
+    deliberately installs no CRD: the operator re-applied it and nothing changed."""
+    missing = status_body(404, "NotFound", "the server could not find the requested resource")
+    api.fail(r"^/apis/security\.istio\.io/v1/authorizationpolicies\?", 404, json.dumps(missing).encode(), times=1000)
+    src = source_factory()
+    eventually(lambda: src.error is not None, what="the 404 to be reported")
+    assert not src.synced.is_set()
+    error = src.error or ""
+    assert "authorizationpolicies.security.istio.io: not found" in error, error
+    assert "kubectl apply -k daemonset/istio-crds/" in error and "1.22" in error, error
+    assert "kubectl apply -k daemonset/ " not in error, error
+
+
 def test_garbage_and_outage_keep_the_last_good_state(
     api: KubeStandIn, source_factory: Callable[..., KubeSource]
 ) -> None:
