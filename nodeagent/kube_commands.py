@@ -43,6 +43,12 @@ from nodeagent.model import (
 )
 
 MERGE_PATCH = "application/merge-patch+json"
+# What a 403 asks of the operator: these commands run as the operator's own user, not as the agent.
+OPERATOR_GRANT = (
+    "get and patch on namespaces and list on pods to the user of this kubeconfig: bind the nodeagent-operator "
+    "ClusterRole, e.g. kubectl create clusterrolebinding nodeagent-operator --clusterrole=nodeagent-operator "
+    "--user=USER"
+)
 COLUMNS = ("NAMESPACE", "POD", "NODE", "IP", "CHANGE", "WHY")
 
 
@@ -127,10 +133,12 @@ def cmd_label(args: argparse.Namespace, *, enroll: bool) -> int:
     if enroll and name in DEFAULT_EXCLUDED_NAMESPACES:
         print(f"error: namespace {name!r} is excluded from the mesh; its pods would never be captured", file=sys.stderr)
         return 2
+    what = f"reading namespace {name}"
     try:
         core = kubernetes.client.CoreV1Api(api_client(args.kubeconfig, args.context))
         raw_ns: Any = core.read_namespace(name, _preload_content=False)  # raw JSON: translate reads dicts
         namespace = translate.namespace(json.loads(raw_ns.data))
+        what = f"listing the pods of namespace {name}"
         raw_list: Any = core.list_namespaced_pod(name, _preload_content=False)
         raw_pods = json.loads(raw_list.data)
         pods = [translate.pod(p) for p in raw_pods.get("items") or []]
@@ -138,6 +146,7 @@ def cmd_label(args: argparse.Namespace, *, enroll: bool) -> int:
         current = namespace.labels.get(DATAPLANE_MODE_LABEL)
         wanted = DATAPLANE_MODE_AMBIENT if enroll else None
         if not args.dry_run and current != wanted:
+            what = f"labelling namespace {name}"
             core.patch_namespace(
                 name, {"metadata": {"labels": {DATAPLANE_MODE_LABEL: wanted}}}, _content_type=MERGE_PATCH
             )
@@ -148,10 +157,10 @@ def cmd_label(args: argparse.Namespace, *, enroll: bool) -> int:
         if exc.status == 404:
             print(f"error: namespace {name!r} not found", file=sys.stderr)
         else:
-            print(f"error: {describe(exc, f'namespace {name}')}", file=sys.stderr)
+            print(f"error: {describe(exc, what, OPERATOR_GRANT)}", file=sys.stderr)
         return 1
     except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
-        print(f"error: {describe(exc, f'namespace {name}')}", file=sys.stderr)
+        print(f"error: {describe(exc, what)}", file=sys.stderr)
         return 1
     verb = "enroll" if enroll else "unenroll"
     state = "unchanged (already so labelled)" if current == wanted else ("dry run" if args.dry_run else "labelled")

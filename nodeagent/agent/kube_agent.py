@@ -94,6 +94,8 @@ class KubeWorkloads:
         **source_options: Any,
     ) -> None:
         self.path = f"the API server (pods on node {node}, namespaces)"
+        self.node = node
+        self._no_pods_said = False  # the warning that the node has no pod at all was logged (and still holds)
         self._on_change = on_change
         self._on_error = on_error
         self.source = KubeSource(
@@ -134,9 +136,24 @@ class KubeWorkloads:
         if inventory is self.current:
             return False
         self.current = inventory
+        self._say_if_no_pods(inventory)
         self.loaded.set()
         self._on_change(inventory)
         return True
+
+    def _say_if_no_pods(self, inventory: Inventory) -> None:
+        """A node with no pod at all is a wrong --node: the DaemonSet's own pod (hostNetwork, never enrolled) is
+        always listed on its node, and the field selector matches spec.nodeName exactly - which a machine's
+        hostname is not always. Said once, and again if it comes back after pods were seen."""
+        empty = not inventory.pods_on(self.node)
+        if empty and not self._no_pods_said:
+            log.warning(
+                "the API server lists no pod on node %r, not even the nodeagent DaemonSet's: is --node the node's name "
+                "as `kubectl get nodes` prints it? (the DaemonSet passes spec.nodeName; a hostname may differ) "
+                "Nothing is enrolled until pods show up on that node",
+                self.node,
+            )
+        self._no_pods_said = empty
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()

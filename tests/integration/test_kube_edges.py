@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,26 @@ async def test_kube_workloads_enroll_by_namespace_label(api: KubeStandIn, tmp_pa
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_node_name_with_no_pods_is_called_out(api: KubeStandIn, caplog: pytest.LogCaptureFixture) -> None:
+    """`--node $(hostname)` where the node is named otherwise: the field selector matches nothing and the agent
+    turned ready with nothing to do, saying only "0 pods". A node always runs the DaemonSet's own pod."""
+    for node, said in (("node1", False), ("ip-10-1-0-1.internal", True)):
+        caplog.clear()
+        workloads = KubeWorkloads(api.api_client(), node, lambda inventory: None, backoff_initial=0.05)
+        task = asyncio.create_task(workloads.run(), name="kube-workloads")
+        try:
+            with caplog.at_level(logging.WARNING, logger="nodeagent.agent.kube_agent"):
+                await asyncio.wait_for(workloads.loaded.wait(), 5)
+            warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+            assert bool(warnings) is said, warnings
+            if said:
+                [warning] = warnings
+                assert repr(node) in warning and "kubectl get nodes" in warning and "spec.nodeName" in warning
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_kube_workloads_keep_state_when_the_api_fails(api: KubeStandIn) -> None:
@@ -370,11 +391,26 @@ def test_enroll_errors(
     assert message in capsys.readouterr().err
 
 
-def test_enroll_forbidden(api: KubeStandIn, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("failing", "method", "step"),
+    [
+        (r"^/api/v1/namespaces/shop$", "GET", "reading namespace shop"),
+        (r"^/api/v1/namespaces/shop/pods", "GET", "listing the pods of namespace shop"),
+        (r"^/api/v1/namespaces/shop$", "PATCH", "labelling namespace shop"),
+    ],
+)
+def test_enroll_forbidden_names_the_operator_role(
+    api: KubeStandIn, tmp_path: Path, capsys: pytest.CaptureFixture[str], failing: str, method: str, step: str
+) -> None:
+    """`enroll` runs as the operator's own user: a 403 told them to grant list/watch "to this service account",
+    the agent's advice - the wrong verbs for the wrong subject. It names the step, the verbs and the role."""
     kubeconfig = api.kubeconfig(str(tmp_path / "kubeconfig"))
-    api.fail("/api/v1/namespaces/shop", 403, method="PATCH")
+    api.fail(failing, 403, method=method, body=forbidden("Namespace", user="alice"))
     assert main(["enroll", "shop", "--kubeconfig", kubeconfig]) == 1
-    assert "forbidden by RBAC" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"error: {step}: forbidden by RBAC" in err, err
+    assert "get and patch on namespaces and list on pods" in err and "nodeagent-operator ClusterRole" in err, err
+    assert "service account" not in err, err
 
 
 async def test_a_forbidden_status_patch_names_the_permission_it_needs(api: KubeStandIn) -> None:
