@@ -5,8 +5,9 @@ needs a valid certificate for every service account that has a pod on this node,
 connection and without a gap at rotation. The `CertificateManager` keeps, per identity, a state
 (Initializing / Available / Unavailable with a reason), a fresh P-256 key and CSR per request, and the
 newest chain; it refreshes at half the remaining life (with jitter), and on failure retries from 500 ms
-doubling to 150 s (with jitter) while keeping the still-valid certificate. It prefetches for the
-identities the node agent reports (`set_local_workloads`), forgets an identity when its last workload
+doubling to 150 s (with jitter) while keeping the still-valid certificate. Those times are wall time, looked
+at every minute or sooner, so a machine resumed from suspend renews at once instead of sleeping on. It
+prefetches for the identities the node agent reports (`set_local_workloads`), forgets an identity when its last workload
 leaves, and keeps at most 8 CA requests in flight. The trust bundle file (every root the CA publishes,
 two during a rotation) is reloaded when it changes, and certificates whose root left the bundle are
 renewed at once. The CA's answer is checked to be a chain from the leaf up to a root, taken apart
@@ -50,6 +51,8 @@ log = logging.getLogger(__name__)
 MAX_IN_FLIGHT = 8
 BACKOFF_INITIAL = 0.5
 BACKOFF_MAX = 150.0
+# The longest single sleep: the wall clock is looked at least this often (see CertificateManager._sleep).
+WAKE_INTERVAL = 60.0
 
 
 class Fetch(Protocol):
@@ -287,6 +290,7 @@ class CertManagerInputs:
     backoff_initial: float = BACKOFF_INITIAL
     backoff_max: float = BACKOFF_MAX
     refresh_jitter: float = 0.1
+    wake_interval: float = WAKE_INTERVAL
 
 
 class CertificateManager:
@@ -518,9 +522,20 @@ class CertificateManager:
 
     async def _maintain(self, entry: _Entry, delay: float) -> None:
         while True:
-            if delay > 0:
-                await self._in.sleep(delay)
+            await self._sleep(delay)
             delay = await self._attempt(entry)
+
+    async def _sleep(self, delay: float) -> None:
+        """Sleep `delay` seconds, or less once the wall clock has moved `delay` on. Validity is wall time but
+        sleeps are monotonic, and a machine resumed from suspend (a laptop, a paused VM) has its monotonic clock
+        behind by the suspend: one long sleep would hold an expired certificate for the rest of it (up to half
+        its life). Sleeping in slices of `wake_interval` notices within one; the monotonic total still bounds
+        the wait when the wall clock is stepped back."""
+        due = self._in.clock() + delay
+        while delay > 0 and (left := due - self._in.clock()) > 0:
+            step = min(delay, left, self._in.wake_interval)
+            await self._in.sleep(step)
+            delay -= step
 
     async def _attempt(self, entry: _Entry) -> float:
         """One CA request for `entry`; returns the seconds until the next one."""

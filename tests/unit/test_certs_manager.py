@@ -455,3 +455,41 @@ async def test_a_leaf_without_its_chain_is_a_failed_fetch(tmp_path: Path) -> Non
     status = manager.status(FRONTEND)
     assert status.state is CertState.UNAVAILABLE and "without the chain up to its root" in status.reason, status
     await manager.stop()
+
+
+async def test_a_suspended_machine_renews_soon_after_it_resumes(tmp_path: Path) -> None:
+    """Certificate validity is wall time, but sleeps are monotonic, and a suspended machine (a laptop running the
+    lab, a paused VM) resumes with its monotonic clock behind the wall clock by the length of the suspend. The
+    refresh slept on for the rest of its half-life - up to 12 h of a 24 h certificate - holding an expired one."""
+    time = FakeTime(NOW.timestamp())
+    ca = FakeCA(time, ttl=24 * 3600)
+    manager, _ = _manager(tmp_path, ca.fetch, time, ca.signer)
+    manager.set_local_workloads([FRONTEND])
+    await manager.start()
+    await time.next_sleep()
+    first = manager.material(FRONTEND)
+
+    time.now = first.not_after + 3600  # suspended 11 h into the refresh sleep, resumed an hour past expiry
+    assert manager.status(FRONTEND).state is CertState.UNAVAILABLE
+    slept = 0.0
+    while manager.status(FRONTEND).state is not CertState.AVAILABLE and slept < 24 * 3600:
+        slept += await time.release()
+    assert manager.material(FRONTEND).valid_at(time.now)
+    assert slept <= 60, f"renewed {slept:.0f} s (monotonic) after resuming"
+    await manager.stop()
+
+
+async def test_a_wall_clock_stepped_back_does_not_postpone_the_refresh(tmp_path: Path) -> None:
+    time = FakeTime(NOW.timestamp())
+    ca = FakeCA(time, ttl=1000)
+    manager, _ = _manager(tmp_path, ca.fetch, time, ca.signer)
+    manager.set_local_workloads([FRONTEND])
+    await manager.start()
+    await time.next_sleep()
+    calls = ca.calls
+    time.now -= 3600  # NTP steps the clock back an hour: the refresh is still due at half-life (jittered)
+    slept = 0.0
+    while ca.calls == calls:
+        slept += await time.release()
+    assert 450 <= slept <= 500
+    await manager.stop()
