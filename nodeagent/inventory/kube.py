@@ -234,6 +234,7 @@ class _Reflector(Generic[T]):
         call: Callable[..., Any],
         convert: Callable[[Mapping[str, Any]], T | None],
         selector: dict[str, Any],
+        *,
         not_found: str = "",
     ) -> None:
         self.owner = owner

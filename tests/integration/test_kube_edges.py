@@ -400,7 +400,7 @@ def test_enroll_errors(
     ],
 )
 def test_enroll_forbidden_names_the_operator_role(
-    api: KubeStandIn, tmp_path: Path, capsys: pytest.CaptureFixture[str], failing: str, method: str, step: str
+    api: KubeStandIn, tmp_path: Path, capsys: pytest.CaptureFixture[str], *, failing: str, method: str, step: str
 ) -> None:
     """`enroll` runs as the operator's own user: a 403 told them to grant list/watch "to this service account",
     the agent's advice - the wrong verbs for the wrong subject. It names the step, the verbs and the role."""

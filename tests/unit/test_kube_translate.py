@@ -186,7 +186,7 @@ def test_service_vip_is_its_ipv4_cluster_ip(spec: dict[str, Any], vip: str | Non
 
 
 def test_service_cluster_ips_must_be_addresses() -> None:
-    with pytest.raises(translate.TranslateError, match="spec.clusterIP 'x' is not an IP address"):
+    with pytest.raises(translate.TranslateError, match=r"spec\.clusterIP 'x' is not an IP address"):
         translate.service(
             {"kind": "Service", "metadata": {"name": "w", "namespace": "s"}, "spec": {"clusterIPs": ["x"]}}
         )
