@@ -21,8 +21,13 @@ client. This server speaks the subset of the API they use, with the semantics th
   made meanwhile happen while no client is watching), `bookmark()`, `fail(...)` (status codes, RBAC 403
   Status objects or garbage bodies for the next N matching requests), and a request log.
 
-What it deliberately does not do: no authentication of the client, no admission, no label selectors, no
-server-side apply, no protobuf, no exec or attach. Two narrow additions:
+- RBAC, when `rbac` is set (an `Rbac` of daemonset/rbac.yaml's Roles, ClusterRoles and bindings): the
+  bearer token names the user (`users`), each request is turned into the API server's request attributes
+  (verb, API group, resource/subresource, namespace) and answered with the API server's 403 Status unless a
+  bound rule allows it; `authorized` records every (user, attributes) checked, `denied` those refused.
+
+What it deliberately does not do: no admission, no label selectors, no server-side apply, no protobuf, no
+exec or attach, no RBAC aggregation or resourceNames. Two narrow additions:
 - `labelSelector` on lists, equality terms only (`a=b,c=d`): what `nodeagent inspect --node` sends to
   find the DaemonSet's pod;
 - pods/portforward over a websocket (`serve_portforward`): the channel protocol of the kubelet
@@ -130,6 +135,10 @@ class KubeStandIn:
         self.bookmark_interval = bookmark_interval
         self.tokens: dict[str, dict[str, Any]] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path with query)
+        self.rbac: Rbac | None = None  # set: requests are authorized (users: bearer token -> user name)
+        self.users: dict[str, str] = {}
+        self.authorized: list[tuple[str, RequestAttributes]] = []  # (user, attributes) of every check
+        self.denied: list[tuple[str, RequestAttributes]] = []
         self.patches: list[tuple[str, Any]] = []  # (path, body) of every PATCH
         self._held = False  # hold_watches(): new watch requests wait
         self.held_watches = 0  # how many watch requests wait right now
@@ -154,18 +163,20 @@ class KubeStandIn:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
-    def api_client(self) -> kubernetes.client.ApiClient:
+    def api_client(self, token: str | None = None) -> kubernetes.client.ApiClient:
         configuration = kubernetes.client.Configuration()
         configuration.host = self.url
+        if token is not None:
+            configuration.api_key = {"authorization": f"Bearer {token}"}
         return kubernetes.client.ApiClient(configuration)
 
-    def kubeconfig(self, path: str, server: str | None = None) -> str:
+    def kubeconfig(self, path: str, server: str | None = None, token: str = "test-token") -> str:
         """Write a kubeconfig pointing at this server (or at `server`, a URL of serve_in_netns); returns the path."""
         doc = {
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [{"name": "standin", "cluster": {"server": server or self.url}}],
-            "users": [{"name": "tester", "user": {"token": "test-token"}}],
+            "users": [{"name": "tester", "user": {"token": token}}],
             "contexts": [{"name": "standin", "context": {"cluster": "standin", "user": "tester"}}],
             "current-context": "standin",
         }
@@ -512,6 +523,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self, method: str) -> tuple[str, dict[str, str], re.Match[str] | None] | None:
         s = self.server_ref
         s.requests.append((method, self.path))
+        if s.rbac is not None and not self._authorize(method):
+            return None
         failure = s._take_failure(method, self.path)
         if failure is not None:
             if method != "GET" and self.headers.get("Content-Length"):
@@ -521,6 +534,28 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         return url.path, query, _PATH.match(url.path)
+
+    def _authorize(self, method: str) -> bool:
+        """The API server's authentication (bearer token -> user) and RBAC authorization, answered as it does."""
+        s = self.server_ref
+        assert s.rbac is not None
+        auth = self.headers.get("Authorization", "")
+        user = s.users.get(auth.removeprefix("Bearer ").strip()) if auth.startswith("Bearer ") else None
+        if user is None:
+            if method != "GET" and self.headers.get("Content-Length"):
+                self.rfile.read(int(self.headers["Content-Length"]))
+            self._error(401, "Unauthorized", "Unauthorized")
+            return False
+        upgrade = self.headers.get("Upgrade", "").lower() == "websocket"
+        for attributes in request_attributes(method, self.path, websocket=upgrade):
+            s.authorized.append((user, attributes))
+            if not s.rbac.allows(user, attributes):
+                s.denied.append((user, attributes))
+                if method != "GET" and self.headers.get("Content-Length"):
+                    self.rfile.read(int(self.headers["Content-Length"]))
+                self._error(403, "Forbidden", attributes.forbidden(user))
+                return False
+        return True
 
     # --- verbs -----------------------------------------------------------------------------------------
 
@@ -632,6 +667,139 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(201, {**body, "status": status})
             return
         self._error(404, "NotFound", f"the server could not find the requested resource ({path})")
+
+
+# --- RBAC ------------------------------------------------------------------------------------------------
+
+_CONNECT = {"portforward", "exec", "attach"}  # subresources reached by a websocket upgrade
+
+
+@dataclass(frozen=True)
+class RequestAttributes:
+    """What the API server authorizes a resource request by (k8s.io/apiserver RequestInfo)."""
+
+    verb: str
+    group: str
+    resource: str  # with its subresource: "pods/status"
+    namespace: str  # "" at the cluster scope
+    name: str = ""
+
+    def forbidden(self, user: str) -> str:
+        plural, _, sub = self.resource.partition("/")
+        what = f'{plural} "{self.name}"' if self.name else plural
+        scope = f'in the namespace "{self.namespace}"' if self.namespace else "at the cluster scope"
+        resource = f'resource "{plural}"' + (f' with subresource "{sub}"' if sub else "")
+        return f'{what} is forbidden: User "{user}" cannot {self.verb} {resource} in API group "{self.group}" {scope}'
+
+
+def request_attributes(method: str, path_with_query: str, *, websocket: bool = False) -> list[RequestAttributes]:
+    """The attributes one request is authorized by: GET of a collection is list (watch with ?watch), of one
+    object get, POST create, PATCH patch, PUT update, DELETE delete. A websocket upgrade to pods/portforward
+    (exec, attach) is a GET, authorized as `get` - and as `create` too by API servers that check the upgrade
+    as what it does (AuthorizePodWebsocketUpgradeCreatePermission): both are required here."""
+    url = urlsplit(path_with_query)
+    query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+    parts = url.path.strip("/").split("/")
+    if parts[0] == "api":
+        group, rest = "", parts[2:]
+    elif parts[0] == "apis":
+        group, rest = parts[1], parts[3:]
+    else:
+        raise ValueError(f"not a resource path: {url.path}")
+    namespace = ""
+    if len(rest) >= 3 and rest[0] == "namespaces":
+        namespace, rest = rest[1], rest[2:]
+    elif len(rest) == 2 and rest[0] == "namespaces":  # the namespace object itself
+        namespace = rest[1]
+    resource, name, sub = rest[0], (rest[1] if len(rest) > 1 else ""), (rest[2] if len(rest) > 2 else "")
+    if method == "GET":
+        verb = "get" if name else "watch" if query.get("watch", "").lower() in ("1", "true") else "list"
+    else:
+        verb = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}[method]
+    full = f"{resource}/{sub}" if sub else resource
+    found = [RequestAttributes(verb, group, full, namespace, name)]
+    if websocket and sub in _CONNECT and verb == "get":
+        found.append(RequestAttributes("create", group, full, namespace, name))
+    return found
+
+
+@dataclass(frozen=True)
+class RbacRule:
+    role: str  # "ClusterRole/x" or "Role/ns/x"
+    index: int  # the rule's position in the role
+    groups: frozenset[str]
+    resources: frozenset[str]
+    verbs: frozenset[str]
+
+    def matches(self, a: RequestAttributes) -> bool:
+        return (
+            (a.group in self.groups or "*" in self.groups)
+            and (a.resource in self.resources or "*" in self.resources)
+            and (a.verb in self.verbs or "*" in self.verbs)
+        )
+
+
+class Rbac:
+    """RBAC as the API server evaluates it, over the Roles, ClusterRoles and bindings of some manifests:
+    a ClusterRoleBinding grants its role everywhere, a RoleBinding only in its own namespace. Subjects are
+    service accounts (user system:serviceaccount:NS:NAME) and users. No aggregation, no resourceNames."""
+
+    def __init__(self, docs: list[dict[str, Any]]) -> None:
+        self.roles: dict[str, list[RbacRule]] = {}
+        self.grants: list[tuple[str, str, str]] = []  # (user, role key, namespace or "" for everywhere)
+        for doc in docs:
+            kind, meta = doc.get("kind"), doc.get("metadata") or {}
+            if kind in ("ClusterRole", "Role"):
+                key = (
+                    f"ClusterRole/{meta['name']}"
+                    if kind == "ClusterRole"
+                    else f"Role/{meta['namespace']}/{meta['name']}"
+                )
+                self.roles[key] = [
+                    RbacRule(
+                        key, i, frozenset(r.get("apiGroups") or ()), frozenset(r["resources"]), frozenset(r["verbs"])
+                    )
+                    for i, r in enumerate(doc.get("rules") or [])
+                ]
+        for doc in docs:
+            kind, meta = doc.get("kind"), doc.get("metadata") or {}
+            if kind in ("ClusterRoleBinding", "RoleBinding"):
+                for subject in doc.get("subjects") or []:
+                    self.bind(
+                        subject_user(subject),
+                        doc["roleRef"],
+                        meta.get("namespace", "") if kind == "RoleBinding" else "",
+                    )
+
+    def bind(self, user: str, role_ref: dict[str, str], namespace: str = "") -> None:
+        """Grant `role_ref` ({kind, name}) to `user`: in `namespace` only (a RoleBinding), or everywhere."""
+        key = (
+            f"ClusterRole/{role_ref['name']}"
+            if role_ref["kind"] == "ClusterRole"
+            else f"Role/{namespace}/{role_ref['name']}"
+        )
+        if key not in self.roles:
+            raise KeyError(f"binding to {key}, which the manifests do not define")
+        self.grants.append((user, key, namespace))
+
+    def rules_for(self, user: str, a: RequestAttributes) -> list[RbacRule]:
+        """Every bound rule that allows `a` to `user`."""
+        return [
+            rule
+            for who, key, namespace in self.grants
+            if who == user and (not namespace or namespace == a.namespace)
+            for rule in self.roles[key]
+            if rule.matches(a)
+        ]
+
+    def allows(self, user: str, a: RequestAttributes) -> bool:
+        return bool(self.rules_for(user, a))
+
+
+def subject_user(subject: dict[str, str]) -> str:
+    if subject["kind"] == "ServiceAccount":
+        return f"system:serviceaccount:{subject['namespace']}:{subject['name']}"
+    return subject["name"]
 
 
 # --- object builders used by tests --------------------------------------------------------------------
