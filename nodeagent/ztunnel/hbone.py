@@ -25,10 +25,12 @@ How it uses h2 (4.4), and why in these places:
   times. Measured with 1 MiB frames: h2 0.2-0.3 GB/s, this core about 7.5 GB/s.
 - The same reader enforces what must be checked before h2 sees a frame: the raw header block size
   (HEADERS + CONTINUATION, before HPACK decoding), CONTINUATION counts, PING/SETTINGS replies and
-  RST_STREAMs (h2 answers every frame on a reset stream with one) queued since the last `data_to_send()`,
-  runs of empty DATA frames, WINDOW_UPDATE floods, and frames h2 only ignores (PRIORITY, ALTSVC, unknown
-  types, PING ACKs for no PING we sent; `Limits.ignored_frames_per_stream` says why 100 per stream); a
-  SETTINGS ACK for no SETTINGS we sent is a PROTOCOL_ERROR, as in Rust h2 and nghttp2. Violations become h2
+  RST_STREAMs (h2 answers DATA on a stream the peer reset or ended with one) queued since the last
+  `data_to_send()`, runs of empty DATA frames, WINDOW_UPDATE floods, and frames h2 only ignores (PRIORITY,
+  ALTSVC, unknown types, PING ACKs for no PING we sent, and — counted by `_H2Connection` — RST_STREAM on a
+  closed stream; `Limits.ignored_frames_per_stream` says why 100 per stream); a SETTINGS ACK for no
+  SETTINGS we sent is a PROTOCOL_ERROR, as in Rust h2 and nghttp2. DATA that crossed our own RST_STREAM is
+  ignored, not answered, up to the window the stream had left (`_H2Connection`). Violations become h2
   ProtocolErrors, so h2 queues the GOAWAY with our error code. It also hands h2 at most `_FRAMES_PER_STEP`
   frames at a time, so stream abuse (rapid reset, floods of malformed CONNECTs) is stopped within a large
   read rather than after it.
@@ -108,6 +110,9 @@ _DIRECT_PAYLOAD = 64 * 1024  # DATA payloads with this much already in are recei
 _COALESCE_BELOW = 16 * 1024  # DATA payloads up to this size are copied behind their header (one record)
 _SENDABLE = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE})
 _RECEIVABLE = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_LOCAL})
+# Streams we reset whose remaining receive window is remembered (_H2Connection._reset_windows): far more
+# than can have frames in flight at once (200 concurrent streams); h2 itself remembers 65 536 closed ones.
+_RESET_STREAMS_REMEMBERED = 1000
 
 
 def data_frame_header(stream_id: int, length: int, end_stream: bool = False) -> bytes:
@@ -707,7 +712,8 @@ class _FrameReader(FrameBuffer):
     def ignored(self, what: str) -> None:
         """One more frame that h2 processes for nothing — no state change, no reply to bound it — counted
         against `Limits.ignored_frames_per_stream` x (1 + streams): PRIORITY, ALTSVC and unknown types, PING
-        ACKs that answer no PING of ours (Rust h2 ignores them, unbounded)."""
+        ACKs that answer no PING of ours (Rust h2 ignores them, unbounded), and from `_H2Connection`
+        RST_STREAM on a closed stream and empty DATA on a stream we reset."""
         self._ignored_frames += 1
         if self._ignored_frames > self._limits.ignored_frames_per_stream * (1 + self.streams):
             raise _Abuse(
@@ -750,12 +756,29 @@ class _FrameReader(FrameBuffer):
 
 
 class _H2Connection(h2.connection.H2Connection):
-    """h2, counting the RST_STREAM frames it queues into the reader's reply budget: h2 answers every frame
-    on a stream closed by a reset with one, so one read of tiny DATA frames on a rejected stream would
-    otherwise queue thousands (30% more bytes out than in). Ours (`_reset`) count too."""
+    """h2, with what it does for frames on closed streams bounded or corrected:
+
+    - The RST_STREAM frames it queues count into the reader's reply budget: h2 answers frames on a stream
+      the peer reset or ended with one, so one read of tiny DATA frames there would otherwise queue
+      thousands (30% more bytes out than in). Ours (`_reset`) count too.
+    - DATA on a stream *we* reset is ignored, not answered (RFC 9113 5.1: the peer sent it before our
+      RST_STREAM arrived; Rust h2 and nghttp2 ignore it too). h2 answered each frame with RST_STREAM, so
+      a busy honest peer — an interactive app's small frames in flight when the upstream failed — could
+      fill the reply budget and end the connection with every other stream on it. The bound instead is
+      the stream's receive window when our RST_STREAM left (`_reset_windows`): the peer cannot have sent
+      more before it arrived, and we never reopen that window; a peer that goes on sending on the stream
+      runs past it, a FLOW_CONTROL_ERROR. Empty DATA frames there, which carry no window, count as
+      ignored frames (`_FrameReader.ignored`).
+    - RST_STREAM on a stream that is already closed (or never opened) changes nothing in h2 and gets no
+      reply: it counts as an ignored frame. One per stream is normal (the peer's reset crossed ours, or
+      followed our END_STREAM); the budget allows 100 per stream."""
 
     def __init__(self, config: h2.config.H2Configuration, reader: _FrameReader) -> None:
         self._replies = reader
+        # Stream id -> the bytes its peer may still send on it: the receive window when our RST_STREAM
+        # left, less what arrived since. The last _RESET_STREAMS_REMEMBERED streams; DATA on one reset
+        # before those gets h2's RST_STREAM(STREAM_CLOSED) reply again, counted in the reply budget.
+        self._reset_windows: dict[int, int] = {}
         super().__init__(config)
 
     def _prepare_for_sending(self, frames: list[Frame]) -> None:
@@ -766,8 +789,47 @@ class _H2Connection(h2.connection.H2Connection):
         for f in frames:
             if f.type == _RST_STREAM:
                 self._replies.control_replies += 1
+                if f.stream_id not in self._reset_windows:
+                    self._remember_reset(f.stream_id)
         self._data_to_send += b"".join(f.serialize() for f in frames)
         assert all(f.body_len <= self.max_outbound_frame_size for f in frames)
+
+    def _remember_reset(self, stream_id: int) -> None:
+        """Our RST_STREAM is leaving for `stream_id`: if it is one we reset (not h2's reply on a stream the
+        peer reset or ended), remember how much the peer may still send on it."""
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.closed_by is not h2.stream.StreamClosedBy.SEND_RST_STREAM:
+            return
+        windows = self._reset_windows
+        windows[stream_id] = stream._inbound_window_manager.current_window_size
+        if len(windows) > _RESET_STREAMS_REMEMBERED:
+            del windows[next(iter(windows))]  # the oldest
+
+    def _handle_data_on_closed_stream(
+        self, events: list[h2.events.Event], exc: h2.exceptions.StreamClosedError, frame: DataFrame
+    ) -> tuple[list[Frame], list[h2.events.Event]]:
+        """h2's (the bytes go back to the connection window), without the RST_STREAM for a stream we reset."""
+        stream_id = frame.stream_id
+        window = self._reset_windows.get(stream_id)
+        if window is None:
+            return super()._handle_data_on_closed_stream(events, exc, frame)
+        n = frame.flow_controlled_length
+        if n > window:
+            raise _Abuse(
+                f"DATA on stream {stream_id}, which we reset, beyond the {window} bytes its window still allowed",
+                ErrorCodes.FLOW_CONTROL_ERROR,
+            )
+        if not n:
+            self._replies.ignored("empty DATA on a stream we reset")
+        self._reset_windows[stream_id] = window - n
+        frames, events = super()._handle_data_on_closed_stream(events, exc, frame)
+        return [f for f in frames if f.type != _RST_STREAM], events
+
+    def _receive_rst_stream_frame(self, frame: Frame) -> tuple[list[Frame], list[h2.events.Event]]:
+        stream = self.streams.get(frame.stream_id)
+        if stream is None or stream.closed:  # h2 does nothing for it and sends nothing back
+            self._replies.ignored("RST_STREAM on a closed or idle stream")
+        return super()._receive_rst_stream_frame(frame)  # type: ignore[arg-type]
 
     def _receive_headers_frame(self, frame: HeadersFrame) -> tuple[list[Frame], list[h2.events.Event]]:
         """h2's, except that trailers without END_STREAM end only their stream. h2 raises a plain

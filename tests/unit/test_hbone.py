@@ -610,17 +610,20 @@ def test_ping_flood_output_is_bounded() -> None:
     assert goaway(frames) is not None
 
 
-def _rejected_stream() -> tuple[HboneConnection, Output]:
+def _stream_reset_by_the_peer() -> tuple[HboneConnection, Output]:
     conn, peer, out = new_server()
-    conn.receive_data(peer.request(1, [(b":method", b"GET"), (b":authority", b"10.0.0.2:80")]))  # 400 + RST
+    conn.receive_data(peer.request(1))
+    conn.accept(1)
+    conn.receive_data(rst(1))
     out.read(conn.data_to_send())
     return conn, out
 
 
 def test_rst_stream_replies_are_bounded_like_ping_replies() -> None:
-    """h2 answers every frame on a reset stream with RST_STREAM: 20 000 one-byte DATA frames in one read
-    must not queue 20 000 of them (more bytes out than in); they share the PING/SETTINGS reply budget."""
-    conn, out = _rejected_stream()
+    """h2 answers every DATA frame on a stream the peer reset with RST_STREAM(STREAM_CLOSED): 20 000 one-byte
+    DATA frames in one read must not queue 20 000 of them (more bytes out than in); they share the
+    PING/SETTINGS reply budget."""
+    conn, out = _stream_reset_by_the_peer()
     events = conn.receive_data(data(1, b"x") * 20_000)
     assert terminated(events).error_code == ErrorCodes.ENHANCE_YOUR_CALM
     frames = out.read(conn.data_to_send())
@@ -630,7 +633,7 @@ def test_rst_stream_replies_are_bounded_like_ping_replies() -> None:
 
 
 def test_rst_stream_replies_are_fine_while_output_is_drained() -> None:
-    conn, out = _rejected_stream()
+    conn, out = _stream_reset_by_the_peer()
     for _ in range(20):
         assert conn.receive_data(data(1, b"x") * 500) == []
         assert len([f for f in out.read(conn.data_to_send()) if isinstance(f, RstStreamFrame)]) == 500
@@ -682,6 +685,8 @@ IGNORED_FRAMES = {
     "unknown type on stream 0": frame(0xFA, 0, 0, b"grease"),
     "unknown type on the open stream": frame(0x20, 0xFF, 1, bytes(100)),
     "PING ACK for no PING of ours": ping(ack=True),
+    "RST_STREAM on a closed stream": rst(1),  # the first closes the open stream 1
+    "RST_STREAM on an idle stream": rst(101),
 }
 
 
@@ -890,6 +895,122 @@ def test_no_hex_repr_on_the_receive_path() -> None:
         events = conn.receive_data(session)
         assert [type(e) for e in events] == [StreamOpened]
         assert conn.accept(1) == [DataReceived(1, bytes(100_000))]
+
+
+# --- frames that crossed our RST_STREAM -------------------------------------------------------------------
+
+
+def _two_streams_then_reset_1(how: str) -> tuple[HboneConnection, Peer, Output]:
+    """Streams 1 and 3 open; stream 1 then ended by us: reset (its upstream failed), or answered with an
+    error status (rejected by policy, or no upstream) before the peer's upload has all arrived."""
+    conn, peer, out = new_server()
+    conn.receive_data(peer.request(1) + peer.request(3))
+    conn.accept(3)
+    if how == "reset":
+        conn.accept(1)
+        conn.reset_stream(1)
+    else:
+        conn.reject(1, int(how))
+    frames = out.read(conn.data_to_send())
+    assert [f.stream_id for f in frames if isinstance(f, RstStreamFrame)] == [1]
+    return conn, peer, out
+
+
+@pytest.mark.parametrize("how", ["reset", "401", "503"])
+@pytest.mark.parametrize("unsent", [False, True])
+def test_data_that_crossed_our_reset_is_ignored_not_answered(how: str, unsent: bool) -> None:
+    """RFC 9113 5.1: frames that crossed our RST_STREAM are ignored. An interactive app's small writes may
+    be thousands of DATA frames in flight when its upstream fails, all within the stream window. h2 answered
+    each with RST_STREAM, counted against max_queued_control_replies: 1001 in a read - or across reads while
+    the transport could not send (`unsent`) - ended the connection, every other stream of the pool with it."""
+    conn, _peer, out = _two_streams_then_reset_1(how)
+    for _ in range(5):
+        events = conn.receive_data(data(1, b"k" * 64) * 1001 + data(3, b"still here"))
+        assert events == [DataReceived(3, b"still here")], events[-1:]
+        frames = out.read(b"".join(conn.data_to_write(unsent=unsent)))
+        assert not [f for f in frames if isinstance(f, RstStreamFrame)]
+    assert conn.receive_data(data(1, b"", end=True)) == []  # the peer's END_STREAM, in flight too
+    assert not conn.closed
+    # The ignored bytes go back to the connection window (h2 sends the WINDOW_UPDATE in bulk).
+    windows = conn._h2._inbound_flow_control_window_manager
+    assert windows.current_window_size + windows._bytes_processed == conn.limits.connection_window - 5 * 10
+
+
+def test_client_ignores_the_servers_data_in_flight_when_it_resets() -> None:
+    """The same race the other way, between two cores: the client cancels a stream while the server's
+    small writes are on their way; the pooled connection and its other stream carry on."""
+    p, sid = _established_pair()
+    other = p.client.open_stream(ConnectRequest(SocketAddress(POD, 8081)))
+    p.pump()
+    p.server.accept(other)
+    p.pump()
+    p.take(p.server_events)
+    for _ in range(3000):
+        p.server.send_data(sid, b"k" * 64)
+    p.server.send_data(other, b"still here")
+    in_flight = p.server.data_to_send()
+    p.client.reset_stream(sid)
+    cancel = p.client.data_to_send()  # crosses in_flight on the wire
+    assert p.client.receive_data(in_flight) == [DataReceived(other, b"still here")]
+    assert not [f for f in parse_frames(p.client.data_to_send()) if isinstance(f, RstStreamFrame)]
+    p.server_events.extend(p.server.receive_data(cancel))
+    p.pump()
+    assert p.server_events == [StreamReset(sid, ErrorCodes.CANCEL, remote=True)]
+    assert not p.client.closed and not p.server.closed
+
+
+def test_data_beyond_the_window_of_a_stream_we_reset_is_a_flow_control_error() -> None:
+    """Nothing more than the stream's window when our RST_STREAM left can have crossed it, and we never
+    reopen that window: a peer that keeps sending on the stream runs past it and the connection ends."""
+    conn, peer, out = new_server()
+    conn.receive_data(peer.request(1))
+    conn.accept(1)
+    [received] = conn.receive_data(data(1, bytes(1000)))
+    conn.consumed(1, len(received.data))  # type: ignore[union-attr]
+    conn.reset_stream(1)
+    out.read(conn.data_to_send())
+    left = conn.limits.stream_window - 1000
+    chunk = 16 * 1024
+    assert conn.receive_data(data(1, bytes(chunk)) * (left // chunk) + data(1, bytes(left % chunk))) == []
+    events = conn.receive_data(data(1, b"x"))
+    assert terminated(events).error_code == ErrorCodes.FLOW_CONTROL_ERROR
+    assert goaway(out.read(conn.data_to_send())).error_code == ErrorCodes.FLOW_CONTROL_ERROR  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("end", [False, True])
+def test_empty_data_on_a_stream_we_reset_is_bounded(end: bool) -> None:
+    """Empty DATA frames use no window: without END_STREAM the empty-DATA run ends them; with it (one per
+    stream would be the peer's half-close in flight) they count as ignored frames."""
+    conn, _peer, out = _two_streams_then_reset_1("reset")
+    events = conn.receive_data(data(1, b"", end=end) * 100_000)
+    assert terminated(events).error_code == ErrorCodes.ENHANCE_YOUR_CALM
+    frames = out.read(conn.data_to_send())
+    assert not [f for f in frames if isinstance(f, RstStreamFrame)]
+    assert goaway(frames).error_code == ErrorCodes.ENHANCE_YOUR_CALM  # type: ignore[union-attr]
+
+
+def test_only_the_latest_resets_are_remembered() -> None:
+    """Memory stays bounded: a stream reset before the last _RESET_STREAMS_REMEMBERED ones is forgotten, and
+    DATA on it gets h2's RST_STREAM(STREAM_CLOSED) reply again - counted in the reply budget, as before."""
+    conn, peer, out = new_server()
+    with mock.patch.object(hbone, "_RESET_STREAMS_REMEMBERED", 2):
+        for sid in (1, 3, 5):
+            conn.receive_data(peer.request(sid))
+            conn.accept(sid)
+            conn.reset_stream(sid)
+        out.read(conn.data_to_send())
+        assert conn.receive_data(data(1, b"x") + data(3, b"x") + data(5, b"x")) == []
+    replies = [f for f in out.read(conn.data_to_send()) if isinstance(f, RstStreamFrame)]
+    assert [(f.stream_id, f.error_code) for f in replies] == [(1, ErrorCodes.STREAM_CLOSED)]
+    assert sorted(conn._h2._reset_windows) == [3, 5]
+
+
+def test_a_reset_that_crosses_ours_costs_one_ignored_frame() -> None:
+    """Both ends reset the same stream at once: the peer's RST_STREAM finds it closed, which is normal."""
+    conn, _peer, out = _two_streams_then_reset_1("reset")
+    assert conn.receive_data(rst(1)) == []
+    assert conn._reader._ignored_frames == 1 and not conn.closed
+    assert not out.read(conn.data_to_send())
 
 
 # --- keepalive --------------------------------------------------------------------------------------------
