@@ -202,11 +202,16 @@ class KubeAgent(Agent):
             self.admin = (server, admin_endpoint.parse_address(settings.admin))
 
     async def run(self, stop: asyncio.Event) -> int:
-        if self.pod_status is not None:
-            self._guard(self.pod_status.run(), "pod-status")
-        if self.admin is not None:
-            self._guard(admin_endpoint.serve(*self.admin), "admin")
-        return await super().run(stop)
+        try:
+            if self.admin is not None:  # first: an address it can never listen on stops the agent at once
+                server, address = self.admin
+                await self._serve_endpoint(server, address, flag="--admin", what="agent admin endpoint", task="admin")
+            if self.pod_status is not None:
+                self._guard(self.pod_status.run(), "pod-status")
+            return await super().run(stop)
+        finally:
+            if self.admin is not None:
+                await self.admin[0].stop()
 
     def readiness_pending(self) -> str | None:
         """The file-mode agent's readiness, and unready while the API server has failed for longer than the

@@ -202,16 +202,25 @@ class Agent:
         log.info("agent stopped; capture left in place for the next agent")
 
     async def _serve_metrics(self, host: str, port: int) -> None:
-        """Serve /metrics on host:port; while the port is taken (hostNetwork: a rolling update's old pod holds
-        it until it stops), retry in the background - metrics never keep the agent from its work. Any other
-        failure to listen (an address not of this host) is a start-up error."""
+        self.metrics_address = await self._serve_endpoint(
+            self.metrics_server, (host, port), flag="--metrics", what="agent metrics endpoint", task="metrics"
+        )
+
+    async def _serve_endpoint(
+        self, server: AdminServer, address: tuple[str, int], *, flag: str, what: str, task: str
+    ) -> tuple[str, int] | None:
+        """Serve `server` on address; the bound address, or None while the port is taken (hostNetwork: a
+        rolling update's old pod holds it until it stops): then retry in the background (task `task`) - an
+        endpoint never keeps the agent from its work. Any other failure to listen (an address not of this
+        host) is a start-up error naming `flag`. The caller stops `server` when the agent stops."""
+        host, port = address
         try:
-            self.metrics_address = await self.metrics_server.start(host, port)
+            return await server.start(host, port)
         except OSError as exc:
             if exc.errno != errno.EADDRINUSE:
-                raise SystemExit(f"--metrics {host}:{port}: {exc}") from None
-            endpoint = admin_endpoint.serve(self.metrics_server, (host, port), what="agent metrics endpoint")
-            self._guard(endpoint, "metrics")
+                raise SystemExit(f"{flag} {host}:{port}: {exc}") from None
+            self._guard(admin_endpoint.serve(server, address, what=what), task)
+            return None
 
     def _guard(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
