@@ -24,6 +24,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 
+from nodeagent.admin import DAEMON_LOG_LEVELS, use_log_level
 from nodeagent.admin_client import (
     KUBECONFIG_HELP,
     add_admin_arguments,
@@ -122,6 +123,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--metrics",
         metavar="HOST:PORT",
         help="serve Prometheus /metrics (request counts by result and reason) here, e.g. 127.0.0.1:15014",
+    )
+    serve.add_argument(
+        "--log-level",
+        choices=DAEMON_LOG_LEVELS,
+        default="info",
+        help="info logs each certificate issued and each request refused (-v/-vv lower it further)",
     )
     serve.set_defaults(func=cmd_serve)
 
@@ -260,6 +267,7 @@ def _accounts(values: Sequence[str] | None) -> list[tuple[str, str]]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    use_log_level(args.log_level)
     try:
         accounts = _accounts(args.node_account)
         if args.kubernetes:
