@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from raw_h2 import (
+    ACK,
     CONTINUATION,
     DATA,
     END_HEADERS,
@@ -244,6 +245,40 @@ def ping_flood(c: Cluster) -> bytes:
     return b"".join(frame(PING, 0, 0, i.to_bytes(8, "big")) for i in range(100_000))
 
 
+def ping_ack_flood(c: Cluster) -> bytes:
+    """ACKs of PINGs the tunnel never sent: h2 processes each for nothing and sends nothing back."""
+    return frame(PING, ACK, 0, bytes(8)) * 2000
+
+
+def settings_ack_flood(c: Cluster) -> bytes:
+    """One SETTINGS ACK answers the tunnel's SETTINGS; the rest answer nothing."""
+    return frame(SETTINGS, ACK, 0) * 2000
+
+
+def rst_on_closed_stream_flood(c: Cluster) -> bytes:
+    """RST_STREAM on a stream that is already closed (here: answered 400 and reset by the tunnel)."""
+    return headers(c, connect_block(target(c), method=b"GET")) + frame(RST_STREAM, 0, 1, bytes(4)) * 2000
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (ping_ack_flood, ENHANCE_YOUR_CALM),
+        (settings_ack_flood, PROTOCOL_ERROR),
+        (rst_on_closed_stream_flood, ENHANCE_YOUR_CALM),
+    ],
+    ids=["ping-ack", "settings-ack", "rst-closed"],
+)
+async def test_floods_without_replies_end_the_connection(rig, payload: Callable[[Cluster], bytes], code: int) -> None:  # type: ignore[no-untyped-def]
+    """Frames that h2 processes for nothing and answers with nothing: no reply budget ever stops them, so
+    they must be counted as they arrive. 2000 frames, far over each bound, and few enough to be all sent
+    before the tunnel closes (a close with unread input is a TCP reset, which can eat the GOAWAY)."""
+    c, app = rig
+    out = await exchange(c, payload, ended)
+    assert out.goaway == code, out
+    assert not app.accepted.is_set()
+
+
 @pytest.mark.parametrize(
     "payload", [hpack_bomb, empty_headers, continuation_flood, ping_flood], ids=["hpack", "empty", "cont", "ping"]
 )
@@ -253,6 +288,31 @@ async def test_floods_and_bombs_end_the_connection(rig, payload: Callable[[Clust
     assert out.goaway in (ENHANCE_YOUR_CALM, PROTOCOL_ERROR, 0x9) or out.closed, out  # 0x9: COMPRESSION_ERROR
     assert 1 not in out.statuses or out.statuses[1] != 200
     assert not app.accepted.is_set()
+
+
+async def test_data_in_flight_when_the_tunnel_resets_is_ignored(rig) -> None:  # type: ignore[no-untyped-def]
+    """A client's small writes still on their way when the tunnel ends the stream (here: 503, nothing
+    listens on the port) are ignored (RFC 9113 5.1), not each answered with RST_STREAM: the tunnel used to
+    count those replies as a flood and end the connection, and every other stream on it."""
+    c, app = rig
+
+    def run() -> Outcome:
+        client = RawClient(server_addr(c), client_ctx(c))
+        try:
+            client.start()
+            client.send(headers(c, connect_block(target(c, APP_PORT + 1))))
+            assert client.read_until(has_status(1)).statuses == {1: 503}
+            client.send(frame(DATA, 0, 1, b"k" * 64) * 20_000)  # 1.3 MB in 20 000 frames, inside the window
+            client.send(headers(c, connect_block(target(c)), stream=3) + frame(DATA, END_STREAM, 3, b"ok"))
+            return client.read_until(has_status(3))
+        finally:
+            client.close()
+
+    out = await asyncio.to_thread(run)
+    assert out.statuses == {1: 503, 3: 200}, out
+    assert out.goaway is None and not out.closed, out
+    assert out.resets.get(1) == 0, out  # the tunnel's RST_STREAM(NO_ERROR) after the 503; no STREAM_CLOSED replies
+    assert app.accepted.is_set()
 
 
 @pytest.mark.parametrize("case", ["h2c", "no client cert", "foreign trust domain"])
