@@ -36,7 +36,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -106,6 +106,8 @@ class Mesh:
     verify_interval / inventory_poll: the agents' periodic kernel check and inventory file poll.
     kubeconfig: Kubernetes mode — the agents and tunnels watch the API server it names (the tests' stand-in)
     instead of the lab inventory; the CA keeps the inventory's node tokens.
+    tunnel_wrapper: a command line every tunnel's own is appended to, run inside the node's netns (tests:
+    `setpriv` to run the tunnels with only a DaemonSet container's capabilities); empty runs them directly.
     """
 
     def __init__(
@@ -120,6 +122,7 @@ class Mesh:
         inventory_poll: float | None = None,
         kubeconfig: Path | None = None,
         policies: Path | None = None,
+        tunnel_wrapper: Sequence[str] = (),
     ) -> None:
         self.lab = lab
         self.run_dir = run_dir
@@ -130,6 +133,7 @@ class Mesh:
         self.inventory_poll = inventory_poll
         self.kubeconfig = kubeconfig
         self.policies = policies  # the tunnels' --policies (Istio YAML, reloaded when it changes)
+        self.tunnel_wrapper = list(tunnel_wrapper)
         self.procs: list[Proc] = []
         self.ready_after: dict[str, float] = {}  # node -> seconds from start() until its tunnel was ready
         self._tunnels: dict[str, Proc] = {}  # the newest tunnel per node
@@ -227,6 +231,7 @@ class Mesh:
             *(["--spoof"] if self.spoof else []), *(["--grace", str(grace)] if grace is not None else []),
             *(["--policies", str(self.policies)] if self.policies is not None else []),
         ]  # fmt: skip
+        argv = [*self.tunnel_wrapper, *argv]
         proc = self._spawn(name or f"tunnel-{node}", "tunnel", node, self.lab.node_exec_argv(node, argv))
         proc.ready_port = READY_PORT + port_offset
         proc.metrics_port = METRICS_PORT + port_offset
