@@ -156,6 +156,10 @@ def test_daemonset_conventions() -> None:
     assert agent_mounts[paths["/var/run/netns"]]["mountPropagation"] == "HostToContainer"
     tunnel_mounts = {m["name"]: m for m in containers["tunnel"]["volumeMounts"]}
     assert paths["/sys/fs/bpf"] in tunnel_mounts, "eBPF-captured pods need the pins in the tunnel too"
+    # The tunnel gets each pod's netns as an fd over ZDS: it needs neither the host's /proc and netns files
+    # nor SYS_PTRACE to open them (tests/privileged/test_tunnel_capabilities.py runs it without them).
+    assert not {paths["/proc"], paths["/var/run/netns"]} & set(tunnel_mounts)
+    assert "SYS_PTRACE" not in containers["tunnel"]["securityContext"]["capabilities"]["add"]
     # Both set sysctls in pod netns (eBPF capture, hand-over) through a writable mount of /proc/sys/net:
     # their own /proc/sys is read-only.
     for name in ("agent", "tunnel"):
