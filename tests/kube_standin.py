@@ -1014,3 +1014,11 @@ class _PortForwardSession:
                     self.send(event.response())
             if not data:
                 return
+
+
+def one_ambient_pod() -> KubeStandIn:
+    """A stand-in holding namespace shop, labelled ambient, and its pod web-1 (uid-web-1) on node1."""
+    server = KubeStandIn(bookmark_interval=0.2)
+    server.apply(namespace("shop", {"istio.io/dataplane-mode": "ambient"}))
+    server.apply(pod("web-1", "shop", "node1", "10.1.0.5", sa="web", uid="uid-web-1"))
+    return server

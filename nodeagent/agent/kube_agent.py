@@ -233,7 +233,10 @@ class KubeAgent(Agent):
 
     def _write_status(self, *, running: bool) -> None:
         super()._write_status(running=running)
-        if self.pod_status is not None and running:
+        # Superseded (a rolling update's new agent holds the ZDS socket): the pods' annotations are the new
+        # agent's to write. This one's tunnel drains and leaves it, and what it would publish then (every
+        # pod `pending`) is about its own tunnel, not the node's pods, which the new agent's tunnel serves.
+        if self.pod_status is not None and running and not self.superseded():
             settled = self.statuses_settled
             pods: dict[str, tuple[str, str, Status]] = {
                 uid: (r.pod.namespace, r.pod.name, self.reconciler.status(uid))

@@ -22,7 +22,9 @@ probe, and it stays true only while the socket at the ZDS path is the one this a
 one. Why the agent needs readiness of its own: the tunnel turns ready on any agent's snapshot, and during
 a rolling update that is the old pod's agent - a new agent stuck before its first pass (an RBAC 403 on its
 list, retried forever) must keep its pod unready, or the old pod is stopped and the node is left with no
-working agent.
+working agent. Once superseded so, an agent writes no more status (the node's status file, pods/status):
+both are the new agent's, and what the old one would write as its own tunnel drains and it stops - every
+pod pending, then `running: false` - is not the node's state.
 
 Capture is `--capture iptables`, `ebpf` (nodeagent.capture.ebpf: pinned BPF programs, no rule in the
 pods) or `auto` (eBPF where the kernel, headers and capabilities allow it, else iptables, with a log line
@@ -151,6 +153,7 @@ class Agent:
         # Pod statuses mean something to others (pods/status) only once a tunnel could have acked them: until
         # then a restarted agent knows of no ack, though its tunnel kept serving every pod throughout.
         self.statuses_settled = False
+        self._left_status = False  # superseded: status writes stopped (said once)
         self._tunnel_acked = asyncio.Event()
         self._status_dirty = asyncio.Event()
         self._status_path = status_path(config.state_dir, config.node)
@@ -253,17 +256,23 @@ class Agent:
                 f"first reconcile pass of node {self.config.node}'s pods still running "
                 f"({len(self.reconciler.records)} pods in hand); the ZDS socket opens after it"
             )
-        try:
-            ours = os.stat(self.config.zds_socket).st_ino == self._zds_inode
-        except OSError:
-            ours = False
-        if not ours:
+        if self.superseded():
             return (
                 f"the ZDS socket {self.config.zds_socket} is no longer this agent's: another agent took it over "
                 "(a rolling update's new pod) or it was removed, and tunnels that connect now do not reach this "
                 "agent; if no other agent runs on this node, restart this one"
             )
         return None
+
+    def superseded(self) -> bool:
+        """This agent bound the ZDS socket and it is no longer there as bound: another agent (a rolling update's
+        new pod) took it over, so that agent's tunnels serve the node's pods now."""
+        if self._zds_inode is None:
+            return False
+        try:
+            return os.stat(self.config.zds_socket).st_ino != self._zds_inode
+        except OSError:
+            return True
 
     def _source_problem(self) -> str | None:
         """Why the workload source has handed over no list (yet), if it knows."""
@@ -360,6 +369,13 @@ class Agent:
         self._status_dirty.set()
 
     def _write_status(self, *, running: bool) -> None:
+        if self.superseded():
+            # The node's status file (a hostPath both pods of a rolling update share) is the new agent's now:
+            # this one's last word, `running: false` as it stops, would say the node's agent is down.
+            if not self._left_status:
+                log.info("another agent holds %s now: the node's status is its to write", self.config.zds_socket)
+                self._left_status = True
+            return
         pods = {}
         counts = dict.fromkeys((s.value for s in Status), 0)
         for uid, record in self.reconciler.records.items():

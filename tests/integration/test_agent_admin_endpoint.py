@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from agent_fakes import FakeCapture, NoProbes
-from kube_standin import KubeStandIn, namespace, pod
+from kube_standin import KubeStandIn, one_ambient_pod
 
 from nodeagent.admin_client import AdminError, fetch_dump
 from nodeagent.agent import service
@@ -25,9 +25,7 @@ from nodeagent.capture.iptables import Flavour
 
 @pytest.fixture
 def api() -> Iterator[KubeStandIn]:
-    server = KubeStandIn(bookmark_interval=0.2)
-    server.apply(namespace("shop", {"istio.io/dataplane-mode": "ambient"}))
-    server.apply(pod("web-1", "shop", "node1", "10.1.0.5", sa="web", uid="uid-web-1"))
+    server = one_ambient_pod()
     yield server
     server.close()
 

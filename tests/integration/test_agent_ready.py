@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 from agent_fakes import FakeCapture, NoProbes
-from kube_standin import KubeStandIn, forbidden, namespace, pod
+from kube_standin import KubeStandIn, forbidden, one_ambient_pod
 
 from nodeagent.agent import commands, service
 from nodeagent.agent.__main__ import main as agent_main
@@ -72,9 +72,7 @@ async def until_ready_says(path: str, check: Any, limit: float = 10.0) -> tuple[
 
 @pytest.fixture
 def api() -> Iterator[KubeStandIn]:
-    server = KubeStandIn(bookmark_interval=0.2)
-    server.apply(namespace("shop", {"istio.io/dataplane-mode": "ambient"}))
-    server.apply(pod("web-1", "shop", "node1", "10.1.0.5", sa="web", uid="uid-web-1"))
+    server = one_ambient_pod()
     yield server
     server.close()
 

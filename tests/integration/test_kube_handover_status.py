@@ -1,0 +1,112 @@
+"""A rolling update's old agent stops writing pod annotations and the node's status file once the new agent
+holds the ZDS socket.
+
+During a surge the new agent binds the node's ZDS socket and its tunnel serves the pods; the old pod's
+tunnel then drains and leaves the old agent, which saw every pod lose its tunnel and published `pending`
+for all of them - while they were served. The new agent (not having written them itself, it goes by the
+watch) flipped them back: `enabled` -> `pending` -> `enabled` across every update, which an init container
+waiting for `enabled` (daemonset/README.md) or a user watching `kubectl get pods` sees. And as it stopped,
+the old agent wrote `running: false` into the node's status file, which both pods share (a hostPath), so
+`nodeagent inspect redirects` said the node's agent was down. The oracles are the stand-in API server's
+record of the patches and the status file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from agent_fakes import FakeCapture, NoProbes
+from kube_standin import KubeStandIn, one_ambient_pod
+
+from nodeagent.agent import service
+from nodeagent.agent.enrollment import Status
+from nodeagent.agent.kube_agent import KubeAgent, KubeSettings
+from nodeagent.agent.kube_status import REDIRECTION_ANNOTATION
+from nodeagent.agent.status import read_status, status_path
+from nodeagent.capture.iptables import Flavour
+from nodeagent.ztunnel.zds_client import Backoff, ZdsClient
+
+
+class AckingTunnel:
+    """A tunnel that acks whatever the agent gives it."""
+
+    async def on_add(self, workload: object, netns_fd: int) -> None: ...
+
+    async def on_keep(self, uid: str) -> None: ...
+
+    async def on_del(self, uid: str) -> None: ...
+
+    async def on_snapshot_done(self, known: frozenset[str]) -> None: ...
+
+
+@pytest.fixture
+def api() -> Iterator[KubeStandIn]:
+    server = one_ambient_pod()
+    yield server
+    server.close()
+
+
+async def until(check: Any, limit: float = 10.0) -> None:
+    async with asyncio.timeout(limit):
+        while not check():  # noqa: ASYNC110 (the agents change state in other tasks)
+            await asyncio.sleep(0.02)
+
+
+def annotation(api: KubeStandIn) -> str | None:
+    obj = api.get("Pod", "web-1", "shop")
+    assert obj is not None
+    return (obj["metadata"].get("annotations") or {}).get(REDIRECTION_ANNOTATION)
+
+
+async def test_the_superseded_agent_leaves_the_annotations_to_the_new_one(
+    api: KubeStandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service.IptablesBackend, "for_host", lambda flavour: FakeCapture())
+    monkeypatch.setattr(service, "ProbeBypass", NoProbes)
+    (tmp_path / "netns").mkdir()
+    (tmp_path / "netns" / "na-node1.shop.web-1").touch()
+    sock = str(tmp_path / "zds.sock")
+
+    def agent() -> KubeAgent:  # both pods of a rolling update share the node's state dir (a hostPath)
+        config = service.AgentConfig(
+            node="node1", inventory=tmp_path / "unused.yaml", zds_socket=sock, state_dir=tmp_path / "state",
+            netns_dir=str(tmp_path / "netns"), verify_interval=600, metrics=None,
+        )  # fmt: skip
+        return KubeAgent(config, Flavour.NFT, settings=KubeSettings(client=api.api_client, netns="pattern", admin=None))
+
+    old, new = agent(), agent()
+    stop_old, stop_new = asyncio.Event(), asyncio.Event()
+    old_run = asyncio.ensure_future(old.run(stop_old))
+    old_tunnel = ZdsClient(AckingTunnel(), sock, backoff=Backoff(0.05, 0.2))
+    new_tunnel = ZdsClient(AckingTunnel(), sock, backoff=Backoff(0.05, 0.2))
+    new_run: asyncio.Future[int] | None = None
+    try:
+        old_tunnel.start()
+        await until(lambda: annotation(api) == "enabled")
+        new_run = asyncio.ensure_future(new.run(stop_new))
+        await until(lambda: new.ready)  # it holds the socket now
+        new_tunnel.start()
+        await until(lambda: new.reconciler.status("uid-web-1") is Status.ENABLED)
+        written = len(api.patches)
+        await old_tunnel.close()  # the old pod's tunnel drains and leaves the old agent
+        await until(lambda: old.reconciler.status("uid-web-1") is Status.PENDING)
+        await asyncio.sleep(1.0)  # what either agent would publish now reaches the API server
+        assert annotation(api) == "enabled"
+        assert api.patches[written:] == [], "the pod's annotation was rewritten though it was served throughout"
+        assert "no longer this agent's" in (old.readiness_pending() or "")
+        stop_old.set()
+        assert await old_run == 0
+        # The node's status file (shared by both pods) still describes the running agent and its served pod.
+        doc = read_status(status_path(tmp_path / "state", "node1"))
+        assert doc is not None and doc["running"] is True
+        assert doc["pods"]["uid-web-1"]["status"] == "enabled"
+    finally:
+        stop_old.set()
+        stop_new.set()
+        await old_tunnel.close()
+        await new_tunnel.close()
+        await asyncio.gather(old_run, *([new_run] if new_run else []), return_exceptions=True)
