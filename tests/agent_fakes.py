@@ -75,3 +75,15 @@ class NoProbes:
 
     async def remove(self) -> bool:
         return False
+
+
+class AckingTunnel:
+    """A ZDS tunnel (nodeagent.ztunnel.zds_client handlers) that serves and acks whatever the agent gives it."""
+
+    async def on_add(self, workload: object, netns_fd: int) -> None: ...
+
+    async def on_keep(self, uid: str) -> None: ...
+
+    async def on_del(self, uid: str) -> None: ...
+
+    async def on_snapshot_done(self, known: frozenset[str]) -> None: ...

@@ -17,7 +17,11 @@ gone (404) is forgotten.
 
 What the API server holds is what this writer wrote, or, for a pod it has not written since it started,
 what the agent's pod watch shows (`seen`): so a restarted agent removes an `enabled` an earlier run left
-on a pod unenrolled meanwhile, and skips writes that would change nothing.
+on a pod unenrolled meanwhile, and skips writes that would change nothing. Once the watch has shown a
+write of ours, a later different value there is someone else's change (a hand edit, another tool): the
+watch is believed again and the agent's value written back. Watch events come in order, so an event from
+before our write (still showing the old value) is never taken for such a change. No resourceVersion
+comparison: they are opaque to clients.
 
 What it deliberately does not do: no reading of pod state of its own (the agent passes what its watch
 saw), no enrollment decisions, no status file (agent/status.py keeps writing that in every mode).
@@ -74,6 +78,8 @@ class PodStatusWriter:
         self._desired: dict[str, PodAnnotation] = {}
         self._seen: Mapping[str, PodAnnotation] = MappingProxyType({})
         self.written: dict[str, PodAnnotation] = {}  # uid -> what the API server has (as far as we know)
+        self._echoed: set[str] = set()  # uids whose last write the watch has shown since
+        self._writing: set[str] = set()  # uids with a write in flight (the watch may show it before it returns)
         self._wake = asyncio.Event()
         self.error: str | None = None
         self.patches = 0
@@ -90,7 +96,23 @@ class PodStatusWriter:
             uid: PodAnnotation(ns, name, annotation_value(status)) for uid, (ns, name, status) in pods.items()
         }
         self._seen = seen
+        self._notice_changes_by_others(seen)
         self._wake.set()
+
+    def _notice_changes_by_others(self, seen: Mapping[str, PodAnnotation]) -> None:
+        for uid, shown in seen.items():
+            ours = self.written.get(uid)
+            if ours is None or uid in self._writing:
+                continue
+            if shown.value == ours.value:
+                self._echoed.add(uid)
+            elif uid in self._echoed:  # the watch showed our write, and now something else
+                log.info(
+                    "annotation %s of pod %s/%s was changed to %r by someone else; setting it back",
+                    REDIRECTION_ANNOTATION, shown.namespace, shown.name, shown.value,
+                )  # fmt: skip
+                del self.written[uid]
+                self._echoed.discard(uid)
 
     def _todo(self) -> dict[str, PodAnnotation]:
         desired = dict(self._desired)
@@ -116,6 +138,7 @@ class PodStatusWriter:
             for uid, a in list(self.written.items()):
                 if a.value is None and uid not in self._desired and uid not in self._seen:
                     del self.written[uid]
+                    self._echoed.discard(uid)
             if all(results):
                 delay = self._retry_initial
                 if self.error is not None:
@@ -130,6 +153,7 @@ class PodStatusWriter:
     async def _write(self, uid: str, a: PodAnnotation, slots: asyncio.Semaphore) -> bool:
         body = {"metadata": {"uid": uid, "annotations": {REDIRECTION_ANNOTATION: a.value}}}
         async with slots:
+            self._writing.add(uid)
             try:
                 await asyncio.to_thread(
                     self._core.patch_namespaced_pod_status,
@@ -156,8 +180,17 @@ class PodStatusWriter:
                 )
             except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
                 return self._failed(a, describe(exc, f"patching pods/status of {a.namespace}/{a.name}"))
+            finally:
+                self._writing.discard(uid)
         self.patches += 1
         self.written[uid] = a
+        # The watch may have shown this write while it was in flight; if it has not, what it shows may
+        # predate it, so nothing it shows counts as someone else's change until it shows this value.
+        shown = self._seen.get(uid)
+        if shown is not None and shown.value == a.value:
+            self._echoed.add(uid)
+        else:
+            self._echoed.discard(uid)
         return True
 
     def _failed(self, a: PodAnnotation, problem: str) -> bool:

@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
-from agent_fakes import FakeCapture, NoProbes
+from agent_fakes import AckingTunnel, FakeCapture, NoProbes
 from identity_support import NODE_AGENT, TD, make_csr, start_ca
 from kube_standin import KubeStandIn, forbidden, namespace, pod, status_body
 
@@ -216,18 +216,6 @@ async def test_a_restarted_agent_corrects_the_annotations_an_earlier_run_left(
         assert await running == 0
 
 
-class ServingTunnel:
-    """A tunnel that served the pods before the agent restarted and acks whatever it is given."""
-
-    async def on_add(self, workload: object, netns_fd: int) -> None: ...
-
-    async def on_keep(self, uid: str) -> None: ...
-
-    async def on_del(self, uid: str) -> None: ...
-
-    async def on_snapshot_done(self, known: frozenset[str]) -> None: ...
-
-
 @pytest.mark.timeout(60)
 async def test_a_restarted_agent_leaves_enabled_pods_enabled_while_their_tunnel_reconnects(
     api: KubeStandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -247,7 +235,7 @@ async def test_a_restarted_agent_leaves_enabled_pods_enabled_while_their_tunnel_
         node="node1", inventory=tmp_path / "unused.yaml", zds_socket=sock,
         state_dir=tmp_path / "state", netns_dir=str(tmp_path / "netns"), verify_interval=600,
     )  # fmt: skip
-    tunnel = ZdsClient(ServingTunnel(), sock, backoff=Backoff(0.05, 0.2))  # reconnects once the socket is there
+    tunnel = ZdsClient(AckingTunnel(), sock, backoff=Backoff(0.05, 0.2))  # reconnects once the socket is there
     tunnel.start()
     agent = KubeAgent(config, Flavour.NFT, settings=KubeSettings(client=api.api_client, netns="pattern", admin=None))
     stop = asyncio.Event()

@@ -1,25 +1,28 @@
-"""A rolling update's old agent stops writing pod annotations and the node's status file once the new agent
-holds the ZDS socket.
+"""Who writes a pod's `ambient.istio.io/redirection` annotation, and the node's status file, when more than the
+agent touches them.
 
-During a surge the new agent binds the node's ZDS socket and its tunnel serves the pods; the old pod's
+A rolling update: the new agent binds the node's ZDS socket and its tunnel serves the pods; the old pod's
 tunnel then drains and leaves the old agent, which saw every pod lose its tunnel and published `pending`
 for all of them - while they were served. The new agent (not having written them itself, it goes by the
 watch) flipped them back: `enabled` -> `pending` -> `enabled` across every update, which an init container
 waiting for `enabled` (daemonset/README.md) or a user watching `kubectl get pods` sees. And as it stopped,
 the old agent wrote `running: false` into the node's status file, which both pods share (a hostPath), so
-`nodeagent inspect redirects` said the node's agent was down. The oracles are the stand-in API server's
-record of the patches and the status file.
+`nodeagent inspect redirects` said the node's agent was down.
+
+A hand edit: the agent's value is set back once the watch shows someone else's.
+
+The oracles are the stand-in API server's record of the patches and the status file.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from agent_fakes import FakeCapture, NoProbes
+from agent_fakes import AckingTunnel, FakeCapture, NoProbes
 from kube_standin import KubeStandIn, one_ambient_pod
 
 from nodeagent.agent import service
@@ -29,18 +32,6 @@ from nodeagent.agent.kube_status import REDIRECTION_ANNOTATION
 from nodeagent.agent.status import read_status, status_path
 from nodeagent.capture.iptables import Flavour
 from nodeagent.ztunnel.zds_client import Backoff, ZdsClient
-
-
-class AckingTunnel:
-    """A tunnel that acks whatever the agent gives it."""
-
-    async def on_add(self, workload: object, netns_fd: int) -> None: ...
-
-    async def on_keep(self, uid: str) -> None: ...
-
-    async def on_del(self, uid: str) -> None: ...
-
-    async def on_snapshot_done(self, known: frozenset[str]) -> None: ...
 
 
 @pytest.fixture
@@ -62,22 +53,29 @@ def annotation(api: KubeStandIn) -> str | None:
     return (obj["metadata"].get("annotations") or {}).get(REDIRECTION_ANNOTATION)
 
 
-async def test_the_superseded_agent_leaves_the_annotations_to_the_new_one(
-    api: KubeStandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def agents(api: KubeStandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[], KubeAgent]:
+    """A maker of Kubernetes agents for node1, all on one ZDS socket (tmp_path/zds.sock) and one state dir:
+    both pods of a rolling update share the node's (hostPaths)."""
     monkeypatch.setattr(service.IptablesBackend, "for_host", lambda flavour: FakeCapture())
     monkeypatch.setattr(service, "ProbeBypass", NoProbes)
     (tmp_path / "netns").mkdir()
     (tmp_path / "netns" / "na-node1.shop.web-1").touch()
-    sock = str(tmp_path / "zds.sock")
 
-    def agent() -> KubeAgent:  # both pods of a rolling update share the node's state dir (a hostPath)
+    def agent() -> KubeAgent:
         config = service.AgentConfig(
-            node="node1", inventory=tmp_path / "unused.yaml", zds_socket=sock, state_dir=tmp_path / "state",
-            netns_dir=str(tmp_path / "netns"), verify_interval=600, metrics=None,
+            node="node1", inventory=tmp_path / "unused.yaml", zds_socket=str(tmp_path / "zds.sock"),
+            state_dir=tmp_path / "state", netns_dir=str(tmp_path / "netns"), verify_interval=600, metrics=None,
         )  # fmt: skip
         return KubeAgent(config, Flavour.NFT, settings=KubeSettings(client=api.api_client, netns="pattern", admin=None))
 
+    return agent
+
+
+async def test_the_superseded_agent_leaves_the_annotations_to_the_new_one(
+    api: KubeStandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agent = agents(api, tmp_path, monkeypatch)
+    sock = str(tmp_path / "zds.sock")
     old, new = agent(), agent()
     stop_old, stop_new = asyncio.Event(), asyncio.Event()
     old_run = asyncio.ensure_future(old.run(stop_old))
@@ -110,3 +108,34 @@ async def test_the_superseded_agent_leaves_the_annotations_to_the_new_one(
         await old_tunnel.close()
         await new_tunnel.close()
         await asyncio.gather(old_run, *([new_run] if new_run else []), return_exceptions=True)
+
+
+async def test_an_annotation_someone_else_changed_is_set_back(
+    api: KubeStandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The writer used to trust its own record of what it wrote over the watch for good: a hand edit (or
+    another tool) that changed the annotation of a served pod stayed, and an init container waiting for
+    `enabled` waited forever."""
+    caplog.set_level("INFO", logger="nodeagent.agent.kube_status")
+    agent = agents(api, tmp_path, monkeypatch)()
+    stop = asyncio.Event()
+    running = asyncio.ensure_future(agent.run(stop))
+    tunnel = ZdsClient(AckingTunnel(), str(tmp_path / "zds.sock"), backoff=Backoff(0.05, 0.2))
+    try:
+        tunnel.start()
+        await until(lambda: annotation(api) == "enabled")
+        await asyncio.sleep(0.5)  # the watch has shown the agent its own write
+        written = len(api.patches)
+        edited = api.get("Pod", "web-1", "shop")
+        assert edited is not None
+        edited["metadata"]["annotations"][REDIRECTION_ANNOTATION] = "pending"
+        api.apply(edited)  # `kubectl annotate --overwrite`, say
+        await until(lambda: len(api.patches) > written)
+        await until(lambda: annotation(api) == "enabled")
+        assert "was changed to 'pending' by someone else; setting it back" in caplog.text
+        await asyncio.sleep(0.5)
+        assert len(api.patches) == written + 1  # set back once, then left alone
+    finally:
+        stop.set()
+        await tunnel.close()
+        assert await running == 0
