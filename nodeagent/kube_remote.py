@@ -63,19 +63,8 @@ class Target:
 
 def find_pod(core: kubernetes.client.CoreV1Api, node: str, namespace: str, selector: str) -> Target:
     """The running nodeagent pod on `node` (the newest, during a rolling update's surge)."""
-    what = f"pods in namespace {namespace}"
-    try:
-        raw: Any = core.list_namespaced_pod(
-            namespace, label_selector=selector, field_selector=f"spec.nodeName={node}", _preload_content=False
-        )
-        pods = json.loads(raw.data).get("items") or []
-    except ApiException as exc:
-        if exc.status == 403:
-            raise RemoteError(f"{describe_forbidden(exc, what)}; the nodeagent-operator Role grants it") from None
-        raise RemoteError(describe(exc, what)) from None
-    except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
-        raise RemoteError(describe(exc, what)) from None
-    running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+    pods = _list_pods(core, namespace, selector, f"spec.nodeName={node}")
+    running = _newest_running(pods, namespace)
     if not running:
         found = ", ".join(f"{p['metadata']['name']} ({(p.get('status') or {}).get('phase')})" for p in pods)
         raise RemoteError(
@@ -84,8 +73,62 @@ def find_pod(core: kubernetes.client.CoreV1Api, node: str, namespace: str, selec
             + f"; is the node name right and the DaemonSet scheduled there? "
             f"(kubectl -n {namespace} get pods -l {selector} -o wide)"
         )
-    newest = max(running, key=lambda p: p["metadata"].get("creationTimestamp") or "")
-    return Target(namespace, newest["metadata"]["name"], node)
+    return running[0]
+
+
+def all_config_dumps(
+    port: int,
+    *,
+    kubeconfig: str | os.PathLike[str] | None = None,
+    context: str | None = None,
+    namespace: str = NODEAGENT_NAMESPACE,
+    selector: str = NODEAGENT_SELECTOR,
+) -> dict[str, Any]:
+    """node -> /config_dump of `port` on the node's running nodeagent pod (the newest during a surge), parsed,
+    or the RemoteError that says why it could not be read; RemoteError if the pods cannot be listed."""
+    try:
+        api = api_client(kubeconfig, context)
+    except KubeConfigError as exc:
+        raise RemoteError(str(exc)) from None
+    out: dict[str, Any] = {}
+    with api:
+        core = kubernetes.client.CoreV1Api(api)
+        for target in _newest_running(_list_pods(core, namespace, selector, None), namespace):
+            try:
+                out[target.node] = _parse_dump(get(core, target, port, "/config_dump"), target, port)
+            except RemoteError as exc:
+                out[target.node] = exc
+    return out
+
+
+def _list_pods(
+    core: kubernetes.client.CoreV1Api, namespace: str, selector: str, field_selector: str | None
+) -> list[dict[str, Any]]:
+    what = f"pods in namespace {namespace}"
+    try:
+        raw: Any = core.list_namespaced_pod(
+            namespace, label_selector=selector, field_selector=field_selector, _preload_content=False
+        )
+        return list(json.loads(raw.data).get("items") or [])
+    except ApiException as exc:
+        if exc.status == 403:
+            raise RemoteError(f"{describe_forbidden(exc, what)}; the nodeagent-operator Role grants it") from None
+        raise RemoteError(describe(exc, what)) from None
+    except (urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+        raise RemoteError(describe(exc, what)) from None
+
+
+def _newest_running(pods: list[dict[str, Any]], namespace: str) -> list[Target]:
+    """The newest running pod of each node among `pods`, by node (a rolling update's surge runs two)."""
+    newest: dict[str, dict[str, Any]] = {}
+    for p in pods:
+        node = (p.get("spec") or {}).get("nodeName")
+        if not node or (p.get("status") or {}).get("phase") != "Running":
+            continue
+        stamp = p["metadata"].get("creationTimestamp") or ""
+        if node not in newest or stamp > (newest[node]["metadata"].get("creationTimestamp") or ""):
+            newest[node] = p
+    return [Target(namespace, p["metadata"]["name"], node) for node, p in sorted(newest.items())]
 
 
 def describe_forbidden(exc: ApiException, what: str) -> str:
@@ -171,7 +214,10 @@ def fetch_config_dump(
     with api:
         core = kubernetes.client.CoreV1Api(api)
         target = find_pod(core, node, namespace, selector)
-        body = get(core, target, port, "/config_dump")
+        return _parse_dump(get(core, target, port, "/config_dump"), target, port)
+
+
+def _parse_dump(body: bytes, target: Target, port: int) -> Any:
     try:
         return json.loads(body)
     except ValueError:

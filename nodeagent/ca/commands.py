@@ -13,6 +13,7 @@ without a server.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import signal
@@ -22,6 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
 from prometheus_client import CollectorRegistry, start_http_server
 
 from nodeagent.admin import DAEMON_LOG_LEVELS, use_log_level
@@ -34,7 +36,7 @@ from nodeagent.admin_client import (
     print_section,
     table,
 )
-from nodeagent.ca import authority
+from nodeagent.ca import authority, rotation
 from nodeagent.ca.authn import DEFAULT_NODE_ACCOUNT, Authenticator, LabTokenAuthenticator
 from nodeagent.ca.authority import DEFAULT_DNS_NAMES
 from nodeagent.ca.server import CAServer, ServerInputs, watch_file
@@ -89,9 +91,22 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     export.set_defaults(func=cmd_export)
 
-    rotate = ca_sub.add_parser("rotate", help="rotate the root: prepare, then activate, then finish")
+    rotate = ca_sub.add_parser(
+        "rotate",
+        help="rotate the root: prepare, then activate, then finish; `status` says when the next step is safe",
+        description="Rotate the root in three steps, publishing the CA state after each (daemonset/README.md). "
+        "`status` reads every node's tunnel through the API server (pods/portforward, as `inspect --node` does) "
+        "and exits 0 only when the next step is safe: after prepare, once every tunnel trusts the new root; "
+        "after activate, once every certificate in use chains to it.",
+    )
     state_args(rotate)
-    rotate.add_argument("step", choices=("prepare", "activate", "finish"))
+    rotate.add_argument("step", choices=("prepare", "activate", "finish", "status"))
+    rotate.add_argument("--kubeconfig", type=Path, help=f"with status: {KUBECONFIG_HELP}")
+    rotate.add_argument("--context", help="with status: kubeconfig context")
+    rotate.add_argument(
+        "--agent-namespace", default="nodeagent-system", help="with status: the DaemonSet's namespace (%(default)s)"
+    )
+    rotate.add_argument("-o", "--output", choices=("table", "json"), default="table", help="with status")
     rotate.set_defaults(func=cmd_rotate)
 
     serve = ca_sub.add_parser("serve", help="serve CreateCertificate over TLS (lab: tokens from the inventory)")
@@ -237,6 +252,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_rotate(args: argparse.Namespace) -> int:
     store = _store(args)
+    if args.step == "status":
+        return _rotation_status(args, store)
     step = {"prepare": store.rotate_prepare, "activate": store.rotate_activate, "finish": store.rotate_finish}
     try:
         bundle = step[args.step]()
@@ -247,13 +264,77 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     for fp in bundle.fingerprints():
         print(f"  sha256 {fp}")
     follow = {
-        "prepare": "wait until every node reloaded the bundle, then run `nodeagent ca rotate activate`",
-        "activate": "wait half the longest certificate TTL (or until inspect shows the new root everywhere), "
-        "then run `nodeagent ca rotate finish`",
-        "finish": "rotation complete",
+        "prepare": "publish it, then wait until every tunnel trusts the new root (`nodeagent ca rotate status` "
+        "exits 0), then run `nodeagent ca rotate activate`",
+        "activate": "publish it, then wait until every certificate chains to the new root (half the longest "
+        "certificate TTL; `nodeagent ca rotate status` exits 0), then run `nodeagent ca rotate finish`",
+        "finish": "publish it: rotation complete",
     }
     print(follow[args.step])
     return 0
+
+
+def _rotation_status(args: argparse.Namespace, store: CAStore) -> int:
+    """`ca rotate status`: each node's tunnel against the CA state (nodeagent.ca.rotation decides)."""
+    from nodeagent import kube_remote  # the Kubernetes client, only for the command that uses it
+
+    try:
+        state = store.load()
+        dumps = kube_remote.all_config_dumps(
+            kube_remote.TUNNEL_ADMIN_PORT,
+            kubeconfig=args.kubeconfig,
+            context=args.context,
+            namespace=args.agent_namespace,
+        )
+    except (StoreError, authority.AuthorityError, OSError, kube_remote.RemoteError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # The bundle as CAStore.load() builds it: the signing root, then the one a rotation in progress adds
+    # (next after prepare, previous after activate), then any extra roots the state trusts.
+    second = {"prepared": rotation.NEXT, "activated": rotation.PREVIOUS}.get(state.rotation, rotation.EXTRA)
+    roles = {}
+    for i, fp in enumerate(state.bundle.fingerprints()):
+        roles[fp] = rotation.SIGNING if i == 0 else second if i == 1 else rotation.EXTRA
+    views = [_node_view(node, dump) for node, dump in dumps.items()]
+    verdict = rotation.assess(state.rotation, roles, views)
+    if args.output == "json":
+        doc = {
+            "rotation": state.rotation,
+            "roots": [{"sha256": fp, "role": role} for fp, role in roles.items()],
+            "nodes": [dataclasses.asdict(r) for r in verdict.rows],
+            "ready": verdict.ready,
+            "verdict": verdict.verdict,
+        }
+        print(json.dumps(doc, indent=2))
+    else:
+        print(f"rotation: {state.rotation}; roots of the bundle:")
+        for fp, role in roles.items():
+            print(f"  {role:<9} sha256 {fp}")
+        rows = [[r.node, r.trusts, r.certificates, r.problem or "-"] for r in verdict.rows]
+        if rows:
+            print(table(("NODE", "TRUSTS", "CERTIFICATES", "PROBLEM"), rows))
+        print(verdict.verdict)
+    return 0 if verdict.ready else 1
+
+
+def _node_view(node: str, dump: Any) -> rotation.NodeView:
+    """A tunnel's config dump (or the error reading it) as nodeagent.ca.rotation judges it."""
+    if isinstance(dump, Exception):
+        return rotation.NodeView(node, error=str(dump))
+    try:
+        trusted = frozenset(str(root["sha256"]) for root in dump.get("trustBundle") or ())
+        cert_roots = tuple(
+            _root_fingerprint(entry["rootCerts"][-1]["pem"])
+            for entry in dump.get("certificates") or ()
+            if entry.get("rootCerts")
+        )
+    except (AttributeError, KeyError, TypeError, IndexError, ValueError) as exc:
+        return rotation.NodeView(node, error=f"its config dump is not a nodeagent tunnel's ({exc!r})")
+    return rotation.NodeView(node, trusted, cert_roots)
+
+
+def _root_fingerprint(pem: str) -> str:
+    return authority.fingerprint(x509.load_pem_x509_certificate(pem.encode()))
 
 
 def _accounts(values: Sequence[str] | None) -> list[tuple[str, str]]:

@@ -47,7 +47,7 @@ from nodeagent.ca.kube import kubernetes_edges
 from nodeagent.capture.iptables import Flavour
 from nodeagent.cli import main
 from nodeagent.inventory import kube
-from nodeagent.kube_remote import TUNNEL_ADMIN_PORT, fetch_config_dump
+from nodeagent.kube_remote import TUNNEL_ADMIN_PORT, all_config_dumps, fetch_config_dump
 from nodeagent.ztunnel.zds_client import Backoff, ZdsClient
 
 RBAC_YAML = Path(__file__).resolve().parents[2] / "daemonset" / "rbac.yaml"
@@ -206,7 +206,8 @@ class ConfigDump(BaseHTTPRequestHandler):
 
 
 def run_operator(api: KubeStandIn, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`nodeagent enroll|unenroll NS` and `nodeagent inspect ... --node NODE`, as the operator."""
+    """`nodeagent enroll|unenroll NS`, `nodeagent inspect ... --node NODE` and `ca rotate status`, as the
+    operator."""
     kubeconfig = api.kubeconfig(str(tmp_path / "alice.kubeconfig"), token="alice-token")
     assert main(["enroll", "legacy", "--kubeconfig", kubeconfig]) == 0, capsys.readouterr().err
     assert (api.get("Namespace", "legacy") or {})["metadata"]["labels"] == AMBIENT
@@ -216,6 +217,8 @@ def run_operator(api: KubeStandIn, tmp_path: Path, capsys: pytest.CaptureFixture
     api.forwards[(NODE_IP, TUNNEL_ADMIN_PORT)] = server.server_address[:2]  # type: ignore[assignment]
     try:
         assert fetch_config_dump("node1", TUNNEL_ADMIN_PORT, kubeconfig=kubeconfig) == {"workloads": []}
+        # `ca rotate status` reads every node's tunnel the same way
+        assert all_config_dumps(TUNNEL_ADMIN_PORT, kubeconfig=kubeconfig)["node1"] == {"workloads": []}
     finally:
         server.shutdown()
         server.server_close()
