@@ -44,8 +44,8 @@ How it uses h2 (4.4), and why in these places:
   copies were most of the sender's user-space memmove in the tunnel profile. The payload is queued as-is
   behind a 9-byte header (`data_frame_header`); h2's connection and stream outbound windows are charged
   exactly as its `send_data()` would, and anything h2 has queued is taken out first, so the wire order is
-  the call order. Only plain DATA (and the two header blocks below) is built here: END_STREAM, error
-  responses, RST_STREAM, WINDOW_UPDATE, PING, SETTINGS and GOAWAY still go through h2, whose stream state
+  the call order. Only plain DATA, END_STREAM (an empty DATA frame, `_send_end_stream`) and the two
+  header blocks below are built here: error responses, RST_STREAM, WINDOW_UPDATE, PING, SETTINGS and GOAWAY still go through h2, whose stream state
   machine stays the one source of truth — a stream h2 considers closed (e.g. reset by the peer earlier in
   the same read) gets nothing and its queue is dropped. `data_to_write()` returns the buffers for
   `writelines()`; `data_to_send()` joins them. `tests/unit/test_hbone.py` checks the header against
@@ -60,9 +60,13 @@ How it uses h2 (4.4), and why in these places:
   exactly as it would itself: the CONNECT request and the 200 are HPACK-encoded by hand
   (`connect_header_block`: static-table names and never-indexed literals, so neither end's dynamic table
   changes; a pending table size update falls back to h2's encoder) and sent by `_send_headers_block`;
-  a plain DATA frame (no END_STREAM, no padding, non-empty) on an answered stream that h2 has open for
-  receiving is taken by the reader itself (`_FrameReader._fast_data`), charging h2's connection and stream
-  inbound windows as h2 would (overruns are FLOW_CONTROL_ERROR as before). A read step hands frames
+  END_STREAM is framed by `_send_end_stream`; an unpadded DATA frame (non-empty, or empty with
+  END_STREAM) on an answered stream that h2 has open for receiving is taken by the reader itself
+  (`_FrameReader._fast_data`), charging h2's connection and stream inbound windows as h2 would (overruns
+  are FLOW_CONTROL_ERROR as before) and, for END_STREAM, giving h2's stream state machine its
+  RECV_END_STREAM, so a frame after it on that stream is h2's (a stream error) as before. Padded DATA,
+  empty DATA without END_STREAM, and every stream h2 or we do not hold open and answered go through h2.
+  A read step hands frames
   either all to h2 or all to the fast path and stops where that changes, so events keep wire order.
   `tests/unit/test_hbone_fastpath.py` holds both to h2's behaviour.
 - Received data is acknowledged to the peer (WINDOW_UPDATE) only when the caller reports it consumed
@@ -472,6 +476,7 @@ class _FrameReader(FrameBuffer):
         # The DATA fast path (see HboneConnection._fast_stream): a step hands frames either all to h2 or
         # all to the fast path, and stops where the kind changes (`more`), so events keep frame order.
         self.fast_stream: Callable[[int], Any] | None = None  # stream id -> h2 stream, or None: use h2
+        self.fast_end: Callable[[int, list[Event]], None] | None = None  # the connection's END_STREAM bookkeeping
         self.fast_events: list[Event] = []
         self.fast_windows: Any = None  # h2's connection-level inbound window manager
         self._step_fast: bool | None = None  # None: no frame yet in this step
@@ -578,10 +583,12 @@ class _FrameReader(FrameBuffer):
         self._step_fast = False
         return True
 
-    def _fast_data(self, buf: bytearray, stream_id: int, end: int) -> bool:
-        """A plain DATA frame on an open, answered stream, handled without h2 (see the module docstring):
+    def _fast_data(self, buf: bytearray, stream_id: int, end: int, end_stream: bool) -> bool:
+        """An unpadded DATA frame on an open, answered stream, handled without h2 (see the module docstring):
         True if taken, False if h2 must see it. h2's windows are charged exactly as its own receive would
-        (a peer overrunning one is a FLOW_CONTROL_ERROR, raised into h2's receive loop as usual)."""
+        (a peer overrunning one is a FLOW_CONTROL_ERROR, raised into h2's receive loop as usual); with
+        END_STREAM, h2's stream state machine takes the input its receive would give it (RECV_END_STREAM:
+        half-closed or closed by the peer), so any frame after it on the stream is h2's again."""
         if self.fast_stream is None or self._block:
             return False
         h2_stream = self.fast_stream(stream_id)
@@ -592,15 +599,19 @@ class _FrameReader(FrameBuffer):
             raise StopIteration
         self._step_fast = True
         n = end - 9
-        self.fast_windows.window_consumed(n)
-        h2_stream._inbound_window_manager.window_consumed(n)
-        h2_stream._actual_content_length += n
-        with memoryview(buf) as view, view[9:end] as payload:
-            data = payload.tobytes()
+        if n:
+            self.fast_windows.window_consumed(n)
+            h2_stream._inbound_window_manager.window_consumed(n)
+            h2_stream._actual_content_length += n
+            with memoryview(buf) as view, view[9:end] as payload:
+                self.fast_events.append(DataReceived(stream_id, payload.tobytes()))
+        if end_stream:
+            h2_stream.state_machine.process_input(h2.stream.StreamInputs.RECV_END_STREAM)
+            assert self.fast_end is not None
+            self.fast_end(stream_id, self.fast_events)
         del buf[:end]
         self._empty_data_run = 0
         self.budget -= 1
-        self.fast_events.append(DataReceived(stream_id, data))
         return True
 
     def _next_frame(self) -> Frame | None:
@@ -629,9 +640,9 @@ class _FrameReader(FrameBuffer):
             raise StopIteration
         if (
             kind == _DATA
-            and length
-            and not flags & (_FLAG_PADDED | _FLAG_END_STREAM)
-            and self._fast_data(buf, stream_id, end)
+            and not flags & _FLAG_PADDED
+            and (length or flags & _FLAG_END_STREAM)
+            and self._fast_data(buf, stream_id, end, bool(flags & _FLAG_END_STREAM))
         ):
             return None
         if not self._h2_step():
@@ -942,6 +953,7 @@ class HboneConnection:
             conn.increment_flow_control_window(limits.connection_window - 65535)
         self._h2 = conn
         self._reader.fast_stream = self._fast_stream
+        self._reader.fast_end = self._on_end
         self._reader.fast_windows = conn._inbound_flow_control_window_manager
         self._out: list[bytes | memoryview] = []  # our DATA frames and h2's output before them, in order
         self._streams: dict[int, _Stream] = {}
@@ -1349,7 +1361,7 @@ class HboneConnection:
             stream.queued -= len(chunk)
         stream.queue = None
         if stream.end_queued and not stream.local_closed:
-            conn.end_stream(sid)
+            self._send_end_stream(h2_stream)
             stream.local_closed = True
         if stream.local_closed and stream.remote_closed:
             del self._streams[sid]
@@ -1375,6 +1387,17 @@ class HboneConnection:
             self._out.append(header)
             self._out.append(chunk)
         self._reader.data_frames_sent += 1
+
+    def _send_end_stream(self, h2_stream: Any) -> None:
+        """END_STREAM (an empty DATA frame) framed here, with h2's connection and stream state machines
+        given exactly the inputs its end_stream() would (SEND_DATA, SEND_END_STREAM: the stream becomes
+        half-closed or closed in h2 as before). Why: h2's end_stream() builds, serializes and re-parses frame
+        objects for 9 bytes; once per connection, both ends, it was a measurable share of the connection
+        rate. Queued behind anything h2 has queued, as h2 would."""
+        conn = self._h2
+        conn.state_machine.process_input(h2.connection.ConnectionInputs.SEND_DATA)
+        h2_stream.state_machine.process_input(h2.stream.StreamInputs.SEND_END_STREAM)
+        conn._data_to_send += _FRAME_HEADER.pack(0, 0, _DATA, _FLAG_END_STREAM, h2_stream.stream_id)
 
     def _translate(self, event: h2.events.Event, batch: _Batch, out: list[Event]) -> None:
         if isinstance(event, h2.events.DataReceived):

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import ipaddress
 
+import h2.config
 import h2.connection
+import h2.stream
 import hpack
 import pytest
 from h2.errors import ErrorCodes
@@ -179,7 +181,7 @@ def test_fast_and_h2_frames_in_one_read_keep_wire_order() -> None:
     ]
     assert events[5] == StreamEnded(a)
     assert not any(isinstance(e, DataReceived) and e.data in (b"late", b"5") for e in events)
-    assert counter.calls >= 3  # the END_STREAM frame and the two after the stream ended went through h2
+    assert counter.calls >= 2  # the two frames after the reset and after END_STREAM went through h2
 
 
 def test_overrunning_the_stream_window_on_the_fast_path_is_a_flow_control_error() -> None:
@@ -203,3 +205,66 @@ def test_data_before_the_answer_is_held_not_fast_pathed() -> None:
     events = server.receive_data(client.data_to_send() + data(sid, b"early"))
     assert events == [StreamOpened(sid, request_)]  # held until accept(): nothing forwarded before the 200
     assert server.accept(sid) == [DataReceived(sid, b"early")]
+
+
+def plain_h2_exchange() -> tuple[h2.connection.H2Connection, h2.connection.H2Connection, int]:
+    """The same CONNECT, 200, DATA and END_STREAM both ways between two unmodified h2 connections."""
+    config = {"header_encoding": None, "validate_inbound_headers": False}
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, **config))
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, **config))
+    client.initiate_connection()
+    server.initiate_connection()
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    sid = client.get_next_available_stream_id()
+    client.send_headers(sid, [(b":method", b"CONNECT"), (b":authority", b"10.0.0.2:8080")])
+    server.receive_data(client.data_to_send())
+    server.send_headers(sid, [(b":status", b"200")])
+    client.receive_data(server.data_to_send())
+    client.send_data(sid, b"last")
+    client.end_stream(sid)
+    server.receive_data(client.data_to_send())
+    server.end_stream(sid)
+    client.receive_data(server.data_to_send())
+    return client, server, sid
+
+
+def test_end_stream_both_ways_skips_h2_and_leaves_its_streams_as_h2_would() -> None:
+    client, server, [sid] = established(8080)
+    counted = CountingDispatch(server), CountingDispatch(client)
+    client.send_data(sid, b"last", end_stream=True)
+    wire = client.data_to_send()
+    assert wire == data(sid, b"last") + data(sid, b"", end=True)  # END_STREAM framed exactly as h2 frames it
+    assert server.receive_data(wire) == [DataReceived(sid, b"last"), StreamEnded(sid)]
+    server.end_stream(sid)
+    assert client.receive_data(server.data_to_send()) == [StreamEnded(sid)]
+    assert [c.calls for c in counted] == [0, 0]
+    reference_client, reference_server, ref = plain_h2_exchange()
+    for ours, theirs in ((client, reference_client), (server, reference_server)):
+        stream, expected = ours._h2.streams[sid], theirs.streams[ref]
+        assert stream.state_machine.state is expected.state_machine.state is h2.stream.StreamState.CLOSED
+        assert stream.closed_by is expected.closed_by
+        assert ours._h2.state_machine.state is theirs.state_machine.state
+        assert ours._h2.open_outbound_streams == theirs.open_outbound_streams
+        assert ours._h2.open_inbound_streams == theirs.open_inbound_streams
+    assert sid not in client._streams and sid not in server._streams
+
+
+def test_end_stream_on_a_half_closed_stream_then_data_is_h2s_stream_error() -> None:
+    client, server, [sid] = established(8080)
+    counter = CountingDispatch(server)
+    server.end_stream(sid)  # the server is done first: the client's END_STREAM closes the stream
+    client.receive_data(server.data_to_send())
+    events = server.receive_data(data(sid, b"", end=True) + data(sid, b"more"))
+    assert events[0] == StreamEnded(sid)
+    assert server._h2.streams[sid].closed_by is h2.stream.StreamClosedBy.RECV_END_STREAM
+    assert counter.calls == 1  # DATA on the closed stream: h2 answers it, as before
+    assert not any(isinstance(e, DataReceived) for e in events)
+    assert not any(isinstance(e, ConnectionTerminated) for e in events)
+
+
+def test_empty_data_without_end_stream_still_goes_through_h2() -> None:
+    _, server, [sid] = established(8080)
+    counter = CountingDispatch(server)
+    assert server.receive_data(data(sid, b"")) == []
+    assert counter.calls == 1  # counted toward the empty-DATA run limit there
