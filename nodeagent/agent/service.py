@@ -256,7 +256,7 @@ class Agent:
                 f"first reconcile pass of node {self.config.node}'s pods still running "
                 f"({len(self.reconciler.records)} pods in hand); the ZDS socket opens after it"
             )
-        if self.superseded():
+        if self._zds_socket_inode() != self._zds_inode:  # replaced (superseded) or removed
             return (
                 f"the ZDS socket {self.config.zds_socket} is no longer this agent's: another agent took it over "
                 "(a rolling update's new pod) or it was removed, and tunnels that connect now do not reach this "
@@ -265,14 +265,16 @@ class Agent:
         return None
 
     def superseded(self) -> bool:
-        """This agent bound the ZDS socket and it is no longer there as bound: another agent (a rolling update's
-        new pod) took it over, so that agent's tunnels serve the node's pods now."""
-        if self._zds_inode is None:
-            return False
+        """Another agent (a rolling update's new pod) bound a socket of its own at our ZDS path, so its tunnels
+        serve the node's pods now. Not when the socket is gone: this agent removes its own as it stops."""
+        current = self._zds_socket_inode()
+        return self._zds_inode is not None and current is not None and current != self._zds_inode
+
+    def _zds_socket_inode(self) -> int | None:
         try:
-            return os.stat(self.config.zds_socket).st_ino != self._zds_inode
+            return os.stat(self.config.zds_socket).st_ino
         except OSError:
-            return True
+            return None
 
     def _source_problem(self) -> str | None:
         """Why the workload source has handed over no list (yet), if it knows."""
