@@ -19,9 +19,10 @@ What the API server holds is what this writer wrote, or, for a pod it has not wr
 what the agent's pod watch shows (`seen`): so a restarted agent removes an `enabled` an earlier run left
 on a pod unenrolled meanwhile, and skips writes that would change nothing. Once the watch has shown a
 write of ours, a later different value there is someone else's change (a hand edit, another tool): the
-watch is believed again and the agent's value written back. Watch events come in order, so an event from
-before our write (still showing the old value) is never taken for such a change. No resourceVersion
-comparison: they are opaque to clients.
+watch is believed again and the agent's value written back - up to MAX_SET_BACKS times for one value of
+the agent's, then left with a warning (two controllers writing the annotation would patch forever). Watch
+events come in order, so an event from before our write (still showing the old value) is never taken for
+such a change. No resourceVersion comparison: they are opaque to clients.
 
 What it deliberately does not do: no reading of pod state of its own (the agent passes what its watch
 saw), no enrollment decisions, no status file (agent/status.py keeps writing that in every mode).
@@ -47,6 +48,9 @@ log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
 _VALUES = {Status.ENABLED: "enabled", Status.PENDING: "pending"}
+# Another writer's change to a pod's annotation is undone this many times (while the agent's own value
+# stays the same); then left, with a warning: two controllers fighting over it would patch forever.
+MAX_SET_BACKS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +84,7 @@ class PodStatusWriter:
         self.written: dict[str, PodAnnotation] = {}  # uid -> what the API server has (as far as we know)
         self._echoed: set[str] = set()  # uids whose last write the watch has shown since
         self._writing: set[str] = set()  # uids with a write in flight (the watch may show it before it returns)
+        self._set_back: dict[str, int] = {}  # uid -> times someone else's change was undone (for this value)
         self._wake = asyncio.Event()
         self.error: str | None = None
         self.patches = 0
@@ -92,9 +97,10 @@ class PodStatusWriter:
         `seen`: uid -> the annotation as the pod watch shows it, for the pods whose annotation is the agent's
         to judge; it stands for what the API server has until this writer writes the pod.
         """
-        self._desired = {
-            uid: PodAnnotation(ns, name, annotation_value(status)) for uid, (ns, name, status) in pods.items()
-        }
+        desired = {uid: PodAnnotation(ns, name, annotation_value(status)) for uid, (ns, name, status) in pods.items()}
+        for uid in [u for u in self._set_back if desired.get(u) != self._desired.get(u)]:
+            del self._set_back[uid]  # the agent's own value changed: a new disagreement, if any, counts anew
+        self._desired = desired
         self._seen = seen
         self._notice_changes_by_others(seen)
         self._wake.set()
@@ -106,13 +112,26 @@ class PodStatusWriter:
                 continue
             if shown.value == ours.value:
                 self._echoed.add(uid)
-            elif uid in self._echoed:  # the watch showed our write, and now something else
-                log.info(
-                    "annotation %s of pod %s/%s was changed to %r by someone else; setting it back",
-                    REDIRECTION_ANNOTATION, shown.namespace, shown.name, shown.value,
-                )  # fmt: skip
-                del self.written[uid]
-                self._echoed.discard(uid)
+                continue
+            if uid not in self._echoed:  # what the watch shows may predate our write
+                continue
+            # The watch showed our write, and now something else: someone else's change.
+            times = self._set_back.get(uid, 0) + 1
+            self._set_back[uid] = times
+            if times > MAX_SET_BACKS:
+                if times == MAX_SET_BACKS + 1:
+                    log.warning(
+                        "annotation %s of pod %s/%s keeps being changed to %r by someone else (another controller "
+                        "writing it?); leaving it after setting it back %d times",
+                        REDIRECTION_ANNOTATION, shown.namespace, shown.name, shown.value, MAX_SET_BACKS,
+                    )  # fmt: skip
+                continue
+            log.info(
+                "annotation %s of pod %s/%s was changed to %r by someone else; setting it back",
+                REDIRECTION_ANNOTATION, shown.namespace, shown.name, shown.value,
+            )  # fmt: skip
+            del self.written[uid]
+            self._echoed.discard(uid)
 
     def _todo(self) -> dict[str, PodAnnotation]:
         desired = dict(self._desired)
@@ -139,6 +158,7 @@ class PodStatusWriter:
                 if a.value is None and uid not in self._desired and uid not in self._seen:
                     del self.written[uid]
                     self._echoed.discard(uid)
+                    self._set_back.pop(uid, None)
             if all(results):
                 delay = self._retry_initial
                 if self.error is not None:

@@ -28,7 +28,7 @@ from kube_standin import KubeStandIn, one_ambient_pod
 from nodeagent.agent import service
 from nodeagent.agent.enrollment import Status
 from nodeagent.agent.kube_agent import KubeAgent, KubeSettings
-from nodeagent.agent.kube_status import REDIRECTION_ANNOTATION
+from nodeagent.agent.kube_status import MAX_SET_BACKS, REDIRECTION_ANNOTATION
 from nodeagent.agent.status import read_status, status_path
 from nodeagent.capture.iptables import Flavour
 from nodeagent.ztunnel.zds_client import Backoff, ZdsClient
@@ -135,6 +135,67 @@ async def test_an_annotation_someone_else_changed_is_set_back(
         assert "was changed to 'pending' by someone else; setting it back" in caplog.text
         await asyncio.sleep(0.5)
         assert len(api.patches) == written + 1  # set back once, then left alone
+    finally:
+        stop.set()
+        await tunnel.close()
+        assert await running == 0
+
+
+async def test_a_lone_agent_that_stops_says_so_in_the_status_file(
+    api: KubeStandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The agent removes its own ZDS socket as it stops: that is not another agent taking over, and its last
+    status write (`running: false`) must still happen."""
+    caplog.set_level("INFO", logger="nodeagent.agent.service")
+    agent = agents(api, tmp_path, monkeypatch)()
+    stop = asyncio.Event()
+    running = asyncio.ensure_future(agent.run(stop))
+    try:
+        await until(lambda: agent.ready)
+    finally:
+        stop.set()
+        assert await running == 0
+    doc = read_status(status_path(tmp_path / "state", "node1"))
+    assert doc is not None and doc["running"] is False
+    assert "another agent holds" not in caplog.text
+
+
+async def test_a_writer_that_keeps_changing_the_annotation_is_left_alone_after_a_few_set_backs(
+    api: KubeStandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another controller that insists on its own value (istio-cni during a migration, a mutating policy
+    engine) would otherwise meet a PATCH for each of its writes, forever."""
+    caplog.set_level("INFO", logger="nodeagent.agent.kube_status")
+    agent = agents(api, tmp_path, monkeypatch)()
+    stop = asyncio.Event()
+    running = asyncio.ensure_future(agent.run(stop))
+    tunnel = ZdsClient(AckingTunnel(), str(tmp_path / "zds.sock"), backoff=Backoff(0.05, 0.2))
+    edits = 0
+
+    async def insist() -> None:
+        nonlocal edits
+        while True:
+            if annotation(api) != "pending":
+                obj = api.get("Pod", "web-1", "shop")
+                assert obj is not None
+                obj["metadata"]["annotations"][REDIRECTION_ANNOTATION] = "pending"
+                api.apply(obj)
+                edits += 1
+            await asyncio.sleep(0.05)
+
+    try:
+        tunnel.start()
+        await until(lambda: annotation(api) == "enabled")
+        await asyncio.sleep(0.5)  # the watch has shown the agent its own write
+        written = len(api.patches)
+        other = asyncio.ensure_future(insist())
+        try:
+            await asyncio.sleep(3.0)
+        finally:
+            other.cancel()
+        set_backs = len(api.patches) - written
+        assert set_backs == MAX_SET_BACKS < edits, (set_backs, edits)
+        assert caplog.text.count("keeps being changed to 'pending' by someone else") == 1
     finally:
         stop.set()
         await tunnel.close()
