@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
+from prometheus_client.metrics import MetricWrapperBase
 
 from nodeagent.metrics import AgentMetrics, CAMetrics, CertManagerMetrics
 from nodeagent.ztunnel.metrics import TunnelMetrics
@@ -20,13 +21,17 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "daemonset" / "grafana-dashboa
 _SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
 
 
-def exported_series() -> set[str]:
+def exported_series() -> dict[str, frozenset[str]]:
+    """Each series name Prometheus scrapes from a nodeagent component -> its label names."""
     registry = CollectorRegistry()
-    TunnelMetrics(registry)
-    AgentMetrics(registry)
-    CertManagerMetrics(registry)
-    CAMetrics(registry)
-    return {family.name + suffix for family in registry.collect() for suffix in _SUFFIXES[family.type]}
+    components = (TunnelMetrics(registry), AgentMetrics(registry), CertManagerMetrics(registry), CAMetrics(registry))
+    series = {}
+    for component in components:
+        for metric in vars(component).values():
+            if isinstance(metric, MetricWrapperBase):
+                for suffix in _SUFFIXES[metric._type]:
+                    series[metric._name + suffix] = frozenset(metric._labelnames)
+    return series
 
 
 def queries() -> dict[str, str]:
@@ -34,12 +39,20 @@ def queries() -> dict[str, str]:
     return {f"{p['title']} [{t['refId']}]": t["expr"] for p in dash["panels"] for t in p.get("targets", ())}
 
 
-def test_every_queried_metric_is_exported() -> None:
+def test_every_queried_metric_and_label_is_exported() -> None:
+    """Names, and the labels a panel selects on (`name{label=...}`) or groups by (`by (label, ...)`): a
+    renamed label empties a panel as silently as a renamed metric."""
     exported = exported_series()
     for where, expr in queries().items():
         named = set(re.findall(r"\b(?:istio_tcp|nodeagent)_\w+", expr))
         assert named, f"{where}: queries no nodeagent or istio_tcp series: {expr}"
-        assert named <= exported, f"{where}: {sorted(named - exported)} is not exported by any nodeagent component"
+        assert named <= exported.keys(), f"{where}: {sorted(named - exported.keys())} is not exported"
+        for name, selector in re.findall(r"\b((?:istio_tcp|nodeagent)_\w+)\{([^}]*)\}", expr):
+            selected = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", selector))
+            assert selected <= exported[name], f"{where}: {name} has no label {sorted(selected - exported[name])}"
+        grouped = {label.strip() for group in re.findall(r"\bby \(([^)]*)\)", expr) for label in group.split(",")}
+        available = set().union(*(exported[name] for name in named))
+        assert grouped <= available, f"{where}: grouped by {sorted(grouped - available)}, a label none of {named} has"
 
 
 def test_the_node_health_series_are_charted() -> None:
