@@ -21,9 +21,8 @@ the client pod's own IP, spoofed by node2's tunnel), tcpdump on the fabric (1500
 pods, the payload never in the clear), and after those node2's access log (frontend's identity arrived).
 
 A manifest that grants too little fails here — without SYS_ADMIN the tunnel cannot enter the pods' netns,
-without both NET_ADMIN and NET_RAW it cannot set SO_MARK (kernels >= 5.17 take either of the two for
-SO_MARK and IP_TRANSPARENT, so dropping just one still passes on them): the pods are never enabled, and
-the failure quotes the tunnels' logs.
+without NET_ADMIN it cannot set SO_MARK (kernels >= 5.17 would take NET_RAW instead, which the manifest
+does not grant): the pods are never enabled, and the failure quotes the tunnels' logs.
 """
 
 from __future__ import annotations
