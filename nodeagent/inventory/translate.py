@@ -203,17 +203,23 @@ def _pod_ip(status: Mapping[str, Any], where: str) -> ipaddress.IPv4Address | No
     for entry in _list(status.get("podIPs"), f"{where}: status.podIPs"):
         if isinstance(entry, Mapping):
             candidates.append(entry.get("ip"))
+    return _first_ipv4(candidates, f"{where}: status.podIP")
+
+
+def _first_ipv4(candidates: list[object], field: str) -> ipaddress.IPv4Address | None:
+    """The first IPv4 address among `candidates` (a dual-stack object's addresses, the primary first); empty
+    ones ("", None, "None": a headless service) are skipped; anything else not an address is an error."""
     for text in candidates:
-        if not text:
+        if text in (None, "", "None"):
             continue
         if not isinstance(text, str):
-            raise TranslateError(f"{where}: status.podIP must be a string")
+            raise TranslateError(f"{field} must be a string")
         try:
-            ip = ipaddress.ip_address(text)
+            address = ipaddress.ip_address(text)
         except ValueError:
-            raise TranslateError(f"{where}: status.podIP {text!r} is not an IP address") from None
-        if isinstance(ip, ipaddress.IPv4Address):
-            return ip
+            raise TranslateError(f"{field} {text!r} is not an IP address") from None
+        if isinstance(address, ipaddress.IPv4Address):
+            return address
     return None
 
 
@@ -258,18 +264,7 @@ def _cluster_ipv4(spec: Mapping[str, Any], where: str) -> ipaddress.IPv4Address 
     IPv4 one of spec.clusterIPs - that address reaches the service too, and a VIP the tunnels do not know is
     passed through in plaintext (kube-proxy then forwards it to a pod, in the mesh or not)."""
     candidates: list[object] = [spec.get("clusterIP"), *_list(spec.get("clusterIPs"), f"{where}: spec.clusterIPs")]
-    for text in candidates:
-        if text in (None, "", "None"):
-            continue
-        if not isinstance(text, str):
-            raise TranslateError(f"{where}: spec.clusterIP must be a string")
-        try:
-            address = ipaddress.ip_address(text)
-        except ValueError:
-            raise TranslateError(f"{where}: spec.clusterIP {text!r} is not an IP address") from None
-        if isinstance(address, ipaddress.IPv4Address):
-            return address
-    return None
+    return _first_ipv4(candidates, f"{where}: spec.clusterIP")
 
 
 # --- policies --------------------------------------------------------------------------------------------

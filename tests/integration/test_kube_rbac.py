@@ -100,21 +100,9 @@ def watching(api: KubeStandIn, *kinds: str) -> bool:
     return all(api.watch_count(kind) >= 1 for kind in kinds)
 
 
-class AckingTunnel:
-    """A tunnel that acks every pod it is handed (so the agent's status is `enabled`, written at once)."""
-
-    async def on_add(self, workload: object, netns_fd: int) -> None: ...
-
-    async def on_keep(self, uid: str) -> None: ...
-
-    async def on_del(self, uid: str) -> None: ...
-
-    async def on_snapshot_done(self, known: frozenset[str]) -> None: ...
-
-
 async def run_agent(api: KubeStandIn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`nodeagent agent --kubernetes`: this node's pods and every namespace, the redirection annotation."""
-    from agent_fakes import FakeCapture, NoProbes
+    from agent_fakes import AckingTunnel, FakeCapture, NoProbes
 
     monkeypatch.setattr(agent_service.IptablesBackend, "for_host", lambda flavour: FakeCapture())
     monkeypatch.setattr(agent_service, "ProbeBypass", NoProbes)
