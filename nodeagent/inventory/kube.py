@@ -301,11 +301,26 @@ class _Reflector(Generic[T]):
     def _list(self) -> None:
         fresh: dict[str, T] = {}
         cont: str | None = None
+        paged = True
         while True:
-            kwargs: dict[str, Any] = {**self._selector, "limit": self.owner.page_size}
+            kwargs: dict[str, Any] = {**self._selector, "limit": self.owner.page_size} if paged else {**self._selector}
             if cont:
                 kwargs["_continue"] = cont
-            resp = self._call(_preload_content=False, _request_timeout=self.owner.request_timeout, **kwargs)
+            try:
+                resp = self._call(_preload_content=False, _request_timeout=self.owner.request_timeout, **kwargs)
+            except ApiException as exc:
+                if exc.status != 410 or not cont:
+                    raise
+                # The snapshot the pages come from was compacted away (paging slower than etcd's compaction):
+                # list again in one request, as client-go's pager does (FullListIfExpired), which cannot
+                # expire so. Not an error to report.
+                log.info(
+                    "%s: the paged list's continue token expired (410 Gone); listing again in one piece", self.name
+                )
+                fresh.clear()
+                cont = None
+                paged = False
+                continue
             try:
                 doc = json.loads(resp.data)
             finally:

@@ -130,6 +130,26 @@ def test_chunked_list(api: KubeStandIn, source_factory: Callable[..., KubeSource
     assert sum(1 for _, p in api.requests if p.startswith("/api/v1/pods?") and "continue=" in p) >= 4
 
 
+def test_an_expired_continue_token_lists_again_in_one_piece(
+    api: KubeStandIn, source_factory: Callable[..., KubeSource], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A paged list slower than etcd's compaction gets 410 Gone on a `continue`: it is listed again in one
+    request (client-go's pager), not reported as an error and retried after a backoff."""
+    caplog.set_level(logging.INFO, logger="nodeagent.inventory.kube")
+    for i in range(7):
+        api.apply(pod(f"bulk-{i}", "shop", "node1", f"10.1.1.{i + 1}"))
+    gone = json.dumps(status_body(410, "Expired", "The provided continue parameter is too old")).encode()
+    api.fail(r"^/api/v1/pods\?.*continue=", status=410, body=gone)
+    src = source_factory(page_size=2)
+    assert src.wait_synced(5)
+    assert len(src.current().pods) == 10
+    assert "continue token expired (410 Gone); listing again in one piece" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert src.stats()["pods"].errors == 0
+    lists = [p for _, p in api.requests if p.partition("?")[0] == "/api/v1/pods" and "watch=" not in p]
+    assert lists[-1] == "/api/v1/pods" and "continue=" in lists[-2]  # the expired page, then all in one
+
+
 def test_dropped_watch_loses_no_event(api: KubeStandIn, source_factory: Callable[..., KubeSource]) -> None:
     src = source_factory()
     assert src.wait_synced(5)
