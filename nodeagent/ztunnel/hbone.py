@@ -44,13 +44,13 @@ How it uses h2 (4.4), and why in these places:
   copies were most of the sender's user-space memmove in the tunnel profile. The payload is queued as-is
   behind a 9-byte header (`data_frame_header`); h2's connection and stream outbound windows are charged
   exactly as its `send_data()` would, and anything h2 has queued is taken out first, so the wire order is
-  the call order. Only plain DATA, END_STREAM (an empty DATA frame, `_send_end_stream`) and the two
-  header blocks below are built here: error responses, RST_STREAM, WINDOW_UPDATE, PING, SETTINGS and GOAWAY still go through h2, whose stream state
-  machine stays the one source of truth — a stream h2 considers closed (e.g. reset by the peer earlier in
-  the same read) gets nothing and its queue is dropped. `data_to_write()` returns the buffers for
-  `writelines()`; `data_to_send()` joins them. `tests/unit/test_hbone.py` checks the header against
-  hyperframe, the wire order, and that the sender's windows equal the receiving h2's after any mix of
-  our DATA and h2's WINDOW_UPDATEs.
+  the call order. Only plain DATA, END_STREAM (an empty DATA frame, `_send_end_stream`) and the two header
+  blocks below are built here: error responses, RST_STREAM, WINDOW_UPDATE, PING, SETTINGS and GOAWAY still
+  go through h2, whose stream state machine stays the one source of truth — a stream h2 considers closed
+  (e.g. reset by the peer earlier in the same read) gets nothing and its queue is dropped.
+  `data_to_write()` returns the buffers for `writelines()`; `data_to_send()` joins them.
+  `tests/unit/test_hbone.py` checks the header against hyperframe, the wire order, and that the sender's
+  windows equal the receiving h2's after any mix of our DATA and h2's WINDOW_UPDATEs.
 - Large unpadded DATA payloads are received directly: once a frame's header and 64 KiB of it are in,
   `receive_buffer()` offers a bytearray of the payload's size for the transport to decrypt into, and that
   bytearray becomes the event's data (handed over, never reused) — no copy into the reassembly buffer and
