@@ -57,7 +57,7 @@ def test_every_kubeconfig_flag_says_the_same_accurate_thing() -> None:
         for action in parser._actions:
             if "--kubeconfig" in action.option_strings:
                 assert action.help is not None
-                helps[path] = re.sub(r"^with --[a-z-]+: ", "", action.help)  # which mode the flag belongs to
+                helps[path] = re.sub(r"^with (?:--)?[a-z-]+: ", "", action.help)  # the mode or step it is for
     assert {"nodeagent agent", "nodeagent tunnel", "nodeagent ca serve", "nodeagent enroll"} <= helps.keys()
     assert {"nodeagent inspect redirects", "nodeagent inspect workloads"} <= helps.keys()
     assert len(set(helps.values())) == 1, helps
