@@ -770,8 +770,10 @@ class _H2Connection(h2.connection.H2Connection):
     """h2, with what it does for frames on closed streams bounded or corrected:
 
     - The RST_STREAM frames it queues count into the reader's reply budget: h2 answers frames on a stream
-      the peer reset or ended with one, so one read of tiny DATA frames there would otherwise queue
-      thousands (30% more bytes out than in). Ours (`_reset`) count too.
+      the peer reset with one, so one read of tiny DATA frames there would otherwise queue thousands (30%
+      more bytes out than in). Ours (`_reset`) count too. DATA after the peer's END_STREAM gets one such
+      reply too, but h2 resets the stream with it (closed_by SEND_RST_STREAM): what follows there is
+      handled as on a stream we reset (next item).
     - DATA on a stream *we* reset is ignored, not answered (RFC 9113 5.1: the peer sent it before our
       RST_STREAM arrived; Rust h2 and nghttp2 ignore it too). h2 answered each frame with RST_STREAM, so
       a busy honest peer — an interactive app's small frames in flight when the upstream failed — could
@@ -806,8 +808,9 @@ class _H2Connection(h2.connection.H2Connection):
         assert all(f.body_len <= self.max_outbound_frame_size for f in frames)
 
     def _remember_reset(self, stream_id: int) -> None:
-        """Our RST_STREAM is leaving for `stream_id`: if it is one we reset (not h2's reply on a stream the
-        peer reset or ended), remember how much the peer may still send on it."""
+        """Our RST_STREAM is leaving for `stream_id`: if we reset the stream (our `_reset`, or h2's own
+        reset of a stream the peer sent DATA on after its END_STREAM), not h2's reply on a stream the peer
+        reset, remember how much the peer may still send on it."""
         stream = self.streams.get(stream_id)
         if stream is None or stream.closed_by is not h2.stream.StreamClosedBy.SEND_RST_STREAM:
             return

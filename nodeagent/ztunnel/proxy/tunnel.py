@@ -279,6 +279,7 @@ class Tunnel:
 
     async def drain(self) -> None:
         """Close listeners now; let established connections run until grace - margin; close them cleanly."""
+        started = self._in.clock()  # the grace runs from SIGTERM
         self.draining = True
         for served in self._pods.values():
             served.close_listeners()
@@ -290,7 +291,6 @@ class Tunnel:
         if self._zds is not None:
             await self._zds.close()
             self._zds = None
-        started = self._in.clock()
         killed = started + self._in.grace  # the kubelet's SIGKILL: every wait below ends before it
         deadline = started + max(0.0, self._in.grace - self._in.drain_margin)
         while (len(self.table) or self.table.in_setup) and self._in.clock() < deadline:  # noqa: ASYNC110
