@@ -77,7 +77,9 @@ LAB_LOCK_HELD_ENV = "NODEAGENT_LAB_LOCK_HELD"
 
 @contextlib.contextmanager
 def exclusive(lock: Path = LAB_LOCK, *, wait: bool = True) -> Iterator[None]:
-    """Hold the host's lab lock; if another run holds it, say so and wait (or raise LabBusyError)."""
+    """Hold the host's lab lock; if another run holds it, say so and wait (or raise LabBusyError). While it
+    is held, LAB_LOCK_HELD_ENV tells this process's children (a benchmark's `nodeagent lab up`) that the
+    lock is held for them."""
     if os.environ.get(LAB_LOCK_HELD_ENV) == str(lock):
         yield  # our parent holds it for us
         return
@@ -93,7 +95,15 @@ def exclusive(lock: Path = LAB_LOCK, *, wait: bool = True) -> Iterator[None]:
                 ) from None
             log.warning("waiting for %s: another demo, benchmark or privileged test run uses the lab", lock)
             fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        before = os.environ.get(LAB_LOCK_HELD_ENV)
+        os.environ[LAB_LOCK_HELD_ENV] = str(lock)
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop(LAB_LOCK_HELD_ENV, None)
+            else:
+                os.environ[LAB_LOCK_HELD_ENV] = before
     finally:
         os.close(fd)
 
