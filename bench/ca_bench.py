@@ -79,6 +79,9 @@ def certificates_per_second(seconds: float) -> float:
         port = _free_port()
         cli = [sys.executable, "-m", "nodeagent.cli", "ca"]
         subprocess.run([*cli, "init", "--state-dir", str(state)], check=True, capture_output=True)
+        # Its log to a file, never an unread pipe: at info the CA logs each certificate it issues, and a full
+        # pipe stops it mid-run (the run then fails with DEADLINE_EXCEEDED).
+        log_file = (Path(tmp) / "ca.log").open("wb")
         server = subprocess.Popen(
             [
                 *cli,
@@ -91,7 +94,7 @@ def certificates_per_second(seconds: float) -> float:
                 f"127.0.0.1:{port}",
             ],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=log_file,
         )
         try:
             bundle = CAStore(state, DEFAULT_TRUST_DOMAIN).bundle_path.read_text()
@@ -118,6 +121,7 @@ def certificates_per_second(seconds: float) -> float:
         finally:
             server.terminate()
             server.wait(10)
+            log_file.close()
 
 
 def issue_pair(workdir: Path) -> None:
