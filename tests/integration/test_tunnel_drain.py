@@ -22,7 +22,7 @@ from tunnel_harness import APP_PORT, ByteServer, Cluster, cluster, connect_captu
 
 from nodeagent import admin
 from nodeagent.agent.zds_server import ZdsServer
-from nodeagent.model import SocketAddress
+from nodeagent.model import IPAddress, SocketAddress
 from nodeagent.ztunnel import inbound
 from nodeagent.ztunnel.zds_client import Backoff
 
@@ -45,6 +45,20 @@ async def roundtrip(c: Cluster, sock_payload: bytes = b"ping") -> bool:
         await loop.sock_sendall(sock, sock_payload)
         async with asyncio.timeout(5):
             return await loop.sock_recv(sock, 2) != b""
+
+
+@contextlib.contextmanager
+def full_accept_queue(ip: IPAddress) -> Iterator[socket.socket]:
+    """An app on ip:APP_PORT whose accept queue is full (one filler connection in a backlog of 0): SYNs to it
+    are dropped until the caller accepts from the yielded listener."""
+    app = socket.socket()
+    try:
+        app.bind((str(ip), APP_PORT))
+        app.listen(0)
+        with socket.create_connection((str(ip), APP_PORT), timeout=5):
+            yield app
+    finally:
+        app.close()
 
 
 async def test_drain_hands_over_to_a_successor(tmp_path: Path, zds_path: str) -> None:
@@ -233,13 +247,9 @@ async def test_a_connection_still_being_set_up_when_the_drain_starts_comes_up(
         server_pod = c.pod("server")
         assert server_pod.ip is not None
         loop = asyncio.get_running_loop()
-        # An app whose accept queue is full: the server tunnel's SYN to it is dropped and retried after ~1 s,
-        # so the CONNECT's 200 (and the client tunnel's connection) waits that long.
-        app = socket.socket()
-        app.bind((str(server_pod.ip), APP_PORT))
-        app.listen(0)  # room for one connection, which a filler takes
-        fillers = [socket.create_connection((str(server_pod.ip), APP_PORT), timeout=5)]
-        try:
+        # The server tunnel's SYN is dropped and retried after ~1 s, so the CONNECT's 200 (and the client
+        # tunnel's connection) waits that long - until the app accepts one below.
+        with full_accept_queue(server_pod.ip) as app:
             node1, _ = await c.start_both(node1={"grace": 3.0, "drain_margin": 3.0})
             sock = await connect_captured(c.net, c.pod("client"), SocketAddress(server_pod.ip, APP_PORT))
             with sock:
@@ -254,10 +264,6 @@ async def test_a_connection_still_being_set_up_when_the_drain_starts_comes_up(
             async with asyncio.timeout(5):
                 while len(node1.table) or node1.table.in_setup:  # noqa: ASYNC110
                     await asyncio.sleep(0.02)
-        finally:
-            for s in fillers:
-                s.close()
-            app.close()
     outbound = [r.getMessage() for r in caplog.records if 'direction="outbound"' in r.getMessage()]
     assert len(outbound) == 1 and "error=" not in outbound[0], outbound
 
@@ -269,11 +275,7 @@ async def test_the_drain_ends_within_the_grace_even_with_a_connection_stuck_in_s
     async with cluster(tmp_path) as c:
         server_pod = c.pod("server")
         assert server_pod.ip is not None
-        app = socket.socket()  # its accept queue stays full: the server tunnel's SYNs to it are dropped
-        app.bind((str(server_pod.ip), APP_PORT))
-        app.listen(0)
-        fillers = [socket.create_connection((str(server_pod.ip), APP_PORT), timeout=5)]
-        try:
+        with full_accept_queue(server_pod.ip):  # never emptied: the server tunnel's SYNs are all dropped
             node1, _ = await c.start_both(node1={"grace": 1.0, "drain_margin": 1.0})
             sock = await connect_captured(c.net, c.pod("client"), SocketAddress(server_pod.ip, APP_PORT))
             with sock:
@@ -283,10 +285,6 @@ async def test_the_drain_ends_within_the_grace_even_with_a_connection_stuck_in_s
                 await node1.drain()
                 took = time.monotonic() - started
                 assert took < 1.0 + 0.2, f"the drain took {took:.2f} s with a grace of 1 s"
-        finally:
-            for s in fillers:
-                s.close()
-            app.close()
 
 
 async def test_an_unexpected_failure_setting_up_an_inbound_stream_still_finishes_it(
