@@ -5,7 +5,8 @@ CA package, yet someone has to speak the CA's wire protocol. This client lives n
 protobuf code; whoever assembles the tunnel passes `CAClient(...).fetch` to the manager. It calls
 `CreateCertificate` over grpc.aio with TLS verified against the trust bundle, the node agent's token
 as `authorization: Bearer`, and the workload as `ImpersonatedIdentity` in the request metadata, like
-ztunnel does.
+ztunnel does. The bundle is asked for per call; when it changes (a root rotation), calls go over a new
+channel and the old one is closed as soon as no call is using it: a tunnel lives through many rotations.
 
 What it deliberately does not do: no retries or backoff (the manager owns the schedule), no key or CSR
 generation, no token minting (the token source is injected and re-read per call, so a projected token
@@ -64,14 +65,18 @@ class CAClient:
         self._cluster_id = cluster_id
         self._channel: grpc.aio.Channel | None = None
         self._channel_bundle = ""
-        self._retired: list[grpc.aio.Channel] = []
+        # Calls in flight per channel: a channel replaced by a new bundle is closed when its last call ends.
+        self._calls: dict[grpc.aio.Channel, int] = {}
 
-    def _stub(self) -> ca_pb2_grpc.IstioCertificateServiceStub:
+    def _current(self) -> tuple[grpc.aio.Channel, grpc.aio.Channel | None]:
+        """The channel for the bundle as it is now, and the channel it replaced if no call of ours is using
+        that one any more (the caller closes it). A new bundle needs a new channel: gRPC's credentials are
+        fixed per channel. A replaced channel still carrying calls is closed by the last of them."""
         bundle = self._bundle_pem()
+        idle: grpc.aio.Channel | None = None
         if self._channel is None or bundle != self._channel_bundle:
-            if self._channel is not None:
-                # Calls in flight on the old channel finish; it is closed with the client.
-                self._retired.append(self._channel)
+            if self._channel is not None and not self._calls.get(self._channel):
+                idle = self._channel
             credentials = grpc.ssl_channel_credentials(root_certificates=bundle.encode())
             options = [
                 ("grpc.ssl_target_name_override", self._server_name),
@@ -81,25 +86,39 @@ class CAClient:
             ]
             self._channel = grpc.aio.secure_channel(self._target, credentials, options=options)
             self._channel_bundle = bundle
-        return ca_pb2_grpc.IstioCertificateServiceStub(self._channel)
+        return self._channel, idle
 
     async def fetch(self, identity: Identity, csr_pem: bytes) -> list[str]:
         request = ca_pb2.IstioCertificateRequest(csr=csr_pem.decode("ascii"), validity_duration=self._ttl)
         request.metadata.update({IMPERSONATED_IDENTITY_KEY: identity.uri})
         metadata = (("authorization", f"Bearer {self._token()}"), ("clusterid", self._cluster_id))
+        channel, idle = self._current()
+        self._calls[channel] = self._calls.get(channel, 0) + 1
         try:
-            response = await self._stub().CreateCertificate(request, metadata=metadata, timeout=self._timeout)
+            if idle is not None:
+                await idle.close()
+            stub = ca_pb2_grpc.IstioCertificateServiceStub(channel)
+            response = await stub.CreateCertificate(request, metadata=metadata, timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             hint = _HINTS.get(code, "")
             raise CARequestError(
                 code, f"CA {self._target} answered {code.name}: {exc.details()}" + (f" — {hint}" if hint else "")
             ) from None
+        finally:
+            self._calls[channel] -= 1
+            if not self._calls[channel]:
+                del self._calls[channel]
+                if channel is not self._channel:  # replaced while this call ran: it was the last user
+                    await channel.close()
         return list(response.cert_chain)
 
+    def open_channels(self) -> int:
+        """Channels not closed yet: the current one and replaced ones with calls still in flight."""
+        return len(self._calls.keys() | ({self._channel} if self._channel is not None else set()))
+
     async def close(self) -> None:
-        for channel in (*self._retired, self._channel):
-            if channel is not None:
-                await channel.close()
+        for channel in {*self._calls, *([self._channel] if self._channel is not None else [])}:
+            await channel.close()
         self._channel = None
-        self._retired.clear()
+        self._calls.clear()

@@ -125,7 +125,13 @@ def build_inputs(args: argparse.Namespace, ca_client: CaClientFactory) -> Tunnel
         fixed = args.ca_token
         token = lambda: fixed  # noqa: E731
     bundle: Path = args.trust_bundle
-    client = ca_client(args.ca, token, bundle.read_text)
+
+    def roots() -> str:
+        # The manager's roots, not the file's bytes: a bundle file caught mid-write, emptied or deleted keeps
+        # the last good roots there (and logs why), where reading it per call failed every CA request.
+        return certs.bundle_pem
+
+    client = ca_client(args.ca, token, roots)
     registry = CollectorRegistry()
     certs = CertificateManager(
         CertManagerInputs(fetch=client.fetch, bundle_path=bundle, metrics=CertManagerMetrics(registry))

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+from cryptography import x509
 
 from nodeagent.ca.store import CAStore
-from nodeagent.cli import main
+from nodeagent.cli import build_parser, main
 from nodeagent.ztunnel import commands as tunnel_commands
 
 
@@ -97,3 +101,31 @@ def test_tunnel_for_a_node_the_inventory_lacks_refuses_to_start_naming_the_known
 
     assert main(_tunnel_argv(tmp_path, tmp_path / "bundle.pem", "--admin", "127.0.0.1:0")) == 0  # node1 is
     assert len(started) == 1 and started[0].node == "node1"
+
+
+async def test_the_ca_client_gets_the_managers_last_good_roots_not_the_files_bytes(tmp_path: Path) -> None:
+    # A bundle file caught mid-write or broken used to fail every CA request (the client read the file per
+    # call); the certificate manager keeps its last good roots and logs why, and the client uses those.
+    store = CAStore(tmp_path / "ca", "cluster.local")
+    store.init()
+    given: list[Callable[[], str]] = []
+
+    def ca_client(target: str, token: Callable[[], str], bundle_pem: Callable[[], str]) -> Any:
+        given.append(bundle_pem)
+        return SimpleNamespace(fetch=None)
+
+    args = build_parser().parse_args(_tunnel_argv(tmp_path, store.bundle_path, "--admin", "127.0.0.1:0"))
+    inputs = tunnel_commands.build_inputs(args, ca_client)
+    await inputs.credentials.start()
+    try:
+        good = given[0]()
+        assert x509.load_pem_x509_certificates(good.encode())  # the roots, as PEM
+        for broken in ("-----BEGIN CERTIFICATE-----\nMIIB", ""):
+            store.bundle_path.write_text(broken)
+            inputs.credentials.reload_bundle()
+            assert given[0]() == good
+        store.bundle_path.unlink()
+        inputs.credentials.reload_bundle()
+        assert given[0]() == good
+    finally:
+        await inputs.credentials.stop()
