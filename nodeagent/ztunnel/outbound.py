@@ -15,6 +15,10 @@ original destination (the socket factory's edge: SO_ORIGINAL_DST in pods), asks 
 - `Passthrough`: plain TCP from the pod's netns to the original destination, spliced;
 - `Denial`: the captured connection is reset and the reason logged.
 
+The connection is attributed to the source pod's own IP (`routing.source_address`), never to another local
+address the app bound its socket to (127.0.0.1 under eBPF capture): that address is what the same-node
+path authorizes and what the destination app sees as its peer.
+
 An `Hbone` plan whose destination pod this tunnel serves itself goes to local.py's same-node path
 instead (authorized here with the source's identity, spliced by the kernel), when the tunnel enables it.
 
@@ -41,7 +45,7 @@ from nodeagent.ztunnel.local import SameNodePath
 from nodeagent.ztunnel.metrics import ConnectionRecord, Direction, Flags, Peer
 from nodeagent.ztunnel.pool import HbonePool
 from nodeagent.ztunnel.relay import DOWNSTREAM, UPSTREAM, Relay, SpliceRelay, tcp_side
-from nodeagent.ztunnel.routing import Denial, Hbone, Passthrough, PoolKey, plan_outbound
+from nodeagent.ztunnel.routing import Denial, Hbone, Passthrough, PoolKey, plan_outbound, source_address
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +127,8 @@ class Outbound:
             reset_socket(sock)
             return
         source = view.pod_of(pod)
+        if source is not None and client is not None:
+            client = source_address(source, client)
         plan = (
             plan_outbound(view.routing, source, original, balance=next(self._balance))
             if source is not None

@@ -19,6 +19,9 @@ Rules (ztunnel src/proxy/outbound.rs, simplified to L4 without waypoints):
 - anything else (outside the cluster, unknown IPs): passthrough to the original destination;
 - the tunnel's own ports (15001/15006/15008) on a pod are loop targets: denial.
 
+Who a captured connection is from (`source_address`): the source pod's own IP, whatever local address
+the app's socket was bound to (see that function for why).
+
 The inbound side asks one question of the same snapshot: which service to report a connection under
 (`inbound_service`, ztunnel's guess: it never sees the VIP the client dialled).
 
@@ -229,6 +232,26 @@ def plan_outbound(
     source_identity = source.identity(snapshot.trust_domain)
     key = PoolKey(source_identity, workload.identity, source.ip, SocketAddress(dst.ip, HBONE_PORT))
     return Hbone(dst, key, workload.key, service)
+
+
+def source_address(source: Pod, peer: SocketAddress) -> SocketAddress:
+    """The address a connection captured from `source` is attributed to: `peer` (the accepted socket's remote
+    end) when it is the pod's IP, else the pod's IP with the peer's port.
+
+    Only `source`'s own netns reaches its :15001, but an app there may bind any local address of that netns
+    before it connects. Under eBPF capture the destination is rewritten before the route is chosen, so a
+    socket bound to 127.0.0.1 (or any 127/8 address) reaches the tunnel from there — and so does every
+    connection while the pod's IP is not yet in the BPF config (then the hook redirects to 127.0.0.1).
+    Such an address must not travel: the same-node path authorizes with the client's address (a DENY on the
+    pod's IP in `ipBlocks` would not match 127.0.0.1) and connects to the destination app *from* it
+    (IP_TRANSPARENT), so that app would see a localhost peer — a pod could pose as the destination's own
+    localhost. Upstream ztunnel (in-pod mode) attributes outbound traffic to the netns's workload whatever
+    its source; its iptables capture cannot produce a loopback source (connect() to a pod address from
+    127/8 fails with EINVAL), ours can.
+    """
+    if source.ip is None or peer.ip == source.ip:
+        return peer
+    return SocketAddress(source.ip, peer.port)
 
 
 def inbound_service(snapshot: RoutingSnapshot, target: SocketAddress, told: str | None = None) -> str | None:
