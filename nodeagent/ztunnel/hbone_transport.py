@@ -16,10 +16,16 @@ part in a relay (relay.py) like a TCP socket would. This is that thin adapter:
   peer (`consumed`) only while the relay is not holding this side, so a slow upstream pushes back on the
   sender through HTTP/2 flow control: memory per stream is bounded by the stream window.
 
+- `Trust` answers, once per new stream, whether the connection may still take one: not once either
+  certificate of its handshake has expired or the trust bundle has changed (tls.stale). The owner sets
+  `HboneProtocol.trust` right after its peer check; the pool retires a client connection that fails it
+  (`refuse_new_streams`: GOAWAY, closed when its last stream ends) and the server refuses a CONNECT on one
+  (`refuse_stream`: REFUSED_STREAM and a graceful GOAWAY, so the client retries on a new connection).
+
 What it deliberately does not do: no TLS settings or peer checks (tls.py, called by the owner right after
 the handshake), no policy, no pooling, no upstream connects (inbound.py, outbound.py, pool.py). A server
-protocol only reports `StreamOpened` to its owner's callback; the owner answers with `accept()` or
-`reject()`.
+protocol only reports `StreamOpened` to its owner's callback; the owner answers with `accept()`,
+`reject()` or `refuse_stream()`.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from typing import ClassVar, cast
 from h2.errors import ErrorCodes
 
 from nodeagent.model import IPAddress
-from nodeagent.ztunnel import hbone
+from nodeagent.ztunnel import hbone, tls
 from nodeagent.ztunnel.relay import Leg, set_nodelay, tune_allocator
 
 log = logging.getLogger(__name__)
@@ -44,6 +50,9 @@ TRANSPORT_HIGH_WATER = 1024 * 1024
 TRANSPORT_LOW_WATER = 256 * 1024
 READ_CHUNK = 256 * 1024
 _ONE_RECORD = 16 * 1024  # TLS's largest record: output up to this size is joined into one
+# How often (seconds, at most, per connection taking streams) Trust looks at the current trust bundle; the
+# certificate manager itself looks at the bundle file once a second.
+TRUST_RECHECK = 1.0
 
 _scratch = threading.local()
 
@@ -74,6 +83,50 @@ class ConnectRefused(ConnectionError):
 class StreamRefused(ConnectionError):
     """The server did not process the stream (REFUSED_STREAM, or above the last stream of its graceful GOAWAY,
     e.g. while draining): retry on another connection."""
+
+
+class Trust:
+    """Whether one HBONE connection may still take new streams, cheap enough to ask for every one.
+
+    `auth` is what its handshake rested on (tls.authentication), `clock` the wall clock (certificates are
+    wall-time objects, as in nodeagent.ztunnel.certs), `current_roots()` the roots trusted now — the owner's
+    TLS context for the same identity as it would be built now. Per stream this costs a clock read and one
+    float comparison: the bundle is looked at only once `TRUST_RECHECK` has passed since the last look, and
+    the first expiry is itself the deadline. Once stale it stays so (`retired`): the connection never
+    takes a new stream again, even if the bundle changes back."""
+
+    __slots__ = ("_auth", "_clock", "_current_roots", "_recheck", "_until", "retired")
+
+    def __init__(
+        self,
+        auth: tls.Authentication,
+        clock: Callable[[], float],
+        current_roots: Callable[[], frozenset[bytes]],
+        recheck: float = TRUST_RECHECK,
+    ) -> None:
+        self._auth = auth
+        self._clock = clock
+        self._current_roots = current_roots
+        self._recheck = recheck
+        self._until = min(auth.expires, clock() + recheck)
+        self.retired: str | None = None
+
+    def stale(self) -> str | None:
+        """Why no new stream may use the connection now; None while one may."""
+        if self.retired is not None:
+            return self.retired
+        now = self._clock()
+        if now < self._until:
+            return None
+        try:
+            reason = tls.stale(self._auth, now, self._current_roots())
+        except Exception as exc:  # e.g. no valid certificate of ours now: fail closed, new streams go elsewhere
+            reason = f"the current trust bundle cannot be read ({exc})"
+        if reason is None:
+            self._until = min(self._auth.expires, now + self._recheck)
+        else:
+            self.retired = reason
+        return reason
 
 
 class HboneStream:
@@ -297,6 +350,7 @@ class HboneProtocol(asyncio.BufferedProtocol):
         self._pending_resets: dict[int, int] = {}  # stream -> error code, sent once its queue is framed
         self.write_paused = False
         self._refused = False  # client: the peer reset a stream with REFUSED_STREAM (it is draining)
+        self.trust: Trust | None = None  # set by the owner after its peer check; None: not checked
         self.closed = asyncio.Event()
         self.close_reason = ""
         self.streams_opened = 0
@@ -424,15 +478,27 @@ class HboneProtocol(asyncio.BufferedProtocol):
         self._flush()
         self._maybe_idle()
 
-    def refuse_new_streams(self) -> None:
-        """Server, draining: a graceful GOAWAY tells the client to open new streams elsewhere (a CONNECT that
-        crossed it is reset with REFUSED_STREAM); open streams carry on, and the connection closes once
-        they are done."""
+    def refuse_new_streams(self, reason: str = "") -> None:
+        """Take no new streams here: a graceful GOAWAY (server, draining: it tells the client to open new
+        streams elsewhere, and a CONNECT that crossed it is reset with REFUSED_STREAM; client: its pool
+        retired the connection). Open streams carry on, and the connection closes once they are done."""
         if self.core.closed:
             return
+        if reason:
+            self.close_reason = self.close_reason or reason
         self.core.go_away()
         self._flush()
         self._maybe_idle()
+
+    def refuse_stream(self, stream_id: int, reason: str) -> None:
+        """Server: this connection takes no new streams (`reason`): the CONNECT `stream_id`, not answered yet,
+        is reset with REFUSED_STREAM — the client retries it on another connection (pool.py) — and a graceful
+        GOAWAY follows (`refuse_new_streams`). Its last stream id is the highest the client has opened, this
+        one included, which the reset has already refused."""
+        if self.core.closed:
+            return
+        self.core.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+        self.refuse_new_streams(reason)
 
     def close(self, reason: str = "closed by the tunnel") -> None:
         """GOAWAY (NO_ERROR), then TLS close_notify and FIN once the queued bytes are written."""

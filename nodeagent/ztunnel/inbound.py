@@ -11,6 +11,11 @@ address is not known yet, or the app cannot be reached). Nothing the client send
 the 200: the core holds it and the relay starts only after accept(). On :15006 the same authorization runs
 without a peer identity (so PeerAuthentication STRICT refuses it) and the bytes are spliced.
 
+A client connection takes new streams only while it could still be made: once the client's certificate or
+ours has expired, or the trust bundle has changed since its handshake (a root rotation's step), the next
+CONNECT on it is refused with REFUSED_STREAM and a graceful GOAWAY follows, so the client retries on a new
+connection, authenticated again; its open streams carry on (hbone_transport.Trust, tls.stale).
+
 Decide, then act: `authorize()` is a pure decision over the current ClusterView; the coroutines here
 carry it out. A CONNECT that the client resets while we are still connecting upstream cancels that work
 (rapid reset). Open inbound connections are registered with their policy view so the tunnel can close
@@ -31,6 +36,7 @@ import logging
 import socket
 import ssl
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -40,7 +46,7 @@ from nodeagent.zds.tasks import TaskSet
 from nodeagent.ztunnel import hbone, sockets, tls
 from nodeagent.ztunnel.certs import CertUnavailable
 from nodeagent.ztunnel.edges import ClusterView, LocalPod, ProxyState, SocketFactory, TlsContexts
-from nodeagent.ztunnel.hbone_transport import HboneProtocol
+from nodeagent.ztunnel.hbone_transport import HboneProtocol, Trust
 from nodeagent.ztunnel.metrics import ConnectionRecord, ConnectionTable, Direction, Flags, Peer, TunnelMetrics
 from nodeagent.ztunnel.relay import DOWNSTREAM, UPSTREAM, Relay, RelayResult, SpliceRelay, tcp_side
 from nodeagent.ztunnel.routing import inbound_service
@@ -69,6 +75,19 @@ class ProxyDeps:
     connect_timeout: float = sockets.CONNECT_TIMEOUT
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     server_idle_timeout: float = SERVER_IDLE_TIMEOUT
+    wall_clock: Callable[[], float] = time.time  # certificate validity is wall time (as in certs.py)
+
+
+def connection_trust(deps: ProxyDeps, proto: HboneProtocol, identity: Identity, *, server_side: bool) -> Trust:
+    """The Trust of a connection whose handshake presented `identity` and whose peer was just checked. Its
+    bundle is compared with that of the context a new connection for the same identity and side would get
+    now (the same rule that builds contexts, so any credentials source works)."""
+    contexts = deps.contexts
+    return Trust(
+        tls.authentication(proto.peer_ssl()),  # type: ignore[arg-type]
+        deps.wall_clock,
+        lambda: tls.trusted_roots(contexts.context(identity, server_side=server_side)),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +252,7 @@ class HboneInbound:
     def _on_ready(self, proto: HboneProtocol) -> None:
         try:
             peer = tls.verify_client_peer(proto.peer_ssl(), self._deps.state.view.trust_domain)  # type: ignore[arg-type]
+            proto.trust = connection_trust(self._deps, proto, self._pod.identity, server_side=True)
         except tls.PeerVerificationError as exc:
             self._deps.metrics.peer_failures.labels(reason=exc.reason.value).inc()
             log.info("dropping an HBONE client of %s: %s", self._pod.key, exc)
@@ -285,6 +305,19 @@ class HboneInbound:
         peer = self._peers.get(proto)
         if peer is None:  # data raced the peer check's abort
             proto.reject(event.stream_id, 401)
+            return
+        trust = proto.trust
+        if trust is not None and (stale := trust.stale()) is not None:
+            if not proto.core.going_away:
+                log.info(
+                    "refusing new streams on an HBONE connection from %s to %s: %s; the client retries on a new "
+                    "connection, its %d open streams carry on",
+                    peer[2],
+                    self._pod.key,
+                    stale,
+                    proto.active_streams,
+                )
+            proto.refuse_stream(event.stream_id, stale)
             return
         self._busy(proto)
         key = (proto, event.stream_id)

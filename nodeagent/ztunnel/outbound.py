@@ -23,7 +23,8 @@ An `Hbone` plan whose destination pod this tunnel serves itself goes to local.py
 instead (authorized here with the source's identity, spliced by the kernel), when the tunnel enables it.
 
 `HboneConnector` is the pool's connect edge: socket from the source pod (so the HBONE connection's
-source IP is the pod's), TCP connect, TLS handshake without SNI, then the peer check.
+source IP is the pod's), TCP connect, TLS handshake without SNI, then the peer check, and the
+connection's `Trust` (until when it may take new streams: both certificates valid, the same bundle).
 
 What it deliberately does not do: no decisions of its own (routing.py), no authorization (the
 destination decides), no retries (a failed connect resets the captured connection; the app retries).
@@ -40,7 +41,15 @@ from nodeagent.model import SocketAddress
 from nodeagent.ztunnel import hbone, sockets, tls
 from nodeagent.ztunnel.edges import LocalPod
 from nodeagent.ztunnel.hbone_transport import HboneProtocol
-from nodeagent.ztunnel.inbound import ProxyDeps, _addr, _track, accept_loop, finish_when_done, reset_socket
+from nodeagent.ztunnel.inbound import (
+    ProxyDeps,
+    _addr,
+    _track,
+    accept_loop,
+    connection_trust,
+    finish_when_done,
+    reset_socket,
+)
 from nodeagent.ztunnel.local import SameNodePath
 from nodeagent.ztunnel.metrics import ConnectionRecord, Direction, Flags, Peer
 from nodeagent.ztunnel.pool import HbonePool
@@ -96,6 +105,7 @@ class HboneConnector:
         deps.metrics.hbone_connections.labels("client").inc()
         try:
             tls.verify_server_peer(proto.peer_ssl(), key.destination_identity)  # type: ignore[arg-type]
+            proto.trust = connection_trust(deps, proto, key.source_identity, server_side=False)
         except tls.PeerVerificationError as exc:
             deps.metrics.peer_failures.labels(reason=exc.reason.value).inc()
             proto.abort(str(exc))

@@ -12,11 +12,23 @@ its own connect timeout reaching the app, and its 503 then says more than our ti
 leaves, the connections opened from its netns close with it (`close_from`): a new pod with the same IP
 and identity has the same key, and must not inherit a socket living in the old pod's netns.
 
+A connection takes new streams only while what its handshake rested on still holds (its `Trust`, set by the
+connect edge): our certificate and the peer's within their validity, and the trust bundle the same as then.
+A busy connection never goes idle, so without this one opened once would carry new streams for as long as
+traffic flows — past either certificate's expiry, and past `nodeagent ca rotate finish` removing the root
+it was verified with. A connection that fails the check is retired: a GOAWAY, no new stream, its open
+streams carry on, and it closes (close_notify) as soon as the last one ends, not after the idle timeout; the
+next stream for its key gets a new connection, authenticated with the current certificates and roots.
+Upstream does not do this: ztunnel's pool reuses any connection h2 still calls ready and below its stream
+limit (only a CRL revocation ends one, abruptly), and Envoy keeps its connections across SDS certificate
+updates (istio/istio#7630). A destination that refuses a stream on such a connection (REFUSED_STREAM and
+GOAWAY, inbound.py) is retried here like a drain.
+
 What it deliberately does not do: no sockets or TLS itself — `connect(key, pod)` is the injected edge
 that returns a verified `HboneProtocol` for a key and the local pod it starts from (outbound.py builds
 it) — and no retries of failed connects: they fail the proxied connections waiting for them, which the
-outbound side resets and logs. (A stream the peer refuses because it is draining is retried on another
-connection: that is a hand-over, not a failure.)
+outbound side resets and logs. (A stream the peer refuses because it is draining, or no longer trusts
+the connection, is retried on another connection: that is a hand-over, not a failure.)
 """
 
 from __future__ import annotations
@@ -75,6 +87,12 @@ class HbonePool:
             if conn is None:
                 conn = await self._wait_connection(key, origin)
                 if not self._usable(conn):
+                    refused += 1
+                    if refused > 3:
+                        raise ConnectionResetError(
+                            f"every new HBONE connection to {key.destination} was unusable at once: "
+                            f"{conn.close_reason or 'closed or refusing streams'}"
+                        )
                     continue
             self._cancel_idle(conn)
             try:
@@ -93,12 +111,29 @@ class HbonePool:
             return stream, conn
 
     def _usable(self, conn: HboneProtocol) -> bool:
-        return (
-            not conn.closed.is_set()
-            and conn.available_streams > 0
-            and conn.active_streams < self._max_streams
-            and conn.streams_opened < 2**30
+        if (
+            conn.closed.is_set()
+            or conn.available_streams <= 0
+            or conn.active_streams >= self._max_streams
+            or conn.streams_opened >= 2**30
+        ):
+            return False
+        stale = conn.trust.stale() if conn.trust is not None else None
+        if stale is not None:
+            self._retire(conn, stale)
+            return False
+        return True
+
+    def _retire(self, conn: HboneProtocol, reason: str) -> None:
+        """No new stream on `conn` (GOAWAY); it closes when its last stream ends (HboneProtocol._maybe_idle)."""
+        log.info(
+            "retiring an HBONE connection to %s from new streams: %s; it closes when its %d open streams end",
+            conn.peername() or "its peer",
+            reason,
+            conn.active_streams,
         )
+        self._cancel_idle(conn)
+        conn.refuse_new_streams(reason)
 
     def _pick(self, key: PoolKey) -> HboneProtocol | None:
         for conn in self._conns.get(key, ()):

@@ -13,6 +13,14 @@ the server must be exactly the expected destination identity) or `verify_client_
 the client must be a workload of our trust domain). Both parse the peer's DER certificate with
 `cryptography` and return a parsed `Identity`; a raw SAN string never leaves this module.
 
+A connection is only as trustworthy as what its handshake rested on, and an HBONE connection outlives
+that: a busy pooled connection never idles, so it would carry new streams long after either certificate
+expired or a root was removed from the bundle (`nodeagent ca rotate finish`). So every context built here
+is an `HboneContext` that remembers its own certificate's notAfter and the roots it verifies against;
+`authentication()` takes those and the peer's notAfter from a finished handshake, and the pure `stale()`
+says when a connection so authenticated must take no new stream (its owners ask once per new stream,
+nodeagent.ztunnel.hbone_transport.Trust). Streams already open are never cut for it.
+
 How things are done that Python's `ssl` has no API for:
 - TLS 1.3 cipher suites: `SSLContext.set_ciphers()` only affects TLS <= 1.2, so the suites are set with
   OpenSSL's `SSL_CTX_set_ciphersuites` through ctypes on the context's own `SSL_CTX` (from the libssl
@@ -81,6 +89,68 @@ class SslConnection(Protocol):
     def getpeercert(self, binary_form: bool = ...) -> object: ...
     def selected_alpn_protocol(self) -> str | None: ...
 
+    @property
+    def context(self) -> ssl.SSLContext: ...
+
+
+class HboneContext(ssl.SSLContext):
+    """An HBONE SSLContext (client_context/server_context) and what it was built with: `not_after`, when the
+    certificate it presents expires (wall seconds), and `roots`, the DER of the roots it verifies peers
+    against. Set once when it is built; a context is never changed afterwards (see the module docstring)."""
+
+    not_after: float
+    roots: frozenset[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Authentication:
+    """What one HBONE connection's handshake rested on: both certificates' notAfter (wall seconds) and the
+    roots the peer's chain was verified against."""
+
+    local_not_after: float
+    peer_not_after: float
+    roots: frozenset[bytes]
+
+    @property
+    def expires(self) -> float:
+        """When the first of the two certificates expires."""
+        return min(self.local_not_after, self.peer_not_after)
+
+
+def authentication(conn: SslConnection) -> Authentication:
+    """The Authentication of a finished handshake made with an HboneContext. The peer's notAfter is OpenSSL's
+    reading of the certificate it has just verified (no second parse)."""
+    ctx = conn.context
+    if not isinstance(ctx, HboneContext):
+        raise TlsConfigError("the connection was not made with an HBONE context (tls.client_context/server_context)")
+    peer = conn.getpeercert()
+    not_after = peer.get("notAfter") if isinstance(peer, dict) else None
+    if not isinstance(not_after, str):
+        raise PeerVerificationError(PeerFailure.NO_CERTIFICATE, "peer presented no verified certificate")
+    return Authentication(ctx.not_after, float(ssl.cert_time_to_seconds(not_after)), ctx.roots)
+
+
+def trusted_roots(ctx: ssl.SSLContext) -> frozenset[bytes]:
+    """The roots an HboneContext verifies peers against (DER)."""
+    if not isinstance(ctx, HboneContext):
+        raise TlsConfigError("not an HBONE context (tls.client_context/server_context)")
+    return ctx.roots
+
+
+def stale(auth: Authentication, now: float, roots: frozenset[bytes]) -> str | None:
+    """Why a connection authenticated as `auth` must take no new stream at wall time `now`, with `roots` the
+    bundle trusted now; None while it may. Any change of the set of roots counts, not only a removal of the
+    connection's own root: which root the peer's chain ended in is not recorded, and a bundle changes rarely
+    (a root rotation's steps), so retiring every connection then costs a few handshakes and keeps the rule
+    sound."""
+    if now >= auth.local_not_after:
+        return "our certificate on it has expired"
+    if now >= auth.peer_not_after:
+        return "the peer's certificate on it has expired"
+    if roots != auth.roots:
+        return "the trust bundle has changed since its handshake"
+    return None
+
 
 @dataclass(frozen=True, slots=True, repr=False)
 class TlsMaterial:
@@ -125,31 +195,31 @@ class TlsMaterial:
         return svid_identity(x509.load_pem_x509_certificates(self.cert_chain_pem)[0])
 
 
-def client_context(material: TlsMaterial) -> ssl.SSLContext:
+def client_context(material: TlsMaterial) -> HboneContext:
     """Context for outbound HBONE: present `material`'s identity, verify the server against the roots.
 
     Wrap without SNI: `loop.create_connection(..., ssl=ctx, server_hostname="")` or
     `ctx.wrap_bio(..., server_hostname=None)`; then call `verify_server_peer()`.
     """
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx = HboneContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False  # the identity check is SPIFFE's (verify_server_peer), not a host name
     _configure(ctx, material)
     return ctx
 
 
-def server_context(material: TlsMaterial) -> ssl.SSLContext:
+def server_context(material: TlsMaterial) -> HboneContext:
     """Context for inbound HBONE (15008): require a client certificate chaining to the roots.
 
     After the handshake call `verify_client_peer()` with our trust domain.
     """
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx = HboneContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.num_tickets = 0  # TLS 1.3 resumption is ticket-based: sending none disables it
     _configure(ctx, material)
     _OpenSsl.get().disable_session_cache(ctx)
     return ctx
 
 
-def _configure(ctx: ssl.SSLContext, material: TlsMaterial) -> None:
+def _configure(ctx: HboneContext, material: TlsMaterial) -> None:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.verify_mode = ssl.CERT_REQUIRED
@@ -168,6 +238,8 @@ def _configure(ctx: ssl.SSLContext, material: TlsMaterial) -> None:
                 f"cannot load certificate chain and key ({exc.reason or exc}); does the key belong to the leaf, "
                 "and is the chain leaf-first?"
             ) from None
+    ctx.not_after = x509.load_pem_x509_certificates(material.cert_chain_pem)[0].not_valid_after_utc.timestamp()
+    ctx.roots = frozenset(ctx.get_ca_certs(binary_form=True))
 
 
 @contextlib.contextmanager

@@ -121,6 +121,7 @@ class Cluster:
     tunnels: dict[str, Tunnel] = field(default_factory=dict)
     registries: dict[str, CollectorRegistry] = field(default_factory=dict)
     clients: list[CAClient] = field(default_factory=list)
+    certs: dict[str, CertificateManager] = field(default_factory=dict)  # node -> its tunnel's manager
 
     def pod(self, name: str) -> Pod:
         return self.inventory[0].pod(name)
@@ -131,20 +132,25 @@ class Cluster:
     def set_policies(self, policies: PolicySet) -> None:
         self.policies[0] = policies
 
-    def tunnel_inputs(self, node: str, **overrides: object) -> TunnelInputs:
+    def tunnel_inputs(
+        self, node: str, *, cert_ttl: int = 0, bundle_path: Path | None = None, **overrides: object
+    ) -> TunnelInputs:
+        """`cert_ttl`: the lifetime (s) the node's workload certificates are asked for (0: the CA's default);
+        `bundle_path`: the trust bundle its certificate manager reads (default: the CA's)."""
         token = NODE1_TOKEN if node == "node1" else NODE2_TOKEN
-        client = CAClient(self.ca.target, token=lambda: token, bundle_pem=self.ca.bundle)
+        client = CAClient(self.ca.target, token=lambda: token, bundle_pem=self.ca.bundle, ttl_seconds=cert_ttl)
         self.clients.append(client)
         registry = CollectorRegistry()
         self.registries[node] = registry
         certs = CertificateManager(
             CertManagerInputs(
                 fetch=client.fetch,
-                bundle_path=self.ca.store.bundle_path,
+                bundle_path=bundle_path or self.ca.store.bundle_path,
                 metrics=CertManagerMetrics(registry),
                 bundle_poll_interval=None,
             )
         )
+        self.certs[node] = certs
         ips = {p.uid: p.ip for p in self.inventory[0].pods if p.ip is not None}
         fields: dict[str, object] = {
             "node": node,
@@ -163,8 +169,10 @@ class Cluster:
         fields.update(overrides)
         return TunnelInputs(**fields)  # type: ignore[arg-type]
 
-    async def start_tunnel(self, node: str, **overrides: object) -> Tunnel:
-        tunnel = Tunnel(self.tunnel_inputs(node, **overrides))
+    async def start_tunnel(
+        self, node: str, *, cert_ttl: int = 0, bundle_path: Path | None = None, **overrides: object
+    ) -> Tunnel:
+        tunnel = Tunnel(self.tunnel_inputs(node, cert_ttl=cert_ttl, bundle_path=bundle_path, **overrides))
         await tunnel.start()
         self.tunnels[node] = tunnel
         if overrides.get("zds_socket") is not None:
