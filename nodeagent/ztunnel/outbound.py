@@ -71,8 +71,8 @@ EARLY_MAX = 16 * 1024 - 64  # the CONNECT's HEADERS frame and the early DATA fra
 
 # One pod's captured connections may hold at most 1/POD_FD_SHARE of the tunnel's file descriptors, at
 # FDS_PER_CONNECTION each at worst: the captured socket, the upstream one and, on the spliced paths
-# (passthrough, same-node), a pipe per direction once that direction has been readable (measured in the
-# lab: a connection the tenant half-closed holds 4). HBONE streams share a pooled socket and hold fewer.
+# (passthrough, same-node), a pipe per direction from its first read until it ends (relay.py). HBONE
+# streams share a pooled socket and hold fewer.
 POD_FD_SHARE = 8
 FDS_PER_CONNECTION = 6
 MIN_PER_POD = 512  # whatever the descriptor limit: a tunnel below ~25 000 descriptors is misconfigured anyway

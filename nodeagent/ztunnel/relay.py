@@ -472,11 +472,14 @@ class _Direction:
     def stop(self) -> None:
         self._read_off()
         self._write_off()
+        self._close_pipe()
+        self._relay = None
+
+    def _close_pipe(self) -> None:
         if self._pipe is not None:
             for fd in self._pipe:
                 os.close(fd)
             self._pipe = None
-        self._relay = None
 
     def _fail(self, exc: OSError) -> None:
         if self._relay is not None:
@@ -582,6 +585,9 @@ class _Direction:
             except OSError as exc:
                 self._fail(exc)
                 return
+            # Ended and empty: its pipe goes now, not with the relay. A half-closed connection whose other
+            # direction stays open (a silent server) would otherwise hold two more descriptors for good.
+            self._close_pipe()
             if self._relay is not None:
                 self._relay._direction_done()
 
