@@ -46,6 +46,7 @@ from nodeagent.zds.tasks import TaskSet
 from nodeagent.ztunnel import hbone, sockets, tls
 from nodeagent.ztunnel.certs import CertUnavailable
 from nodeagent.ztunnel.edges import ClusterView, LocalPod, ProxyState, SocketFactory, TlsContexts
+from nodeagent.ztunnel.fdshare import DescriptorShares
 from nodeagent.ztunnel.hbone_transport import HboneProtocol, Trust
 from nodeagent.ztunnel.metrics import ConnectionRecord, ConnectionTable, Direction, Flags, Peer, TunnelMetrics
 from nodeagent.ztunnel.relay import DOWNSTREAM, UPSTREAM, Relay, RelayResult, SpliceRelay, tcp_side
@@ -76,6 +77,7 @@ class ProxyDeps:
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     server_idle_timeout: float = SERVER_IDLE_TIMEOUT
     wall_clock: Callable[[], float] = time.time  # certificate validity is wall time (as in certs.py)
+    shares: DescriptorShares = field(default_factory=DescriptorShares)  # the process's file descriptors
 
 
 def connection_trust(deps: ProxyDeps, proto: HboneProtocol, identity: Identity, *, server_side: bool) -> Trust:
@@ -352,6 +354,8 @@ class HboneInbound:
         deps.table.pending(record)
         key = (proto, event.stream_id)
         upstream: socket.socket | None = None
+        holder = ("addr", source_ip)
+        counted = False  # against the client's share of the descriptors (fdshare), until the relay ends
 
         def refuse(refusal: Refuse) -> None:
             self._pending.pop(key, None)
@@ -370,6 +374,13 @@ class HboneInbound:
             assert source_ip is not None
             try:
                 upstream = deps.socket_factory.upstream(pod, target, source_ip)
+                if not deps.shares.admit(holder, upstream.fileno()):
+                    upstream.close()
+                    upstream = None
+                    deps.metrics.refused_over_share.labels("inbound").inc()
+                    refuse(Refuse(503, Flags.OVERFLOW, _OVER_SHARE.format(source_ip)))
+                    return
+                counted = True
                 upstream = await sockets.connect(upstream, target, connect_timeout=deps.connect_timeout)
             except OSError as exc:
                 upstream = None
@@ -395,6 +406,8 @@ class HboneInbound:
                 return
             stream.attach(relay.leg(DOWNSTREAM))
             relay.start(stream, up)
+            relay.done.add_done_callback(lambda _: deps.shares.release(holder))
+            counted = False  # the relay's end releases it now
             record.policy_view = decision.connection
             _track(record, relay)
             deps.table.established(record)
@@ -416,6 +429,9 @@ class HboneInbound:
                     proto.reject(event.stream_id, 503)
                 deps.table.finished(record, 0, 0, f"{type(exc).__name__}: {exc}", Flags.UPSTREAM_FAILURE)
             raise
+        finally:
+            if counted:
+                deps.shares.release(holder)
 
     def refuse_new_streams(self) -> None:
         """Draining: a graceful GOAWAY on every connection; open streams carry on, new CONNECTs go to a new
@@ -427,6 +443,12 @@ class HboneInbound:
         """Close every HBONE connection of this pod cleanly (GOAWAY, close_notify)."""
         for proto in list(self._connections):
             proto.close("the tunnel is closing this pod's connections")
+
+
+_OVER_SHARE = (
+    "{} holds more than its share of the tunnel's file descriptors, which are running short; "
+    "refusing its new streams until some of its connections end"
+)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -484,16 +506,39 @@ class PlaintextInbound:
         await accept_loop(listener, lambda sock: spawn(self._handle(sock), name=name))
 
     async def _handle(self, sock: socket.socket) -> None:
+        """One plaintext connection, counted against its client's share of the descriptors until it ends."""
+        deps = self._deps
+        try:
+            client = _addr(sock.getpeername())
+        except OSError as exc:
+            log.info("dropping a plaintext connection to %s: %s", self._pod.key, exc)
+            reset_socket(sock)
+            return
+        assert client is not None
+        holder = ("addr", client.ip)
+        if not deps.shares.admit(holder, sock.fileno()):
+            reset_socket(sock)
+            deps.metrics.refused_over_share.labels("inbound").inc()
+            return
+        relay: SpliceRelay | None = None
+        try:
+            relay = await self._serve(sock, client)
+        finally:
+            if relay is not None and not relay.done.done():
+                relay.done.add_done_callback(lambda _: deps.shares.release(holder))
+            else:
+                deps.shares.release(holder)
+
+    async def _serve(self, sock: socket.socket, client: SocketAddress) -> SpliceRelay | None:
+        """Authorize and relay one plaintext connection; its relay, if it got that far."""
         deps, pod = self._deps, self._pod
         view = deps.state.view
         try:
-            client = _addr(sock.getpeername())
             target = deps.socket_factory.original_dst(sock)
         except (OSError, ValueError) as exc:
             log.info("dropping a plaintext connection to %s: %s", pod.key, exc)
             reset_socket(sock)
-            return
-        assert client is not None
+            return None
         src_workload = view.workload_at(client.ip)
         record = ConnectionRecord(
             Direction.INBOUND_PLAINTEXT,
@@ -508,14 +553,14 @@ class PlaintextInbound:
         if isinstance(decision, Refuse):
             reset_socket(sock)
             deps.table.finished(record, 0, 0, decision.reason, decision.flags)
-            return
+            return None
         try:
             upstream = deps.socket_factory.upstream(pod, target, client.ip)
             upstream = await sockets.connect(upstream, target, connect_timeout=deps.connect_timeout)
         except OSError as exc:
             reset_socket(sock)
             deps.table.finished(record, 0, 0, str(exc), Flags.UPSTREAM_FAILURE)
-            return
+            return None
         except asyncio.CancelledError:
             reset_socket(sock)
             deps.table.finished(record, 0, 0, "cancelled", Flags.DOWNSTREAM_CLOSED)
@@ -525,9 +570,10 @@ class PlaintextInbound:
             upstream.close()
             reset_socket(sock)
             deps.table.finished(record, 0, 0, decision.reason, decision.flags)
-            return
+            return None
         relay = SpliceRelay(sock, upstream)
         record.policy_view = decision.connection
         _track(record, relay)
         deps.table.established(record)
         finish_when_done(deps.table, record, relay)
+        return relay

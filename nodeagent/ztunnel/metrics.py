@@ -94,6 +94,7 @@ class Flags(enum.Enum):
     NO_ROUTE = "NR"  # no such workload here, or a loop target
     DENIED = "DENY"  # refused by authorization (401 on HBONE, reset on :15006)
     DOWNSTREAM_CLOSED = "DC"  # the client went away before the tunnel was up
+    OVERFLOW = "UO"  # its client held more than its share of the tunnel's descriptors, which ran short (fdshare)
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +296,13 @@ class TunnelMetrics:
             "nodeagent_tunnel_hbone_rejected_streams",
             "CONNECT streams answered with an error status, by status.",
             ["status"],
+            registry=registry,
+        )
+        self.refused_over_share = Counter(
+            "nodeagent_tunnel_connections_over_share",
+            "New connections reset because, while the tunnel's file descriptors ran short, their holder (the "
+            "source pod outbound, the client inbound) already held more than its share; by direction.",
+            ["direction"],
             registry=registry,
         )
         self.peer_failures = Counter(

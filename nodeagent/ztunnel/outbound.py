@@ -26,12 +26,9 @@ instead (authorized here with the source's identity, spliced by the kernel), whe
 source IP is the pod's), TCP connect, TLS handshake without SNI, then the peer check, and the
 connection's `Trust` (until when it may take new streams: both certificates valid, the same bundle).
 
-Every pod shares this one process's file descriptors, so no pod may hold more than its share of them:
-at most `per_pod_limit()` captured connections of one pod are open at a time (a connection counts until
-its relay ends, half-closed ones too); beyond that its new ones are reset at once, with a warning when
-it reaches the limit. Without it one pod, connecting to a server of its own that accepts and stays
-silent, left four tunnel descriptors per connection open even after closing its own sockets, until the
-tunnel's RLIMIT_NOFILE was spent (EMFILE) — and spent for good, however long after the pod let go.
+Every pod shares this one process's file descriptors: a captured connection counts against its pod's
+share (fdshare.py) until its relay ends, half-closed ones too; while the descriptors are under pressure, a
+pod over its share has its new connections reset, with one warning each time it reaches that point.
 
 What it deliberately does not do: no decisions of its own (routing.py), no authorization (the
 destination decides), no retries (a failed connect resets the captured connection; the app retries), no
@@ -43,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import resource
 import socket
 
 from nodeagent.model import SocketAddress
@@ -68,23 +64,6 @@ from nodeagent.ztunnel.routing import Denial, Hbone, Passthrough, PoolKey, plan_
 log = logging.getLogger(__name__)
 
 EARLY_MAX = 16 * 1024 - 64  # the CONNECT's HEADERS frame and the early DATA frame share one TLS record
-
-# One pod's captured connections may hold at most 1/POD_FD_SHARE of the tunnel's file descriptors, at
-# FDS_PER_CONNECTION each at worst: the captured socket, the upstream one and, on the spliced paths
-# (passthrough, same-node), a pipe per direction from its first read until it ends (relay.py). HBONE
-# streams share a pooled socket and hold fewer.
-POD_FD_SHARE = 8
-FDS_PER_CONNECTION = 6
-MIN_PER_POD = 512  # whatever the descriptor limit: a tunnel below ~25 000 descriptors is misconfigured anyway
-
-
-def per_pod_limit(nofile: int | None = None) -> int:
-    """How many captured connections one pod may have open at a time, from the tunnel's RLIMIT_NOFILE."""
-    if nofile is None:
-        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if nofile == resource.RLIM_INFINITY:
-        nofile = 1 << 20
-    return max(MIN_PER_POD, nofile // (POD_FD_SHARE * FDS_PER_CONNECTION))
 
 
 def _early_bytes(sock: socket.socket) -> bytes:
@@ -142,51 +121,40 @@ class HboneConnector:
 class Outbound:
     """The :15001 listeners of every local pod share one pool and one executor of plans."""
 
-    def __init__(
-        self, deps: ProxyDeps, pool: HbonePool, same_node: SameNodePath | None = None, *, per_pod: int | None = None
-    ) -> None:
+    def __init__(self, deps: ProxyDeps, pool: HbonePool, same_node: SameNodePath | None = None) -> None:
         self._deps = deps
         self.pool = pool
         self.same_node = same_node  # None: same-node destinations take HBONE like any other
         self._balance = itertools.count()
-        self.per_pod = per_pod_limit() if per_pod is None else per_pod  # read when the tunnel starts
-        self._open: dict[str, int] = {}  # pod uid -> its captured connections not yet ended
-        self._at_limit: set[str] = set()  # pods warned about, until they are below the limit again
-
-    def open_connections(self, pod: LocalPod) -> int:
-        return self._open.get(pod.uid, 0)
+        self._at_limit: set[str] = set()  # pods warned about, until they are below their share again
 
     async def serve(self, pod: LocalPod, listener: socket.socket) -> None:
         spawn, name = self._deps.tasks.spawn, f"outbound {pod.key}"
         await accept_loop(listener, lambda sock: spawn(self._handle(pod, sock), name=name))
 
     def _release(self, uid: str) -> None:
-        left = self._open[uid] - 1
-        if left:
-            self._open[uid] = left
-        else:
-            del self._open[uid]
-        if left < self.per_pod:
+        shares = self._deps.shares
+        shares.release(("pod", uid))
+        if uid in self._at_limit and shares.held(("pod", uid)) < shares.share:
             self._at_limit.discard(uid)
 
     async def _handle(self, pod: LocalPod, sock: socket.socket) -> None:
-        """One captured connection, counted against its pod's limit until its relay (if any) ends."""
+        """One captured connection, counted against its pod's share until its relay (if any) ends."""
         uid = pod.uid
-        held = self._open.get(uid, 0)
-        if held >= self.per_pod:
+        shares = self._deps.shares
+        if not shares.admit(("pod", uid), sock.fileno()):
             reset_socket(sock)
+            self._deps.metrics.refused_over_share.labels("outbound").inc()
             if uid not in self._at_limit:
                 self._at_limit.add(uid)
                 log.warning(
-                    "pod %s has %d connections open through the tunnel, its limit (1/%d of the tunnel's file "
-                    "descriptors): resetting its new ones until some end — is it leaking connections, or "
-                    "holding ones its servers never close?",
+                    "pod %s has %d connections open through the tunnel while its file descriptors run short: "
+                    "resetting its new ones until some end — is it leaking connections, or holding ones its "
+                    "servers never close?",
                     pod.key,
-                    held,
-                    POD_FD_SHARE,
+                    shares.held(("pod", uid)),
                 )
             return
-        self._open[uid] = held + 1
         record: ConnectionRecord | None = None
         try:
             record = await self._serve(pod, sock)

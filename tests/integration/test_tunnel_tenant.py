@@ -11,8 +11,11 @@ On loopback every pod address is a 127/8 address: the tenant's socket here is bo
 that is not the client pod's (`OTHER_LOCAL`), the stand-in for the pod netns's 127.0.0.1. Oracles: the
 peer address the server app's accept() returned, and whether the app saw a connection at all.
 
-Every pod shares the tunnel's file descriptors: one pod's captured connections are limited to its share
-(nodeagent.ztunnel.outbound.per_pod_limit), reproduced in the lab by /tmp/s12/h2/fd_exhaust.py.
+Every pod shares the tunnel's file descriptors: while they run short, a pod (outbound) or a client
+(inbound) over its share has its new connections refused (nodeagent.ztunnel.fdshare); first reproduced in
+the lab by a tenant holding half-closed connections to a silent server of its own until the tunnel sat at
+EMFILE, for good. Here the tunnel's limit is made tiny (so the test process's own descriptors put it under
+pressure) or huge (no pressure), and a holder's share is 3.
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ import asyncio
 import socket
 from pathlib import Path
 
-import pytest
 import yaml
 from tunnel_harness import ByteServer, Cluster, Net, cluster, connect_captured, make_pod, recv_all
 
 from nodeagent.inventory.policies import parse_policies
 from nodeagent.model import Pod, SocketAddress
-from nodeagent.ztunnel import outbound, sockets
+from nodeagent.ztunnel import sockets
+from nodeagent.ztunnel.metrics import Flags
+from nodeagent.ztunnel.proxy.tunnel import Tunnel
 
 OTHER_LOCAL = 99  # host part of a local address that belongs to no pod
 
@@ -151,35 +155,137 @@ def three_pods(net: Net) -> list[Pod]:
     return [*one_node(net), make_pod(net, "neighbour", "node1", 30)]
 
 
-async def test_one_pod_cannot_hold_more_than_its_share_of_the_tunnel(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def squeeze(tunnel: Tunnel, *, pressure: bool) -> None:
+    """A share of 3 connections per holder; under pressure from the start, or never."""
+    shares = tunnel.deps.shares
+    shares.nofile = 8 if pressure else 1 << 30  # 8: the test process has more than 6 descriptors open
+    shares.share = 3
+
+
+async def hold_three(c: Cluster, silent: SilentServer, source: Pod, port: int = sockets.OUTBOUND_PORT) -> None:
+    """Three connections the tunnel must keep: the tenant closes its ends at once, the server never does."""
+    for _ in range(3):
+        sock = await connect_captured(c.net, source, silent.address, port)
+        sock.close()
+    await silent.accepted(3)
+
+
+def over_share(c: Cluster, direction: str, node: str = "node1") -> float | None:
+    return c.registries[node].get_sample_value(
+        "nodeagent_tunnel_connections_over_share_total", {"direction": direction}
+    )
+
+
+def closed_with(c: Cluster, node: str, flags: Flags) -> float:
+    return sum(
+        sample.value
+        for metric in c.registries[node].collect()
+        for sample in metric.samples
+        if sample.name == "istio_tcp_connections_closed_total" and sample.labels["response_flags"] == flags.value
+    )
+
+
+async def drained(tunnel: Tunnel) -> None:
+    async with asyncio.timeout(10):
+        while tunnel.table:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+async def test_under_descriptor_pressure_a_pod_over_its_share_is_refused_and_others_are_not(
+    tmp_path: Path,
 ) -> None:
-    """The tenant opens connections to its silent server and closes its own ends at once: each one still
-    holds two tunnel sockets and a pipe (the server never closes), so before the limit a pod could spend all of the
-    tunnel's descriptors this way and every pod on the node lost its connections. Its limit here is 3."""
-    monkeypatch.setattr(outbound, "per_pod_limit", lambda: 3, raising=False)
+    """Outbound: each held connection keeps two tunnel sockets and a pipe. Before the share, a pod could
+    spend all of the tunnel's descriptors this way and every pod on the node lost its connections."""
     async with cluster(tmp_path, three_pods) as c:
         tunnel = await c.start_tunnel("node1")
         await c.wait_ready(tunnel)
+        squeeze(tunnel, pressure=True)
         silent = SilentServer(SocketAddress(c.net.ip(77), 9000))
         try:
-            client, neighbour = c.pod("client"), c.pod("neighbour")
-            for _ in range(3):
-                sock = await connect_captured(c.net, client, silent.address)
-                sock.close()  # the tenant keeps nothing; the tunnel's two sockets stay (half-closed)
-            await silent.accepted(3)
-            with await connect_captured(c.net, client, silent.address) as fourth:
+            await hold_three(c, silent, c.pod("client"))
+            with await connect_captured(c.net, c.pod("client"), silent.address) as fourth:
                 assert await refused(fourth)
             await asyncio.sleep(0.2)
             assert len(silent.held) == 3  # the fourth never reached the server
-            with await connect_captured(c.net, neighbour, silent.address) as other:  # its own share
+            with await connect_captured(c.net, c.pod("neighbour"), silent.address) as other:  # its own share
                 assert not await refused(other)
                 await silent.accepted(4)
+            assert over_share(c, "outbound") == 1
             silent.let_go()  # the server ends them: the tunnel's relays end, the tenant may connect again
-            async with asyncio.timeout(10):
-                while tunnel.table:  # noqa: ASYNC110
-                    await asyncio.sleep(0.01)
-            with await connect_captured(c.net, client, silent.address) as again:
+            await drained(tunnel)
+            with await connect_captured(c.net, c.pod("client"), silent.address) as again:
                 assert not await refused(again)
+        finally:
+            silent.close()
+
+
+async def test_without_descriptor_pressure_a_pod_may_hold_more_than_its_share(tmp_path: Path) -> None:
+    """A heavy client (a gateway, 10 000 idle websockets) is not limited while the tunnel has room."""
+    async with cluster(tmp_path, three_pods) as c:
+        tunnel = await c.start_tunnel("node1")
+        await c.wait_ready(tunnel)
+        squeeze(tunnel, pressure=False)
+        silent = SilentServer(SocketAddress(c.net.ip(77), 9000))
+        try:
+            await hold_three(c, silent, c.pod("client"))
+            with await connect_captured(c.net, c.pod("client"), silent.address) as fourth:
+                assert not await refused(fourth)
+                await silent.accepted(4)
+        finally:
+            silent.close()
+
+
+async def test_under_descriptor_pressure_a_plaintext_client_over_its_share_is_refused(tmp_path: Path) -> None:
+    """Inbound :15006: a neighbour holding connections to a pod's app (which never closes them) is refused
+    past its share; another client of the same app is not."""
+    async with cluster(tmp_path, three_pods) as c:
+        tunnel = await c.start_tunnel("node1")
+        await c.wait_ready(tunnel)
+        squeeze(tunnel, pressure=True)
+        server = c.pod("server")
+        assert server.ip is not None
+        silent = SilentServer(SocketAddress(server.ip, 9000))  # the server pod's app
+        try:
+            plaintext = sockets.INBOUND_PLAINTEXT_PORT
+            await hold_three(c, silent, c.pod("neighbour"), plaintext)
+            with await connect_captured(c.net, c.pod("neighbour"), silent.address, plaintext) as fourth:
+                assert await refused(fourth)
+            with await connect_captured(c.net, c.pod("client"), silent.address, plaintext) as other:
+                assert not await refused(other)
+                await silent.accepted(4)
+            assert over_share(c, "inbound") == 1
+        finally:
+            silent.close()
+
+
+def two_nodes(net: Net) -> list[Pod]:
+    return [make_pod(net, "client", "node2", 10), make_pod(net, "server", "node1", 20)]
+
+
+async def test_under_descriptor_pressure_an_hbone_client_over_its_share_gets_503(tmp_path: Path) -> None:
+    """Inbound :15008: streams from one client pod hold app sockets on the destination's tunnel; past the
+    client's share (that tunnel under pressure) a new CONNECT is answered 503, flagged UO, and the pooled
+    HBONE connection carries on."""
+    async with cluster(tmp_path, two_nodes) as c:
+        server_tunnel = await c.start_tunnel("node1")
+        client_tunnel = await c.start_tunnel("node2")
+        await c.wait_ready(server_tunnel)
+        await c.wait_ready(client_tunnel)
+        squeeze(server_tunnel, pressure=True)
+        server = c.pod("server")
+        assert server.ip is not None
+        silent = SilentServer(SocketAddress(server.ip, 9000))
+        try:
+            await hold_three(c, silent, c.pod("client"))
+            with await connect_captured(c.net, c.pod("client"), silent.address) as fourth:
+                assert await refused(fourth)
+            assert len(silent.held) == 3
+            assert over_share(c, "inbound") == 1
+            assert closed_with(c, "node1", Flags.OVERFLOW) == 1  # reporter=destination, response_flags=UO
+            silent.let_go()
+            await drained(server_tunnel)
+            with await connect_captured(c.net, c.pod("client"), silent.address) as again:
+                assert not await refused(again)  # over the same pooled connection
+                await silent.accepted(1)
         finally:
             silent.close()
