@@ -22,7 +22,10 @@ next stream for its key gets a new connection, authenticated with the current ce
 Upstream does not do this: ztunnel's pool reuses any connection h2 still calls ready and below its stream
 limit (only a CRL revocation ends one, abruptly), and Envoy keeps its connections across SDS certificate
 updates (istio/istio#7630). A destination that refuses a stream on such a connection (REFUSED_STREAM and
-GOAWAY, inbound.py) is retried here like a drain.
+GOAWAY, inbound.py) is retried here like a drain. Two nodes see a new bundle at different times, so the
+destination may refuse a stream on each pooled connection in turn while this side still finds them usable:
+only refusals by connections opened for the stream count toward giving up (a refused one never takes a
+stream again, so the others are tried at most once each).
 
 What it deliberately does not do: no sockets or TLS itself — `connect(key, pod)` is the injected edge
 that returns a verified `HboneProtocol` for a key and the local pod it starts from (outbound.py builds
@@ -79,11 +82,14 @@ class HbonePool:
         """A CONNECT stream to `request.target` on a pooled connection for `key`, opened from `origin`'s
         netns if none is usable; raises ConnectRefused (non-200), OSError or TimeoutError. `early` goes
         with the CONNECT (HboneProtocol.open), again with the retry if the peer refuses the stream."""
-        refused = 0
+        refused = 0  # by connections opened for this call: a refusal by a pooled one leaves it refusing,
+        # so going on to the next is bounded by the pool, however many it holds for `key` (a bundle change
+        # the peer saw first refuses a stream on each of them in turn)
         while True:
             if self._closing:
                 raise ConnectionAbortedError("the tunnel is draining; no new HBONE streams")
             conn = self._pick(key)
+            fresh = conn is None
             if conn is None:
                 conn = await self._wait_connection(key, origin)
                 if not self._usable(conn):
@@ -104,10 +110,11 @@ class HbonePool:
                     f"{self._connect_timeout + ANSWER_MARGIN:g} s"
                 ) from None
             except StreamRefused:
-                refused += 1
-                if refused > 3:
-                    raise
-                continue  # the peer is draining this connection: the loop picks or opens another
+                if fresh:
+                    refused += 1
+                    if refused > 3:
+                        raise
+                continue  # the peer is draining this connection or no longer trusts it: pick or open another
             return stream, conn
 
     def _usable(self, conn: HboneProtocol) -> bool:

@@ -205,3 +205,48 @@ async def test_the_server_refuses_new_streams_from_an_expired_client_and_the_cli
         finally:
             pool.close_all()
             app.close()
+
+
+async def test_a_bundle_change_the_server_sees_first_moves_streams_past_every_stale_pooled_connection(
+    tmp_path: Path,
+) -> None:
+    """Nodes see a new bundle at different times (it reaches each node's file on its own schedule): the
+    destination's tunnel then refuses a stream on each of the client's old connections in turn, while the
+    client, its own bundle unchanged, still finds them usable. Each refusal leaves that connection refusing,
+    so the pool must go on until it opens a new connection however many old ones it pooled — it used to give
+    up after 3 refusals, and with 4 or more pooled connections for a key the proxied connection failed."""
+    async with cluster(tmp_path) as c:
+        bundle = tmp_path / "node2-bundle.pem"
+        shutil.copy(c.ca.store.bundle_path, bundle)
+        t1, _ = await c.start_both(node2={"bundle_path": bundle})
+        client, server = c.pod("client"), c.pod("server")
+        assert client.ip is not None and server.ip is not None
+        app = Echo(server.ip)
+        connector = HboneConnector(t1.deps)
+        pool = HbonePool(connector, max_streams=2)
+        connector.pool = pool
+        key = PoolKey(
+            c.identity("client"), c.identity("server"), client.ip, SocketAddress(server.ip, sockets.HBONE_PORT)
+        )
+        origin = LocalPod(client.uid, client.name, client.namespace, c.identity("client"), None)
+        request = hbone.ConnectRequest(SocketAddress(server.ip, APP_PORT))
+        try:
+            opened = [await pool.open_stream(key, request, origin) for _ in range(8)]
+            old = list(dict.fromkeys(conn for _, conn in opened))
+            assert len(old) == 4
+            for conn in old:  # one stream ends on each: every old connection has room for one more
+                next(stream for stream, on in opened if on is conn).close()
+            assert [conn.active_streams for conn in old] == [1, 1, 1, 1]
+
+            with bundle.open("ab") as f:  # only the destination's node has the new root so far
+                f.write(Ca.new("next root").pem)
+            assert c.certs["node2"].reload_bundle()
+            await asyncio.sleep(1.2)  # the server looks at the bundle at most once a second per connection
+
+            _, new = await pool.open_stream(key, request, origin)
+            assert new not in old
+            assert all(conn.refusing for conn in old)
+            assert app.accepted == 9
+        finally:
+            pool.close_all()
+            app.close()
