@@ -106,8 +106,10 @@ class CAClient:
                 code, f"CA {self._target} answered {code.name}: {exc.details()}" + (f" — {hint}" if hint else "")
             ) from None
         finally:
-            self._calls[channel] -= 1
-            if not self._calls[channel]:
+            left = self._calls.get(channel)  # None: close() has closed every channel meanwhile
+            if left is not None and left > 1:
+                self._calls[channel] = left - 1
+            elif left is not None:
                 del self._calls[channel]
                 if channel is not self._channel:  # replaced while this call ran: it was the last user
                     await channel.close()

@@ -23,6 +23,7 @@ class FakeChannel:
         self.answer = answer  # when set, calls wait for it
         self.closed = False
         self.calls = 0
+        self.cancel_calls_on_close: asyncio.Event | None = None  # as grpc does: set, close() ends the calls
 
     def unary_unary(self, method: str, **_: Any) -> Any:
         async def call(request: Any, **_: Any) -> Any:  # metadata=, timeout=
@@ -30,6 +31,10 @@ class FakeChannel:
             self.calls += 1
             if self.answer is not None:
                 await self.answer.wait()
+            if self.closed and self.cancel_calls_on_close is not None:
+                raise grpc.aio.AioRpcError(
+                    grpc.StatusCode.CANCELLED, grpc.aio.Metadata(), grpc.aio.Metadata(), "Channel closed!"
+                )
             assert not self.closed, "the channel was closed under a call in flight"
             return ca_pb2.IstioCertificateResponse(cert_chain=["leaf", "root"])
 
@@ -37,6 +42,8 @@ class FakeChannel:
 
     async def close(self, grace: float | None = None) -> None:
         self.closed = True
+        if self.cancel_calls_on_close is not None:
+            self.cancel_calls_on_close.set()
 
 
 class FakeGrpc:
@@ -91,3 +98,20 @@ async def test_a_replaced_channel_with_a_call_in_flight_is_closed_by_that_call(f
     assert await first == ["leaf", "root"]  # the call in flight was not cut
     assert old.closed and not new.closed and client.open_channels() == 1
     await client.close()
+
+
+async def test_closing_the_client_under_a_call_in_flight_fails_that_call_with_the_cas_error(fake: FakeGrpc) -> None:
+    """grpc cancels the calls of a channel being closed; the call must report that (CARequestError, with its
+    code), not a KeyError from the client's bookkeeping, which close() had already cleared."""
+    client = ca_client.CAClient("ca:15012", token=lambda: "t", bundle_pem=lambda: "root-1")
+    slow = asyncio.Event()
+    fake.answer = slow
+    call = asyncio.create_task(client.fetch(WORKLOAD, b"csr"))
+    await asyncio.sleep(0)
+    [channel] = fake.made
+    channel.cancel_calls_on_close = slow
+    await client.close()
+    with pytest.raises(ca_client.CARequestError) as failed:
+        await call
+    assert failed.value.code is grpc.StatusCode.CANCELLED
+    assert channel.closed and client.open_channels() == 0
