@@ -10,8 +10,9 @@ ztunnel#1585); a per-pod hard limit would break legitimate heavy clients (a gate
 idle websockets), which a sidecar per pod never limited either.
 
 So the share only applies under pressure: while at least 3/4 of the descriptors are in use, a holder (a
-pod for :15001, a client address for :15006, a peer identity for :15008) that already has 1/16 of the
-limit in open connections gets its new ones refused; below that, or below the pressure, everything is
+pod for :15001; for :15006 and :15008 alike the client's address, which on :15008 is the client pod's IP,
+the HBONE connection being made from its netns) that already has 1/16 of the limit in open connections
+gets its new ones refused; below that, or below the pressure, everything is
 admitted as before. The holders that caused the pressure are the ones refused; the others keep working.
 
 How much is in use is known cheaply: the kernel gives a new socket the lowest free descriptor, so every

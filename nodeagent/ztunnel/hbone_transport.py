@@ -121,7 +121,7 @@ class Trust:
         try:
             reason = tls.stale(self._auth, now, self._current_roots())
         except Exception as exc:  # e.g. no valid certificate of ours now: fail closed, new streams go elsewhere
-            reason = f"the current trust bundle cannot be read ({exc})"
+            reason = f"the current trust cannot be checked: {exc}"
         if reason is None:
             self._until = min(self._auth.expires, now + self._recheck)
         else:

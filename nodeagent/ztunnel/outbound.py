@@ -148,7 +148,7 @@ class Outbound:
             if uid not in self._at_limit:
                 self._at_limit.add(uid)
                 log.warning(
-                    "pod %s has %d connections open through the tunnel while its file descriptors run short: "
+                    "pod %s has %d connections open through the tunnel while the tunnel's file descriptors run short: "
                     "resetting its new ones until some end — is it leaking connections, or holding ones its "
                     "servers never close?",
                     pod.key,

@@ -1,7 +1,7 @@
 """SpliceRelay: a direction that has ended gives its pipe back at once, while the other one runs on.
 
-A tenant's connection half-closed by the client and never closed by its server (outbound.py's per-pod
-limit) held the tunnel's two sockets plus this direction's pipe for as long as the server kept quiet.
+A tenant's connection half-closed by the client and never closed by its server (nodeagent.ztunnel.fdshare)
+held the tunnel's two sockets plus this direction's pipe for as long as the server kept quiet.
 Oracle: the process's descriptors in /proc/self/fd before the relay and after the EOF went through.
 """
 

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import pytest
 
+from nodeagent.model import Identity
+from nodeagent.ztunnel.certs import CertState, CertStatus, CertUnavailable
 from nodeagent.ztunnel.hbone_transport import Trust
 from nodeagent.ztunnel.tls import Authentication, stale
 
 OLD = frozenset({b"root-1"})
 ROTATING = frozenset({b"root-1", b"root-2"})
 NEW = frozenset({b"root-2"})
+IDENTITY = Identity.parse("spiffe://cluster.local/ns/shop/sa/client")
 AUTH = Authentication(local_not_after=1000.0, peer_not_after=2000.0, roots=ROTATING)
 
 
@@ -113,8 +116,11 @@ def test_gate_retires_at_the_first_expiry_without_waiting_for_a_recheck() -> Non
 
 
 def test_gate_fails_closed_when_the_current_bundle_cannot_be_had() -> None:
+    """The tunnel's contexts raise CertUnavailable when the identity has no valid certificate now: the reason
+    logged must be that (it says what to check), not a claim that the bundle could not be read."""
+
     def unavailable() -> frozenset[bytes]:
-        raise LookupError("no valid certificate for spiffe://cluster.local/ns/shop/sa/client")
+        raise CertUnavailable(IDENTITY, CertStatus(CertState.UNAVAILABLE, "certificate expired; renewal pending"))
 
     clock = Clock(100.0)
     trust = Trust(Authentication(500.0, 600.0, OLD), clock, unavailable, recheck=1.0)
@@ -122,5 +128,6 @@ def test_gate_fails_closed_when_the_current_bundle_cannot_be_had() -> None:
     clock.now = 101.0
     reason = trust.stale()
     assert reason is not None
-    assert "cannot be read" in reason
-    assert "no valid certificate" in reason
+    assert "bundle cannot be read" not in reason
+    assert reason.startswith("the current trust cannot be checked: no valid certificate for " + IDENTITY.uri)
+    assert "nodeagent inspect certificates" in reason
