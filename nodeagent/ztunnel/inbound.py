@@ -510,7 +510,7 @@ class PlaintextInbound:
         deps = self._deps
         try:
             client = _addr(sock.getpeername())
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a peer address with a zone id (fe80::1%eth0)
             log.info("dropping a plaintext connection to %s: %s", self._pod.key, exc)
             reset_socket(sock)
             return

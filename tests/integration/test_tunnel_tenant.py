@@ -24,12 +24,15 @@ import asyncio
 import socket
 from pathlib import Path
 
+import pytest
 import yaml
 from tunnel_harness import ByteServer, Cluster, Net, cluster, connect_captured, make_pod, recv_all
 
 from nodeagent.inventory.policies import parse_policies
 from nodeagent.model import Pod, SocketAddress
 from nodeagent.ztunnel import sockets
+from nodeagent.ztunnel.edges import LocalPod
+from nodeagent.ztunnel.inbound import PlaintextInbound
 from nodeagent.ztunnel.metrics import Flags
 from nodeagent.ztunnel.proxy.tunnel import Tunnel
 
@@ -289,3 +292,33 @@ async def test_under_descriptor_pressure_an_hbone_client_over_its_share_gets_503
                 await silent.accepted(1)
         finally:
             silent.close()
+
+
+class ZonePeer(socket.socket):
+    """A connected socket whose peer is an IPv6 link-local address with a zone id, as getpeername() gives it
+    for a neighbour on the pod's link that bound its fe80:: address (a loopback test cannot make one)."""
+
+    def getpeername(self) -> tuple[str, int, int, int]:
+        return ("fe80::1%eth0", 4321, 0, 2)
+
+
+async def test_a_plaintext_client_with_a_zone_id_address_is_reset_not_a_crashed_task(tmp_path: Path) -> None:
+    """The tunnel's addresses have no zone ids, so such a client is dropped (logged, reset) before it is
+    counted against any share; the task must not crash with the address's ValueError (an ERROR with a
+    traceback per connection a hostile neighbour opens, and its socket closed with a FIN when collected)."""
+    async with cluster(tmp_path, one_node) as c:
+        tunnel = await c.start_tunnel("node1")
+        await c.wait_ready(tunnel)
+        server = c.pod("server")
+        local = LocalPod(server.uid, server.name, server.namespace, c.identity("server"), None)
+        with socket.create_server((str(c.net.ip(OTHER_LOCAL)), 0)) as listener:
+            client = socket.create_connection(listener.getsockname())
+            accepted, _ = listener.accept()
+        with client:
+            sock = ZonePeer(fileno=accepted.detach())
+            await PlaintextInbound(tunnel.deps, local)._handle(sock)  # no ValueError
+            assert sock.fileno() == -1
+            client.settimeout(5)
+            with pytest.raises(ConnectionResetError):
+                client.recv(1)
+        assert not tunnel.table  # dropped before any record, as before the share was counted
