@@ -91,3 +91,27 @@ def test_holes_hide_usage_from_the_descriptor_number_so_it_is_counted_at_most_on
     clock.now += 1.0
     assert shares.admit("hog", fd=5)
     assert counted == [100.0, 101.0]
+
+
+def test_counting_takes_at_most_a_fiftieth_of_the_time() -> None:
+    """A count blocks the loop ~1 µs per open descriptor: at a million descriptors, half in use, half a
+    second. Once a second regardless, that was the loop stalled half of the time while under pressure."""
+    clock = Clock()
+    counted: list[float] = []
+
+    def slow_count() -> int:
+        counted.append(clock.now)
+        clock.now += 0.5  # what listing 500 000 descriptors takes
+        return 900
+
+    shares = DescriptorShares(1000, min_share=1, clock=clock, count=slow_count)
+    for _ in range(shares.share):
+        assert shares.admit("hog", fd=5)
+    assert not shares.admit("hog", fd=800)  # counted; fd 800: 801 of 1000 at least in use, pressure
+    assert counted == [100.0]
+    clock.now += 1.0
+    assert not shares.admit("hog", fd=800)
+    assert counted == [100.0]  # not again after a second: that count took half of one
+    clock.now += 0.5 * fdshare.COUNT_DUTY
+    assert not shares.admit("hog", fd=800)
+    assert len(counted) == 2
