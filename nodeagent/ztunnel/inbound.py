@@ -354,8 +354,6 @@ class HboneInbound:
         deps.table.pending(record)
         key = (proto, event.stream_id)
         upstream: socket.socket | None = None
-        holder = ("addr", source_ip)
-        counted = False  # against the client's share of the descriptors (fdshare), until the relay ends
 
         def refuse(refusal: Refuse) -> None:
             self._pending.pop(key, None)
@@ -374,13 +372,13 @@ class HboneInbound:
             assert source_ip is not None
             try:
                 upstream = deps.socket_factory.upstream(pod, target, source_ip)
-                if not deps.shares.admit(holder, upstream.fileno()):
+                if not deps.shares.admit(source_ip, upstream.fileno()):
                     upstream.close()
                     upstream = None
                     deps.metrics.refused_over_share.labels("inbound").inc()
                     refuse(Refuse(503, Flags.OVERFLOW, _OVER_SHARE.format(source_ip)))
                     return
-                counted = True
+                record.shares, record.holder = deps.shares, source_ip  # finished() gives it back
                 upstream = await sockets.connect(upstream, target, connect_timeout=deps.connect_timeout)
             except OSError as exc:
                 upstream = None
@@ -406,8 +404,6 @@ class HboneInbound:
                 return
             stream.attach(relay.leg(DOWNSTREAM))
             relay.start(stream, up)
-            relay.done.add_done_callback(lambda _: deps.shares.release(holder))
-            counted = False  # the relay's end releases it now
             record.policy_view = decision.connection
             _track(record, relay)
             deps.table.established(record)
@@ -429,9 +425,6 @@ class HboneInbound:
                     proto.reject(event.stream_id, 503)
                 deps.table.finished(record, 0, 0, f"{type(exc).__name__}: {exc}", Flags.UPSTREAM_FAILURE)
             raise
-        finally:
-            if counted:
-                deps.shares.release(holder)
 
     def refuse_new_streams(self) -> None:
         """Draining: a graceful GOAWAY on every connection; open streams carry on, new CONNECTs go to a new
@@ -506,39 +499,16 @@ class PlaintextInbound:
         await accept_loop(listener, lambda sock: spawn(self._handle(sock), name=name))
 
     async def _handle(self, sock: socket.socket) -> None:
-        """One plaintext connection, counted against its client's share of the descriptors until it ends."""
-        deps = self._deps
-        try:
-            client = _addr(sock.getpeername())
-        except (OSError, ValueError) as exc:  # ValueError: a peer address with a zone id (fe80::1%eth0)
-            log.info("dropping a plaintext connection to %s: %s", self._pod.key, exc)
-            reset_socket(sock)
-            return
-        assert client is not None
-        holder = ("addr", client.ip)
-        if not deps.shares.admit(holder, sock.fileno()):
-            reset_socket(sock)
-            deps.metrics.refused_over_share.labels("inbound").inc()
-            return
-        relay: SpliceRelay | None = None
-        try:
-            relay = await self._serve(sock, client)
-        finally:
-            if relay is not None and not relay.done.done():
-                relay.done.add_done_callback(lambda _: deps.shares.release(holder))
-            else:
-                deps.shares.release(holder)
-
-    async def _serve(self, sock: socket.socket, client: SocketAddress) -> SpliceRelay | None:
-        """Authorize and relay one plaintext connection; its relay, if it got that far."""
         deps, pod = self._deps, self._pod
         view = deps.state.view
         try:
+            client = _addr(sock.getpeername())
             target = deps.socket_factory.original_dst(sock)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a peer address with a zone id (fe80::1%eth0)
             log.info("dropping a plaintext connection to %s: %s", pod.key, exc)
             reset_socket(sock)
-            return None
+            return
+        assert client is not None
         src_workload = view.workload_at(client.ip)
         record = ConnectionRecord(
             Direction.INBOUND_PLAINTEXT,
@@ -549,18 +519,24 @@ class PlaintextInbound:
             service=inbound_service(view.routing, target),
         )
         deps.table.pending(record)
+        if not deps.shares.admit(client.ip, sock.fileno()):
+            reset_socket(sock)
+            deps.metrics.refused_over_share.labels("inbound").inc()
+            deps.table.finished(record, 0, 0, _OVER_SHARE.format(client.ip), Flags.OVERFLOW)
+            return
+        record.shares, record.holder = deps.shares, client.ip  # finished() gives it back
         decision = authorize(view, pod, client.ip, target, None)
         if isinstance(decision, Refuse):
             reset_socket(sock)
             deps.table.finished(record, 0, 0, decision.reason, decision.flags)
-            return None
+            return
         try:
             upstream = deps.socket_factory.upstream(pod, target, client.ip)
             upstream = await sockets.connect(upstream, target, connect_timeout=deps.connect_timeout)
         except OSError as exc:
             reset_socket(sock)
             deps.table.finished(record, 0, 0, str(exc), Flags.UPSTREAM_FAILURE)
-            return None
+            return
         except asyncio.CancelledError:
             reset_socket(sock)
             deps.table.finished(record, 0, 0, "cancelled", Flags.DOWNSTREAM_CLOSED)
@@ -570,10 +546,9 @@ class PlaintextInbound:
             upstream.close()
             reset_socket(sock)
             deps.table.finished(record, 0, 0, decision.reason, decision.flags)
-            return None
+            return
         relay = SpliceRelay(sock, upstream)
         record.policy_view = decision.connection
         _track(record, relay)
         deps.table.established(record)
         finish_when_done(deps.table, record, relay)
-        return relay

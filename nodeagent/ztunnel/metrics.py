@@ -29,7 +29,7 @@ import enum
 import itertools
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from nodeagent.model import Identity, Pod
 from nodeagent.policy import Connection
+from nodeagent.ztunnel.fdshare import DescriptorShares
 
 access_log = logging.getLogger("nodeagent.access")
 
@@ -201,6 +202,10 @@ class ConnectionRecord:
     # Bytes already added to the counters while open (flush_bytes); finished() adds the rest.
     counted_in: int = 0
     counted_out: int = 0
+    # The descriptor share it counts against (fdshare), given back by finished(): two references, not a
+    # callback per connection (~300 bytes each).
+    shares: DescriptorShares | None = None
+    holder: Hashable = None
 
     def bytes_in(self) -> int:
         return self.relay.bytes_in if self.relay is not None else 0
@@ -389,7 +394,11 @@ class ConnectionTable:
     def finished(
         self, record: ConnectionRecord, bytes_in: int, bytes_out: int, error: str = "", flags: Flags = Flags.NONE
     ) -> None:
-        """The connection is over (or never got up): metrics, gauges and its one access-log line."""
+        """The connection is over (or never got up): metrics, gauges and its one access-log line; its
+        descriptor share is given back."""
+        if record.shares is not None:
+            record.shares.release(record.holder)
+            record.shares = None
         if record.established:
             self._open.pop(record.id, None)
             self._active[record.direction].dec()

@@ -27,8 +27,9 @@ source IP is the pod's), TCP connect, TLS handshake without SNI, then the peer c
 connection's `Trust` (until when it may take new streams: both certificates valid, the same bundle).
 
 Every pod shares this one process's file descriptors: a captured connection counts against its pod's
-share (fdshare.py) until its relay ends, half-closed ones too; while the descriptors are under pressure, a
-pod over its share has its new connections reset, with one warning each time it reaches that point.
+share (fdshare.py) until it is finished (its relay ends, half-closed ones too; the record carries the
+count); while the descriptors are under pressure, a pod over its share has its new connections reset
+(response flag UO in the access log and metrics), with a warning at most once a minute per pod.
 
 What it deliberately does not do: no decisions of its own (routing.py), no authorization (the
 destination decides), no retries (a failed connect resets the captured connection; the app retries), no
@@ -41,6 +42,7 @@ import asyncio
 import itertools
 import logging
 import socket
+import time
 
 from nodeagent.model import SocketAddress
 from nodeagent.ztunnel import hbone, sockets, tls
@@ -63,6 +65,7 @@ from nodeagent.ztunnel.routing import Denial, Hbone, Passthrough, PoolKey, plan_
 
 log = logging.getLogger(__name__)
 
+OVER_SHARE_WARN_EVERY = 60.0  # seconds between two warnings about one pod over its descriptor share
 EARLY_MAX = 16 * 1024 - 64  # the CONNECT's HEADERS frame and the early DATA frame share one TLS record
 
 
@@ -126,47 +129,31 @@ class Outbound:
         self.pool = pool
         self.same_node = same_node  # None: same-node destinations take HBONE like any other
         self._balance = itertools.count()
-        self._at_limit: set[str] = set()  # pods warned about, until they are below their share again
+        self._warned: dict[str, float] = {}  # pod uid -> when it was last warned of being over its share
 
     async def serve(self, pod: LocalPod, listener: socket.socket) -> None:
         spawn, name = self._deps.tasks.spawn, f"outbound {pod.key}"
         await accept_loop(listener, lambda sock: spawn(self._handle(pod, sock), name=name))
 
-    def _release(self, uid: str) -> None:
-        shares = self._deps.shares
-        shares.release(("pod", uid))
-        if uid in self._at_limit and shares.held(("pod", uid)) < shares.share:
-            self._at_limit.discard(uid)
+    def _over_share(self, pod: LocalPod) -> str:
+        """Count a refusal for being over its share; warn at most once a minute per pod. The reason."""
+        deps = self._deps
+        deps.metrics.refused_over_share.labels("outbound").inc()
+        now = time.monotonic()
+        if now - self._warned.get(pod.uid, -OVER_SHARE_WARN_EVERY) >= OVER_SHARE_WARN_EVERY:
+            # Forget pods warned long ago (they may have left): this runs at most once a minute per pod.
+            self._warned = {uid: t for uid, t in self._warned.items() if now - t < OVER_SHARE_WARN_EVERY}
+            self._warned[pod.uid] = now
+            log.warning(
+                "pod %s has %d connections open through the tunnel while the tunnel's file descriptors run "
+                "short: resetting its new ones until some end — is it leaking connections, or holding ones its "
+                "servers never close?",
+                pod.key,
+                deps.shares.held(pod.uid),
+            )
+        return f"pod {pod.key} holds more than its share of the tunnel's file descriptors, which are running short"
 
     async def _handle(self, pod: LocalPod, sock: socket.socket) -> None:
-        """One captured connection, counted against its pod's share until its relay (if any) ends."""
-        uid = pod.uid
-        shares = self._deps.shares
-        if not shares.admit(("pod", uid), sock.fileno()):
-            reset_socket(sock)
-            self._deps.metrics.refused_over_share.labels("outbound").inc()
-            if uid not in self._at_limit:
-                self._at_limit.add(uid)
-                log.warning(
-                    "pod %s has %d connections open through the tunnel while the tunnel's file descriptors run short: "
-                    "resetting its new ones until some end — is it leaking connections, or holding ones its "
-                    "servers never close?",
-                    pod.key,
-                    shares.held(("pod", uid)),
-                )
-            return
-        record: ConnectionRecord | None = None
-        try:
-            record = await self._serve(pod, sock)
-        finally:
-            relay = record.relay if record is not None else None  # set while the connection is open
-            if isinstance(relay, Relay | SpliceRelay) and not relay.done.done():
-                relay.done.add_done_callback(lambda _: self._release(uid))
-            else:
-                self._release(uid)
-
-    async def _serve(self, pod: LocalPod, sock: socket.socket) -> ConnectionRecord | None:
-        """Carry out one captured connection; its record (whose `relay` is set while it is open), if any."""
         deps = self._deps
         view = deps.state.view
         try:
@@ -175,7 +162,7 @@ class Outbound:
         except (OSError, ValueError) as exc:
             log.info("dropping a captured connection of %s: %s", pod.key, exc)
             reset_socket(sock)
-            return None
+            return
         source = view.pod_of(pod)
         if source is not None and client is not None:
             client = source_address(source, client)
@@ -204,7 +191,12 @@ class Outbound:
         if isinstance(plan, Denial):
             reset_socket(sock)
             deps.table.finished(record, 0, 0, plan.reason, Flags.NO_ROUTE)
-            return record
+            return
+        if not deps.shares.admit(pod.uid, sock.fileno()):
+            reset_socket(sock)
+            deps.table.finished(record, 0, 0, self._over_share(pod), Flags.OVERFLOW)
+            return
+        record.shares, record.holder = deps.shares, pod.uid  # finished() gives it back
         try:
             if isinstance(plan, Passthrough):
                 await self._passthrough(pod, sock, plan, record)
@@ -217,7 +209,6 @@ class Outbound:
                 reset_socket(sock)
                 deps.table.finished(record, 0, 0, "cancelled", Flags.DOWNSTREAM_CLOSED)
             raise
-        return record
 
     async def _passthrough(
         self, pod: LocalPod, sock: socket.socket, plan: Passthrough, record: ConnectionRecord
