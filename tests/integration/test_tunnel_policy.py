@@ -5,7 +5,6 @@ through nodeagent.inventory.policies; the oracle is what the apps see (bytes or 
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 from collections.abc import Callable
 from dataclasses import replace
@@ -18,10 +17,10 @@ from tunnel_harness import (
     ByteServer,
     Cluster,
     Net,
+    answered,
     cluster,
     connect_captured,
     make_pod,
-    recv_all,
     recv_exactly,
     seconds_until_closed,
 )
@@ -59,16 +58,7 @@ async def attempt(c: Cluster, source: str, port: int = APP_PORT, via: int = sock
     """One connection from `source` to the server app; True when the app's 5 bytes came back."""
     server = c.pod("server")
     assert server.ip is not None
-    try:
-        sock = await connect_captured(c.net, c.pod(source), SocketAddress(server.ip, port), via)
-        with sock:
-            await asyncio.get_running_loop().sock_sendall(sock, b"hello")
-            sock.shutdown(socket.SHUT_WR)
-            async with asyncio.timeout(10):
-                got = await recv_all(sock)
-    except (ConnectionResetError, BrokenPipeError):
-        return False
-    return got.nbytes == 5
+    return await answered(connect_captured(c.net, c.pod(source), SocketAddress(server.ip, port), via), b"hello")
 
 
 async def start(c: Cluster) -> list[ByteServer]:

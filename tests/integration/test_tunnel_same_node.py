@@ -22,6 +22,7 @@ from tunnel_harness import (
     ByteServer,
     Cluster,
     Net,
+    answered,
     cluster,
     connect_captured,
     deny_client,
@@ -138,16 +139,7 @@ async def test_bytes_both_ways_reported_like_hbone_without_hbone(
 async def attempt(c: Cluster) -> bool:
     server = c.pod("server")
     assert server.ip is not None
-    try:
-        sock = await connect_captured(c.net, c.pod("client"), SocketAddress(server.ip, APP_PORT))
-        with sock:
-            await asyncio.get_running_loop().sock_sendall(sock, b"hello")
-            sock.shutdown(socket.SHUT_WR)
-            async with asyncio.timeout(10):
-                got = await recv_all(sock)
-    except (ConnectionResetError, BrokenPipeError):
-        return False
-    return got.nbytes == 5
+    return await answered(connect_captured(c.net, c.pod("client"), SocketAddress(server.ip, APP_PORT)), b"hello")
 
 
 async def test_deny_policy_denies(tmp_path: Path) -> None:

@@ -21,12 +21,14 @@ pressure) or huge (no pressure), and a holder's share is 3.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import yaml
-from tunnel_harness import ByteServer, Cluster, Net, cluster, connect_captured, make_pod, recv_all
+from tunnel_harness import ByteServer, Cluster, Net, answered, cluster, connect_captured, make_pod
 
 from nodeagent.inventory.policies import parse_policies
 from nodeagent.model import Pod, SocketAddress
@@ -56,15 +58,7 @@ async def connect_from(c: Cluster, bind_host: int, target: SocketAddress) -> soc
 
 async def exchange(c: Cluster, app: ByteServer) -> bool:
     """One connection from OTHER_LOCAL to the app; True when the app's 5 bytes came back."""
-    try:
-        sock = await connect_from(c, OTHER_LOCAL, app.address)
-        with sock:
-            sock.shutdown(socket.SHUT_WR)
-            async with asyncio.timeout(10):
-                got = await recv_all(sock)
-    except (ConnectionResetError, BrokenPipeError):
-        return False
-    return got.nbytes == 5
+    return await answered(connect_from(c, OTHER_LOCAL, app.address))
 
 
 async def start(c: Cluster) -> None:
@@ -158,11 +152,22 @@ def three_pods(net: Net) -> list[Pod]:
     return [*one_node(net), make_pod(net, "neighbour", "node1", 30)]
 
 
-def squeeze(tunnel: Tunnel, *, pressure: bool) -> None:
-    """A share of 3 connections per holder; under pressure from the start, or never."""
+@contextlib.asynccontextmanager
+async def squeezed(
+    c: Cluster, app: SocketAddress, *, pressure: bool, node: str = "node1"
+) -> AsyncIterator[tuple[Tunnel, SilentServer]]:
+    """`node`'s tunnel, ready, with a share of 3 connections per holder, under pressure from the start or
+    never, and a SilentServer at `app`."""
+    tunnel = await c.start_tunnel(node)
+    await c.wait_ready(tunnel)
     shares = tunnel.deps.shares
     shares.nofile = 8 if pressure else 1 << 30  # 8: the test process has more than 6 descriptors open
     shares.share = 3
+    silent = SilentServer(app)
+    try:
+        yield tunnel, silent
+    finally:
+        silent.close()
 
 
 async def hold_three(c: Cluster, silent: SilentServer, source: Pod, port: int = sockets.OUTBOUND_PORT) -> None:
@@ -199,66 +204,61 @@ async def test_under_descriptor_pressure_a_pod_over_its_share_is_refused_and_oth
 ) -> None:
     """Outbound: each held connection keeps two tunnel sockets and a pipe. Before the share, a pod could
     spend all of the tunnel's descriptors this way and every pod on the node lost its connections."""
-    async with cluster(tmp_path, three_pods) as c:
-        tunnel = await c.start_tunnel("node1")
-        await c.wait_ready(tunnel)
-        squeeze(tunnel, pressure=True)
-        silent = SilentServer(SocketAddress(c.net.ip(77), 9000))
-        try:
-            await hold_three(c, silent, c.pod("client"))
-            with await connect_captured(c.net, c.pod("client"), silent.address) as fourth:
-                assert await refused(fourth)
-            await asyncio.sleep(0.2)
-            assert len(silent.held) == 3  # the fourth never reached the server
-            with await connect_captured(c.net, c.pod("neighbour"), silent.address) as other:  # its own share
-                assert not await refused(other)
-                await silent.accepted(4)
-            assert over_share(c, "outbound") == 1
-            silent.let_go()  # the server ends them: the tunnel's relays end, the tenant may connect again
-            await drained(tunnel)
-            with await connect_captured(c.net, c.pod("client"), silent.address) as again:
-                assert not await refused(again)
-        finally:
-            silent.close()
+    async with (
+        cluster(tmp_path, three_pods) as c,
+        squeezed(c, SocketAddress(c.net.ip(77), 9000), pressure=True) as (
+            tunnel,
+            silent,
+        ),
+    ):
+        await hold_three(c, silent, c.pod("client"))
+        with await connect_captured(c.net, c.pod("client"), silent.address) as fourth:
+            assert await refused(fourth)
+        await asyncio.sleep(0.2)
+        assert len(silent.held) == 3  # the fourth never reached the server
+        with await connect_captured(c.net, c.pod("neighbour"), silent.address) as other:  # its own share
+            assert not await refused(other)
+            await silent.accepted(4)
+        assert over_share(c, "outbound") == 1
+        silent.let_go()  # the server ends them: the tunnel's relays end, the tenant may connect again
+        await drained(tunnel)
+        with await connect_captured(c.net, c.pod("client"), silent.address) as again:
+            assert not await refused(again)
 
 
 async def test_without_descriptor_pressure_a_pod_may_hold_more_than_its_share(tmp_path: Path) -> None:
     """A heavy client (a gateway, 10 000 idle websockets) is not limited while the tunnel has room."""
-    async with cluster(tmp_path, three_pods) as c:
-        tunnel = await c.start_tunnel("node1")
-        await c.wait_ready(tunnel)
-        squeeze(tunnel, pressure=False)
-        silent = SilentServer(SocketAddress(c.net.ip(77), 9000))
-        try:
-            await hold_three(c, silent, c.pod("client"))
-            with await connect_captured(c.net, c.pod("client"), silent.address) as fourth:
-                assert not await refused(fourth)
-                await silent.accepted(4)
-        finally:
-            silent.close()
+    async with (
+        cluster(tmp_path, three_pods) as c,
+        squeezed(c, SocketAddress(c.net.ip(77), 9000), pressure=False) as (
+            _,
+            silent,
+        ),
+    ):
+        await hold_three(c, silent, c.pod("client"))
+        with await connect_captured(c.net, c.pod("client"), silent.address) as fourth:
+            assert not await refused(fourth)
+            await silent.accepted(4)
+
+
+def app_of(c: Cluster, name: str) -> SocketAddress:
+    ip = c.pod(name).ip
+    assert ip is not None
+    return SocketAddress(ip, 9000)
 
 
 async def test_under_descriptor_pressure_a_plaintext_client_over_its_share_is_refused(tmp_path: Path) -> None:
     """Inbound :15006: a neighbour holding connections to a pod's app (which never closes them) is refused
     past its share; another client of the same app is not."""
-    async with cluster(tmp_path, three_pods) as c:
-        tunnel = await c.start_tunnel("node1")
-        await c.wait_ready(tunnel)
-        squeeze(tunnel, pressure=True)
-        server = c.pod("server")
-        assert server.ip is not None
-        silent = SilentServer(SocketAddress(server.ip, 9000))  # the server pod's app
-        try:
-            plaintext = sockets.INBOUND_PLAINTEXT_PORT
-            await hold_three(c, silent, c.pod("neighbour"), plaintext)
-            with await connect_captured(c.net, c.pod("neighbour"), silent.address, plaintext) as fourth:
-                assert await refused(fourth)
-            with await connect_captured(c.net, c.pod("client"), silent.address, plaintext) as other:
-                assert not await refused(other)
-                await silent.accepted(4)
-            assert over_share(c, "inbound") == 1
-        finally:
-            silent.close()
+    async with cluster(tmp_path, three_pods) as c, squeezed(c, app_of(c, "server"), pressure=True) as (_, silent):
+        plaintext = sockets.INBOUND_PLAINTEXT_PORT
+        await hold_three(c, silent, c.pod("neighbour"), plaintext)
+        with await connect_captured(c.net, c.pod("neighbour"), silent.address, plaintext) as fourth:
+            assert await refused(fourth)
+        with await connect_captured(c.net, c.pod("client"), silent.address, plaintext) as other:
+            assert not await refused(other)
+            await silent.accepted(4)
+        assert over_share(c, "inbound") == 1
 
 
 def two_nodes(net: Net) -> list[Pod]:
@@ -270,15 +270,8 @@ async def test_under_descriptor_pressure_an_hbone_client_over_its_share_gets_503
     client's share (that tunnel under pressure) a new CONNECT is answered 503, flagged UO, and the pooled
     HBONE connection carries on."""
     async with cluster(tmp_path, two_nodes) as c:
-        server_tunnel = await c.start_tunnel("node1")
-        client_tunnel = await c.start_tunnel("node2")
-        await c.wait_ready(server_tunnel)
-        await c.wait_ready(client_tunnel)
-        squeeze(server_tunnel, pressure=True)
-        server = c.pod("server")
-        assert server.ip is not None
-        silent = SilentServer(SocketAddress(server.ip, 9000))
-        try:
+        await c.wait_ready(await c.start_tunnel("node2"))
+        async with squeezed(c, app_of(c, "server"), pressure=True) as (server_tunnel, silent):
             await hold_three(c, silent, c.pod("client"))
             with await connect_captured(c.net, c.pod("client"), silent.address) as fourth:
                 assert await refused(fourth)
@@ -290,8 +283,6 @@ async def test_under_descriptor_pressure_an_hbone_client_over_its_share_gets_503
             with await connect_captured(c.net, c.pod("client"), silent.address) as again:
                 assert not await refused(again)  # over the same pooled connection
                 await silent.accepted(1)
-        finally:
-            silent.close()
 
 
 class ZonePeer(socket.socket):

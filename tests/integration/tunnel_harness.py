@@ -15,7 +15,7 @@ import ipaddress
 import random
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -260,6 +260,22 @@ async def recv_all(sock: socket.socket) -> Received:
         out.nbytes += n
     out.digest = h.hexdigest()
     return out
+
+
+async def answered(connecting: Awaitable[socket.socket], send: bytes = b"", size: int = 5) -> bool:
+    """Whether a connection (`connecting`, e.g. connect_captured(...)) that sends `send`, then FIN, gets the
+    app's `size` bytes back; False when the tunnel or the app refuses or resets it."""
+    try:
+        sock = await connecting
+        with sock:
+            if send:
+                await asyncio.get_running_loop().sock_sendall(sock, send)
+            sock.shutdown(socket.SHUT_WR)
+            async with asyncio.timeout(10):
+                got = await recv_all(sock)
+    except (ConnectionResetError, BrokenPipeError):
+        return False
+    return got.nbytes == size
 
 
 async def recv_exactly(sock: socket.socket, size: int, limit: float = 5.0) -> bytes:
