@@ -10,10 +10,11 @@ ztunnel#1585); a per-pod hard limit would break legitimate heavy clients (a gate
 idle websockets), which a sidecar per pod never limited either.
 
 So the share only applies under pressure: while at least 3/4 of the descriptors are in use, a holder (a
-pod for :15001; for :15006 and :15008 alike the client's address, which on :15008 is the client pod's IP,
-the HBONE connection being made from its netns) that already has 1/16 of the limit in open connections
-gets its new ones refused; below that, or below the pressure, everything is
-admitted as before. The holders that caused the pressure are the ones refused; the others keep working.
+pod's uid for :15001; for :15006 and :15008 alike the client's IP address, which on :15008 is the client
+pod's IP, the HBONE connection being made from its netns) that already has 1/16 of the limit in open
+connections gets its new ones refused; below that, or below the pressure, everything is admitted as
+before. The holders that caused the pressure are the ones refused; the others keep working. A connection
+counts from its admission until its ConnectionRecord is finished (the record carries the count).
 
 How much is in use is known cheaply: the kernel gives a new socket the lowest free descriptor, so every
 descriptor below an accepted socket's number is in use — a lower bound at no cost. Churn leaves holes
