@@ -90,6 +90,15 @@ async def _old_goes_when_its_stream_ends(c: Cluster, long: socket.socket, old: H
     assert old not in _hbone_connections(c)
 
 
+def _client_to_server_app(c: Cluster) -> tuple[PoolKey, LocalPod, hbone.ConnectRequest]:
+    """What a pool needs to open streams from the client pod to the server's app, driven by the test."""
+    client, server = c.pod("client"), c.pod("server")
+    assert client.ip is not None and server.ip is not None
+    key = PoolKey(c.identity("client"), c.identity("server"), client.ip, SocketAddress(server.ip, sockets.HBONE_PORT))
+    origin = LocalPod(client.uid, client.name, client.namespace, c.identity("client"), None)
+    return key, origin, hbone.ConnectRequest(SocketAddress(server.ip, APP_PORT))
+
+
 async def test_an_expired_client_certificate_moves_new_streams_to_a_new_connection(tmp_path: Path) -> None:
     async with cluster(tmp_path) as c:
         await c.start_both(node1={"cert_ttl": CERT_TTL})
@@ -179,11 +188,7 @@ async def test_the_server_refuses_new_streams_from_an_expired_client_and_the_cli
 
         pool = HbonePool(connect_unchecked)
         connector.pool = pool
-        key = PoolKey(
-            c.identity("client"), c.identity("server"), client.ip, SocketAddress(server.ip, sockets.HBONE_PORT)
-        )
-        origin = LocalPod(client.uid, client.name, client.namespace, c.identity("client"), None)
-        request = hbone.ConnectRequest(SocketAddress(server.ip, APP_PORT))
+        key, origin, request = _client_to_server_app(c)
         try:
             certs = c.certs["node1"]
             used_before = certs.material(c.identity("client")).not_after
@@ -225,11 +230,7 @@ async def test_a_bundle_change_the_server_sees_first_moves_streams_past_every_st
         connector = HboneConnector(t1.deps)
         pool = HbonePool(connector, max_streams=2)
         connector.pool = pool
-        key = PoolKey(
-            c.identity("client"), c.identity("server"), client.ip, SocketAddress(server.ip, sockets.HBONE_PORT)
-        )
-        origin = LocalPod(client.uid, client.name, client.namespace, c.identity("client"), None)
-        request = hbone.ConnectRequest(SocketAddress(server.ip, APP_PORT))
+        key, origin, request = _client_to_server_app(c)
         try:
             opened = [await pool.open_stream(key, request, origin) for _ in range(8)]
             old = list(dict.fromkeys(conn for _, conn in opened))
