@@ -115,10 +115,6 @@ class CAClient:
                     await channel.close()
         return list(response.cert_chain)
 
-    def open_channels(self) -> int:
-        """Channels not closed yet: the current one and replaced ones with calls still in flight."""
-        return len(self._calls.keys() | ({self._channel} if self._channel is not None else set()))
-
     async def close(self) -> None:
         for channel in {*self._calls, *([self._channel] if self._channel is not None else [])}:
             await channel.close()
