@@ -35,19 +35,12 @@ from tunnel_harness import (
 )
 
 from nodeagent.model import Pod, SocketAddress
-from nodeagent.ztunnel.proxy.tunnel import Tunnel
 
 MiB = 1 << 20
 
 
 def one_node(net: Net) -> list[Pod]:
     return [make_pod(net, "client", "node1", 10), make_pod(net, "server", "node1", 20)]
-
-
-async def start(c: Cluster, **overrides: object) -> Tunnel:
-    tunnel = await c.start_tunnel("node1", **overrides)
-    await c.wait_ready(tunnel)
-    return tunnel
 
 
 def hbone_connections(c: Cluster) -> float:
@@ -89,7 +82,7 @@ async def test_bytes_both_ways_reported_like_hbone_without_hbone(
     caplog.set_level("INFO", logger="nodeagent.access")
     size = 8 * MiB
     async with cluster(tmp_path, one_node) as c:
-        tunnel = await start(c)
+        tunnel = await c.start_ready("node1")
         server_pod, client_pod = c.pod("server"), c.pod("client")
         assert server_pod.ip is not None
         app = ByteServer(server_pod.ip, size=size).start()
@@ -145,7 +138,7 @@ async def attempt(c: Cluster) -> bool:
 async def test_deny_policy_denies(tmp_path: Path) -> None:
     async with cluster(tmp_path, one_node) as c:
         deny_client(c)
-        tunnel = await start(c)
+        tunnel = await c.start_ready("node1")
         server = c.pod("server")
         assert server.ip is not None
         app = ByteServer(server.ip, size=5).start()
@@ -161,7 +154,7 @@ async def test_deny_policy_denies(tmp_path: Path) -> None:
 
 async def test_deny_added_while_open_closes_within_a_second(tmp_path: Path) -> None:
     async with cluster(tmp_path, one_node) as c:
-        await start(c)
+        await c.start_ready("node1")
         server = c.pod("server")
         assert server.ip is not None
         app = ByteServer(server.ip, size=5).start()
@@ -178,7 +171,7 @@ async def test_deny_added_while_open_closes_within_a_second(tmp_path: Path) -> N
 
 async def test_fast_path_off_takes_hbone(tmp_path: Path) -> None:
     async with cluster(tmp_path, one_node) as c:
-        tunnel = await start(c, same_node_fast_path=False)
+        tunnel = await c.start_ready("node1", same_node_fast_path=False)
         server = c.pod("server")
         assert server.ip is not None
         app = ByteServer(server.ip, size=5).start()

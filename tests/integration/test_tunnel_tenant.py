@@ -61,14 +61,9 @@ async def exchange(c: Cluster, app: ByteServer) -> bool:
     return await answered(connect_from(c, OTHER_LOCAL, app.address))
 
 
-async def start(c: Cluster) -> None:
-    tunnel = await c.start_tunnel("node1")
-    await c.wait_ready(tunnel)
-
-
 async def test_same_node_app_sees_the_client_pods_ip_not_the_bound_local_address(tmp_path: Path) -> None:
     async with cluster(tmp_path, one_node) as c:
-        await start(c)
+        await c.start_ready("node1")
         server = c.pod("server")
         assert server.ip is not None
         app = ByteServer(server.ip, size=5).start()
@@ -94,7 +89,7 @@ spec:
   rules: [{{from: [{{source: {{ipBlocks: ["{c.pod("client").ip}/32"]}}}}]}}]
 """
         c.set_policies(parse_policies(list(yaml.safe_load_all(deny))))
-        await start(c)
+        await c.start_ready("node1")
         server = c.pod("server")
         assert server.ip is not None
         app = ByteServer(server.ip, size=5).start()
@@ -158,8 +153,7 @@ async def squeezed(
 ) -> AsyncIterator[tuple[Tunnel, SilentServer]]:
     """`node`'s tunnel, ready, with a share of 3 connections per holder, under pressure from the start or
     never, and a SilentServer at `app`."""
-    tunnel = await c.start_tunnel(node)
-    await c.wait_ready(tunnel)
+    tunnel = await c.start_ready(node)
     shares = tunnel.deps.shares
     shares.nofile = 8 if pressure else 1 << 30  # 8: the test process has more than 6 descriptors open
     shares.share = 3
@@ -270,7 +264,7 @@ async def test_under_descriptor_pressure_an_hbone_client_over_its_share_gets_503
     client's share (that tunnel under pressure) a new CONNECT is answered 503, flagged UO, and the pooled
     HBONE connection carries on."""
     async with cluster(tmp_path, two_nodes) as c:
-        await c.wait_ready(await c.start_tunnel("node2"))
+        await c.start_ready("node2")
         async with squeezed(c, app_of(c, "server"), pressure=True) as (server_tunnel, silent):
             await hold_three(c, silent, c.pod("client"))
             with await connect_captured(c.net, c.pod("client"), silent.address) as fourth:
@@ -298,8 +292,7 @@ async def test_a_plaintext_client_with_a_zone_id_address_is_reset_not_a_crashed_
     counted against any share; the task must not crash with the address's ValueError (an ERROR with a
     traceback per connection a hostile neighbour opens, and its socket closed with a FIN when collected)."""
     async with cluster(tmp_path, one_node) as c:
-        tunnel = await c.start_tunnel("node1")
-        await c.wait_ready(tunnel)
+        tunnel = await c.start_ready("node1")
         server = c.pod("server")
         local = LocalPod(server.uid, server.name, server.namespace, c.identity("server"), None)
         with socket.create_server((str(c.net.ip(OTHER_LOCAL)), 0)) as listener:

@@ -90,6 +90,13 @@ async def _old_goes_when_its_stream_ends(c: Cluster, long: socket.socket, old: H
     assert old not in _hbone_connections(c)
 
 
+def _server_app(c: Cluster) -> tuple[Echo, SocketAddress]:
+    """The server pod's echo app, listening, and its address."""
+    server = c.pod("server")
+    assert server.ip is not None
+    return Echo(server.ip), SocketAddress(server.ip, APP_PORT)
+
+
 def _client_to_server_app(c: Cluster) -> tuple[PoolKey, LocalPod, hbone.ConnectRequest]:
     """What a pool needs to open streams from the client pod to the server's app, driven by the test."""
     client, server = c.pod("client"), c.pod("server")
@@ -102,10 +109,8 @@ def _client_to_server_app(c: Cluster) -> tuple[PoolKey, LocalPod, hbone.ConnectR
 async def test_an_expired_client_certificate_moves_new_streams_to_a_new_connection(tmp_path: Path) -> None:
     async with cluster(tmp_path) as c:
         await c.start_both(node1={"cert_ttl": CERT_TTL})
-        client, server = c.pod("client"), c.pod("server")
-        assert server.ip is not None
-        app = Echo(server.ip)
-        target = SocketAddress(server.ip, APP_PORT)
+        client = c.pod("client")
+        app, target = _server_app(c)
         try:
             certs = c.certs["node1"]
             used_before = certs.material(c.identity("client")).not_after
@@ -140,10 +145,8 @@ async def test_a_trust_bundle_change_moves_new_streams_to_a_new_connection(tmp_p
         bundle = tmp_path / "node1-bundle.pem"
         shutil.copy(c.ca.store.bundle_path, bundle)
         await c.start_both(node1={"bundle_path": bundle})
-        client, server = c.pod("client"), c.pod("server")
-        assert server.ip is not None
-        app = Echo(server.ip)
-        target = SocketAddress(server.ip, APP_PORT)
+        client = c.pod("client")
+        app, target = _server_app(c)
         try:
             long = await connect_captured(c.net, client, target)
             await _echoed(long, b"first")
@@ -176,9 +179,7 @@ async def test_the_server_refuses_new_streams_from_an_expired_client_and_the_cli
     graceful GOAWAY) and the pool, as for a draining peer, retries it on a new connection, which succeeds."""
     async with cluster(tmp_path) as c:
         t1, _ = await c.start_both(node1={"cert_ttl": CERT_TTL})
-        client, server = c.pod("client"), c.pod("server")
-        assert client.ip is not None and server.ip is not None
-        app = Echo(server.ip)
+        app, _ = _server_app(c)
         connector = HboneConnector(t1.deps)
 
         async def connect_unchecked(key: PoolKey, pod: LocalPod) -> HboneProtocol:
@@ -224,9 +225,7 @@ async def test_a_bundle_change_the_server_sees_first_moves_streams_past_every_st
         bundle = tmp_path / "node2-bundle.pem"
         shutil.copy(c.ca.store.bundle_path, bundle)
         t1, _ = await c.start_both(node2={"bundle_path": bundle})
-        client, server = c.pod("client"), c.pod("server")
-        assert client.ip is not None and server.ip is not None
-        app = Echo(server.ip)
+        app, _ = _server_app(c)
         connector = HboneConnector(t1.deps)
         pool = HbonePool(connector, max_streams=2)
         connector.pool = pool

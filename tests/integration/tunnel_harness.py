@@ -182,6 +182,14 @@ class Cluster:
                 await tunnel.add_pod(Workload(pod.uid, pod.name, pod.namespace, pod.service_account), None)
         return tunnel
 
+    async def start_ready(
+        self, node: str, *, cert_ttl: int = 0, bundle_path: Path | None = None, **overrides: object
+    ) -> Tunnel:
+        """`node`'s tunnel (start_tunnel's arguments), once ready."""
+        tunnel = await self.start_tunnel(node, cert_ttl=cert_ttl, bundle_path=bundle_path, **overrides)
+        await self.wait_ready(tunnel)
+        return tunnel
+
     async def wait_ready(self, tunnel: Tunnel) -> None:
         async with asyncio.timeout(10):
             while tunnel.readiness.readiness():  # noqa: ASYNC110
